@@ -1,0 +1,5 @@
+import sys
+
+from wsi_ssl.cli import main
+
+sys.exit(main())

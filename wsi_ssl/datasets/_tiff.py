@@ -1,0 +1,139 @@
+"""Write pyramidal, tiled, JPEG-compressed TIFF slides that OpenSlide, tiffslide and tifffile open.
+
+The file is laid out like an Aperio SVS (an ``ImageDescription`` starting with ``Aperio`` and
+``MPP = ...``) so that OpenSlide reports ``openslide.mpp-x``; resolution tags (pixels per
+centimetre) carry the same MPP for readers that use them.
+
+Coordinates are level-0 pixels ``(x, y)``; sizes are ``(w, h)``; MPP in µm/px.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+from wsi_ssl.errors import ConfigError
+
+__all__ = ["write_pyramidal_tiff", "Renderer"]
+
+#: ``render(x, y, w, h, downsample) -> uint8 (h, w, 3)``: the region whose top-left is level-0
+#: ``(x, y)``, ``w x h`` pixels at ``downsample`` (level-0 pixels per output pixel).
+Renderer = Callable[[int, int, int, int, float], np.ndarray]
+
+
+def _array_renderer(image: np.ndarray) -> Renderer:
+    from PIL import Image
+
+    def render(x: int, y: int, w: int, h: int, ds: float) -> np.ndarray:
+        x1 = min(int(round(x + w * ds)), image.shape[1])
+        y1 = min(int(round(y + h * ds)), image.shape[0])
+        crop = image[y:y1, x:x1]
+        out = np.full((h, w, 3), 255, np.uint8)
+        if crop.size == 0:
+            return out
+        if ds != 1:
+            tw = max(1, min(w, int(round(crop.shape[1] / ds))))
+            th = max(1, min(h, int(round(crop.shape[0] / ds))))
+            crop = np.asarray(Image.fromarray(crop).resize((tw, th), Image.BOX))
+        out[: crop.shape[0], : crop.shape[1]] = crop[:h, :w]
+        return out
+
+    return render
+
+
+def write_pyramidal_tiff(
+    path: str | os.PathLike,
+    source: np.ndarray | Renderer,
+    *,
+    size: tuple[int, int] | None = None,
+    mpp: float | None = 0.5,
+    tile_size: int = 256,
+    n_levels: int | None = None,
+    downsample: int = 4,
+    quality: int = 90,
+    magnification: float | None = None,
+) -> Path:
+    """Write a pyramidal tiled JPEG TIFF (SVS layout) and return its path.
+
+    Args:
+        path: output file (``.svs`` or ``.tif``; both open in OpenSlide as Aperio).
+        source: an RGB uint8 array ``(H, W, 3)``, or a :data:`Renderer` with ``size=(W, H)``; a
+            renderer lets you write slides far larger than memory (tiles are rendered on demand).
+        size: level-0 ``(w, h)`` in pixels; required with a renderer.
+        mpp: microns per pixel at level 0; ``None`` writes a slide *without* MPP metadata.
+        tile_size: TIFF tile edge in pixels (multiple of 16).
+        n_levels: number of pyramid levels; default: until the level is under 1024 px.
+        downsample: factor between consecutive levels.
+        quality: JPEG quality.
+        magnification: ``AppMag`` to record; default ``10 / mpp``.
+    """
+    import tifffile
+
+    path = Path(path)
+    if tile_size % 16:
+        raise ConfigError(f"tile_size={tile_size} must be a multiple of 16 (a TIFF requirement).")
+    if isinstance(source, np.ndarray):
+        if source.ndim != 3 or source.shape[2] != 3 or source.dtype != np.uint8:
+            raise ConfigError(f"source must be uint8 (H, W, 3); got {source.dtype} {source.shape}.")
+        size = (source.shape[1], source.shape[0])
+        render = _array_renderer(source)
+    else:
+        if size is None:
+            raise ConfigError("size=(w, h) is required when source is a renderer.")
+        render = source
+    w0, h0 = int(size[0]), int(size[1])
+    if n_levels is None:
+        n_levels = 1
+        while max(w0, h0) / downsample ** n_levels >= 1024:
+            n_levels += 1
+    dims = []
+    for lv in range(n_levels):
+        ds = downsample**lv
+        dims.append((max(1, int(np.ceil(w0 / ds))), max(1, int(np.ceil(h0 / ds))), ds))
+
+    def tiles(lw: int, lh: int, ds: int) -> Iterator[np.ndarray]:
+        for ty in range(0, lh, tile_size):
+            for tx in range(0, lw, tile_size):
+                tw, th = min(tile_size, lw - tx), min(tile_size, lh - ty)
+                t = np.asarray(render(tx * ds, ty * ds, tw, th, float(ds)), dtype=np.uint8)
+                if t.shape != (th, tw, 3):
+                    raise ConfigError(f"renderer returned {t.shape}, expected {(th, tw, 3)}.")
+                if (tw, th) != (tile_size, tile_size):
+                    pad = np.full((tile_size, tile_size, 3), 255, np.uint8)
+                    pad[:th, :tw] = t
+                    t = pad
+                yield t
+
+    mag = magnification if magnification is not None else (10.0 / mpp if mpp else 20.0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with tifffile.TiffWriter(tmp, bigtiff=w0 * h0 * 3 > 2**31) as tif:
+        for lv, (lw, lh, ds) in enumerate(dims):
+            desc = (
+                f"Aperio Image Library v12.0.0 wsi-ssl\r\n{w0}x{h0} [0,0 {w0}x{h0}] "
+                f"({tile_size}x{tile_size}) JPEG/RGB Q={quality}|AppMag = {mag:g}"
+            )
+            if mpp is not None:
+                desc += f"|MPP = {mpp * ds:.6f}"
+            kw = {}
+            if mpp is not None:
+                ppcm = 1e4 / (mpp * ds)
+                kw = {"resolution": (ppcm, ppcm), "resolutionunit": "CENTIMETER"}
+            tif.write(
+                tiles(lw, lh, ds),
+                shape=(lh, lw, 3),
+                dtype=np.uint8,
+                tile=(tile_size, tile_size),
+                photometric="rgb",
+                compression="jpeg",
+                compressionargs={"level": quality},
+                description=desc if lv == 0 else desc.split("\r\n")[0],
+                subfiletype=0 if lv == 0 else 1,
+                metadata=None,
+                **kw,
+            )
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,93 @@
+"""The one error hierarchy of wsi-ssl.
+
+Every error the library raises on purpose is a :class:`WsiSslError`. Each subclass also inherits
+the builtin it is closest to (the zarr v3 convention), so ``except OSError`` or ``except
+ValueError`` in user code keeps working::
+
+    try:
+        slide = open_slide("x.svs")
+    except OSError as err:        # catches SlideOpenError too
+        ...
+
+Messages name the file, the parameter, the bad value and what to do about it.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "WsiSslError",
+    "SlideOpenError",
+    "MissingMPPError",
+    "ResolutionError",
+    "BackendUnavailableError",
+    "TissueWarning",
+    "StoreError",
+    "StoreFormatError",
+    "EncoderMismatchError",
+    "WeightsError",
+    "InputError",
+    "LabelError",
+    "ConfigError",
+    "NotFittedError",
+    "CheckpointError",
+]
+
+
+class WsiSslError(Exception):
+    """Base class of every error raised by wsi-ssl on purpose."""
+
+
+class SlideOpenError(WsiSslError, OSError):
+    """A slide file cannot be opened or read by any backend (not a slide, truncated, corrupt)."""
+
+
+class MissingMPPError(WsiSslError, ValueError):
+    """A slide has no microns-per-pixel in its metadata and none was given (``mpp=`` / ``--assume-mpp``)."""
+
+
+class ResolutionError(WsiSslError, ValueError):
+    """A requested resolution cannot be served (e.g. a target MPP finer than level 0)."""
+
+
+class BackendUnavailableError(WsiSslError, ImportError):
+    """An optional backend or extra is not installed (the message says which ``pip install``)."""
+
+
+class TissueWarning(UserWarning):
+    """Warned (not raised) when a slide has no tissue at the requested settings."""
+
+
+class StoreError(WsiSslError, OSError):
+    """A tile store cannot be opened, read or written."""
+
+
+class StoreFormatError(StoreError, ValueError):
+    """A store, group or feature file does not follow the expected format."""
+
+
+class EncoderMismatchError(StoreError, ValueError):
+    """Features from a different tile encoder than the one the store/model was built with."""
+
+
+class WeightsError(WsiSslError, ValueError):
+    """Model weights are missing, unreadable or do not match the architecture."""
+
+
+class InputError(WsiSslError, ValueError):
+    """Bad user data: empty bags, wrong shapes or dimensions, NaN/inf values."""
+
+
+class LabelError(InputError):
+    """A label or clinical table is wrong: unknown/missing/duplicated ids, NaN labels, bad times/events."""
+
+
+class ConfigError(WsiSslError, ValueError):
+    """A parameter has an invalid value (the message names it and the allowed range)."""
+
+
+class NotFittedError(WsiSslError, AttributeError):
+    """A learning component was used before ``fit`` (scikit-learn convention)."""
+
+
+class CheckpointError(WsiSslError, OSError):
+    """A training checkpoint cannot be read, or belongs to a different run configuration."""

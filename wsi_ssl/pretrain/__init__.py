@@ -1,0 +1,1 @@
+"""wsi_ssl.pretrain"""
