@@ -1,1 +1,20 @@
-"""wsi_ssl.eval"""
+"""Evaluation of slide embeddings: few-shot linear probes and survival models (see ``docs/eval.md``).
+
+Both take slide embeddings (:class:`~wsi_ssl.store.SlideEmbeddings`, a DataFrame indexed by slide
+id, or a ``.npz`` / ``.csv`` / ``.parquet`` path) and a label or clinical table, split by patient,
+and return a frozen report with ``to_frame()``, ``to_json()``, ``plot()`` and ``save(out_dir)``.
+"""
+
+from wsi_ssl.eval._probe import linear_probe
+from wsi_ssl.eval._probe_report import ProbeReport, ProbeResult, RocCurve
+from wsi_ssl.eval._survival import SurvivalFold, SurvivalReport, survival
+
+__all__ = [
+    "linear_probe",
+    "ProbeReport",
+    "ProbeResult",
+    "RocCurve",
+    "survival",
+    "SurvivalReport",
+    "SurvivalFold",
+]

@@ -1,1 +1,51 @@
-"""wsi_ssl.pretrain"""
+"""Self-supervised pretraining: histology augmentations (:mod:`wsi_ssl.pretrain.augment`), losses
+and heads, tile-level SSL of a timm backbone (:func:`pretrain_tile_encoder`) and slide-level
+Giga-SSL (:class:`SlideSSL`).
+
+Heavy parts (torch, timm) load on first use of a name, not at ``import wsi_ssl.pretrain``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__all__ = [
+    "augment",
+    "NTXentLoss",
+    "BYOLLoss",
+    "ProjectionHead",
+    "SimCLR",
+    "BYOL",
+    "TileSSLDataset",
+    "pretrain_tile_encoder",
+    "TileSSLResult",
+    "SlideSSL",
+]
+
+_LAZY: dict[str, str] = {
+    "augment": "wsi_ssl.pretrain.augment",
+    "NTXentLoss": "wsi_ssl.pretrain._losses",
+    "BYOLLoss": "wsi_ssl.pretrain._losses",
+    "ProjectionHead": "wsi_ssl.pretrain._heads",
+    "SimCLR": "wsi_ssl.pretrain._methods",
+    "BYOL": "wsi_ssl.pretrain._methods",
+    "TileSSLDataset": "wsi_ssl.pretrain._tile_data",
+    "pretrain_tile_encoder": "wsi_ssl.pretrain._tile_ssl",
+    "TileSSLResult": "wsi_ssl.pretrain._tile_ssl",
+    "SlideSSL": "wsi_ssl.pretrain._slide_ssl",
+}
+
+
+def __getattr__(name: str) -> Any:
+    modname = _LAZY.get(name)
+    if modname is None:
+        raise AttributeError(f"module 'wsi_ssl.pretrain' has no attribute {name!r}")
+    mod = importlib.import_module(modname)
+    value = mod if name == "augment" else getattr(mod, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,5 +1,19 @@
 """The zarr v3 tile store and slide-embedding files (see ``docs/store-format.md``)."""
 
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from wsi_ssl.store._embeddings import SlideEmbeddings, load_embeddings
 
-__all__ = ["SlideEmbeddings", "load_embeddings"]
+__all__ = ["TileStore", "SlideRecord", "SlideEmbeddings", "load_embeddings",
+           "STORE_FORMAT", "STORE_FORMAT_VERSION"]
+
+_LAZY = {"TileStore", "SlideRecord", "STORE_FORMAT", "STORE_FORMAT_VERSION"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module("wsi_ssl.store._tilestore"), name)
+    raise AttributeError(f"module 'wsi_ssl.store' has no attribute {name!r}")

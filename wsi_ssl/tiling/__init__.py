@@ -1,1 +1,57 @@
-"""wsi_ssl.tiling"""
+"""wsi_ssl.tiling: open any slide, find tissue, cut MPP-exact tiles.
+
+Three lines in a notebook::
+
+    from wsi_ssl.tiling import open_slide, tile_grid, read_tiles
+    with open_slide("slide.svs") as slide:
+        grid = tile_grid(slide, mpp=0.5, tile_size=224)
+        for tiles, idx in read_tiles(slide, grid):
+            ...
+
+Coordinates are level-0 pixels ``(x, y)``; sizes ``(w, h)``; resolutions µm/px.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from wsi_ssl.tiling._batch import TilingReport, TilingRow, tile_slides
+from wsi_ssl.tiling._grid import TileGrid, tile_grid
+from wsi_ssl.tiling._plot import plot_grid
+from wsi_ssl.tiling._read import TileBatch, read_tiles, tiles_as_dask
+from wsi_ssl.tiling._slide import Slide, open_slide
+from wsi_ssl.tiling._tissue import TissueMask, detect_tissue, tissue_mask_from_rgb
+
+__all__ = [
+    "open_slide",
+    "Slide",
+    "detect_tissue",
+    "tissue_mask_from_rgb",
+    "TissueMask",
+    "tile_grid",
+    "TileGrid",
+    "read_tiles",
+    "TileBatch",
+    "tiles_as_dask",
+    "plot_grid",
+    "tile_slides",
+    "TilingReport",
+    "TilingRow",
+    "embed_slides",
+    "EmbedReport",
+]
+
+_LAZY = {"embed_slides": "wsi_ssl.tiling._embed", "EmbedReport": "wsi_ssl.tiling._embed"}
+
+
+def __getattr__(name: str) -> Any:
+    """``embed_slides`` / ``EmbedReport`` are imported on first use (they pull in torch/dask)."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'wsi_ssl.tiling' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -1,0 +1,51 @@
+"""``wsi-ssl pretrain-slides``: Giga-SSL slide-level contrastive pretraining on a tile store."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "train a slide encoder (Giga-SSL) on a tile store with a view bank; no labels"
+DESCRIPTION = (
+    "Slide-level contrastive pretraining (Giga-SSL, Lazard et al. CVPRW 2023) on a zarr tile "
+    "store embedded with --views. Checkpoints every epoch into MODEL_DIR; --resume continues an "
+    "interrupted run. Writes MODEL_DIR/model.safetensors, config.json and loss_curve.png."
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("store", metavar="STORE", help="tile store (zarr) with an augmentation bank")
+    p.add_argument("--out", required=True, metavar="MODEL_DIR", help="output model directory")
+    p.add_argument("--head", default="sparseconv",
+                   help="aggregator: sparseconv, abmil, resmlp-mean, ... (wsi_ssl.mil heads)")
+    p.add_argument("--epochs", type=int, default=3000, help="passes over the slides")
+    p.add_argument("--batch-size", type=int, default=256,
+                   help="slides per step (clamped to the cohort size)")
+    p.add_argument("--lr", type=float, default=0.03, help="peak learning rate")
+    p.add_argument("--weight-decay", type=float, default=5e-4, help="decoupled weight decay")
+    p.add_argument("--tiles-per-view", type=int, default=5, help="k tiles per view")
+    p.add_argument("--temperature", type=float, default=0.05, help="NT-Xent temperature")
+    p.add_argument("--embed-dim", type=int, default=512, help="slide embedding size")
+    p.add_argument("--checkpoint-every", type=int, default=1, help="epochs between checkpoints")
+    p.add_argument("--resume", action="store_true", help="continue from MODEL_DIR's checkpoint")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def run(args: argparse.Namespace) -> int:
+    from wsi_ssl.pretrain._slide_run import pretrain_slides
+
+    model = pretrain_slides(
+        args.store, args.out, head=args.head, epochs=args.epochs, batch_size=args.batch_size,
+        lr=args.lr, weight_decay=args.weight_decay, tiles_per_view=args.tiles_per_view,
+        temperature=args.temperature, embed_dim=args.embed_dim,
+        checkpoint_every=args.checkpoint_every, resume=args.resume, device=args.device,
+        seed=args.seed)
+    hist = model.history_
+    print(f"{'slides':>8} {'skipped':>8} {'epochs':>7} {'first loss':>11} {'last loss':>10} "
+          f"{'views/s':>9}")
+    print(f"{len(model.slide_ids_):>8} {len(model.skipped_slides_):>8} {len(hist):>7} "
+          f"{hist[0]:>11.4f} {hist[-1]:>10.4f} {model.train_views_per_s_:>9.0f}")
+    if model.skipped_slides_:
+        print("skipped (no tiles): " + ", ".join(model.skipped_slides_[:20]))
+    print(f"model written to {args.out} (model.safetensors, config.json, loss_curve.png)")
+    return 0

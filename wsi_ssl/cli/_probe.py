@@ -1,0 +1,76 @@
+"""``wsi-ssl probe``: few-shot and k-fold linear probes of slide embeddings against labels."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "few-shot + k-fold linear probes of slide embeddings (AUC, 95% CI) -> JSON + PNG"
+DESCRIPTION = (
+    "Standardise + balanced logistic regression on slide embeddings (.npz, or any CSV/parquet "
+    "table of ids + numbers), few-shot subsets scored on a fixed held-out side and k-fold CV, "
+    "splits grouped by patient. Writes probe.json, probe.png, probe.csv and "
+    "probe_predictions.csv into --out. The Giga-SSL protocol is --C 10 --no-groups --n-labeled."
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("embeddings", help="slide embeddings: .npz (ours), .csv, .tsv or .parquet")
+    p.add_argument("labels", help="label table (.csv/.tsv/.parquet) with an id and a label column")
+    p.add_argument("--label-col", default="label", help="column of the labels table with classes")
+    p.add_argument("--id-col", default="slide_id", help="column of the labels table with slide ids")
+    p.add_argument("--patient-col", default="patient_id",
+                   help="column with patient ids, if present (else TCGA barcode prefix)")
+    p.add_argument("--embedding-id-col", default=None,
+                   help="id column of a CSV/parquet embedding table (default: the first column)")
+    p.add_argument("--n-labeled", nargs="*", default=["25", "50", "100", "all"],
+                   help="few-shot sizes; 'all' = the whole training side; none = CV only")
+    p.add_argument("--repeats", type=int, default=10, help="random subsets per few-shot size")
+    p.add_argument("--test-size", type=float, default=0.25, help="held-out fraction of patients")
+    p.add_argument("--folds", type=int, default=5, help="k of the k-fold CV (0 = no CV)")
+    p.add_argument("--C", default="cv", help="'cv' (inner CV) or a number, e.g. 10")
+    p.add_argument("--no-groups", action="store_true",
+                   help="treat slides as independent (no patient grouping)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="report folder (created)")
+
+
+def _sizes(values: list[str]) -> tuple[int | None, ...]:
+    from wsi_ssl.errors import ConfigError
+
+    out: list[int | None] = []
+    for v in values:
+        if v.lower() in ("all", "none"):
+            out.append(None)
+            continue
+        try:
+            out.append(int(v))
+        except ValueError as err:
+            raise ConfigError(f"--n-labeled {v!r} is not an integer or 'all'.") from err
+    return tuple(out)
+
+
+def run(args: argparse.Namespace) -> int:
+    from wsi_ssl.errors import ConfigError
+    from wsi_ssl.eval import linear_probe
+
+    if args.C == "cv":
+        c: str | float = "cv"
+    else:
+        try:
+            c = float(args.C)
+        except ValueError as err:
+            raise ConfigError(f"--C {args.C!r} must be 'cv' or a positive number.") from err
+    report = linear_probe(
+        args.embeddings, args.labels, label_col=args.label_col, id_col=args.id_col,
+        patient_col=args.patient_col, embedding_id_col=args.embedding_id_col,
+        n_labeled=_sizes(args.n_labeled), repeats=args.repeats, test_size=args.test_size,
+        folds=args.folds or None, C=c, groups=None if args.no_groups else "patient",
+        n_bootstrap=args.bootstrap, seed=args.seed,
+    )
+    paths = report.save(args.out)
+    cols = ["name", "runs", "auc_mean", "auc_std", "auc_ci_low", "auc_ci_high", "bacc_mean", "C"]
+    print(f"{report.n_slides} slides, {report.n_patients} patients, classes {list(report.classes)}")
+    print(report.to_frame()[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(f"wrote {paths['json']} and {paths['png']}")
+    return 0

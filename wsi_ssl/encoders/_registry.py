@@ -1,0 +1,243 @@
+"""The encoder registry and factory (timm style): ``create_encoder``, ``list_encoders``,
+``register_encoder``.
+
+A name is looked up in our registry first (small CPU encoders, user registrations), then in timm
+(``timm.create_model(name, pretrained=False, num_classes=0)``: never a download). Weights come only
+from local files. Models built without weights are initialised under a fixed seed, so two
+processes building the same name get the same weights and the same fingerprint.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from wsi_ssl.encoders._encoder import IMAGENET_MEAN, IMAGENET_STD
+from wsi_ssl.errors import ConfigError, EncoderMismatchError, WeightsError
+
+__all__ = ["create_encoder", "list_encoders", "register_encoder", "EncoderEntry",
+           "encoder_from_spec"]
+
+INIT_SEED = 0
+
+
+@dataclass(frozen=True)
+class EncoderEntry:
+    """A registered encoder: ``builder() -> nn.Module`` mapping ``(B, 3, S, S)`` to ``(B, D)``."""
+
+    name: str
+    builder: Callable[[], Any]
+    input_size: int = 224
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    description: str = ""
+
+
+_REGISTRY: dict[str, EncoderEntry] = {}
+
+
+def register_encoder(name: str, builder: Callable[[], Any] | None = None, *, input_size: int = 224,
+                     mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                     description: str = "", overwrite: bool = False):
+    """Register ``builder`` under ``name`` (usable as a decorator when ``builder`` is omitted).
+
+    Args:
+        name: the registry name (``create_encoder(name)``).
+        builder: a no-argument callable returning an ``nn.Module`` that maps normalised
+            ``(B, 3, input_size, input_size)`` float tiles to ``(B, D)`` features.
+        input_size: tile edge (px) the model expects; tiles are resized to it.
+        mean, std: RGB normalisation on the [0, 1] scale.
+        description: one line shown by ``list_encoders(verbose=True)`` and ``wsi-ssl info``.
+        overwrite: replace an existing registration instead of raising.
+    """
+    def _register(fn: Callable[[], Any]) -> Callable[[], Any]:
+        if not callable(fn):
+            raise ConfigError(f"register_encoder({name!r}, builder=...) needs a callable; got "
+                              f"{type(fn).__name__}.")
+        if name in _REGISTRY and not overwrite:
+            raise ConfigError(f"an encoder named {name!r} is already registered; pass "
+                              "overwrite=True to replace it.")
+        _REGISTRY[name] = EncoderEntry(name, fn, int(input_size), tuple(mean), tuple(std),
+                                       description)
+        return fn
+
+    if builder is None:
+        return _register
+    _register(builder)
+    return builder
+
+
+def list_encoders(pattern: str | None = None, *, include_timm: bool = False) -> list[str]:
+    """Registered encoder names (sorted), optionally filtered by a glob ``pattern``; with
+    ``include_timm=True`` also every timm architecture (all usable with local weights)."""
+    names = sorted(_REGISTRY)
+    if include_timm:
+        import timm
+
+        names += [n for n in timm.list_models() if n not in _REGISTRY]
+    if pattern:
+        names = [n for n in names if fnmatch.fnmatch(n, pattern)]
+    return names
+
+
+def describe_encoder(name: str) -> str:
+    """The registered description of ``name`` ('' for timm names)."""
+    entry = _REGISTRY.get(name)
+    return entry.description if entry else ""
+
+
+def _unknown(name: str) -> ConfigError:
+    import timm
+
+    pool = list(_REGISTRY) + timm.list_models()
+    close = difflib.get_close_matches(name, pool, n=5, cutoff=0.6)
+    hint = f" Closest: {close}." if close else ""
+    return ConfigError(f"unknown encoder {name!r}: not registered (list_encoders()) and not a timm "
+                       f"architecture.{hint}")
+
+
+def _build(name: str) -> tuple[Any, dict[str, Any]]:
+    """(module, info) for a registered or timm name, initialised under a fixed seed."""
+    import torch
+
+    entry = _REGISTRY.get(name)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(INIT_SEED)
+        if entry is not None:
+            model = entry.builder()
+            info = {"input_size": entry.input_size, "mean": entry.mean, "std": entry.std,
+                    "arch": {"registry": name}}
+        else:
+            import timm
+
+            if not timm.is_model(name):
+                raise _unknown(name)
+            model = timm.create_model(name, pretrained=False, num_classes=0)
+            cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+            size = cfg.get("input_size", (3, 224, 224))
+            info = {"input_size": int(size[-1]), "mean": tuple(cfg.get("mean", IMAGENET_MEAN)),
+                    "std": tuple(cfg.get("std", IMAGENET_STD)), "arch": {"timm": name}}
+    return model, info
+
+
+def _embed_dim(model: Any, input_size: int) -> int:
+    for attr in ("head_hidden_size", "num_features", "embed_dim", "out_features"):
+        v = getattr(model, attr, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    import torch
+
+    was = model.training
+    model.eval()
+    with torch.inference_mode():
+        out = model(torch.zeros(1, 3, input_size, input_size))
+    model.train(was)
+    if out.ndim != 2:
+        raise ConfigError(f"the module returns shape {tuple(out.shape)} for one tile; an encoder "
+                          "must return (B, D) features.")
+    return int(out.shape[1])
+
+
+def create_encoder(name: Any, *, weights: str | os.PathLike | None = None,
+                   device: str = "auto", dtype: str = "auto", input_size: int | None = None,
+                   mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                   embed_dim: int | None = None):
+    """Build a :class:`TileEncoder`.
+
+    Args:
+        name: a registered name (``list_encoders()``), any timm architecture name, a ``.safetensors``
+            checkpoint written by our tile pretraining (its metadata names the architecture), or
+            an ``nn.Module`` to wrap (it must map ``(B, 3, S, S)`` to ``(B, D)``).
+        weights: a local ``.safetensors`` or torch state-dict file (loaded with
+            ``weights_only=True``); ``None`` keeps the deterministic random initialisation.
+        device: ``"auto"`` (CUDA if available, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
+        dtype: ``"auto"`` (float32 on the CPU, bfloat16/float16 autocast on CUDA), ``"float32"``,
+            ``"bfloat16"``, ``"float16"``.
+        input_size, mean, std: override the preprocessing (default: the registry entry or the
+            timm pretrained config).
+        embed_dim: only for wrapped modules that do not expose ``num_features``/``embed_dim``
+            (otherwise found with one dummy forward pass).
+
+    Raises:
+        ConfigError: unknown name (with the closest matches) or bad options.
+        WeightsError: unreadable weights or keys/shapes that do not match the architecture.
+    """
+    import torch.nn as nn
+
+    from wsi_ssl.encoders._encoder import TileEncoder
+    from wsi_ssl.encoders._weights import (
+        CHECKPOINT_FORMAT,
+        load_weights_into,
+        read_checkpoint_metadata,
+    )
+
+    if isinstance(name, nn.Module):
+        size = int(input_size or 224)
+        dim = int(embed_dim or _embed_dim(name, size))
+        cls = type(name)
+        return TileEncoder(name, name=f"module:{cls.__qualname__}", embed_dim=dim, input_size=size,
+                           mean=mean or IMAGENET_MEAN, std=std or IMAGENET_STD, device=device,
+                           dtype=dtype, spec=None)
+    if not isinstance(name, (str, os.PathLike)):
+        raise ConfigError(f"create_encoder(name=...) takes a name, a checkpoint path or an "
+                          f"nn.Module; got {type(name).__name__}.")
+    name = str(name)
+    meta: dict[str, str] = {}
+    if name.endswith(".safetensors") and weights is None:
+        if not Path(name).is_file():
+            raise WeightsError(f"checkpoint '{name}' does not exist.")
+        meta = read_checkpoint_metadata(name)
+        if "arch" not in meta:
+            raise WeightsError(f"'{name}' has no 'arch' in its metadata; call "
+                               "create_encoder(ARCH, weights=PATH) with the architecture name.")
+        weights, name = name, meta["arch"]
+    elif weights is not None:
+        meta = read_checkpoint_metadata(weights)
+        if meta.get("format") == CHECKPOINT_FORMAT and meta.get("arch") not in (None, name):
+            raise WeightsError(f"weights '{weights}' were written for arch {meta['arch']!r}, "
+                               f"not {name!r}; use create_encoder({meta['arch']!r}, weights=...).")
+    model, info = _build(name)
+    if weights is not None:
+        load_weights_into(model, weights)
+    size = int(input_size or info["input_size"])
+    arch = dict(info["arch"])  # weights enter the fingerprint through their values, not name
+    spec = {"name": name, "weights": None if weights is None else str(Path(weights).resolve()),
+            "device": device, "dtype": dtype, "input_size": input_size, "mean": mean, "std": std}
+    return TileEncoder(model, name=name, embed_dim=int(embed_dim or _embed_dim(model, size)),
+                       input_size=size, mean=tuple(mean or info["mean"]),
+                       std=tuple(std or info["std"]), device=device, dtype=dtype, spec=spec,
+                       arch=arch)
+
+
+def encoder_from_spec(spec: dict[str, Any], fingerprint: str | None = None, *,
+                      device: str | None = None):
+    """Rebuild an encoder from ``TileEncoder.spec`` (in another process) and check that it is
+    the same one (same fingerprint)."""
+    kw = {k: spec.get(k) for k in ("weights", "input_size", "mean", "std")}
+    enc = create_encoder(spec["name"], device=device or spec.get("device", "auto"),
+                         dtype=spec.get("dtype", "auto"), **kw)
+    if fingerprint is not None and enc.fingerprint != fingerprint:
+        raise EncoderMismatchError(
+            f"encoder {spec['name']!r} rebuilt here has fingerprint {enc.fingerprint}, expected "
+            f"{fingerprint}: the weights file '{spec.get('weights')}' differs on this machine, or "
+            "the timm version differs; use the same files and versions everywhere.")
+    return enc
+
+
+def _register_builtins() -> None:
+    from wsi_ssl.encoders import _tiny
+
+    register_encoder("tiny-cnn", _tiny.build_tiny_cnn, input_size=64, overwrite=True,
+                     description="4-block CNN, 64-d, 64 px; random deterministic weights "
+                     "(tests/demo)")
+    register_encoder("tiny-vit", _tiny.build_tiny_vit, input_size=64, overwrite=True,
+                     description="2-block ViT (timm), 64-d, 64 px; random deterministic weights "
+                     "(tests/demo)")
+
+
+_register_builtins()

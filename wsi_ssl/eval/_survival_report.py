@@ -1,0 +1,152 @@
+"""Result objects of :func:`wsi_ssl.eval.survival`: per-fold table, JSON and Kaplan-Meier plot."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from wsi_ssl.eval._report_io import dumps, write_report
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
+    from matplotlib.figure import Figure
+
+__all__ = ["SurvivalFold", "SurvivalReport"]
+
+
+@dataclass(frozen=True)
+class SurvivalFold:
+    """One outer fold: sizes, the PCA components and L2 penalty used, its C-index."""
+
+    fold: int
+    n_train: int
+    n_test: int
+    n_events_test: int
+    n_components: int
+    penalizer: float
+    c_index: float
+
+
+@dataclass(frozen=True)
+class SurvivalReport:
+    """What :func:`~wsi_ssl.eval.survival` measured.
+
+    Attributes:
+        c_index_mean, c_index_std: Harrell's C-index over the outer folds (population std).
+        c_index_ci: patient-bootstrap 95 % interval of ``c_index_mean``.
+        folds: one :class:`SurvivalFold` per outer fold.
+        logrank_p: log-rank p-value between the out-of-fold high- and low-risk groups.
+        slide_ids, patients, time, event: the cohort in table order.
+        risk: out-of-fold log partial hazard (higher = earlier event; comparable within a fold).
+        high_risk: risk above the median training risk of the slide's fold.
+        cv_fold: the fold in which each slide was scored.
+        config: the parameters of the call.
+    """
+
+    c_index_mean: float
+    c_index_std: float
+    c_index_ci: tuple[float, float]
+    folds: tuple[SurvivalFold, ...]
+    logrank_p: float
+    slide_ids: tuple[str, ...]
+    patients: tuple[str, ...]
+    time: tuple[float, ...]
+    event: tuple[int, ...]
+    risk: tuple[float, ...]
+    high_risk: tuple[bool, ...]
+    cv_fold: tuple[int, ...]
+    config: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def n_slides(self) -> int:
+        return len(self.slide_ids)
+
+    @property
+    def n_patients(self) -> int:
+        return len(set(self.patients))
+
+    @property
+    def n_events(self) -> int:
+        return int(sum(self.event))
+
+    @property
+    def summary(self) -> str:
+        """One line: C-index mean ± std [95 % CI], log-rank p, counts."""
+        lo, hi = self.c_index_ci
+        return (f"C-index {self.c_index_mean:.3f} ± {self.c_index_std:.3f} "
+                f"[95% CI {lo:.3f}-{hi:.3f}], log-rank p={self.logrank_p:.3g} "
+                f"({self.n_slides} slides, {self.n_patients} patients, {self.n_events} events)")
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per outer fold (``fold, n_train, n_test, n_events_test, n_components,
+        penalizer, c_index``)."""
+        import pandas as pd
+
+        return pd.DataFrame([asdict(f) for f in self.folds])
+
+    def risk_table(self) -> pd.DataFrame:
+        """Per slide: id, patient, time, event, out-of-fold risk, risk group and fold."""
+        import pandas as pd
+
+        return pd.DataFrame({"slide_id": self.slide_ids, "patient_id": self.patients,
+                             "time": self.time, "event": self.event, "risk": self.risk,
+                             "high_risk": self.high_risk, "cv_fold": self.cv_fold})
+
+    def to_json(self) -> str:
+        """Strict JSON: summary, config, folds and the out-of-fold risk of every slide."""
+        return dumps({
+            "kind": "wsi-ssl survival",
+            "c_index_mean": self.c_index_mean, "c_index_std": self.c_index_std,
+            "c_index_ci": self.c_index_ci, "logrank_p": self.logrank_p,
+            "n_slides": self.n_slides, "n_patients": self.n_patients, "n_events": self.n_events,
+            "config": self.config, "folds": [asdict(f) for f in self.folds],
+            "slides": self.risk_table().to_dict(orient="list"),
+        })
+
+    def plot(self) -> Figure:
+        """Kaplan-Meier curves (95 % bands) of the out-of-fold low/high risk groups with the
+        log-rank p-value, and the C-index of each fold."""
+        from lifelines import KaplanMeierFitter
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=(11, 4.5))
+        ax_km, ax_c = fig.subplots(1, 2, gridspec_kw={"width_ratios": [2, 1]})
+        t, e, high = np.asarray(self.time), np.asarray(self.event), np.asarray(self.high_risk)
+        for mask, label, color in ((~high, "low risk", "tab:blue"), (high, "high risk", "tab:red")):
+            if not mask.any():
+                continue
+            km = KaplanMeierFitter().fit(t[mask], e[mask])
+            sf = km.survival_function_.iloc[:, 0]
+            ci = km.confidence_interval_
+            ax_km.step(sf.index, sf.to_numpy(), where="post", color=color,
+                       label=f"{label} (n={int(mask.sum())}, events={int(e[mask].sum())})")
+            ax_km.fill_between(ci.index, ci.iloc[:, 0], ci.iloc[:, 1], step="post",
+                               color=color, alpha=0.15)
+        ax_km.set_xlabel(f"time ({self.config.get('time', 'time')})")
+        ax_km.set_ylabel("survival probability")
+        ax_km.set_ylim(0, 1.02)
+        ax_km.set_title(f"Out-of-fold risk groups, log-rank p = {self.logrank_p:.3g}")
+        ax_km.legend(loc="lower left", fontsize=8)
+        cs = [f.c_index for f in self.folds]
+        ax_c.bar(range(len(cs)), cs, color="tab:gray")
+        ax_c.axhline(self.c_index_mean, color="k", ls="--",
+                     label=f"mean {self.c_index_mean:.3f}")
+        ax_c.axhline(0.5, color="grey", ls=":", lw=1)
+        ax_c.set_xticks(range(len(cs)))
+        ax_c.set_xlabel("fold")
+        ax_c.set_ylabel("C-index")
+        ax_c.set_ylim(0, 1)
+        ax_c.legend(loc="lower right", fontsize=8)
+        fig.suptitle(f"Cox model on slide embeddings: {self.summary}", fontsize=9)
+        fig.tight_layout()
+        return fig
+
+    def save(self, out_dir: str | os.PathLike, *, prefix: str = "survival") -> dict[str, Path]:
+        """Write ``survival.json``, ``survival.png``, ``survival.csv`` (per fold) and
+        ``survival_risk.csv`` (per slide) into ``out_dir``; return the paths by kind."""
+        return write_report(out_dir, prefix, json_text=self.to_json(), fig=self.plot(),
+                            frame=self.to_frame(), extra={"risk": self.risk_table()})

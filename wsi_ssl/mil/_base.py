@@ -1,0 +1,243 @@
+"""The one contract every MIL head follows, its output dataclass and the head registry.
+
+A *bag* is the set of tile embeddings of one slide. Every head maps a padded batch of bags to one
+vector per bag::
+
+    out = head(x, mask=mask, coords=coords)      # -> MILOutput
+    out.embedding   # (B, E), E = head.embed_dim
+    out.logits      # (B, C) or None when the head was built with n_classes=0
+    out.attention   # (B, N) tile weights (0 on padding) or None
+
+``mask`` is a ``(B, N)`` bool tensor with **True for real tiles and False for padding**; ``None``
+means every tile is real. ``coords`` are ``(B, N, 2)`` float tile positions in *grid units*
+(level-0 pixels divided by the grid's ``stride_level0``), used by coordinate-aware heads, which
+round them to grid cells. Padding is exact (a padded bag gives the output of the unpadded one)
+and every head is invariant to the order of the tiles (coords permuted along with the tiles).
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from wsi_ssl.errors import ConfigError, InputError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from collections.abc import Callable
+
+__all__ = ["MILOutput", "MILHead", "create_head", "list_heads", "register_head"]
+
+
+@dataclass(frozen=True)
+class MILOutput:
+    """What every MIL head returns.
+
+    Attributes:
+        embedding: the bag (slide) embedding.
+        logits: class scores, or ``None`` when the head has no classifier (``n_classes=0``).
+        attention: per-tile weights (0 on padding; they sum to 1 over the real tiles of a bag for
+            pooling heads), or ``None``.
+
+    Shape:
+        embedding ``(B, E)``; logits ``(B, C)``; attention ``(B, N)``.
+    """
+
+    embedding: torch.Tensor
+    logits: torch.Tensor | None = None
+    attention: torch.Tensor | None = None
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{name}={value!r} must be an integer >= {minimum}.")
+    return int(value)
+
+
+def _check_prob(name: str, value: Any) -> float:
+    if not isinstance(value, (int, float)) or not 0.0 <= float(value) < 1.0:
+        raise ConfigError(f"{name}={value!r} must be a float in [0, 1).")
+    return float(value)
+
+
+class MILHead(nn.Module):
+    """Base class of the MIL heads: input checks, the optional classifier and common helpers.
+
+    Subclasses implement :meth:`_pool` and set ``self.embed_dim``.
+
+    Args:
+        in_dim: tile feature dimension ``D``.
+        n_classes: number of classes of the linear classifier on the embedding; 0 = no classifier
+            (``logits=None``, the slide-SSL use).
+    """
+
+    #: whether the head uses ``coords`` (and needs them)
+    uses_coords: bool = False
+
+    def __init__(self, in_dim: int, n_classes: int = 0) -> None:
+        super().__init__()
+        self.in_dim = _check_int("in_dim", in_dim, 1)
+        self.n_classes = _check_int("n_classes", n_classes, 0)
+        self.embed_dim: int = self.in_dim
+        self.classifier: nn.Module | None = None
+
+    def _build_classifier(self) -> None:
+        """Called by subclasses once ``embed_dim`` is known."""
+        self.classifier = nn.Linear(self.embed_dim, self.n_classes) if self.n_classes else None
+
+    # -- input checks ---------------------------------------------------------------------------
+    def _check_inputs(
+        self, x: torch.Tensor, mask: torch.Tensor | None, coords: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        name = type(self).__name__
+        if not isinstance(x, torch.Tensor) or x.ndim != 3:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise InputError(
+                f"{name}: x must be a (B, N, D) tensor of tile features; got {shape}. "
+                "Add a batch axis with x[None] for one bag."
+            )
+        b, n, d = x.shape
+        if d != self.in_dim:
+            raise InputError(
+                f"{name}: x has feature dim {d} but the head was built with in_dim={self.in_dim}; "
+                "build the head with the dimension of your tile encoder."
+            )
+        if n == 0:
+            raise InputError(f"{name}: x has no tiles (N=0); every bag needs at least one tile.")
+        if mask is None:
+            mask = torch.ones(b, n, dtype=torch.bool, device=x.device)
+        else:
+            if tuple(mask.shape) != (b, n):
+                raise InputError(
+                    f"{name}: mask must have shape (B, N)={(b, n)} like x; got {tuple(mask.shape)}."
+                )
+            mask = mask.to(device=x.device, dtype=torch.bool)
+            if not bool(mask.any(dim=1).all()):
+                empty = torch.nonzero(~mask.any(dim=1)).flatten().tolist()
+                raise InputError(
+                    f"{name}: bag(s) {empty[:5]} have no real tile (mask all False); "
+                    "drop empty bags before calling the head."
+                )
+        if coords is not None:
+            if tuple(coords.shape) != (b, n, 2):
+                raise InputError(
+                    f"{name}: coords must have shape (B, N, 2)={(b, n, 2)}; got "
+                    f"{tuple(coords.shape)}."
+                )
+            coords = coords.to(x.device)
+        elif self.uses_coords:
+            raise InputError(
+                f"{name} is coordinate-aware and needs coords=(B, N, 2) tile positions in grid "
+                "units (level-0 px / stride_level0)."
+            )
+        # zero the padding so that garbage (even NaN) in padded rows cannot leak into results
+        x = torch.where(mask.unsqueeze(-1), x, torch.zeros((), dtype=x.dtype, device=x.device))
+        return x, mask, coords
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        coords: torch.Tensor | None = None,
+    ) -> MILOutput:
+        """Pool a padded batch of bags.
+
+        Args:
+            x: tile features.
+            mask: True for real tiles, False for padding; ``None`` = all real.
+            coords: tile positions in grid units (needed by coordinate-aware heads only).
+
+        Shape:
+            x ``(B, N, D)``, mask ``(B, N)``, coords ``(B, N, 2)`` -> :class:`MILOutput` with
+            embedding ``(B, E)``, logits ``(B, C)`` or None, attention ``(B, N)`` or None.
+        """
+        x, mask, coords = self._check_inputs(x, mask, coords)
+        emb, att = self._pool(x, mask, coords)
+        logits = self.classifier(emb) if self.classifier is not None else None
+        return MILOutput(embedding=emb, logits=logits, attention=att)
+
+    def _pool(
+        self, x: torch.Tensor, mask: torch.Tensor, coords: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"in_dim={self.in_dim}, embed_dim={self.embed_dim}, n_classes={self.n_classes}"
+
+
+# -- shared building blocks -----------------------------------------------------------------------
+def masked_softmax(scores: torch.Tensor, mask: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Softmax over ``dim`` with padded positions at exactly 0 (mask True = keep)."""
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores, dim=dim).masked_fill(~mask, 0.0)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``x`` ``(B, N, E)`` over the real tiles -> ``(B, E)`` (padding already zero)."""
+    m = mask.unsqueeze(-1).to(x.dtype)
+    return (x * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
+
+
+def projection(in_dim: int, out_dim: int | None, dropout: float) -> tuple[nn.Module, int]:
+    """Per-tile ``Linear -> ReLU -> Dropout`` (or the identity when ``out_dim`` is None)."""
+    if out_dim is None:
+        return nn.Identity(), in_dim
+    out_dim = _check_int("embed_dim", out_dim, 1)
+    layers: list[nn.Module] = [nn.Linear(in_dim, out_dim), nn.ReLU()]
+    if dropout > 0:
+        layers.append(nn.Dropout(dropout))
+    return nn.Sequential(*layers), out_dim
+
+
+# -- registry -------------------------------------------------------------------------------------
+_REGISTRY: dict[str, Callable[..., MILHead]] = {}
+
+
+def register_head(name: str) -> Callable[[type[MILHead]], type[MILHead]]:
+    """Class decorator registering a head under ``name`` for :func:`create_head`."""
+
+    def deco(cls: type[MILHead]) -> type[MILHead]:
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def _ensure_registered() -> None:
+    # the modules register their heads on import
+    from wsi_ssl.mil import _heads, _sparseconv, _transmil  # noqa: F401
+
+
+def list_heads() -> list[str]:
+    """Names accepted by :func:`create_head`, sorted."""
+    _ensure_registered()
+    return sorted(_REGISTRY)
+
+
+def create_head(name: str, in_dim: int, *, n_classes: int = 0, **kwargs: Any) -> MILHead:
+    """Build a registered MIL head.
+
+    Args:
+        name: one of :func:`list_heads` (``"abmil"``, ``"sparseconv"``, ...).
+        in_dim: tile feature dimension ``D``.
+        n_classes: classes of the linear classifier; 0 = no classifier (``logits=None``).
+        **kwargs: head-specific options (``embed_dim=``, ``dropout=``, ...).
+
+    Raises:
+        ConfigError: unknown name (the message lists the closest matches) or bad options.
+    """
+    _ensure_registered()
+    key = str(name).lower().replace("-", "_")
+    if key not in _REGISTRY:
+        close = difflib.get_close_matches(key, list(_REGISTRY), n=3, cutoff=0.4)
+        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        raise ConfigError(
+            f"unknown MIL head {name!r}.{hint} Available: {', '.join(sorted(_REGISTRY))}."
+        )
+    try:
+        return _REGISTRY[key](in_dim, n_classes=n_classes, **kwargs)
+    except TypeError as err:
+        raise ConfigError(f"create_head({name!r}, ...): bad option: {err}") from err

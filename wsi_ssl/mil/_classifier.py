@@ -1,0 +1,369 @@
+"""Supervised MIL: any registered head trained on labelled bags, scikit-learn style."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import numpy as np
+
+from wsi_ssl.errors import ConfigError, InputError, LabelError, NotFittedError
+
+__all__ = ["MILClassifier"]
+
+logger = logging.getLogger(__name__)
+
+
+def _grid_units(coords: np.ndarray, stride: float | None) -> np.ndarray:
+    """Level-0 pixel coords -> grid units (divide by the stride, estimated when unknown)."""
+    coords = np.asarray(coords, dtype=np.float64)
+    if stride is None:
+        steps = [np.diff(np.unique(coords[:, i])) for i in range(2)]
+        steps = np.concatenate([s[s > 0] for s in steps])
+        stride = float(steps.min()) if steps.size else 1.0
+    return (coords / float(stride)).astype(np.float32)
+
+
+class MILClassifier:
+    """A MIL head (:func:`~wsi_ssl.mil.create_head`) trained with cross-entropy on labelled bags.
+
+    Features are standardised with the training instances' mean and std (``standardize=True``);
+    bags are padded into mini-batches with exact masks; training is deterministic for a given
+    ``seed`` (on the CPU; CUDA kernels may add tiny run-to-run noise).
+
+    Args:
+        head: a name from :func:`~wsi_ssl.mil.list_heads`.
+        hidden: the head's ``embed_dim`` (per-tile projection size).
+        dropout: dropout in the head.
+        lr: Adam learning rate.
+        epochs: passes over the training bags (the maximum with ``early_stopping``).
+        weight_decay: Adam L2 weight decay.
+        batch_size: bags per optimisation step.
+        class_weight: ``"balanced"`` (loss weights ``n / (C * n_c)``) or ``None``.
+        early_stopping: patience in epochs on the loss of a stratified validation split of
+            ``validation_fraction`` of the training bags (best weights restored); ``None`` = off.
+        validation_fraction: share of training bags held out when ``early_stopping`` is set.
+        standardize: z-score features with training statistics.
+        head_kwargs: extra options for the head (``attn_dim=``, ``attention="full"``, ...).
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``...
+        seed: seeds initialisation, shuffling, dropout and the validation split.
+
+    Attributes:
+        classes_: sorted class labels. n_features_in_: ``D``. head_: the trained head (eval mode).
+        mean_, scale_: standardisation statistics ``(D,)``. history_: per-epoch training loss
+        (and ``val_loss`` with early stopping). n_epochs_: epochs actually run.
+    """
+
+    def __init__(self, head: str = "abmil", *, hidden: int = 128, dropout: float = 0.0,
+                 lr: float = 5e-4, epochs: int = 40, weight_decay: float = 1e-4,
+                 batch_size: int = 8, class_weight: Literal["balanced"] | None = "balanced",
+                 early_stopping: int | None = None, validation_fraction: float = 0.2,
+                 standardize: bool = True, head_kwargs: dict[str, Any] | None = None,
+                 device: str = "auto", seed: int = 0) -> None:
+        self.head = head
+        self.hidden = hidden
+        self.dropout = dropout
+        self.lr = lr
+        self.epochs = epochs
+        self.weight_decay = weight_decay
+        self.batch_size = batch_size
+        self.class_weight = class_weight
+        self.early_stopping = early_stopping
+        self.validation_fraction = validation_fraction
+        self.standardize = standardize
+        self.head_kwargs = head_kwargs
+        self.device = device
+        self.seed = seed
+
+    # -- inputs ---------------------------------------------------------------------------------
+    def _check_params(self) -> None:
+        for name in ("hidden", "epochs", "batch_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"MILClassifier({name}={v!r}): must be an integer >= 1.")
+        for name in ("lr", "weight_decay"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or v < 0 or (name == "lr" and v == 0):
+                raise ConfigError(f"MILClassifier({name}={v!r}): must be a positive float.")
+        if self.class_weight not in ("balanced", None):
+            raise ConfigError(
+                f"MILClassifier(class_weight={self.class_weight!r}): use 'balanced' or None."
+            )
+        es = self.early_stopping
+        if es is not None and (isinstance(es, bool) or not isinstance(es, int) or es < 1):
+            raise ConfigError(
+                f"MILClassifier(early_stopping={es!r}): a patience in epochs >= 1, or None."
+            )
+        if not 0.0 < float(self.validation_fraction) < 1.0:
+            raise ConfigError(
+                f"MILClassifier(validation_fraction={self.validation_fraction!r}): must be in (0, 1)."
+            )
+
+    def _load(self, bags: Any, coords: Sequence[Any] | None, slide_ids: Sequence[str] | None,
+              n_features: int | None) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
+        """Bags (and grid-unit coords) as float32 arrays, checked."""
+        names: list[str]
+        if slide_ids is not None:  # a TileStore (duck-typed: store[sid].features / .coords)
+            if isinstance(slide_ids, str):
+                slide_ids = [slide_ids]
+            feats, crd = [], []
+            for sid in slide_ids:
+                try:
+                    rec = bags[sid]
+                except KeyError as err:
+                    raise InputError(f"slide id {sid!r} is not in the store {bags!r}.") from err
+                feats.append(rec.features)
+                attrs = getattr(rec, "attrs", None) or {}
+                rc = getattr(rec, "coords", None)
+                crd.append(None if rc is None else _grid_units(rc, attrs.get("stride_level0")))
+            coords = None if any(c is None for c in crd) else crd
+            bags, names = feats, [f"bag {i} ({sid!r})" for i, sid in enumerate(slide_ids)]
+        else:
+            if hasattr(bags, "slide_ids") and not isinstance(bags, (list, tuple)):
+                raise InputError("bags looks like a TileStore: pass slide_ids=[...] with it.")
+            if isinstance(bags, np.ndarray) and bags.dtype != object:
+                raise InputError(
+                    f"bags must be a list of (n_i, D) arrays, one per bag; got one array of shape "
+                    f"{bags.shape}. Use list(bags) if each row of axis 0 is a bag."
+                )
+            bags = list(bags)
+            names = [f"bag {i}" for i in range(len(bags))]
+        if not bags:
+            raise InputError("bags is empty; pass at least one (n_i, D) array.")
+        out = []
+        for name, b in zip(names, bags, strict=True):
+            a = np.asarray(b, dtype=np.float32)
+            if a.ndim != 2:
+                raise InputError(f"{name} has shape {a.shape}; every bag must be (n_i, D).")
+            if a.shape[0] == 0:
+                raise InputError(f"{name} is empty (0 tiles); drop it or give it tiles.")
+            if n_features is None:
+                n_features = a.shape[1]
+            if a.shape[1] != n_features:
+                raise InputError(
+                    f"{name} has feature dim {a.shape[1]}, expected {n_features} (the first bag "
+                    "/ the training data); use features from one encoder."
+                )
+            if not np.isfinite(a).all():
+                raise InputError(f"{name} contains NaN or inf features; clean or drop it.")
+            out.append(a)
+        crd_out = None
+        if coords is not None:
+            coords = list(coords)
+            if len(coords) != len(out):
+                raise InputError(f"coords has {len(coords)} entries for {len(out)} bags.")
+            crd_out = []
+            for name, a, c in zip(names, out, coords, strict=True):
+                c = np.asarray(c, dtype=np.float32)
+                if c.shape != (a.shape[0], 2):
+                    raise InputError(f"{name}: coords shape {c.shape}, expected {(a.shape[0], 2)}.")
+                crd_out.append(c)
+        return out, crd_out
+
+    def _collate(self, bags, coords, idx, device):
+        import torch
+
+        n = max(bags[i].shape[0] for i in idx)
+        d = bags[idx[0]].shape[1]
+        x = np.zeros((len(idx), n, d), np.float32)
+        mask = np.zeros((len(idx), n), bool)
+        crd = np.zeros((len(idx), n, 2), np.float32) if coords is not None else None
+        for j, i in enumerate(idx):
+            k = bags[i].shape[0]
+            x[j, :k] = (bags[i] - self.mean_) / self.scale_
+            mask[j, :k] = True
+            if crd is not None:
+                crd[j, :k] = coords[i]
+        xt = torch.from_numpy(x).to(device)
+        ct = torch.from_numpy(crd).to(device) if crd is not None else None
+        return xt, torch.from_numpy(mask).to(device), ct
+
+    # -- fit / predict --------------------------------------------------------------------------
+    def fit(self, bags: Any, y: Sequence[Any] | np.ndarray, *,
+            coords: Sequence[Any] | None = None,
+            slide_ids: Sequence[str] | None = None) -> MILClassifier:
+        """Train on labelled bags.
+
+        Args:
+            bags: list of ``(n_i, D)`` arrays, or a ``TileStore`` together with ``slide_ids``.
+            y: one label per bag (any hashable labels; two or more classes).
+            coords: per-bag ``(n_i, 2)`` tile positions in grid units (coordinate-aware heads);
+                read from the store (level-0 px / stride) when ``slide_ids`` is given.
+            slide_ids: the store's slides to use, in the order of ``y``.
+
+        Returns:
+            self.
+        """
+        import torch
+
+        from wsi_ssl._utils import resolve_device
+        from wsi_ssl.mil._base import create_head
+
+        self._check_params()
+        xs, cs = self._load(bags, coords, slide_ids, None)
+        y_arr = np.asarray(y)
+        if y_arr.ndim != 1 or len(y_arr) != len(xs):
+            raise LabelError(
+                f"y has {y_arr.shape} labels for {len(xs)} bags; pass one label per bag."
+            )
+        if y_arr.dtype.kind == "f" and np.isnan(y_arr).any():
+            raise LabelError(f"y has NaN labels at {np.flatnonzero(np.isnan(y_arr))[:5].tolist()}.")
+        classes, y_idx = np.unique(y_arr, return_inverse=True)
+        if len(classes) < 2:
+            raise LabelError(
+                f"y has one class only ({classes.tolist()}); a classifier needs two or more."
+            )
+        dev = resolve_device(self.device)
+        allx = np.concatenate(xs)
+        self.mean_ = allx.mean(0) if self.standardize else np.zeros(allx.shape[1], np.float32)
+        std = allx.std(0) if self.standardize else np.ones(allx.shape[1], np.float32)
+        self.scale_ = np.where(std > 1e-8, std, 1.0).astype(np.float32)
+        self.mean_ = self.mean_.astype(np.float32)
+        self.classes_ = classes
+        self.n_features_in_ = int(allx.shape[1])
+        n_cls = len(classes)
+        rng = np.random.default_rng(self.seed)
+
+        train = np.arange(len(xs))
+        val = np.array([], dtype=int)
+        if self.early_stopping is not None:
+            val_parts = []
+            for c in range(n_cls):
+                members = rng.permutation(np.flatnonzero(y_idx == c))
+                k = min(len(members) - 1, int(round(self.validation_fraction * len(members))))
+                val_parts.append(members[:max(k, 0)])
+            val = np.sort(np.concatenate(val_parts))
+            train = np.setdiff1d(train, val)
+        counts = np.bincount(y_idx[train], minlength=n_cls).astype(np.float64)
+        weight = None
+        if self.class_weight == "balanced":
+            weight = torch.tensor(len(train) / (n_cls * np.maximum(counts, 1)), dtype=torch.float32,
+                                  device=dev)
+
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+            torch.manual_seed(self.seed)
+            head = create_head(self.head, self.n_features_in_, n_classes=n_cls,
+                               embed_dim=self.hidden, dropout=self.dropout,
+                               **(self.head_kwargs or {})).to(dev)
+            if head.uses_coords and cs is None:
+                raise InputError(
+                    f"head {self.head!r} is coordinate-aware: pass coords=[(n_i, 2), ...] in grid "
+                    "units (or a TileStore with slide_ids)."
+                )
+            opt = torch.optim.Adam(head.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+            yt = torch.as_tensor(y_idx, device=dev)
+            best, best_loss, bad = None, float("inf"), 0
+            self.history_: list[dict[str, float]] = []
+            for epoch in range(self.epochs):
+                head.train()
+                order = rng.permutation(train)
+                total = 0.0
+                for s in range(0, len(order), self.batch_size):
+                    idx = order[s:s + self.batch_size]
+                    x, m, c = self._collate(xs, cs, idx, dev)
+                    logits = head(x, mask=m, coords=c).logits
+                    loss = torch.nn.functional.cross_entropy(logits, yt[idx], weight=weight)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    total += float(loss) * len(idx)
+                rec = {"epoch": epoch + 1, "loss": total / len(train)}
+                if len(val):
+                    head.eval()
+                    with torch.no_grad():
+                        p = self._forward(head, xs, cs, val, dev)
+                        vl = torch.nn.functional.cross_entropy(
+                            torch.log(p.clamp_min(1e-12)), yt[val], weight=weight)
+                    rec["val_loss"] = float(vl)
+                    if rec["val_loss"] < best_loss - 1e-6:
+                        best_loss, bad = rec["val_loss"], 0
+                        best = copy.deepcopy(head.state_dict())
+                    else:
+                        bad += 1
+                self.history_.append(rec)
+                logger.debug("MILClassifier epoch %s", rec)
+                if len(val) and bad >= self.early_stopping:
+                    break
+            if best is not None:
+                head.load_state_dict(best)
+        head.eval()
+        self.head_ = head
+        self.n_epochs_ = len(self.history_)
+        self.device_ = dev
+        return self
+
+    def _forward(self, head, xs, cs, idx, dev):
+        """Class probabilities of bags ``idx`` (batched by similar size), as a torch tensor."""
+        import torch
+
+        idx = np.asarray(idx)
+        sizes = np.array([xs[i].shape[0] for i in idx])
+        out = torch.empty(len(idx), head.n_classes, device=dev)
+        order = np.argsort(sizes, kind="stable")
+        for s in range(0, len(order), self.batch_size):
+            sel = order[s:s + self.batch_size]
+            x, m, c = self._collate(xs, cs, idx[sel], dev)
+            out[torch.as_tensor(sel, device=dev)] = torch.softmax(
+                head(x, mask=m, coords=c).logits.float(), dim=-1)
+        return out
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "head_"):
+            raise NotFittedError(
+                "this MILClassifier is not fitted yet; call fit(bags, y) before predicting."
+            )
+
+    def predict_proba(self, bags: Any, *, coords: Sequence[Any] | None = None,
+                      slide_ids: Sequence[str] | None = None) -> np.ndarray:
+        """Class probabilities, columns in the order of ``classes_``.
+
+        Shape:
+            returns ``(n_bags, n_classes)`` float32.
+        """
+        import torch
+
+        self._check_fitted()
+        xs, cs = self._load(bags, coords, slide_ids, self.n_features_in_)
+        if self.head_.uses_coords and cs is None:
+            raise InputError(f"head {self.head!r} needs coords=[(n_i, 2), ...] for prediction.")
+        with torch.no_grad():
+            p = self._forward(self.head_, xs, cs, np.arange(len(xs)), self.device_)
+        return p.cpu().numpy().astype(np.float32)
+
+    def predict(self, bags: Any, *, coords: Sequence[Any] | None = None,
+                slide_ids: Sequence[str] | None = None) -> np.ndarray:
+        """The most probable class label of each bag, shape ``(n_bags,)``."""
+        p = self.predict_proba(bags, coords=coords, slide_ids=slide_ids)
+        return self.classes_[p.argmax(axis=1)]
+
+    def attention(self, bag: Any, *, coords: Any | None = None) -> np.ndarray:
+        """Per-tile attention weights of one bag (the head's ``MILOutput.attention``).
+
+        Args:
+            bag: ``(n, D)`` features.
+            coords: ``(n, 2)`` grid positions (coordinate-aware heads).
+
+        Returns:
+            ``(n,)`` float32 weights.
+
+        Raises:
+            ConfigError: the head produces no attention (e.g. ``sparseconv`` with max pooling).
+        """
+        import torch
+
+        self._check_fitted()
+        xs, cs = self._load([bag], None if coords is None else [coords], None,
+                            self.n_features_in_)
+        if self.head_.uses_coords and cs is None:
+            raise InputError(f"head {self.head!r} needs coords=(n, 2) for attention().")
+        x, m, c = self._collate(xs, cs, np.array([0]), self.device_)
+        with torch.no_grad():
+            att = self.head_(x, mask=m, coords=c).attention
+        if att is None:
+            raise ConfigError(f"head {self.head!r} has no attention weights.")
+        return att[0].cpu().numpy().astype(np.float32)
+
+    def __repr__(self) -> str:
+        return f"MILClassifier(head={self.head!r}, hidden={self.hidden}, epochs={self.epochs})"

@@ -1,0 +1,513 @@
+"""Slide-level contrastive pretraining (Giga-SSL): compact slide embeddings without labels.
+
+Reference: Lazard, Lerousseau, Decencière, Walter, "Giga-SSL: Self-Supervised Learning for
+Gigapixel Images", CVPR Workshops 2023 (arXiv:2212.03273).
+
+A *view* of a slide is one of its pre-computed augmented versions (the store's shared-augmentation
+bank ``views``) from which ``k`` tiles are sampled with replacement, their coordinates augmented
+(rotation, flips, per-axis scale, translation). Two views of a slide are a positive pair, the
+other slides of the batch its negatives (NT-Xent). After training, a slide's embedding is the
+mean of the MIL head's output over k-tile chunks of its clean tiles, L2-normalised.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import time
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from wsi_ssl.errors import (
+    CheckpointError,
+    ConfigError,
+    EncoderMismatchError,
+    InputError,
+    NotFittedError,
+    WeightsError,
+)
+from wsi_ssl.pretrain._slide_data import CoordAugment, SlideBank, _read_slide
+
+__all__ = ["SlideSSL"]
+
+logger = logging.getLogger(__name__)
+
+_MODEL_FILE = "model.safetensors"
+_CONFIG_FILE = "config.json"
+_FORMAT = "wsi-ssl-slide-ssl"
+#: parameters that may differ between an interrupted run and its resumption
+_RESUME_FREE = {"device", "checkpoint_dir", "checkpoint_every", "cache_bytes",
+                "inference_chunks", "inference_batch"}
+
+
+class SlideSSL:
+    """Giga-SSL slide encoder, scikit-learn style: ``fit(store)``, ``transform(store)``.
+
+    Defaults are the paper's (Lazard et al. 2023 and its reference configuration): k=5 tiles
+    per view, embedding 512, projection 512-512-512-256, NT-Xent temperature 0.05, batch 256
+    slides, Adam(W) at lr 0.03 with weight decay 5e-4, 10 warm-up epochs then cosine decay to 0,
+    3000 epochs. On small cohorts (tens of slides) use a smaller batch (it is clamped to the
+    cohort anyway), fewer epochs and a smaller lr, e.g. ``batch_size=32, epochs=300, lr=1e-3``.
+
+    Args:
+        head: aggregator from :func:`wsi_ssl.mil.list_heads` (default the coordinate-aware
+            ``"sparseconv"``; also ``"abmil"``, ...) or ``"resmlp-mean"`` (residual MLP + mean).
+        embed_dim: slide embedding size ``E`` (the head's output).
+        proj_dims: projection head after the embedding (``E -> 512 -> 512 -> 256``).
+        tiles_per_view: ``k`` tiles sampled (with replacement) per view.
+        temperature: NT-Xent temperature.
+        batch_size: slides per step (clamped to the number of slides; at least 2).
+        epochs: passes over the slides (one view pair per slide per epoch).
+        lr: peak learning rate.
+        weight_decay: decoupled weight decay on weight matrices (not biases/norms).
+        warmup_epochs: linear warm-up length before the cosine decay.
+        optimizer: ``"adamw"`` or ``"adam"``.
+        coord_augment: coordinate augmentation of each view (``None`` = off).
+        head_kwargs: extra options for the head (e.g. ``{"dropout": 0.1}``).
+        standardize: standardise tile features per dimension with the cohort mean/std.
+        inference_chunks: ``None`` embeds every clean tile once, in shuffled chunks of ``k``;
+            an integer averages that many random k-tile chunks (with replacement) instead.
+        inference_batch: chunks per forward pass at inference.
+        cache_bytes: memory budget for slide arrays kept in RAM during training.
+        checkpoint_dir: where checkpoints (every ``checkpoint_every`` epochs) and
+            ``loss_curve.png`` go; ``None`` = no checkpoints.
+        checkpoint_every: epochs between checkpoints (the last epoch is always saved).
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``...
+        seed: seeds initialisation, view sampling and inference chunks.
+
+    Attributes (after ``fit``):
+        net_: the trained network (standardisation + head + projector).
+        history_: mean loss per epoch.
+        start_epoch_: epochs restored from a checkpoint (0 for a fresh run).
+        slide_ids_: slides trained on; skipped_slides_: empty slides left out.
+        n_features_in_, encoder_fingerprint_, store_fingerprint_, train_views_per_s_.
+    """
+
+    def __init__(self, head: str = "sparseconv", *, embed_dim: int = 512,
+                 proj_dims: Sequence[int] = (512, 512, 256), tiles_per_view: int = 5,
+                 temperature: float = 0.05, batch_size: int = 256, epochs: int = 3000,
+                 lr: float = 0.03, weight_decay: float = 5e-4, warmup_epochs: int = 10,
+                 optimizer: Literal["adamw", "adam"] = "adamw",
+                 coord_augment: CoordAugment | None = CoordAugment(),  # noqa: B008 (frozen)
+                 head_kwargs: dict[str, Any] | None = None, standardize: bool = True,
+                 inference_chunks: int | None = None, inference_batch: int = 2048,
+                 cache_bytes: int = 2 * 1024**3,
+                 checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int = 1,
+                 device: str = "auto", seed: int = 0) -> None:
+        self.head = head
+        self.embed_dim = embed_dim
+        self.proj_dims = proj_dims
+        self.tiles_per_view = tiles_per_view
+        self.temperature = temperature
+        self.batch_size = batch_size
+        self.epochs = epochs
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.warmup_epochs = warmup_epochs
+        self.optimizer = optimizer
+        self.coord_augment = coord_augment
+        self.head_kwargs = head_kwargs
+        self.standardize = standardize
+        self.inference_chunks = inference_chunks
+        self.inference_batch = inference_batch
+        self.cache_bytes = cache_bytes
+        self.checkpoint_dir = checkpoint_dir
+        self.checkpoint_every = checkpoint_every
+        self.device = device
+        self.seed = seed
+
+    # -- parameters -------------------------------------------------------------------------------
+    _PARAMS = ("head", "embed_dim", "proj_dims", "tiles_per_view", "temperature", "batch_size",
+               "epochs", "lr", "weight_decay", "warmup_epochs", "optimizer", "coord_augment",
+               "head_kwargs", "standardize", "inference_chunks", "inference_batch",
+               "cache_bytes", "checkpoint_dir", "checkpoint_every", "device", "seed")
+
+    def get_params(self) -> dict[str, Any]:
+        """The constructor arguments (scikit-learn convention)."""
+        return {k: getattr(self, k) for k in self._PARAMS}
+
+    def _json_params(self) -> dict[str, Any]:
+        p = self.get_params()
+        p["proj_dims"] = [int(d) for d in p["proj_dims"]]
+        ca = p["coord_augment"]
+        p["coord_augment"] = dataclasses.asdict(ca) if ca is not None else None
+        p["checkpoint_dir"] = str(p["checkpoint_dir"]) if p["checkpoint_dir"] else None
+        p["head_kwargs"] = dict(p["head_kwargs"] or {})
+        return json.loads(json.dumps(p))
+
+    @staticmethod
+    def _from_json_params(p: dict[str, Any]) -> dict[str, Any]:
+        p = dict(p)
+        p["proj_dims"] = tuple(p["proj_dims"])
+        ca = p.get("coord_augment")
+        p["coord_augment"] = CoordAugment(**{**ca, "scale": tuple(ca["scale"])}) if ca else None
+        return p
+
+    def _validate(self) -> None:
+        def pos_int(name: str, minimum: int = 1) -> None:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum:
+                raise ConfigError(f"SlideSSL {name}={v!r} must be an integer >= {minimum}.")
+
+        for name in ("embed_dim", "tiles_per_view", "batch_size", "epochs", "inference_batch",
+                     "checkpoint_every"):
+            pos_int(name)
+        pos_int("warmup_epochs", 0)
+        pos_int("batch_size", 2)
+        if self.inference_chunks is not None:
+            pos_int("inference_chunks")
+        for name in ("temperature", "lr"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not v > 0:
+                raise ConfigError(f"SlideSSL {name}={v!r} must be a number > 0.")
+        if not isinstance(self.weight_decay, (int, float)) or self.weight_decay < 0:
+            raise ConfigError(f"SlideSSL weight_decay={self.weight_decay!r} must be >= 0.")
+        if self.optimizer not in ("adamw", "adam"):
+            raise ConfigError(f"SlideSSL optimizer={self.optimizer!r}; use 'adamw' or 'adam'.")
+        dims = tuple(self.proj_dims)
+        if not dims or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in dims):
+            raise ConfigError(f"SlideSSL proj_dims={self.proj_dims!r} must be positive integers, "
+                              "e.g. (512, 512, 256).")
+        if self.coord_augment is not None and not isinstance(self.coord_augment, CoordAugment):
+            raise ConfigError("SlideSSL coord_augment must be a CoordAugment or None; got "
+                              f"{type(self.coord_augment).__name__}.")
+
+    # -- model ------------------------------------------------------------------------------------
+    def _build_net(self, in_dim: int):
+        import torch
+
+        from wsi_ssl.pretrain._heads import ProjectionHead
+        from wsi_ssl.pretrain._slide_heads import SlideNet, build_slide_head
+
+        torch.manual_seed(int(self.seed))
+        head = build_slide_head(self.head, in_dim, embed_dim=int(self.embed_dim),
+                                **dict(self.head_kwargs or {}))
+        proj = ProjectionHead((int(head.embed_dim), *(int(d) for d in self.proj_dims)))
+        return SlideNet(head, proj, in_dim)
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "net_"):
+            raise NotFittedError("this SlideSSL is not fitted yet; call fit(store) or "
+                                 "SlideSSL.load(model_dir) first.")
+
+    # -- training ---------------------------------------------------------------------------------
+    def fit(self, store: Any, *, slide_ids: Sequence[str] | None = None,
+            resume: bool = False) -> SlideSSL:
+        """Train on the slides of ``store`` (no labels).
+
+        Args:
+            store: a :class:`~wsi_ssl.store.TileStore` with the augmentation bank (``--views``).
+            slide_ids: a subset of its slides (default: all complete slides).
+            resume: continue from ``checkpoint_dir``'s checkpoint (same configuration and store).
+
+        Returns:
+            self.
+
+        Raises:
+            StoreFormatError: the store has no view bank (re-run the embedding with views).
+            InputError: NaN/inf features (the slide is named), fewer than 2 usable slides.
+            CheckpointError: ``resume`` with a checkpoint from another configuration or store.
+        """
+        import torch
+
+        from wsi_ssl._utils import progress, resolve_device
+        from wsi_ssl.pretrain._losses import NTXentLoss
+        from wsi_ssl.pretrain._slide_train import (
+            CHECKPOINT_NAME,
+            build_optimizer,
+            load_checkpoint,
+            lr_factor,
+            plot_loss_curve,
+            save_checkpoint,
+        )
+
+        self._validate()
+        device = resolve_device(self.device)
+        k = int(self.tiles_per_view)
+        bank = SlideBank(store, slide_ids, need_views=True, min_tiles=k,
+                         cache_bytes=int(self.cache_bytes))
+        n = len(bank)
+        if n < 2:
+            raise InputError(f"slide SSL needs at least 2 slides with tiles (negatives); the "
+                             f"store gives {n}: {bank.slide_ids}.")
+        bsz = min(int(self.batch_size), n)
+        steps_per_epoch = n // bsz
+        total_steps = steps_per_epoch * int(self.epochs)
+        warmup_steps = steps_per_epoch * int(self.warmup_epochs)
+        net = self._build_net(bank.dim)
+        if self.standardize:
+            net.feat_mean.copy_(torch.from_numpy(bank.mean))
+            net.feat_std.copy_(torch.from_numpy(bank.std))
+        net.to(device)
+        opt = build_optimizer(net, lr=float(self.lr), weight_decay=float(self.weight_decay),
+                              optimizer=self.optimizer)
+        loss_fn = NTXentLoss(float(self.temperature))
+        uses_coords = bool(getattr(net.head, "uses_coords", True))
+        coord_aug = self.coord_augment if uses_coords else None
+        store_fp = str(getattr(store, "fingerprint", ""))
+        run_cfg = {k_: v for k_, v in self._json_params().items() if k_ not in _RESUME_FREE}
+        ids_hash = hashlib.sha256("\n".join(bank.slide_ids).encode()).hexdigest()[:16]
+
+        ckpt = Path(self.checkpoint_dir) / CHECKPOINT_NAME if self.checkpoint_dir else None
+        start_epoch, history, views_done, train_s = 0, [], 0, 0.0
+        if resume:
+            if ckpt is None:
+                raise ConfigError("fit(resume=True) needs checkpoint_dir= (where the interrupted "
+                                  "run wrote its checkpoint).")
+            if ckpt.exists():
+                info = load_checkpoint(ckpt, net, opt)
+                diff = sorted(k_ for k_ in set(run_cfg) | set(info.get("config", {}))
+                              if run_cfg.get(k_) != info.get("config", {}).get(k_))
+                if diff:
+                    raise CheckpointError(
+                        f"checkpoint '{ckpt}' was written with other settings ({', '.join(diff)}: "
+                        f"{[info['config'].get(d) for d in diff]} vs {[run_cfg.get(d) for d in diff]}); "
+                        "use the same settings or another checkpoint_dir.")
+                if info.get("slides") != ids_hash or info.get("store") != store_fp:
+                    raise CheckpointError(f"checkpoint '{ckpt}' was trained on another store or "
+                                          "slide set; use another checkpoint_dir.")
+                start_epoch, history = int(info["epoch"]), list(info["history"])
+                views_done, train_s = int(info["views"]), float(info["train_s"])
+                logger.info("resuming slide SSL from epoch %d of %d", start_epoch, self.epochs)
+            else:
+                logger.warning("no checkpoint at '%s'; starting from scratch", ckpt)
+        elif ckpt is not None and ckpt.exists():
+            logger.warning("overwriting the checkpoint at '%s' (pass resume=True to continue it)",
+                           ckpt)
+
+        bar = progress(total=total_steps, initial=start_epoch * steps_per_epoch,
+                       desc="slide SSL", unit="step")
+        net.train()
+        rate = 0.0
+        try:
+            for epoch in range(start_epoch, int(self.epochs)):
+                rng = np.random.default_rng([int(self.seed), epoch])
+                torch.manual_seed(int(self.seed) * 100_003 + epoch)
+                order = rng.permutation(n)
+                losses = []
+                for s in range(steps_per_epoch):
+                    t0 = time.perf_counter()
+                    step = epoch * steps_per_epoch + s
+                    f = lr_factor(step, total_steps, warmup_steps)
+                    for g in opt.param_groups:
+                        g["lr"] = float(self.lr) * f
+                    batch = [bank.slide_ids[i] for i in order[s * bsz:(s + 1) * bsz]]
+                    x, c = bank.sample_views(batch, rng, k, coord_aug)
+                    xt = torch.from_numpy(x.reshape(2 * bsz, k, -1)).to(device)
+                    ct = torch.from_numpy(c.reshape(2 * bsz, k, 2)).to(device)
+                    z = net(xt, ct)
+                    loss = loss_fn(z[:bsz], z[bsz:])
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    losses.append(float(loss.detach()))
+                    dt = time.perf_counter() - t0
+                    train_s += dt
+                    views_done += 2 * bsz
+                    rate = 2 * bsz / dt if rate == 0 else 0.9 * rate + 0.1 * 2 * bsz / dt
+                    bar.update(1)
+                    bar.set_postfix(epoch=epoch + 1, loss=f"{losses[-1]:.3f}",
+                                    views_s=f"{rate:.0f}", refresh=False)
+                history.append(float(np.mean(losses)))
+                last = epoch + 1 == int(self.epochs)
+                if ckpt is not None and ((epoch + 1) % int(self.checkpoint_every) == 0 or last):
+                    save_checkpoint(ckpt, net, opt, {
+                        "epoch": epoch + 1, "history": history, "config": run_cfg,
+                        "slides": ids_hash, "store": store_fp, "views": views_done,
+                        "train_s": train_s})
+        finally:
+            bar.close()
+
+        net.eval()
+        self.net_ = net
+        self.history_ = history
+        self.start_epoch_ = start_epoch
+        self.slide_ids_ = tuple(bank.slide_ids)
+        self.skipped_slides_ = tuple(bank.skipped)
+        self.n_features_in_ = int(bank.dim)
+        self.encoder_fingerprint_ = str(getattr(store, "encoder_fingerprint", "") or "")
+        self.store_fingerprint_ = store_fp
+        self.train_views_per_s_ = views_done / train_s if train_s > 0 else float("nan")
+        if self.checkpoint_dir is not None and history:
+            plot_loss_curve(history, Path(self.checkpoint_dir) / "loss_curve.png")
+        logger.info("slide SSL: %d epochs on %d slides, final loss %.4f, %.0f views/s",
+                    len(history), n, history[-1] if history else float("nan"),
+                    self.train_views_per_s_)
+        return self
+
+    # -- inference --------------------------------------------------------------------------------
+    def _chunks(self, n_tiles: int, sid: str) -> np.ndarray:
+        k = int(self.tiles_per_view)
+        rng = np.random.default_rng([int(self.seed), zlib.crc32(sid.encode())])
+        if self.inference_chunks is not None:
+            return rng.integers(0, n_tiles, size=(int(self.inference_chunks), k))
+        n_chunks = -(-n_tiles // k)
+        perm = rng.permutation(n_tiles)
+        return perm[np.arange(n_chunks * k) % n_tiles].reshape(n_chunks, k)
+
+    def transform(self, store: Any, slide_ids: Sequence[str] | None = None, *,
+                  dtype: Literal["float16", "float32"] = "float16"):
+        """Embed slides: mean of the head's output over k-tile chunks of the clean tiles,
+        L2-normalised; deterministic given ``seed``.
+
+        Args:
+            store: a :class:`~wsi_ssl.store.TileStore` from the same tile encoder as ``fit``
+                (views are not needed).
+            slide_ids: slides to embed (default all complete slides); empty slides are skipped
+                with a warning and listed in ``provenance["skipped"]``.
+            dtype: storage type of the embeddings (``float16``: 1 KiB per 512-d slide).
+
+        Returns:
+            :class:`~wsi_ssl.store.SlideEmbeddings` with ``(n_slides, embed_dim)`` rows.
+
+        Raises:
+            EncoderMismatchError: the store's tile encoder differs from the training one.
+            InputError: unknown slide ids, NaN features (the slide is named).
+        """
+        import warnings
+
+        import torch
+
+        from wsi_ssl._utils import progress, resolve_device
+        from wsi_ssl._version import __version__
+        from wsi_ssl.store import SlideEmbeddings
+
+        self._check_fitted()
+        if dtype not in ("float16", "float32"):
+            raise ConfigError(f"transform dtype={dtype!r}; use 'float16' or 'float32'.")
+        enc = str(getattr(store, "encoder_fingerprint", "") or "")
+        if self.encoder_fingerprint_ and enc != self.encoder_fingerprint_:
+            raise EncoderMismatchError(
+                f"tile store '{getattr(store, 'path', store)}' was embedded with encoder "
+                f"{enc!r} but this SlideSSL model was trained on features of "
+                f"{self.encoder_fingerprint_!r}; embed the slides with the training encoder.")
+        ids = list(store.slide_ids) if slide_ids is None else [str(s) for s in slide_ids]
+        if slide_ids is not None:
+            known = set(store.slide_ids)
+            missing = [s for s in ids if s not in known]
+            if missing:
+                raise InputError(f"{len(missing)} slide ids are not complete slides of the "
+                                 f"store, e.g. {missing[:5]}.")
+        device = resolve_device(self.device)
+        net = self.net_.to(device).eval()
+        out_ids, rows, skipped = [], [], []
+        for sid in progress(ids, desc="encode slides", unit="slide"):
+            d = _read_slide(store, sid, need_views=False)
+            if len(d.features) == 0:
+                skipped.append(sid)
+                continue
+            if d.features.shape[1] != self.n_features_in_:
+                raise EncoderMismatchError(
+                    f"slide '{sid}' has {d.features.shape[1]}-d features; the model expects "
+                    f"{self.n_features_in_}-d (features of its training encoder).")
+            idx = self._chunks(len(d.features), sid)
+            total = None
+            with torch.no_grad():
+                for s in range(0, len(idx), int(self.inference_batch)):
+                    j = idx[s:s + int(self.inference_batch)]
+                    x = torch.from_numpy(d.features[j].astype(np.float32)).to(device)
+                    c = torch.from_numpy(d.coords[j]).to(device)
+                    e = net.embed(x, c).double().sum(0)
+                    total = e if total is None else total + e
+            v = (total / len(idx)).cpu().numpy()
+            rows.append(v / max(np.linalg.norm(v), 1e-12))
+            out_ids.append(sid)
+        if skipped:
+            warnings.warn(f"skipped {len(skipped)} slide(s) without tiles: {skipped[:10]}",
+                          UserWarning, stacklevel=2)
+        if not rows:
+            raise InputError("no slide with tiles to embed among the selected slides.")
+        prov = {"method": "wsi_ssl.pretrain.SlideSSL (Giga-SSL)", "version": __version__,
+                "store_fingerprint": str(getattr(store, "fingerprint", "")),
+                "encoder_fingerprint": enc, "model": self._json_params(),
+                "model_fingerprint": self._weights_hash(), "skipped": skipped}
+        emb = np.stack(rows).astype(dtype)
+        return SlideEmbeddings(tuple(out_ids), emb, prov)
+
+    def fit_transform(self, store: Any, **fit_kwargs: Any):
+        """``fit(store, **fit_kwargs).transform(store)``."""
+        return self.fit(store, **fit_kwargs).transform(store)
+
+    # -- persistence ------------------------------------------------------------------------------
+    def _weights_hash(self) -> str:
+        h = hashlib.sha256()
+        for name, t in sorted(self.net_.state_dict().items()):
+            h.update(name.encode())
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write ``model.safetensors`` (weights) and ``config.json`` into directory ``path``."""
+        from safetensors.torch import save_file
+
+        from wsi_ssl._utils import atomic_write_bytes
+        from wsi_ssl._version import __version__
+
+        self._check_fitted()
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().cpu().clone().contiguous()
+                   for k, v in self.net_.state_dict().items()}
+        tmp = path / f".{_MODEL_FILE}.tmp-{os.getpid()}"
+        save_file(tensors, str(tmp), metadata={"format": _FORMAT})
+        os.replace(tmp, path / _MODEL_FILE)
+        cfg = {"format": _FORMAT, "version": __version__, "params": self._json_params(),
+               "n_features_in": self.n_features_in_,
+               "encoder_fingerprint": self.encoder_fingerprint_,
+               "store_fingerprint": self.store_fingerprint_, "history": self.history_,
+               "slide_ids": list(self.slide_ids_), "skipped_slides": list(self.skipped_slides_),
+               "train_views_per_s": self.train_views_per_s_}
+        atomic_write_bytes(path / _CONFIG_FILE, json.dumps(cfg, indent=2).encode())
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, device: str | None = None) -> SlideSSL:
+        """Load a model written by :meth:`save` (or ``wsi-ssl pretrain-slides --out``)."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        cfg_path, w_path = path / _CONFIG_FILE, path / _MODEL_FILE
+        if not cfg_path.is_file() or not w_path.is_file():
+            raise WeightsError(f"'{path}' is not a SlideSSL model directory (needs {_CONFIG_FILE} "
+                               f"and {_MODEL_FILE}); train one with `wsi-ssl pretrain-slides`.")
+        try:
+            cfg = json.loads(cfg_path.read_text())
+            if cfg.get("format") != _FORMAT:
+                raise ValueError(f"format={cfg.get('format')!r}")
+            params = cls._from_json_params(cfg["params"])
+            tensors = load_file(str(w_path))
+        except Exception as err:
+            raise WeightsError(f"cannot read the SlideSSL model in '{path}': {err}") from err
+        if device is not None:
+            params["device"] = device
+        model = cls(**params)
+        net = model._build_net(int(cfg["n_features_in"]))
+        try:
+            net.load_state_dict(tensors, strict=True)
+        except RuntimeError as err:
+            raise WeightsError(f"weights in '{w_path}' do not fit the configured model: "
+                               f"{err}") from err
+        net.eval()
+        model.net_ = net
+        model.history_ = list(cfg.get("history", []))
+        model.slide_ids_ = tuple(cfg.get("slide_ids", []))
+        model.skipped_slides_ = tuple(cfg.get("skipped_slides", []))
+        model.n_features_in_ = int(cfg["n_features_in"])
+        model.encoder_fingerprint_ = str(cfg.get("encoder_fingerprint", ""))
+        model.store_fingerprint_ = str(cfg.get("store_fingerprint", ""))
+        model.train_views_per_s_ = float(cfg.get("train_views_per_s", float("nan")))
+        return model
+
+    def __repr__(self) -> str:
+        defaults = type(self)().get_params()
+        changed = {k: v for k, v in self.get_params().items() if v != defaults.get(k)}
+        args = ", ".join([repr(self.head)] + [f"{k}={v!r}" for k, v in changed.items()
+                                               if k != "head"])
+        return f"SlideSSL({args})"

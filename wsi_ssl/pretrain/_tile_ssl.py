@@ -1,0 +1,376 @@
+"""``pretrain_tile_encoder``: self-supervised pretraining of a tile backbone on tiles streamed
+from unlabeled slides, with per-epoch atomic checkpoints and resume.
+
+The result is a ``.safetensors`` file holding the backbone's ``state_dict`` (the
+``timm.create_model(arch, pretrained=False, num_classes=0)`` keys) with metadata
+``{"format": "wsi-ssl-tile-encoder", "arch": ...}``: ``create_encoder(arch, weights=PATH)``
+loads it, and so does ``wsi-ssl embed``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from wsi_ssl.errors import CheckpointError, ConfigError, InputError
+
+__all__ = ["TileSSLConfig", "TileSSLResult", "pretrain_tile_encoder"]
+
+logger = logging.getLogger(__name__)
+
+#: Config fields that may differ between a checkpoint and the run resuming it.
+_RESUMABLE_CHANGES = {"epochs", "num_workers", "device", "max_open_slides"}
+
+
+@dataclass(frozen=True, kw_only=True)
+class TileSSLConfig:
+    """Everything that defines a tile-SSL run (written next to the weights as JSON).
+
+    See :func:`pretrain_tile_encoder` for the meaning of each field.
+    """
+
+    arch: str = "resnet18"
+    method: Literal["simclr", "byol"] = "simclr"
+    tile_size: int = 224
+    mpp: float = 0.5
+    epochs: int = 10
+    tiles_per_epoch: int = 10_000
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_frac: float = 0.05
+    augment: dict[str, Any] = dataclasses.field(default_factory=dict)
+    hidden_dim: int = 2048
+    out_dim: int | None = None
+    temperature: float = 0.5
+    momentum: float = 0.99
+    min_tissue: float = 0.5
+    assume_mpp: float | None = None
+    tiles_per_slide: int = 8
+    max_open_slides: int = 8
+    num_workers: int = 0
+    device: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        from wsi_ssl.pretrain._methods import METHODS
+
+        if self.method not in METHODS:
+            raise ConfigError(f"method={self.method!r} is not a tile-SSL method; use one of "
+                              f"{sorted(METHODS)}.")
+        for name, lo in (("tile_size", 16), ("epochs", 1), ("tiles_per_epoch", 2),
+                         ("batch_size", 2), ("hidden_dim", 1), ("tiles_per_slide", 1),
+                         ("max_open_slides", 1), ("num_workers", 0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
+                raise ConfigError(f"{name}={v!r} must be an integer >= {lo}.")
+        for name in ("mpp", "lr", "temperature"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise ConfigError(f"{name}={v!r} must be a positive number.")
+        if not 0 <= self.weight_decay < 1 or not 0 <= self.warmup_frac < 1:
+            raise ConfigError(f"weight_decay={self.weight_decay!r} and warmup_frac="
+                              f"{self.warmup_frac!r} must be in [0, 1).")
+        if not 0 <= self.min_tissue <= 1:
+            raise ConfigError(f"min_tissue={self.min_tissue!r} must be a fraction in [0, 1].")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class TileSSLResult:
+    """What :func:`pretrain_tile_encoder` did.
+
+    Attributes:
+        weights: the tile-encoder ``.safetensors`` file (loads with ``create_encoder``).
+        checkpoint_dir: the ``.ckpt`` folder with the resumable training state.
+        config: the run's :class:`TileSSLConfig`.
+        epochs_done: epochs completed in total (including those before a resume).
+        resumed_from: epoch of the checkpoint this call started from (0 = fresh start).
+        losses: mean training loss of every completed epoch (from the start of the run).
+        tiles_per_s: tiles per second during this call's training (each tile gives 2 views).
+        n_slides: number of slides given.
+        device: the device trained on.
+    """
+
+    weights: Path
+    checkpoint_dir: Path
+    config: TileSSLConfig
+    epochs_done: int
+    resumed_from: int
+    losses: tuple[float, ...]
+    tiles_per_s: float
+    n_slides: int
+    device: str
+
+
+def _build_method(cfg: TileSSLConfig):
+    import torch
+
+    from wsi_ssl.encoders import create_encoder
+    from wsi_ssl.pretrain._methods import METHODS
+
+    enc = create_encoder(cfg.arch, device="cpu", dtype="float32")
+    backbone = enc.model
+    torch.manual_seed(cfg.seed)
+    kw: dict[str, Any] = {"hidden_dim": cfg.hidden_dim}
+    if cfg.out_dim is not None:
+        kw["out_dim"] = cfg.out_dim
+    if cfg.method == "simclr":
+        kw["temperature"] = cfg.temperature
+    else:
+        kw["momentum"] = cfg.momentum
+    method = METHODS[cfg.method](backbone, enc.embed_dim, **kw)
+    return method, enc.mean, enc.std
+
+
+def _lr_lambda(total_steps: int, warmup_frac: float) -> Callable[[int], float]:
+    warm = int(round(total_steps * warmup_frac))
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        frac = (step - warm) / max(1, total_steps - warm)
+        return 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
+
+    return f
+
+
+def _compatible(saved: dict[str, Any], now: dict[str, Any], where: Path) -> None:
+    diff = sorted(k for k in set(saved) | set(now)
+                  if k not in _RESUMABLE_CHANGES and saved.get(k) != now.get(k))
+    if diff:
+        pairs = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in diff[:4])
+        raise CheckpointError(
+            f"checkpoint '{where}' was written by a run with other settings ({pairs}); use the "
+            "same settings, another out= path, or resume=False to start over."
+        )
+
+
+def pretrain_tile_encoder(
+    slides: str | os.PathLike | Sequence[str | os.PathLike],
+    *,
+    arch: str = "resnet18",
+    method: Literal["simclr", "byol"] = "simclr",
+    tile_size: int = 224,
+    mpp: float = 0.5,
+    epochs: int = 10,
+    tiles_per_epoch: int = 10_000,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    out: str | os.PathLike = "tile_encoder.safetensors",
+    resume: bool = True,
+    device: str = "auto",
+    num_workers: int | None = None,
+    augment: Any = "histo",
+    seed: int = 0,
+    callback: Callable[[int, int, float], None] | None = None,
+    **options: Any,
+) -> TileSSLResult:
+    """Pretrain a tile backbone with SimCLR or BYOL on random tissue tiles of ``slides``.
+
+    Tiles are streamed (no extraction to disk) by DataLoader workers from random slides and
+    random tissue positions of each slide's tile grid at ``mpp``; two views per tile come from
+    :func:`wsi_ssl.pretrain.augment.random_augment` on the training device. AdamW with linear
+    warm-up and cosine decay; automatic mixed precision on CUDA (bfloat16 where supported, else
+    float16 with loss scaling). After every epoch the full training state is checkpointed
+    atomically in ``<out stem>.ckpt/`` and the backbone weights are (re)written to ``out``, so
+    an interrupted run resumes from its last completed epoch when called again.
+
+    Args:
+        slides: slide files, folders or glob patterns.
+        arch: a timm architecture (``pretrained=False``) or a registered encoder name
+            (``"tiny-cnn"`` for quick CPU runs).
+        method: ``"simclr"`` (NT-Xent) or ``"byol"`` (momentum teacher; see ``BYOL``).
+        tile_size: tile edge (px) read at ``mpp`` and trained at.
+        mpp: resolution in µm/px (0.5 ~ 20x).
+        epochs: total epochs (a resumed run continues up to this number).
+        tiles_per_epoch: tiles (pairs of views) per epoch.
+        batch_size: tiles per step.
+        lr: peak learning rate.
+        out: the ``.safetensors`` weights file to write.
+        resume: continue from the newest checkpoint in ``<out stem>.ckpt/`` when there is one
+            (``False``: delete it and start over).
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
+        num_workers: DataLoader worker processes (``None``: up to 8, one core left free).
+        augment: augmentation preset name or ``AugmentConfig``.
+        seed: seeds model init, tile sampling and augmentation (runs are reproducible).
+        callback: called as ``callback(epoch, step, loss)`` after every step (1-based epoch).
+        **options: further :class:`TileSSLConfig` fields: ``weight_decay``, ``warmup_frac``,
+            ``hidden_dim``, ``out_dim``, ``temperature`` (SimCLR), ``momentum`` (BYOL),
+            ``min_tissue``, ``assume_mpp``, ``tiles_per_slide``, ``max_open_slides``.
+
+    Returns:
+        A :class:`TileSSLResult`.
+
+    Raises:
+        ConfigError: bad parameter values; InputError: no usable slide;
+        CheckpointError: a checkpoint from a run with other settings (or unreadable).
+    """
+    import torch
+
+    from wsi_ssl._utils import expand_slide_paths, progress, resolve_device
+    from wsi_ssl.pretrain._checkpoint import (
+        clear_checkpoints,
+        latest_checkpoint,
+        load_checkpoint,
+        save_checkpoint,
+        save_encoder_weights,
+    )
+    from wsi_ssl.pretrain._tile_data import TileSSLDataset, make_tile_loader, steps_for
+    from wsi_ssl.pretrain.augment import get_augment_config, random_augment
+
+    known = {f.name for f in dataclasses.fields(TileSSLConfig)}
+    bad = sorted(set(options) - known)
+    if bad:
+        raise ConfigError(f"unknown option(s) {bad} for pretrain_tile_encoder; known: "
+                          f"{sorted(known - {'augment'})}.")
+    aug_cfg = get_augment_config(augment)
+    if num_workers is None:
+        num_workers = min(8, max(0, (os.cpu_count() or 1) - 1))
+    cfg = TileSSLConfig(arch=arch, method=method, tile_size=tile_size, mpp=mpp, epochs=epochs,
+                        tiles_per_epoch=tiles_per_epoch, batch_size=batch_size, lr=lr,
+                        augment=aug_cfg.to_dict(), num_workers=num_workers, device=str(device),
+                        seed=seed, **options)
+    paths = expand_slide_paths(slides)
+    dev = resolve_device(device)
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise ConfigError(f"out='{out}' must end in .safetensors (the tile-encoder weights file).")
+    ckpt_dir = out.with_name(out.stem + ".ckpt")
+    cfg_now = cfg.to_dict() | {"slides": [str(p) for p in paths]}
+
+    method_mod, mean, std = _build_method(cfg)
+    method_mod.to(dev)
+    if dev.type == "cuda":
+        method_mod.to(memory_format=torch.channels_last)
+    params = [p for p in method_mod.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps = steps_for(cfg.tiles_per_epoch, cfg.batch_size)
+    total = steps * cfg.epochs
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, cfg.warmup_frac))
+    use_amp = dev.type == "cuda"
+    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    aug_rng = np.random.default_rng([cfg.seed, 1])
+
+    start_epoch, losses = 0, []
+    last = latest_checkpoint(ckpt_dir) if resume else None
+    if not resume:
+        clear_checkpoints(ckpt_dir)
+    if last is not None:
+        state = load_checkpoint(last, method_mod)
+        _compatible(state["config"], cfg_now, last)
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        sched.lr_lambdas[0] = _lr_lambda(total, cfg.warmup_frac)  # epochs may have grown
+        scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["torch_rng"])
+        if dev.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"], dev)
+        aug_rng.bit_generator.state = json.loads(state["aug_rng"])
+        start_epoch, losses = int(state["epoch"]), list(state["losses"])
+        logger.info("resuming tile SSL from '%s' (epoch %d of %d)", last, start_epoch, cfg.epochs)
+        method_mod.to(dev)
+
+    mean_t = torch.tensor(mean, device=dev).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, device=dev).view(1, 3, 1, 1)
+    dataset = TileSSLDataset(paths, tile_size=cfg.tile_size, mpp=cfg.mpp,
+                             batch_size=cfg.batch_size, batches_per_epoch=steps,
+                             tiles_per_slide=cfg.tiles_per_slide, min_tissue=cfg.min_tissue,
+                             assume_mpp=cfg.assume_mpp, max_open_slides=cfg.max_open_slides,
+                             seed=cfg.seed)
+    loader = make_tile_loader(dataset, num_workers=cfg.num_workers,
+                              pin_memory=dev.type == "cuda")
+
+    def view(tiles: torch.Tensor) -> torch.Tensor:
+        x = random_augment(tiles, aug_rng, aug_cfg, out_size=cfg.tile_size)
+        x = (x - mean_t) / std_t
+        if dev.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    n_tiles, t_train = 0, 0.0
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            dataset.set_epoch(epoch)
+            method_mod.train()
+            running, n_steps = 0.0, 0
+            t0 = time.perf_counter()
+            bar = progress(loader, total=steps, desc=f"tile-ssl {epoch + 1}/{cfg.epochs}",
+                           unit="step")
+            for tiles in bar:
+                tiles = tiles.to(dev, non_blocking=True)
+                x_a, x_b = view(tiles), view(tiles)
+                with torch.autocast(dev.type, dtype=amp_dtype, enabled=use_amp):
+                    loss = method_mod(x_a, x_b)
+                if not torch.isfinite(loss):
+                    raise ConfigError(
+                        f"the {cfg.method} loss became {float(loss)} at epoch {epoch + 1} step "
+                        f"{n_steps + 1}; lower lr (now {cfg.lr}) or use a larger batch_size."
+                    )
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+                sched.step()
+                method_mod.after_step(epoch * steps + n_steps + 1, total)
+                value = float(loss.detach())
+                running += value
+                n_steps += 1
+                n_tiles += tiles.shape[0]
+                bar.set_postfix(loss=f"{running / n_steps:.4f}")
+                if callback is not None:
+                    callback(epoch + 1, n_steps, value)
+            bar.close()
+            t_train += time.perf_counter() - t0
+            losses.append(running / max(1, n_steps))
+            state = {
+                "epoch": epoch + 1, "losses": losses, "config": cfg_now,
+                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "scaler": scaler.state_dict(), "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None,
+                "aug_rng": json.dumps(aug_rng.bit_generator.state),
+            }
+            save_checkpoint(ckpt_dir, epoch + 1, method_mod, state)
+            _write_outputs(out, method_mod.backbone, cfg, cfg_now, epoch + 1, losses,
+                           save_encoder_weights)
+            logger.info("tile SSL epoch %d/%d: loss %.4f", epoch + 1, cfg.epochs, losses[-1])
+    finally:
+        dataset.close()
+    if start_epoch >= cfg.epochs and not out.is_file():
+        _write_outputs(out, method_mod.backbone, cfg, cfg_now, start_epoch, losses,
+                       save_encoder_weights)
+    if not losses:
+        raise InputError("tile SSL ran no epoch; check epochs= and the slides.")
+    return TileSSLResult(
+        weights=out, checkpoint_dir=ckpt_dir, config=cfg, epochs_done=len(losses),
+        resumed_from=start_epoch, losses=tuple(float(v) for v in losses),
+        tiles_per_s=n_tiles / t_train if t_train > 0 else 0.0, n_slides=len(paths),
+        device=str(dev),
+    )
+
+
+def _write_outputs(out: Path, backbone, cfg: TileSSLConfig, cfg_now: dict[str, Any], epoch: int,
+                   losses: list[float], save_encoder_weights) -> None:
+    from wsi_ssl._utils import atomic_write_bytes
+    from wsi_ssl._version import __version__
+
+    save_encoder_weights(backbone, out, arch=cfg.arch, extra={
+        "method": cfg.method, "epoch": str(epoch), "tile_size": str(cfg.tile_size),
+        "mpp": str(cfg.mpp), "wsi_ssl_version": __version__,
+    })
+    info = {"weights": out.name, "epoch": epoch, "losses": losses, "config": cfg_now,
+            "wsi_ssl_version": __version__}
+    atomic_write_bytes(out.with_suffix(".json"), json.dumps(info, indent=2).encode())

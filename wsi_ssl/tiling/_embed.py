@@ -1,0 +1,572 @@
+"""``embed_slides``: a cohort of slides -> tile embeddings (+ the Giga-SSL view bank) in a TileStore.
+
+Parallel with dask.distributed, one task per slide. Inside a task a reader thread reads, decodes
+and augments tiles ahead of the encoder (a bounded queue), so the encoder never waits for I/O.
+Workers return arrays; the driver (this process) writes each slide atomically into the store as
+it arrives, so the store has a single writer and a killed run loses at most the slides in
+flight. A rerun skips slides that are complete with the same settings and redoes the rest.
+
+Coordinates are level-0 pixels ``(x, y)``; MPP in µm/px.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from wsi_ssl.errors import ConfigError, InputError, MissingMPPError
+
+__all__ = ["embed_slides", "EmbedReport", "read_manifest"]
+
+logger = logging.getLogger(__name__)
+
+_WORKER_ENCODERS: dict[str, Any] = {}  # fingerprint -> TileEncoder, one per worker process
+_WORKER_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class EmbedReport:
+    """What one ``embed_slides`` call did.
+
+    Attributes:
+        store: path of the tile store.
+        done: ids embedded and written by this call.
+        skipped: ids already complete with the same settings (not redone).
+        failed: ``(slide_id, path, error)`` of slides that failed (recorded in the store too).
+        n_tiles: grid tiles embedded by this call; n_view_tiles: augmented view tiles embedded.
+        seconds: wall-clock time of the call.
+    """
+
+    store: Path
+    done: tuple[str, ...]
+    skipped: tuple[str, ...]
+    failed: tuple[tuple[str, str, str], ...]
+    n_tiles: int
+    n_view_tiles: int
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    @property
+    def n_slides(self) -> int:
+        return len(self.done) + len(self.skipped) + len(self.failed)
+
+    @property
+    def tiles_per_second(self) -> float:
+        """Encoded tiles (grid + view tiles) per second of wall-clock time."""
+        return (self.n_tiles + self.n_view_tiles) / self.seconds if self.seconds > 0 else 0.0
+
+
+# ----------------------------------------------------------------------------------- inputs
+
+
+def read_manifest(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Rows of a manifest CSV: ``path`` (required), optional ``slide_id`` and ``mpp`` columns.
+    Relative paths are relative to the CSV's folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"manifest '{path}' does not exist.")
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows or "path" not in rows[0]:
+        raise InputError(f"manifest '{path}' needs a 'path' column (and optionally 'slide_id', "
+                         f"'mpp'); got columns {list(rows[0]) if rows else []}.")
+    out = []
+    for i, r in enumerate(rows, start=2):
+        p = Path(r["path"].strip())
+        if not p.is_absolute():
+            p = path.parent / p
+        mpp = (r.get("mpp") or "").strip()
+        try:
+            mpp_v = float(mpp) if mpp else None
+        except ValueError as err:
+            raise InputError(f"manifest '{path}' line {i}: mpp={mpp!r} is not a number.") from err
+        if mpp_v is not None and mpp_v <= 0:
+            raise InputError(f"manifest '{path}' line {i}: mpp={mpp_v} must be > 0.")
+        out.append({"path": p, "slide_id": (r.get("slide_id") or "").strip() or None,
+                    "mpp": mpp_v})
+    return out
+
+
+def _jobs(slides: Any, manifest: str | os.PathLike | None) -> list[dict[str, Any]]:
+    from wsi_ssl._utils import expand_slide_paths, sanitize_id
+
+    rows: list[dict[str, Any]] = []
+    if manifest is not None:
+        rows += read_manifest(manifest)
+    if slides is not None:
+        items = [slides] if isinstance(slides, (str, os.PathLike)) else list(slides)
+        plain = [s for s in items if not isinstance(s, Mapping)]
+        rows += [dict(s) for s in items if isinstance(s, Mapping)]
+        if plain:
+            rows += [{"path": p} for p in expand_slide_paths(plain)]
+    if not rows:
+        raise InputError("no slides given; pass paths, folders, globs or manifest=CSV.")
+    jobs, seen = [], {}
+    for r in rows:
+        if "path" not in r:
+            raise InputError(f"slide entry {r!r} has no 'path'.")
+        p = Path(r["path"])
+        sid = sanitize_id(str(r.get("slide_id") or p.stem))
+        if sid in seen:
+            raise InputError(f"slide id {sid!r} is used by both '{seen[sid]}' and '{p}'; give "
+                             "unique slide_id values (e.g. a manifest with a slide_id column).")
+        seen[sid] = p
+        jobs.append({"path": str(p), "slide_id": sid, "mpp": r.get("mpp")})
+    return jobs
+
+
+def _seed_for(seed: int, slide_id: str) -> list[int]:
+    h = int.from_bytes(hashlib.sha256(slide_id.encode()).digest()[:8], "little")
+    return [int(seed), h]
+
+
+# ----------------------------------------------------------------------------------- worker
+
+
+def _worker_encoder(payload: dict[str, Any]):
+    fp = payload["fingerprint"]
+    with _WORKER_LOCK:
+        enc = _WORKER_ENCODERS.get(fp)
+        if enc is None:
+            if payload.get("spec") is not None:
+                from wsi_ssl.encoders._registry import encoder_from_spec
+
+                enc = encoder_from_spec(payload["spec"], fp, device=_worker_device(payload))
+            else:
+                import pickle
+
+                enc = pickle.loads(payload["pickled"])
+                enc.to_device(_worker_device(payload))
+            _WORKER_ENCODERS.clear()  # one encoder per worker process at a time
+            _WORKER_ENCODERS[fp] = enc
+        threads = payload.get("torch_threads")
+        if threads:
+            import torch
+
+            if torch.get_num_threads() != threads:
+                torch.set_num_threads(int(threads))
+    return enc
+
+
+def _worker_device(payload: dict[str, Any]) -> str:
+    device = payload.get("device", "auto")
+    if device != "auto":
+        return device
+    import torch
+
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if n > 1:  # several GPUs: spread workers over them by worker name
+        try:
+            from distributed import get_worker
+
+            name = get_worker().name
+            idx = int(name) if str(name).isdigit() else abs(hash(name))
+            return f"cuda:{idx % n}"
+        except (ImportError, ValueError):
+            pass
+    return "auto"
+
+
+def _open(job: dict[str, Any], settings: dict[str, Any]):
+    from wsi_ssl.tiling import open_slide
+
+    backend = settings["backend"]
+    if job.get("mpp") is not None:
+        return open_slide(job["path"], backend=backend, mpp=job["mpp"])
+    slide = open_slide(job["path"], backend=backend)
+    try:
+        slide.mpp  # noqa: B018 - raises MissingMPPError when absent
+    except MissingMPPError:
+        if settings.get("assume_mpp") is None:
+            slide.close()
+            raise
+        slide.close()
+        slide = open_slide(job["path"], backend=backend, mpp=settings["assume_mpp"])
+    return slide
+
+
+def _plan_views(n: int, slide_id: str, settings: dict[str, Any]):
+    """Per version: ``T`` grid indices (with replacement when ``n < T``) and one augmentation
+    draw, from an rng seeded by (seed, slide_id): a rerun reproduces the bank exactly."""
+    from wsi_ssl.pretrain.augment import sample_params
+
+    V, T = settings["views"], settings["view_tiles"]
+    if V == 0 or n == 0:
+        return np.zeros((0, 0), np.int64), []
+    rng = np.random.default_rng(_seed_for(settings["seed"], slide_id))
+    index = np.empty((V, T), np.int64)
+    params = []
+    for v in range(V):
+        index[v] = rng.choice(n, size=T, replace=n < T)
+        params.append(sample_params(rng, settings["augment"]))
+    return index, params
+
+
+def _producer(slide, grid, settings, view_index, params, out_size, q, stop):
+    """Read/decode tiles and build augmented view batches; put work items on ``q``."""
+    import torch
+
+    from wsi_ssl.pretrain.augment import apply_params
+    from wsi_ssl.tiling import read_tiles
+
+    bs = settings["batch_size"]
+    flat = view_index.reshape(-1)
+    order = np.argsort(flat, kind="stable")
+    sorted_idx = flat[order]
+    T = max(1, view_index.shape[1]) if view_index.size else 1
+    pend_x: list[Any] = []
+    pend_pos: list[np.ndarray] = []
+
+    def flush(force: bool) -> None:
+        if not pend_x:
+            return
+        x, pos = torch.cat(pend_x), np.concatenate(pend_pos)
+        pend_x.clear()
+        pend_pos.clear()
+        start = 0
+        while len(pos) - start >= bs or (force and start < len(pos)):
+            q.put(("views", x[start:start + bs], pos[start:start + bs]))
+            start += bs
+        if start < len(pos):
+            pend_x.append(x[start:])
+            pend_pos.append(pos[start:])
+
+    try:
+        for batch in read_tiles(slide, grid, batch_size=bs, num_workers=settings["read_threads"]):
+            if stop.is_set():
+                return
+            tiles, idx = batch.tiles, np.asarray(batch.indices, np.int64)
+            q.put(("features", tiles, idx))
+            if sorted_idx.size:
+                lo = np.searchsorted(sorted_idx, idx, "left")
+                hi = np.searchsorted(sorted_idx, idx, "right")
+                hits = [(b, order[lo[b]:hi[b]]) for b in range(len(idx)) if hi[b] > lo[b]]
+                if hits:
+                    rows = np.concatenate([np.full(len(f), b) for b, f in hits])
+                    flat_pos = np.concatenate([f for _, f in hits])
+                    versions = flat_pos // T
+                    t_all = torch.from_numpy(np.ascontiguousarray(tiles)).permute(0, 3, 1, 2)
+                    for v in np.unique(versions):
+                        sel = versions == v
+                        x = apply_params(t_all[rows[sel]], params[int(v)], out_size=out_size)
+                        pend_x.append(x)
+                        pend_pos.append(flat_pos[sel])
+                    flush(False)
+        flush(True)
+        q.put(("end", None, None))
+    except BaseException as err:  # noqa: BLE001 - handed to the consumer
+        q.put(("error", err, None))
+
+
+def _embed_one(job: dict[str, Any], payload: dict[str, Any], settings: dict[str, Any]
+               ) -> dict[str, Any]:
+    """One slide, on a worker: open, grid, read ahead in a thread, encode. Returns arrays."""
+    from wsi_ssl.tiling import tile_grid
+
+    t0 = time.perf_counter()
+    enc = _worker_encoder(payload)
+    with _open(job, settings) as slide:
+        grid = tile_grid(slide, mpp=settings["mpp"], tile_size=settings["tile_size"],
+                         overlap=settings["overlap"], min_tissue=settings["min_tissue"])
+        n, d = len(grid), enc.embed_dim
+        view_index, params = _plan_views(n, job["slide_id"], settings)
+        features = np.zeros((n, d), np.float32)
+        views = np.zeros(view_index.shape + (d,), np.float32)
+        flat_views = views.reshape(-1, d)
+        if n:
+            q: queue.Queue = queue.Queue(maxsize=settings["prefetch"])
+            stop = threading.Event()
+            th = threading.Thread(target=_producer, args=(slide, grid, settings, view_index,
+                                                          params, enc.input_size, q, stop),
+                                  name=f"wsi-ssl-read-{job['slide_id']}", daemon=True)
+            th.start()
+            try:
+                while True:
+                    kind, x, pos = q.get()
+                    if kind == "end":
+                        break
+                    if kind == "error":
+                        raise x
+                    out = enc.embed(x).numpy()
+                    if kind == "features":
+                        features[pos] = out
+                    else:
+                        flat_views[pos] = out
+            finally:
+                stop.set()
+                while th.is_alive():  # drain so the producer can finish
+                    try:
+                        q.get(timeout=0.1)
+                    except queue.Empty:
+                        pass
+                th.join()
+        slide_mpp = float(slide.mpp)
+        info = {"backend": slide.backend, "slide_mpp": slide_mpp,
+                "mpp_assumed": bool(getattr(slide, "mpp_assumed", False)),
+                "slide_dimensions": [int(v) for v in slide.dimensions]}
+    info.update(level=int(grid.level), read_size=int(grid.read_size),
+                stride_level0=float(grid.stride_level0),
+                tile_size_level0=int(round(settings["tile_size"] * settings["mpp"] / slide_mpp)))
+    dt = settings["dtype"]
+    np_dt = np.float16 if dt == "float16" else np.float32
+    return {"slide_id": job["slide_id"], "features": features.astype(np_dt),
+            "coords": np.asarray(grid.coords, np.int64), "views": views.astype(np_dt),
+            "view_index": view_index, "info": info, "seconds": time.perf_counter() - t0,
+            "worker_pid": os.getpid()}
+
+
+def _run_job(job: dict[str, Any], payload: dict[str, Any], settings: dict[str, Any]
+             ) -> dict[str, Any]:
+    """Task body: errors come back as data so one bad slide never kills the run."""
+    try:
+        return _embed_one(job, payload, settings)
+    except Exception as err:  # noqa: BLE001 - recorded per slide
+        logger.warning("slide '%s' failed: %s", job["path"], err)
+        return {"slide_id": job["slide_id"], "error": f"{type(err).__name__}: {err}"}
+
+
+# ----------------------------------------------------------------------------------- driver
+
+
+def _settings_hash(settings: dict[str, Any], job: dict[str, Any], source: dict[str, Any]) -> str:
+    keys = ("mpp", "tile_size", "overlap", "min_tissue", "views", "view_tiles", "augment_cfg",
+            "seed", "dtype", "fingerprint", "assume_mpp", "backend")
+    blob = {k: settings.get(k) for k in keys}
+    blob.update(job_mpp=job.get("mpp"), path=str(Path(job["path"]).resolve()), source=source)
+    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _default_workers(n_jobs: int) -> tuple[int, int]:
+    """(worker processes, torch threads per worker) for a LocalCluster sized to the machine."""
+    import torch
+
+    cores = os.cpu_count() or 1
+    if torch.cuda.is_available():
+        n = torch.cuda.device_count()
+        return max(1, min(n, n_jobs)), max(1, cores // max(1, n) - 2)
+    # CPU: torch parallelises a batch well over ~4 cores; more processes beyond that
+    n = max(1, min(n_jobs, cores // 4))
+    return n, max(1, cores // n)
+
+
+def _make_client(client: Any, n_workers: int | None, n_jobs: int):
+    """(client, cluster_to_close, torch_threads) for ``client=None | address | Client``."""
+    from distributed import Client, LocalCluster
+
+    if client is None:
+        n, threads = _default_workers(n_jobs)
+        if n_workers is not None:
+            n = int(n_workers)
+            threads = max(1, (os.cpu_count() or 1) // n)
+        cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
+                               dashboard_address=None)
+        return Client(cluster), cluster, threads
+    if isinstance(client, str):
+        try:
+            return Client(client, timeout="30s"), None, None
+        except OSError as err:
+            raise ConfigError(f"cannot connect to the dask scheduler at client={client!r}: {err}; "
+                              "start it with `dask scheduler` or pass client=None.") from err
+    if hasattr(client, "submit"):
+        return client, None, None
+    raise ConfigError(f"client={client!r} must be None (local cluster), 'sync' (in this process), "
+                      "a scheduler address 'tcp://host:port' or a distributed.Client.")
+
+
+def embed_slides(
+    slides: Any,
+    encoder: Any,
+    store: Any,
+    *,
+    mpp: float = 0.5,
+    tile_size: int = 224,
+    views: int = 0,
+    view_tiles: int = 256,
+    augment: Any = "histo",
+    batch_size: int = 64,
+    min_tissue: float = 0.25,
+    overlap: int = 0,
+    seed: int = 0,
+    assume_mpp: float | None = None,
+    manifest: str | os.PathLike | None = None,
+    dtype: str = "float16",
+    device: str = "auto",
+    client: Any = None,
+    n_workers: int | None = None,
+    read_threads: int | None = None,
+    backend: str = "auto",
+    overwrite: bool = False,
+) -> EmbedReport:
+    """Embed every tissue tile of every slide (and ``views`` augmented versions) into a store.
+
+    Args:
+        slides: files, folders, glob patterns, or dicts ``{"path", "slide_id"?, "mpp"?}``
+            (``None`` with ``manifest=``).
+        encoder: a :class:`~wsi_ssl.encoders.TileEncoder` or a name for
+            :func:`~wsi_ssl.encoders.create_encoder` (each worker builds it once, on its device).
+        store: a :class:`~wsi_ssl.store.TileStore` or its path (created if missing).
+        mpp: target resolution in µm/px; tile_size: tile edge in px at that resolution.
+        views: ``V`` augmented versions per slide (Giga-SSL bank; 0 = none; paper: 50).
+        view_tiles: ``T`` tiles per version (sampled with replacement when the slide has fewer).
+        augment: augmentation preset or config (:func:`wsi_ssl.pretrain.augment.get_augment_config`).
+        batch_size: tiles per encoder call.
+        min_tissue, overlap: grid settings (:func:`wsi_ssl.tiling.tile_grid`).
+        seed: seeds the view sampling, per slide together with the slide id.
+        assume_mpp: µm/px for slides without MPP metadata (recorded as assumed).
+        manifest: CSV with ``path`` and optional ``slide_id``, ``mpp`` columns.
+        dtype: storage dtype of features/views (``"float16"`` or ``"float32"``).
+        device: encoder device on each worker (``"auto"``: its GPU if any).
+        client: ``None`` starts a local dask cluster sized to the machine; a scheduler address
+            (``"tcp://host:port"``) or a ``distributed.Client`` uses an existing cluster;
+            ``"sync"`` runs in this process (debugging, benchmarks).
+        n_workers: worker processes of the local cluster (``client=None`` only).
+        read_threads: tile-reading threads per slide (``read_tiles(num_workers=)``).
+        backend: slide reader backend (:func:`wsi_ssl.tiling.open_slide`).
+        overwrite: redo slides even when complete with the same settings.
+
+    Returns:
+        An :class:`EmbedReport`; failed slides are recorded in ``store.failures`` too.
+    """
+    from wsi_ssl._utils import file_fingerprint, progress
+    from wsi_ssl._version import __version__
+    from wsi_ssl.encoders import TileEncoder, create_encoder
+    from wsi_ssl.pretrain.augment import get_augment_config
+    from wsi_ssl.store import TileStore
+
+    t_start = time.perf_counter()
+    for name, val, lo in (("mpp", mpp, 0), ("tile_size", tile_size, 8),
+                          ("batch_size", batch_size, 1), ("view_tiles", view_tiles, 1)):
+        if isinstance(val, bool) or not isinstance(val, (int, float)) or val < lo or (
+                name == "mpp" and val <= 0):
+            raise ConfigError(f"{name}={val!r} must be a number >= {lo}" + (" (> 0)" if
+                              name == "mpp" else "") + ".")
+    if isinstance(views, bool) or not isinstance(views, int) or views < 0:
+        raise ConfigError(f"views={views!r} must be an integer >= 0 (0 = no augmentation bank).")
+    if assume_mpp is not None and assume_mpp <= 0:
+        raise ConfigError(f"assume_mpp={assume_mpp!r} must be > 0 µm/px.")
+    if dtype not in ("float16", "float32"):
+        raise ConfigError(f"dtype={dtype!r} must be 'float16' or 'float32'.")
+    aug_cfg = get_augment_config(augment)
+    jobs = _jobs(slides, manifest)
+    if not isinstance(store, TileStore):
+        store = TileStore(store, mode="a")
+    if isinstance(encoder, TileEncoder):
+        enc = encoder
+    elif isinstance(encoder, (str, os.PathLike)):
+        enc = create_encoder(str(encoder), device="cpu")
+    else:
+        raise ConfigError(f"encoder={encoder!r} must be a TileEncoder or an encoder name.")
+    store.bind_encoder(enc.name, enc.fingerprint, enc.embed_dim)  # refuses another encoder
+    store.cleanup()
+
+    settings = {"mpp": float(mpp), "tile_size": int(tile_size), "overlap": int(overlap),
+                "min_tissue": float(min_tissue), "views": int(views),
+                "view_tiles": int(view_tiles), "augment": aug_cfg, "augment_cfg": aug_cfg.to_dict(),
+                "seed": int(seed), "dtype": dtype, "fingerprint": enc.fingerprint,
+                "assume_mpp": assume_mpp, "backend": backend, "batch_size": int(batch_size),
+                "read_threads": read_threads, "prefetch": 4}
+    todo, skipped, hashes = [], [], {}
+    for job in jobs:
+        try:
+            source = file_fingerprint(job["path"])
+        except OSError:
+            source = None  # reported as a failure by the worker
+        hashes[job["slide_id"]] = h = _settings_hash(settings, job, source)
+        attrs = store.slide_attrs(job["slide_id"])
+        if (not overwrite and attrs and attrs.get("complete") is True
+                and attrs.get("settings_hash") == h):
+            skipped.append(job["slide_id"])
+        else:
+            todo.append(job)
+    logger.info("embed_slides: %d slides, %d already complete, %d to do", len(jobs),
+                len(skipped), len(todo))
+
+    payload: dict[str, Any] = {"fingerprint": enc.fingerprint, "device": device}
+    if enc.spec is not None:
+        payload["spec"] = dict(enc.spec, device=device)
+    else:
+        import pickle
+
+        payload["pickled"] = pickle.dumps(enc)
+    done, failed = [], []
+    n_tiles = n_view_tiles = 0
+    bar = progress(total=len(todo), desc="embed", unit="slide")
+
+    def handle(job: dict[str, Any], res: dict[str, Any]) -> None:
+        nonlocal n_tiles, n_view_tiles
+        sid = job["slide_id"]
+        if "error" in res:
+            failed.append((sid, job["path"], res["error"]))
+            store.record_failure(sid, job["path"], res["error"])
+        else:
+            attrs = dict(res["info"])
+            attrs.update(source=str(Path(job["path"]).resolve()),
+                         source_file=file_fingerprint(job["path"]), mpp=settings["mpp"],
+                         tile_size=settings["tile_size"], overlap=settings["overlap"],
+                         tissue={"min_tissue": settings["min_tissue"]},
+                         augment=settings["augment_cfg"], seed=settings["seed"],
+                         views_requested=settings["views"], wsi_ssl_version=__version__,
+                         settings_hash=hashes[sid], encoder_input_size=enc.input_size)
+            store.write_slide(sid, res["features"], res["coords"], views=res["views"],
+                              view_index=res["view_index"], attrs=attrs, dtype=dtype)
+            done.append(sid)
+            n_tiles += len(res["features"])
+            n_view_tiles += int(res["view_index"].size)
+        elapsed = time.perf_counter() - t_start
+        rate = (n_tiles + n_view_tiles) / elapsed if elapsed > 0 else 0.0
+        k = len(done) + len(failed)
+        eta = elapsed / k * (len(todo) - k) if k else float("nan")
+        bar.update(1)
+        bar.set_postfix(tiles_s=f"{rate:.0f}", failed=len(failed))
+        logger.info("%d/%d slides (%s%s), %.0f tiles/s, ETA %.0f s", k, len(todo), sid,
+                    " FAILED" if "error" in res else "", rate, eta)
+
+    try:
+        if todo and client == "sync":
+            payload["torch_threads"] = None
+            for job in todo:
+                handle(job, _run_job(job, payload, settings))
+        elif todo:
+            from distributed import as_completed
+
+            cl, cluster, threads = _make_client(client, n_workers, len(todo))
+            payload["torch_threads"] = threads
+            try:
+                futs = {}
+                for job in todo:
+                    f = cl.submit(_run_job, job, payload, settings, pure=False,
+                                  key=f"embed-{job['slide_id']}-{os.urandom(4).hex()}")
+                    futs[f] = job
+                for f in as_completed(futs):
+                    job = futs[f]
+                    try:
+                        res = f.result()
+                    except Exception as err:  # noqa: BLE001 - a worker died (KilledWorker...)
+                        res = {"slide_id": job["slide_id"],
+                               "error": f"{type(err).__name__}: {err}"}
+                    handle(job, res)
+                    f.release()
+            finally:
+                if cluster is not None:
+                    cl.close()
+                    cluster.close()
+    finally:
+        bar.close()
+    return EmbedReport(store=store.path, done=tuple(done), skipped=tuple(skipped),
+                       failed=tuple(failed), n_tiles=n_tiles, n_view_tiles=n_view_tiles,
+                       seconds=time.perf_counter() - t_start)

@@ -1,0 +1,278 @@
+"""Fast, memory-bounded tile reading.
+
+:func:`read_tiles` never reads one tile at a time: grid cells are grouped into blocks whose
+level region is at most ``region_size`` pixels on a side (full-width bands for files whose
+compressed chunks span the whole level, e.g. NDPI strips), a thread pool reads and decodes those
+regions (OpenSlide and imagecodecs release the GIL), each region is resized once with
+antialiasing when it comes from a finer level, and then cut into tiles. At most
+``2 * num_workers`` regions are in flight, so memory is bounded by the region size, not by the
+slide size.
+
+Coordinates are level-0 pixels ``(x, y)``; sizes ``(w, h)``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from wsi_ssl.errors import ConfigError, SlideOpenError
+
+__all__ = ["TileBatch", "read_tiles", "tiles_as_dask", "plan_regions"]
+
+#: Longest side (level pixels) of one region read.
+REGION_SIZE = 4096
+
+
+class TileBatch(NamedTuple):
+    """One batch of tiles.
+
+    Attributes:
+        tiles: ``uint8 (B, tile_size, tile_size, 3)``.
+        indices: ``int64 (B,)`` positions in the grid.
+    """
+
+    tiles: np.ndarray
+    indices: np.ndarray
+
+
+class _Region(NamedTuple):
+    r0: int  # first grid row (cell units) of the region
+    c0: int
+    rows: int
+    cols: int
+    tiles: np.ndarray  # int64 (k,) grid indices in this region
+    cells: np.ndarray  # int64 (k, 2) row, col of each
+
+
+def _cells(grid: Any) -> np.ndarray:
+    cells = getattr(grid, "cells", None)
+    if cells is not None and len(cells) == len(grid):
+        return np.asarray(cells, dtype=np.int64)
+    stride0 = float(grid.stride_level0)
+    return np.round(np.asarray(grid.coords)[:, ::-1] / stride0).astype(np.int64)
+
+
+def plan_regions(slide: Any, grid: Any, indices: np.ndarray, *,
+                 region_size: int = REGION_SIZE) -> list[_Region]:
+    """Group the selected grid positions into region reads (block by block, row-major)."""
+    if len(indices) == 0:
+        return []
+    cells = _cells(grid)[indices]
+    stride = grid.tile_size - grid.overlap
+    f = grid.scale0 / grid.level_downsample  # level px per output px
+    per_tile = stride * f  # level px per cell step
+    bw = bh = max(1, int((region_size / f - grid.tile_size) // stride) + 1)
+    chunk = getattr(slide, "chunk_shape", None)
+    chunk = chunk(grid.level) if callable(chunk) else None
+    if chunk is not None:
+        lw = slide.level_dimensions[grid.level][0]
+        cw = chunk[0]
+        if cw >= lw / 2:  # strips spanning the level: read full-width bands of bounded area
+            bw = int(cells[:, 1].max()) + 1
+            bh = max(1, int(region_size * region_size / max(1.0, bw * per_tile) / per_tile))
+    brow = cells[:, 0] // bh
+    bcol = cells[:, 1] // bw
+    order = np.lexsort((cells[:, 1], cells[:, 0], bcol, brow))
+    key = brow[order] * (int(bcol.max()) + 1) + bcol[order]
+    splits = np.flatnonzero(np.diff(key)) + 1
+    regions = []
+    for part in np.split(order, splits):
+        c = cells[part]
+        r0, c0 = int(c[:, 0].min()), int(c[:, 1].min())
+        regions.append(_Region(r0, c0, int(c[:, 0].max()) - r0 + 1, int(c[:, 1].max()) - c0 + 1,
+                               np.asarray(indices)[part], c))
+    return regions
+
+
+def _read_region_tiles(slide: Any, grid: Any, reg: _Region) -> tuple[np.ndarray, np.ndarray]:
+    """Read one region, resize it once if needed, cut it into ``(k, T, T, 3)`` tiles."""
+    from PIL import Image
+
+    t = grid.tile_size
+    stride = t - grid.overlap
+    ox0, oy0 = reg.c0 * stride, reg.r0 * stride
+    ow, oh = (reg.cols - 1) * stride + t, (reg.rows - 1) * stride + t
+    if grid.needs_resize:
+        f = grid.scale0 / grid.level_downsample
+        lx0, ly0 = ox0 * f, oy0 * f
+        lx1, ly1 = (ox0 + ow) * f, (oy0 + oh) * f
+        ix0, iy0 = int(math.floor(lx0)), int(math.floor(ly0))
+        ix1, iy1 = int(math.ceil(lx1 - 1e-9)), int(math.ceil(ly1 - 1e-9))
+        region = slide.read_level((ix0, iy0), grid.level, (ix1 - ix0, iy1 - iy0))
+        img = Image.fromarray(region).resize(
+            (ow, oh), Image.Resampling.BILINEAR,
+            box=(lx0 - ix0, ly0 - iy0, lx1 - ix0, ly1 - iy0))
+        region = np.asarray(img)
+    else:
+        ds = grid.level_downsample
+        lx0 = int(math.floor(ox0 * grid.scale0 / ds + 1e-6))
+        ly0 = int(math.floor(oy0 * grid.scale0 / ds + 1e-6))
+        region = slide.read_level((lx0, ly0), grid.level, (ow, oh))
+    out = np.empty((len(reg.tiles), t, t, 3), np.uint8)
+    for k, (r, c) in enumerate(reg.cells):
+        y, x = (int(r) - reg.r0) * stride, (int(c) - reg.c0) * stride
+        out[k] = region[y: y + t, x: x + t]
+    return reg.tiles, out
+
+
+def _check(slide: Any, grid: Any, batch_size: int, num_workers: int | None) -> int:
+    if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ConfigError(f"batch_size={batch_size!r} must be an integer >= 1.")
+    if num_workers is None:
+        num_workers = min(8, os.cpu_count() or 1)
+    if not isinstance(num_workers, (int, np.integer)) or num_workers < 1:
+        raise ConfigError(f"num_workers={num_workers!r} must be an integer >= 1 (or None).")
+    if grid.level >= slide.level_count:
+        raise ConfigError(f"the grid reads level {grid.level} but '{slide.slide_id}' has "
+                          f"{slide.level_count} levels; build the grid from this slide.")
+    return int(num_workers)
+
+
+def read_tiles(slide: Any, grid: Any, *, batch_size: int = 64, num_workers: int | None = None,
+               indices: Any = None, region_size: int = REGION_SIZE) -> Iterator[TileBatch]:
+    """Read the grid's tiles in batches, fast and with bounded memory.
+
+    Args:
+        slide: the open :class:`Slide` the grid was built from.
+        grid: a :class:`TileGrid`.
+        batch_size: tiles per batch (the last batch may be smaller).
+        num_workers: reader threads (default ``min(8, cpu_count)``).
+        indices: only these grid positions (any order; each read once).
+        region_size: longest side in level pixels of one region read (memory per worker is about
+            ``3 * region_size**2`` bytes).
+
+    Yields:
+        :class:`TileBatch` ``(tiles uint8 (B, T, T, 3), indices int64 (B,))``. Tiles come block by
+        block (not necessarily in grid order); every requested index appears exactly once.
+    """
+    num_workers = _check(slide, grid, batch_size, num_workers)
+    if indices is None:
+        sel = np.arange(len(grid), dtype=np.int64)
+    else:
+        sel = np.unique(np.asarray(indices, dtype=np.int64).ravel())
+        if len(sel) and (sel[0] < 0 or sel[-1] >= len(grid)):
+            raise ConfigError(f"indices= must lie in [0, {len(grid)}); got {int(sel[0])}..{int(sel[-1])}.")
+    regions = plan_regions(slide, grid, sel, region_size=int(region_size))
+    return _iterate(slide, grid, regions, int(batch_size), num_workers)
+
+
+def _iterate(slide: Any, grid: Any, regions: list[_Region], batch_size: int,
+             num_workers: int) -> Iterator[TileBatch]:
+    t = grid.tile_size
+    buf = np.empty((batch_size, t, t, 3), np.uint8)
+    ibuf = np.empty(batch_size, np.int64)
+    fill = 0
+    if not regions:
+        return
+    pool = ThreadPoolExecutor(max_workers=num_workers, thread_name_prefix="wsi-ssl-read")
+    pending: deque[tuple[_Region, Future]] = deque()
+    it = iter(regions)
+    try:
+        for reg in it:
+            pending.append((reg, pool.submit(_read_region_tiles, slide, grid, reg)))
+            if len(pending) >= 2 * num_workers:
+                break
+        while pending:
+            reg, fut = pending.popleft()
+            try:
+                idx, tiles = fut.result()
+            except Exception as err:  # noqa: BLE001 - backend errors become SlideOpenError
+                raise SlideOpenError(
+                    f"reading '{getattr(slide, 'path', None) or slide.slide_id}' failed at level "
+                    f"{grid.level}, grid rows {reg.r0}-{reg.r0 + reg.rows - 1}: "
+                    f"{type(err).__name__}: {err}. The file may be truncated or corrupt."
+                ) from err
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append((nxt, pool.submit(_read_region_tiles, slide, grid, nxt)))
+            pos = 0
+            while pos < len(idx):
+                take = min(batch_size - fill, len(idx) - pos)
+                buf[fill: fill + take] = tiles[pos: pos + take]
+                ibuf[fill: fill + take] = idx[pos: pos + take]
+                fill += take
+                pos += take
+                if fill == batch_size:
+                    yield TileBatch(buf.copy(), ibuf.copy())
+                    fill = 0
+        if fill:
+            yield TileBatch(buf[:fill].copy(), ibuf[:fill].copy())
+    finally:
+        for _, fut in pending:
+            fut.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+# -- dask -------------------------------------------------------------------------------------
+_OPEN_CACHE: dict[tuple[str, str, float | None], Any] = {}
+_OPEN_LOCK = threading.Lock()
+
+
+class _SlideRef:
+    """A picklable handle that reopens the slide once per process (for distributed workers)."""
+
+    def __init__(self, slide: Any) -> None:
+        self.path = str(slide.path) if getattr(slide, "path", None) is not None else None
+        self.backend = slide.backend
+        self.mpp = slide.mpp if getattr(slide, "mpp_assumed", False) else None
+        self._slide = slide if self.path is None else None
+
+    def get(self) -> Any:
+        if self._slide is not None:
+            return self._slide
+        from wsi_ssl.tiling._slide import open_slide
+
+        key = (self.path, self.backend, self.mpp)
+        with _OPEN_LOCK:
+            if key not in _OPEN_CACHE:
+                _OPEN_CACHE[key] = open_slide(self.path, backend=self.backend, mpp=self.mpp)
+            return _OPEN_CACHE[key]
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self.path, "backend": self.backend, "mpp": self.mpp,
+                "_slide": self._slide if self.path is None else None}
+
+
+def _read_block(ref: _SlideRef, grid: Any, start: int, stop: int) -> np.ndarray:
+    slide = ref.get()
+    out = np.empty((stop - start, grid.tile_size, grid.tile_size, 3), np.uint8)
+    for batch in read_tiles(slide, grid, batch_size=max(1, stop - start), num_workers=1,
+                            indices=np.arange(start, stop)):
+        out[batch.indices - start] = batch.tiles
+    return out
+
+
+def tiles_as_dask(slide: Any, grid: Any, *, chunk_size: int = 256) -> Any:
+    """The grid's tiles as a lazy dask array (for notebooks); nothing is read until computed.
+
+    Args:
+        slide: the open :class:`Slide` the grid was built from.
+        grid: a :class:`TileGrid`.
+        chunk_size: tiles per dask chunk (one region-batched read per chunk).
+
+    Shape:
+        ``uint8 (N, tile_size, tile_size, 3)`` in grid order, chunked along N.
+    """
+    import dask
+    import dask.array as da
+
+    if not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
+        raise ConfigError(f"chunk_size={chunk_size!r} must be an integer >= 1.")
+    t = grid.tile_size
+    ref = _SlideRef(slide)
+    parts = []
+    for start in range(0, len(grid), chunk_size):
+        stop = min(len(grid), start + chunk_size)
+        d = dask.delayed(_read_block, pure=False)(ref, grid, start, stop)
+        parts.append(da.from_delayed(d, shape=(stop - start, t, t, 3), dtype=np.uint8))
+    if not parts:
+        return da.zeros((0, t, t, 3), dtype=np.uint8)
+    return da.concatenate(parts, axis=0)
