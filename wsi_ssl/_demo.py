@@ -74,10 +74,218 @@ def _step(name: str, say: Callable[[str], None], timings: dict[str, float]):
     return _Timer()
 
 
+def mean_pooled(store: Any, slide_ids: list[str] | None = None):
+    """The baseline slide embedding: the mean of each slide's clean tile features."""
+    from wsi_ssl.store import SlideEmbeddings
+
+    ids = list(slide_ids) if slide_ids is not None else list(store.slide_ids)
+    mat = np.stack([np.asarray(store[s].features, np.float32).mean(0) for s in ids])
+    return SlideEmbeddings(tuple(ids), mat, {"method": "mean-pooled tile features",
+                                             "store": str(getattr(store, "path", ""))})
+
+
 def run_demo(out_dir: str | os.PathLike = "wsi-ssl-demo", config: DemoConfig | None = None,
              *, say: Callable[[str], None] | None = None) -> DemoResult:
     """Run the whole pipeline into ``out_dir`` and return the summary (also in ``summary.json``).
 
     ``say`` receives one line per step (the CLI passes ``print``); the library itself only logs.
+    Every step whose output exists is reused, so an interrupted demo resumes where it stopped.
     """
-    raise NotImplementedError  # filled in once the stages land
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cfg = config or DemoConfig()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    say = say or logger.info
+    timings: dict[str, float] = {}
+    figs = out / "figures"
+    figs.mkdir(exist_ok=True)
+    (out / "demo_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+
+    # 1. cohort ---------------------------------------------------------------------------
+    from wsi_ssl.datasets import make_cohort
+
+    with _step(f"generate a cohort of {cfg.n_slides} slides", say, timings):
+        cohort = make_cohort(out / "cohort", n_slides=cfg.n_slides, seed=cfg.seed,
+                             mpp=cfg.mpp, n_jobs=cfg.n_workers or min(2, os.cpu_count() or 1))
+        say(f"    {len(cohort)} pyramidal TIFFs in {cohort.slides_dir}, labels in "
+            f"{cohort.labels_csv.name}")
+
+    # 2. tiling QC --------------------------------------------------------------------------
+    from wsi_ssl.tiling import detect_tissue, open_slide, plot_grid, tile_grid
+
+    qc_png = figs / "tiling_qc.png"
+    with _step("tissue detection and tile grid (QC picture)", say, timings):
+        pos = cohort.labels.index[cohort.labels["label"] == 1]
+        first = cohort.paths[int(pos[0]) if len(pos) else 0]
+        with open_slide(first) as slide:
+            tissue = detect_tissue(slide)
+            grid = tile_grid(slide, mpp=cfg.mpp, tile_size=cfg.tile_size, tissue=tissue)
+            if not qc_png.exists():
+                fig = plot_grid(slide, grid, tissue)
+                fig.savefig(qc_png, dpi=110, bbox_inches="tight")
+                plt.close(fig)
+        say(f"    {slide.slide_id}: {len(grid)} tiles of {cfg.tile_size} px at {cfg.mpp} µm/px "
+            f"(level {grid.level}) -> {qc_png.relative_to(out)}")
+
+    # 3. embed ------------------------------------------------------------------------------
+    from wsi_ssl.encoders import create_encoder
+    from wsi_ssl.store import TileStore
+    from wsi_ssl.tiling import embed_slides
+
+    store_path = out / "tiles.zarr"
+    with _step(f"embed tiles ({cfg.encoder}) + {cfg.views} augmented versions per slide",
+               say, timings):
+        encoder = create_encoder(cfg.encoder, device=cfg.device)
+        rep = embed_slides(list(cohort.paths), encoder, store_path, mpp=cfg.mpp,
+                           tile_size=cfg.tile_size, views=cfg.views, view_tiles=cfg.view_tiles,
+                           seed=cfg.seed, device=cfg.device, n_workers=cfg.n_workers)
+        say(f"    {len(rep.done)} embedded, {len(rep.skipped)} reused, {len(rep.failed)} failed; "
+            f"{rep.n_tiles + rep.n_view_tiles} tiles at {rep.tiles_per_second:.0f} tiles/s")
+    store = TileStore(store_path, mode="r")
+
+    # 4. slide SSL --------------------------------------------------------------------------
+    from wsi_ssl.pretrain import SlideSSL
+
+    model_dir = out / "slide_model"
+    with _step(f"slide-level contrastive pretraining (Giga-SSL, {cfg.slide_epochs} epochs)",
+               say, timings):
+        if (model_dir / "config.json").exists():
+            model = SlideSSL.load(model_dir)
+            say("    reusing the trained model in slide_model/")
+        else:
+            model = SlideSSL(**_slide_ssl_kwargs(cfg), checkpoint_dir=out / "slide_ckpt")
+            model.fit(store, resume=True)
+            model.save(model_dir)
+        loss_png = _find_loss_curve(out)
+
+    # 5. encode -----------------------------------------------------------------------------
+    from wsi_ssl.store import SlideEmbeddings
+
+    emb_path = out / "slide_embeddings.npz"
+    with _step("encode slides -> compact embeddings", say, timings):
+        if emb_path.exists():
+            ssl_emb = SlideEmbeddings.load(emb_path)
+        else:
+            ssl_emb = model.transform(store)
+            ssl_emb.save(emb_path)
+        mean_emb = mean_pooled(store, list(ssl_emb.slide_ids))
+        say(f"    {len(ssl_emb)} slides x {ssl_emb.dim} floats, "
+            f"{ssl_emb.nbytes_per_slide:.0f} bytes per slide ({emb_path.name})")
+
+    # 6. probes + survival ------------------------------------------------------------------
+    from wsi_ssl.eval import linear_probe, survival
+
+    labels = cohort.labels
+    with _step("few-shot linear probes (slide SSL vs mean pooling) and a Cox model", say,
+               timings):
+        probes = {}
+        for name, emb in (("slide-ssl", ssl_emb), ("mean-pool", mean_emb)):
+            probes[name] = linear_probe(emb, labels, n_labeled=(*cfg.n_labeled, None),
+                                        repeats=cfg.repeats, seed=cfg.seed)
+            probes[name].save(out / "probe" / name)
+        surv = survival(ssl_emb, labels, seed=cfg.seed)
+        surv.save(out / "survival")
+
+    # 7. report -----------------------------------------------------------------------------
+    summary = _summarise(cfg, probes, surv, ssl_emb, rep, timings)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    md, html = _write_report(out, cfg, summary, qc_png, loss_png)
+    say(f"report: {md} and {html}")
+    return DemoResult(out, summary, md, html, dict(timings))
+
+
+def _slide_ssl_kwargs(cfg: DemoConfig) -> dict[str, Any]:
+    """Small-cohort settings of the Giga-SSL recipe (paper defaults are documented on SlideSSL)."""
+    return dict(head="sparseconv", epochs=cfg.slide_epochs, batch_size=min(256, cfg.n_slides),
+                device=cfg.device, seed=cfg.seed)
+
+
+def _find_loss_curve(out: Path) -> Path | None:
+    for cand in sorted(out.rglob("*loss*.png")):
+        return cand
+    return None
+
+
+def _auc_rows(report: Any) -> dict[str, dict[str, float]]:
+    df = report.to_frame()
+    rows: dict[str, dict[str, float]] = {}
+    for _, r in df.iterrows():
+        rows[str(r["name"])] = {k: float(r[k]) for k in ("auc_mean", "auc_std", "auc_ci_low",
+                                                         "auc_ci_high", "bacc_mean")}
+    return rows
+
+
+def _summarise(cfg, probes, surv, ssl_emb, rep, timings) -> dict[str, Any]:
+    return {
+        "n_slides": len(ssl_emb),
+        "embedding_dim": ssl_emb.dim,
+        "bytes_per_slide": ssl_emb.nbytes_per_slide,
+        "tiles_per_second": rep.tiles_per_second,
+        "probe": {name: _auc_rows(p) for name, p in probes.items()},
+        "survival": json.loads(surv.to_json()),
+        "seconds": timings,
+    }
+
+
+def summary_table(summary: dict[str, Any]) -> str:
+    """The demo's one table: AUC per n labeled for slide SSL vs mean pooling, plus the C-index."""
+    probe = summary["probe"]
+    names = list(next(iter(probe.values())).keys())
+    lines = ["| labeled slides | " + " | ".join(f"AUC {m}" for m in probe) + " |",
+             "|---|" + "---|" * len(probe)]
+    for n in names:
+        cells = []
+        for m in probe:
+            r = probe[m].get(n)
+            cells.append(f"{r['auc_mean']:.3f} +- {r['auc_std']:.3f}" if r else "-")
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    s = summary["survival"]
+    cidx = s.get("c_index_mean", s.get("cindex_mean"))
+    cstd = s.get("c_index_std", s.get("cindex_std", float("nan")))
+    if cidx is not None:
+        lines.append("")
+        lines.append(f"Survival (Cox on slide-SSL embeddings): out-of-fold C-index "
+                     f"{cidx:.3f} +- {cstd:.3f}")
+    lines.append(f"Slide embeddings: {summary['n_slides']} x {summary['embedding_dim']}, "
+                 f"{summary['bytes_per_slide']:.0f} bytes per slide")
+    return "\n".join(lines)
+
+
+def _write_report(out: Path, cfg: DemoConfig, summary: dict[str, Any], qc_png: Path,
+                  loss_png: Path | None) -> tuple[Path, Path]:
+    import html as _html
+
+    pictures = [("Tiling QC: tissue mask and tile grid", qc_png)]
+    if loss_png is not None:
+        pictures.append(("Slide-level contrastive pretraining: loss", loss_png))
+    for title, pattern in (("Few-shot learning curve, slide SSL", "probe/slide-ssl/*.png"),
+                           ("Few-shot learning curve, mean pooling", "probe/mean-pool/*.png"),
+                           ("Survival: Kaplan-Meier of out-of-fold risk groups", "survival/*.png")):
+        for p in sorted(out.glob(pattern)):
+            pictures.append((title, p))
+    table = summary_table(summary)
+    secs = ", ".join(f"{k}: {v:.0f} s" for k, v in summary["seconds"].items())
+    md = [
+        "# wsi-ssl demo report", "",
+        f"{summary['n_slides']} generated slides, tiles of {cfg.tile_size} px at {cfg.mpp} µm/px, "
+        f"encoder `{cfg.encoder}`, {cfg.views} augmented versions x {cfg.view_tiles} tiles per "
+        f"slide, slide SSL for {cfg.slide_epochs} epochs.", "", table, "",
+        f"Time per step: {secs}.", "",
+    ]
+    for title, p in pictures:
+        md += [f"## {title}", "", f"![{title}]({p.relative_to(out).as_posix()})", ""]
+    md_path = out / "report.md"
+    md_path.write_text("\n".join(md))
+    body = [f"<h1>wsi-ssl demo report</h1><pre>{_html.escape(table)}</pre>",
+            f"<p>{_html.escape(secs)}</p>"]
+    for title, p in pictures:
+        body.append(f"<h2>{_html.escape(title)}</h2><img src='{p.relative_to(out).as_posix()}' "
+                    "style='max-width:900px'>")
+    html_path = out / "report.html"
+    html_path.write_text("<!doctype html><meta charset='utf-8'><title>wsi-ssl demo</title>"
+                         "<body style='font-family:sans-serif'>" + "".join(body) + "</body>")
+    return md_path, html_path

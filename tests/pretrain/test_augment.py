@@ -12,6 +12,8 @@ from PIL import Image
 from wsi_ssl.errors import ConfigError, InputError
 from wsi_ssl.pretrain import augment as A
 
+pytestmark = pytest.mark.usefixtures("single_thread_torch")
+
 
 @pytest.fixture(scope="module")
 def he_tiles(data_dir: Path) -> torch.Tensor:

@@ -11,6 +11,8 @@ from torch import nn
 from wsi_ssl.errors import ConfigError, InputError
 from wsi_ssl.pretrain import BYOLLoss, NTXentLoss, ProjectionHead
 
+pytestmark = pytest.mark.usefixtures("single_thread_torch")
+
 
 def ntxent_reference(z_a: torch.Tensor, z_b: torch.Tensor, t: float) -> float:
     """SimCLR eq. (1), one anchor at a time, with python loops."""

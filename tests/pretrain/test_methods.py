@@ -11,6 +11,8 @@ from wsi_ssl.errors import ConfigError
 from wsi_ssl.pretrain import BYOL, SimCLR
 from wsi_ssl.pretrain.augment import random_augment
 
+pytestmark = pytest.mark.usefixtures("single_thread_torch")
+
 
 def _views(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)

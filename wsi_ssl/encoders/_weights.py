@@ -75,11 +75,18 @@ def _strip(sd: dict[str, torch.Tensor], expected: set[str]) -> dict[str, torch.T
         while k not in expected:
             p = next((p for p in _PREFIXES if k.startswith(p)), None)
             if p is None:
-                k = key if k not in expected else k
                 break
             k = k[len(p):]
         out[k if k in expected else key] = value
     return out
+
+
+def _bare(key: str) -> str:
+    while True:
+        p = next((p for p in _PREFIXES if key.startswith(p)), None)
+        if p is None:
+            return key
+        key = key[len(p):]
 
 
 def load_weights_into(model: nn.Module, path: str | os.PathLike) -> None:
@@ -92,7 +99,7 @@ def load_weights_into(model: nn.Module, path: str | os.PathLike) -> None:
     sd = read_weights(path)
     own = model.state_dict()
     sd = _strip(sd, set(own))
-    unexpected = [k for k in sd if k not in own and not k.startswith(_HEAD_NAMES)]
+    unexpected = [k for k in sd if k not in own and not _bare(k).startswith(_HEAD_NAMES)]
     missing = [k for k in own if k not in sd]
     shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}"
               for k in own if k in sd and sd[k].shape != own[k].shape]

@@ -29,6 +29,7 @@ from wsi_ssl.eval._inputs import (
     few,
     patient_ids,
     read_table,
+    single_threaded,
 )
 from wsi_ssl.eval._probe_report import ProbeReport, ProbeResult, RocCurve
 from wsi_ssl.eval._stats import (
@@ -59,12 +60,14 @@ def _model(c: float, max_iter: int):
                          LogisticRegression(C=c, class_weight="balanced", max_iter=max_iter))
 
 
-def _splitter(n_splits: int, grouped: bool, seed: int):
+def _split(n_splits: int, grouped: bool, seed: int, x, y, g) -> list[tuple[np.ndarray, ...]]:
+    """Stratified (and patient-grouped) shuffled k-fold splits."""
     from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
     if grouped:
-        return StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-    return StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+        cv = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+        return list(cv.split(x, y, g))
+    return list(StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed).split(x, y))
 
 
 def _choose_c(x, y, g, grid, inner_folds, grouped, seed, max_iter, n_classes) -> float:
@@ -73,20 +76,27 @@ def _choose_c(x, y, g, grid, inner_folds, grouped, seed, max_iter, n_classes) ->
     counts = np.bincount(y, minlength=n_classes)
     if counts.min() < inner_folds or (grouped and len(np.unique(g)) < inner_folds):
         return DEFAULT_C
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    order = np.argsort(grid)  # ascending C, each fit warm-started from the previous one
     scores = np.zeros(len(grid))
     used = 0
-    ones = None
-    for tr, te in _splitter(inner_folds, grouped, seed).split(x, y, g):
+    for tr, te in _split(inner_folds, grouped, seed, x, y, g):
         if len(np.unique(y[tr])) < n_classes or len(np.unique(y[te])) < n_classes:
             continue
+        sc = StandardScaler().fit(x[tr])
+        x_tr, x_te = sc.transform(x[tr]), sc.transform(x[te])
+        lr = LogisticRegression(class_weight="balanced", max_iter=max_iter, warm_start=True)
         ones = np.ones((1, len(te)))
-        for i, c in enumerate(grid):
-            proba = _model(c, max_iter).fit(x[tr], y[tr]).predict_proba(x[te])
-            scores[i] += macro_auc_weighted(y[te], proba, ones)[0]
+        for i in order:
+            lr.set_params(C=float(grid[i])).fit(x_tr, y[tr])
+            scores[i] += macro_auc_weighted(y[te], lr.predict_proba(x_te), ones)[0]
         used += 1
     if not used:
         return DEFAULT_C
-    return float(grid[int(np.argmax(scores))])
+    best = np.flatnonzero(scores >= scores.max() - 1e-12)
+    return float(min(grid[i] for i in best))
 
 
 def _fit_predict(x, y, g, tr, te, *, C, inner_folds, grouped, seed, max_iter, n_classes):
@@ -96,10 +106,10 @@ def _fit_predict(x, y, g, tr, te, *, C, inner_folds, grouped, seed, max_iter, n_
         grid = tuple(float(c) for c in C)
     else:
         grid = None
-    c = (_choose_c(x[tr], y[tr], g[tr], grid, inner_folds, grouped, seed, max_iter, n_classes)
-         if grid is not None else float(C))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*did not converge.*|.*lbfgs failed.*")
+        c = (_choose_c(x[tr], y[tr], g[tr], grid, inner_folds, grouped, seed, max_iter,
+                       n_classes) if grid is not None else float(C))
         proba = _model(c, max_iter).fit(x[tr], y[tr]).predict_proba(x[te])
     return proba, c
 
@@ -201,6 +211,7 @@ def _check_class_sizes(y, g, classes, need, why, grouped, name, label_col) -> No
             )
 
 
+@single_threaded
 def linear_probe(
     embeddings: EmbeddingsLike,
     labels: TableLike,
@@ -295,7 +306,7 @@ def linear_probe(
         _check_class_sizes(y, g, classes, 2, "the held-out split (one per side)", grouped,
                            name, label_col)
         if grouped:
-            tr, te = next(_splitter(holdout_splits, True, seed).split(x, y, g))
+            tr, te = _split(holdout_splits, True, seed, x, y, g)[0]
         else:
             from sklearn.model_selection import train_test_split
 
@@ -350,7 +361,7 @@ def linear_probe(
         cv_proba = np.zeros((n, n_classes))
         blocks = []
         sizes_tr = []
-        for f, (tr, te) in enumerate(_splitter(folds, grouped, seed).split(x, y, g)):
+        for f, (tr, te) in enumerate(_split(folds, grouped, seed, x, y, g)):
             absent = [classes[k] for k in range(n_classes) if not (y[te] == k).any()]
             if absent:
                 raise LabelError(

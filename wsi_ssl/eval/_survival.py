@@ -26,6 +26,7 @@ from wsi_ssl.eval._inputs import (
     few,
     patient_ids,
     read_table,
+    single_threaded,
 )
 from wsi_ssl.eval._stats import cindex_weighted, cluster_bootstrap_weights, percentile_ci
 from wsi_ssl.eval._survival_report import SurvivalFold, SurvivalReport
@@ -87,11 +88,12 @@ def _reduce(x_tr, x_te, k, seed):
 def _splits(n_splits, t, e, g, grouped, seed):
     from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
+    x = np.zeros((len(t), 1))
     if grouped:
         cv = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-    else:
-        cv = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-    return list(cv.split(np.zeros((len(t), 1)), e.astype(int), g))
+        return list(cv.split(x, e.astype(int), g))
+    cv = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    return list(cv.split(x, e.astype(int)))
 
 
 def _fit_fold(x, t, e, g, tr, te, *, penalizer, n_components, grouped, inner_folds, seed):
@@ -157,6 +159,7 @@ def _read_clinical(df, name, id_col, time, event):
     return t.to_numpy(np.float64), ev.to_numpy().astype(np.int64)
 
 
+@single_threaded
 def survival(
     embeddings: EmbeddingsLike,
     clinical: TableLike,

@@ -268,7 +268,7 @@ class MILClassifier:
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
-                    total += float(loss) * len(idx)
+                    total += float(loss.detach()) * len(idx)
                 rec = {"epoch": epoch + 1, "loss": total / len(train)}
                 if len(val):
                     head.eval()

@@ -157,7 +157,8 @@ class DSMIL(MILHead):
 
     Args:
         in_dim: tile feature dimension ``D``.
-        n_classes: classes (0 = none; one attention stream then).
+        n_classes: classes (0 = none; one attention stream then, whose instance scorer only
+            picks the critical tile and gets no gradient).
         embed_dim: per-tile projection size ``E`` (default 256); ``embed_dim`` of the head is
             ``E * max(n_classes, 1)``.
         query_dim: query size ``Q`` (default 128).

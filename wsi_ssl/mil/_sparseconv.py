@@ -10,6 +10,7 @@ averaged into that cell.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -58,7 +59,7 @@ class SparseGrid:
         self.cell_bag = self.keys // (self.width * self.height)
         self.tile_count = torch.bincount(self.tile_cell, minlength=self.n_cells)
         self.cell_count = torch.bincount(self.cell_bag, minlength=b)
-        self._nbr: dict[tuple[int, int], torch.Tensor] = {}
+        self._nbr: dict[tuple, Any] = {}
 
     def neighbours(self, dx: int, dy: int) -> torch.Tensor:
         """Index of the cell at offset ``(dx, dy)`` of every cell, ``n_cells`` where empty.
@@ -72,6 +73,18 @@ class SparseGrid:
             found = self.keys[pos] == target
             self._nbr[(dx, dy)] = torch.where(found, pos, torch.full_like(pos, self.n_cells))
         return self._nbr[(dx, dy)]
+
+    def neighbour_pairs(self, dx: int, dy: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(dst, src)`` cell indices where cell ``src`` is at offset ``(dx, dy)`` of ``dst``.
+
+        Shape:
+            two ``(P,)`` int64 tensors, ``P`` = number of occupied neighbour pairs.
+        """
+        if ("pairs", dx, dy) not in self._nbr:
+            nb = self.neighbours(dx, dy)
+            dst = torch.nonzero(nb < self.n_cells).flatten()
+            self._nbr[("pairs", dx, dy)] = (dst, nb[dst])
+        return self._nbr[("pairs", dx, dy)]
 
     def tiles_to_cells(self, h: torch.Tensor) -> torch.Tensor:
         """Mean of the tile features of every cell: ``(B, N, E)`` -> ``(M, E)``."""
@@ -104,7 +117,9 @@ class SparseConv2d(nn.Module):
 
     ``out_c = b + sum_{(dx, dy)} W_{dx,dy} h_{c + (dx, dy)}`` over occupied neighbours; empty cells
     contribute nothing and produce nothing. ``depthwise=True`` uses one weight per channel (the
-    TransMIL PPEG). Cost: O(M * k^2 * E_in * E_out) (depthwise O(M * k^2 * E)), memory O(M * E).
+    TransMIL PPEG). Only occupied neighbour pairs are computed: cost O((M + P) * E_in * E_out)
+    with ``P <= (k^2 - 1) * M`` the occupied neighbour pairs (depthwise O((M + P) * E)); a bag of
+    5 scattered tiles costs about one ``Linear``. Memory O(M * E).
 
     Shape:
         ``(M, E_in)`` -> ``(M, E_out)``.
@@ -128,12 +143,21 @@ class SparseConv2d(nn.Module):
         self.offsets = [(dx, dy) for dx in range(-r, r + 1) for dy in range(-r, r + 1)]
 
     def forward(self, c: torch.Tensor, grid: SparseGrid) -> torch.Tensor:
-        padded = torch.cat([c, c.new_zeros(1, c.shape[1])], dim=0)
-        out = self.bias.expand(c.shape[0], -1)
-        for k, (dx, dy) in enumerate(self.offsets):
-            nb = padded.index_select(0, grid.neighbours(dx, dy))
-            out = out + (nb * self.weight[k] if self.depthwise else nb @ self.weight[k])
-        return out
+        centre = len(self.offsets) // 2
+        w = self.weight
+        out = c * w[centre] if self.depthwise else c @ w[centre]
+        others = [o for o in self.offsets if o != (0, 0)]
+        pairs = [grid.neighbour_pairs(dx, dy) for dx, dy in others]
+        sizes = [int(d.numel()) for d, _ in pairs]
+        if sum(sizes) == 0:
+            return out + self.bias
+        # one gather and one scatter for all offsets; one small matmul per offset
+        dst = torch.cat([d for d, _ in pairs])
+        nb = c.index_select(0, torch.cat([s for _, s in pairs]))
+        ks = [k for k in range(len(self.offsets)) if k != centre]
+        terms = [part * w[k] if self.depthwise else part @ w[k]
+                 for k, part in zip(ks, nb.split(sizes), strict=True) if part.shape[0]]
+        return out.index_add(0, dst, torch.cat(terms)) + self.bias
 
 
 @register_head("sparseconv")

@@ -86,8 +86,9 @@ class NystromAttention(nn.Module):
 
     def _nystrom(self, x, q, k, v, mask):
         b, h, n, dh = q.shape
-        m = self.landmarks
         n_real = mask.sum(dim=1)  # (B,)
+        # landmarks beyond the longest bag would only be identity padding: leave them out
+        m = min(self.landmarks, int(n_real.max()))
         m_b = n_real.clamp_max(m)  # landmarks per bag
         # a content-defined order of the real tokens -> segments of (almost) equal size
         key = (x.detach() @ self.sort_dir).masked_fill(~mask, float("inf"))
@@ -162,7 +163,7 @@ class TransMIL(MILHead):
     Shape:
         x ``(B, N, D)``, coords ``(B, N, 2)`` optional (PPEG runs only with them) ->
         embedding ``(B, E)``, attention ``(B, N)`` (the class token's attention in the last
-        layer, mean over heads).
+        layer, mean over heads, renormalised over the tiles).
     """
 
     def __init__(self, in_dim: int, n_classes: int = 0, *, embed_dim: int = 512, heads: int = 8,
@@ -192,4 +193,6 @@ class TransMIL(MILHead):
             seq = torch.cat([seq[:, :1], self.ppeg(seq[:, 1:], grid)], dim=1)
         delta, att = self.attn2(self.norm2(seq), seq_mask)
         seq = seq + delta
-        return self.norm(seq[:, 0]), att[:, 1:]
+        att = att[:, 1:]  # drop the class token's attention to itself, renormalise over tiles
+        att = att / att.sum(dim=1, keepdim=True).clamp_min(1e-12)
+        return self.norm(seq[:, 0]), att

@@ -135,13 +135,19 @@ class TileSSLDataset(IterableDataset):
             slide.close()
 
     def _read(self, slide: Any, grid: Any, idx: np.ndarray) -> np.ndarray:
+        """Tiles at grid positions ``idx`` (duplicates allowed), in the order of ``idx``."""
         from wsi_ssl.tiling import read_tiles
 
-        order = np.sort(idx)  # reading in grid order is friendlier to the TIFF tile cache
-        parts = [b.tiles for b in read_tiles(slide, grid, batch_size=len(order), num_workers=0,
-                                             indices=order)]
-        tiles = np.concatenate(parts) if len(parts) > 1 else parts[0]
-        return tiles
+        uniq = np.unique(idx)
+        tiles, got = [], []
+        for b in read_tiles(slide, grid, batch_size=len(uniq), num_workers=1, indices=uniq):
+            tiles.append(b.tiles)
+            got.append(np.asarray(b.indices))
+        all_tiles = np.concatenate(tiles)
+        all_idx = np.concatenate(got)
+        order = np.argsort(all_idx, kind="stable")  # read order may vary; make it canonical
+        all_tiles, all_idx = all_tiles[order], all_idx[order]
+        return all_tiles[np.searchsorted(all_idx, idx)]
 
     # -- iteration -------------------------------------------------------------------------
     def _batch(self, rng: np.random.Generator) -> np.ndarray:

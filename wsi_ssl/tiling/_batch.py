@@ -139,7 +139,7 @@ def _tile_one(path: Path, out_dir: Path, params: dict[str, Any], plot: bool) -> 
         buf = io.StringIO()
         wr = csv.writer(buf, lineterminator="\n")
         wr.writerow(["index", "x", "y", "row", "col", "tissue_fraction"])
-        for i, ((x, y), (r, c), fr) in enumerate(zip(grid.coords, grid.cells, grid.tissue_fraction)):
+        for i, ((x, y), (r, c), fr) in enumerate(zip(grid.coords, grid.cells, grid.tissue_fraction, strict=False)):
             wr.writerow([i, int(x), int(y), int(r), int(c), f"{float(fr):.4f}"])
         atomic_write_bytes(sdir / "coords.csv", buf.getvalue().encode())
         if plot:
@@ -219,7 +219,9 @@ def tile_slides(slides: str | os.PathLike | Sequence[str | os.PathLike], out_dir
         t0 = time.perf_counter()
         try:
             rows.append(_tile_one(p, out, params, plot))
-        except (WsiSslError, OSError, ValueError) as err:
+        except Exception as err:  # noqa: BLE001 - one bad slide never stops the batch
+            if not isinstance(err, (WsiSslError, OSError, ValueError)):
+                logger.exception("%s failed unexpectedly", p)
             logger.warning("%s failed: %s", p, err)
             from wsi_ssl._utils import sanitize_id
 

@@ -36,9 +36,9 @@ def plot_grid(slide: Any, grid: Any, tissue: Any = None, *, thumbnail_size: int 
     ax.imshow(thumb, interpolation="nearest")
     if tissue is not None and tissue.mask.any():
         m = tissue.mask.astype(float)
-        ext = (-0.5, w0 / tissue.downsample[0] * sx - 0.5, h0 / tissue.downsample[1] * sy - 0.5, -0.5)
-        ax.contour(np.linspace(ext[0], ext[1], m.shape[1]), np.linspace(ext[3], ext[2], m.shape[0]),
-                   m, levels=[0.5], colors=["#00c000"], linewidths=1.0)
+        xs = (np.arange(m.shape[1]) + 0.5) * tissue.downsample[0] * sx - 0.5
+        ys = (np.arange(m.shape[0]) + 0.5) * tissue.downsample[1] * sy - 0.5
+        ax.contour(xs, ys, m, levels=[0.5], colors=["#00c000"], linewidths=1.0)
     if len(grid):
         size = grid.tile_size * grid.scale0
         xy = np.asarray(grid.coords, dtype=float)
@@ -52,7 +52,7 @@ def plot_grid(slide: Any, grid: Any, tissue: Any = None, *, thumbnail_size: int 
     ax.set_ylim(thumb.shape[0] - 0.5, -0.5)
     ax.set_axis_off()
     if title is None:
-        title = (f"{slide.slide_id}: {len(grid)} tiles of {grid.tile_size} px at {grid.mpp:g} µm/px "
+        title = (f"{slide.slide_id}: {len(grid)} tiles of {grid.tile_size} px at {grid.mpp:g} µm/px\n"
                  f"(level {grid.level}, read {grid.read_size} px, {slide.backend})")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()

@@ -5,7 +5,7 @@ level region is at most ``region_size`` pixels on a side (full-width bands for f
 compressed chunks span the whole level, e.g. NDPI strips), a thread pool reads and decodes those
 regions (OpenSlide and imagecodecs release the GIL), each region is resized once with
 antialiasing when it comes from a finer level, and then cut into tiles. At most
-``2 * num_workers`` regions are in flight, so memory is bounded by the region size, not by the
+``num_workers + 1`` regions are in flight, so memory is bounded by the region size, not by the
 slide size.
 
 Coordinates are level-0 pixels ``(x, y)``; sizes ``(w, h)``.
@@ -92,8 +92,32 @@ def plan_regions(slide: Any, grid: Any, indices: np.ndarray, *,
     return regions
 
 
-def _read_region_tiles(slide: Any, grid: Any, reg: _Region) -> tuple[np.ndarray, np.ndarray]:
-    """Read one region, resize it once if needed, cut it into ``(k, T, T, 3)`` tiles."""
+def _tile_boxes(reg: _Region, stride: int, t: int, f: float, ix0: int, iy0: int, w: int, h: int,
+                margin: int) -> np.ndarray:
+    """Region-relative level-pixel boxes ``(k, 4)`` of the region's tiles (plus a margin)."""
+    ox = (reg.cells[:, 1] * stride).astype(np.float64)
+    oy = (reg.cells[:, 0] * stride).astype(np.float64)
+    b = np.stack([np.floor(ox * f) - ix0 - margin, np.floor(oy * f) - iy0 - margin,
+                  np.ceil((ox + t) * f) - ix0 + margin, np.ceil((oy + t) * f) - iy0 + margin], 1)
+    b[:, [0, 2]] = np.clip(b[:, [0, 2]], 0, w)
+    b[:, [1, 3]] = np.clip(b[:, [1, 3]], 0, h)
+    return b.astype(np.int64)
+
+
+def _read(slide: Any, xy: tuple[int, int], level: int, size: tuple[int, int],
+          boxes: np.ndarray) -> np.ndarray:
+    fn = getattr(slide, "read_level_boxes", None)
+    if fn is not None:
+        return fn(xy, level, size, boxes)
+    return slide.read_level(xy, level, size)
+
+
+def _read_region_tiles(slide: Any, grid: Any, reg: _Region) -> np.ndarray:
+    """Read one region at output resolution (resized once if it comes from a finer level).
+
+    Shape:
+        ``uint8 (oh, ow, 3)`` covering cells ``reg.r0..`` / ``reg.c0..``.
+    """
     from PIL import Image
 
     t = grid.tile_size
@@ -106,7 +130,8 @@ def _read_region_tiles(slide: Any, grid: Any, reg: _Region) -> tuple[np.ndarray,
         lx1, ly1 = (ox0 + ow) * f, (oy0 + oh) * f
         ix0, iy0 = int(math.floor(lx0)), int(math.floor(ly0))
         ix1, iy1 = int(math.ceil(lx1 - 1e-9)), int(math.ceil(ly1 - 1e-9))
-        region = slide.read_level((ix0, iy0), grid.level, (ix1 - ix0, iy1 - iy0))
+        boxes = _tile_boxes(reg, stride, t, f, ix0, iy0, ix1 - ix0, iy1 - iy0, margin=2)
+        region = _read(slide, (ix0, iy0), grid.level, (ix1 - ix0, iy1 - iy0), boxes)
         img = Image.fromarray(region).resize(
             (ow, oh), Image.Resampling.BILINEAR,
             box=(lx0 - ix0, ly0 - iy0, lx1 - ix0, ly1 - iy0))
@@ -115,12 +140,9 @@ def _read_region_tiles(slide: Any, grid: Any, reg: _Region) -> tuple[np.ndarray,
         ds = grid.level_downsample
         lx0 = int(math.floor(ox0 * grid.scale0 / ds + 1e-6))
         ly0 = int(math.floor(oy0 * grid.scale0 / ds + 1e-6))
-        region = slide.read_level((lx0, ly0), grid.level, (ow, oh))
-    out = np.empty((len(reg.tiles), t, t, 3), np.uint8)
-    for k, (r, c) in enumerate(reg.cells):
-        y, x = (int(r) - reg.r0) * stride, (int(c) - reg.c0) * stride
-        out[k] = region[y: y + t, x: x + t]
-    return reg.tiles, out
+        boxes = _tile_boxes(reg, stride, t, 1.0, lx0, ly0, ow, oh, margin=0)
+        region = _read(slide, (lx0, ly0), grid.level, (ow, oh), boxes)
+    return region
 
 
 def _check(slide: Any, grid: Any, batch_size: int, num_workers: int | None) -> int:
@@ -160,30 +182,36 @@ def read_tiles(slide: Any, grid: Any, *, batch_size: int = 64, num_workers: int 
         sel = np.unique(np.asarray(indices, dtype=np.int64).ravel())
         if len(sel) and (sel[0] < 0 or sel[-1] >= len(grid)):
             raise ConfigError(f"indices= must lie in [0, {len(grid)}); got {int(sel[0])}..{int(sel[-1])}.")
-    regions = plan_regions(slide, grid, sel, region_size=int(region_size))
+    # small jobs: shrink regions so that every worker gets some (at least 2 regions per worker)
+    level_px = (grid.tile_size - grid.overlap) * grid.scale0 / grid.level_downsample
+    area = len(sel) * level_px * level_px
+    fair = int(math.sqrt(area / (2 * num_workers))) if len(sel) else region_size
+    region_size = max(min(int(region_size), fair), int(2 * grid.tile_size * grid.scale0 / grid.level_downsample))
+    regions = plan_regions(slide, grid, sel, region_size=region_size)
     return _iterate(slide, grid, regions, int(batch_size), num_workers)
 
 
 def _iterate(slide: Any, grid: Any, regions: list[_Region], batch_size: int,
              num_workers: int) -> Iterator[TileBatch]:
     t = grid.tile_size
+    stride = t - grid.overlap
+    if not regions:
+        return
     buf = np.empty((batch_size, t, t, 3), np.uint8)
     ibuf = np.empty(batch_size, np.int64)
     fill = 0
-    if not regions:
-        return
     pool = ThreadPoolExecutor(max_workers=num_workers, thread_name_prefix="wsi-ssl-read")
     pending: deque[tuple[_Region, Future]] = deque()
     it = iter(regions)
     try:
         for reg in it:
             pending.append((reg, pool.submit(_read_region_tiles, slide, grid, reg)))
-            if len(pending) >= 2 * num_workers:
+            if len(pending) >= num_workers + 1:
                 break
         while pending:
             reg, fut = pending.popleft()
             try:
-                idx, tiles = fut.result()
+                region = fut.result()
             except Exception as err:  # noqa: BLE001 - backend errors become SlideOpenError
                 raise SlideOpenError(
                     f"reading '{getattr(slide, 'path', None) or slide.slide_id}' failed at level "
@@ -193,18 +221,19 @@ def _iterate(slide: Any, grid: Any, regions: list[_Region], batch_size: int,
             nxt = next(it, None)
             if nxt is not None:
                 pending.append((nxt, pool.submit(_read_region_tiles, slide, grid, nxt)))
-            pos = 0
-            while pos < len(idx):
-                take = min(batch_size - fill, len(idx) - pos)
-                buf[fill: fill + take] = tiles[pos: pos + take]
-                ibuf[fill: fill + take] = idx[pos: pos + take]
-                fill += take
-                pos += take
+            for k, (r, c) in enumerate(reg.cells):  # cut straight into the batch (one copy)
+                y, x = (int(r) - reg.r0) * stride, (int(c) - reg.c0) * stride
+                buf[fill] = region[y: y + t, x: x + t]
+                ibuf[fill] = reg.tiles[k]
+                fill += 1
                 if fill == batch_size:
-                    yield TileBatch(buf.copy(), ibuf.copy())
+                    yield TileBatch(buf, ibuf)
+                    buf = np.empty((batch_size, t, t, 3), np.uint8)  # fresh: the consumer keeps its batch
+                    ibuf = np.empty(batch_size, np.int64)
                     fill = 0
+            del region
         if fill:
-            yield TileBatch(buf[:fill].copy(), ibuf[:fill].copy())
+            yield TileBatch(buf[:fill], ibuf[:fill])
     finally:
         for _, fut in pending:
             fut.cancel()

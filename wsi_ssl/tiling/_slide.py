@@ -24,10 +24,8 @@ from __future__ import annotations
 import logging
 import math
 import os
-import threading
-import warnings
 from pathlib import Path
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -57,11 +55,12 @@ class Slide(Protocol):
     level_dimensions: tuple[tuple[int, int], ...]
     level_downsamples: tuple[float, ...]
 
-    @property
-    def mpp(self) -> float: ...
+    if TYPE_CHECKING:  # typed, but not probed by isinstance (mpp may raise MissingMPPError)
+        @property
+        def mpp(self) -> float: ...
 
-    @property
-    def mpp_assumed(self) -> bool: ...
+        @property
+        def mpp_assumed(self) -> bool: ...
 
     def read_region(self, xy_level0: tuple[int, int], level: int,
                     size: tuple[int, int]) -> np.ndarray: ...
@@ -148,6 +147,12 @@ class _BaseSlide:
         if x1 > x0 and y1 > y0:
             out[y0 - y: y1 - y, x0 - x: x1 - x] = self._read_level(x0, y0, x1 - x0, y1 - y0, level)
         return out
+
+    def read_level_boxes(self, xy_level: tuple[int, int], level: int, size: tuple[int, int],
+                         boxes: np.ndarray) -> np.ndarray:
+        """Read a region of which only ``boxes`` (``(k, 4)`` level px ``x0, y0, x1, y1``, region
+        relative) are needed; backends may leave the rest undecoded (white)."""
+        return self.read_level(xy_level, level, size)
 
     def read_region(self, xy_level0: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
         """Read ``size=(w, h)`` pixels of ``level`` whose top-left is level-0 ``xy_level0``.
@@ -236,185 +241,12 @@ def _to_rgb(arr: np.ndarray) -> np.ndarray:
     if a.shape[2] == 1:
         return np.repeat(a, 3, axis=2)
     if a.shape[2] == 4:
+        if a[..., 3].min(initial=255) == 255:  # opaque (the usual case): no compositing
+            return np.ascontiguousarray(a[..., :3])
         alpha = a[..., 3:4].astype(np.uint16)
         rgb = (a[..., :3].astype(np.uint16) * alpha + 255 * (255 - alpha)) // 255
         return rgb.astype(np.uint8)
     return np.ascontiguousarray(a[..., :3])
-
-
-# ---------------------------------------------------------------------------------------------
-class _OpenSlideSlide(_BaseSlide):
-    backend = "openslide"
-
-    def __init__(self, path: Path, mpp: float | None) -> None:
-        import openslide
-
-        self._osr = openslide.OpenSlide(str(path))
-        props = self._osr.properties
-        native = None
-        try:
-            mx = props.get(openslide.PROPERTY_NAME_MPP_X)
-            my = props.get(openslide.PROPERTY_NAME_MPP_Y)
-            vals = [float(v) for v in (mx, my) if v not in (None, "")]
-            native = float(np.mean(vals)) if vals else None
-        except ValueError:
-            native = None
-        super().__init__(path, sanitize_id(path.stem), mpp, native)
-        self.dimensions = tuple(int(v) for v in self._osr.dimensions)
-        self.level_dimensions = tuple((int(w), int(h)) for w, h in self._osr.level_dimensions)
-        self.level_downsamples = tuple(float(d) for d in self._osr.level_downsamples)
-
-    def _read_level(self, x: int, y: int, w: int, h: int, level: int) -> np.ndarray:
-        ds = self.level_downsamples[level]
-        img = self._osr.read_region((int(round(x * ds)), int(round(y * ds))), level, (w, h))
-        return _to_rgb(np.asarray(img))
-
-    def close(self) -> None:
-        osr = getattr(self, "_osr", None)
-        if osr is not None:
-            osr.close()
-            self._osr = None
-
-
-# ---------------------------------------------------------------------------------------------
-class _TiffSlideSlide(_BaseSlide):
-    backend = "tiffslide"
-
-    def __init__(self, path: Path, mpp: float | None) -> None:
-        import tiffslide
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "hamamatsu-format metadata parsing only partially..."
-            self._ts = tiffslide.TiffSlide(str(path))
-            props = dict(self._ts.properties)
-        native = None
-        vals = [props.get("tiffslide.mpp-x"), props.get("tiffslide.mpp-y")]
-        vals = [float(v) for v in vals if v not in (None, "")]
-        if vals:
-            native = float(np.mean(vals))
-        super().__init__(path, sanitize_id(path.stem), mpp, native)
-        self.dimensions = tuple(int(v) for v in self._ts.dimensions)
-        self.level_dimensions = tuple((int(w), int(h)) for w, h in self._ts.level_dimensions)
-        self.level_downsamples = tuple(float(d) for d in self._ts.level_downsamples)
-        self._lock = threading.Lock()
-        self._pages: list[Any] = []
-        try:
-            tf = self._ts.ts_tifffile
-            series = tf.series[int(props.get("tiffslide.series-index", 0) or 0)]
-            for lv in range(self.level_count):
-                lvl = series.levels[lv]
-                page = lvl.pages[0] if len(lvl.pages) == 1 else None
-                ok = (page is not None and hasattr(page, "decode") and page.dtype == np.uint8
-                      and page.planarconfig == 1 and len(page.dataoffsets) > 0
-                      and (page.imagewidth, page.imagelength) == self.level_dimensions[lv]
-                      and page.samplesperpixel in (1, 3, 4))
-                self._pages.append(page if ok else None)
-            self._fh = tf.filehandle
-        except Exception as err:  # noqa: BLE001 - fast path unavailable, tiffslide still reads
-            logger.debug("tile-index reads unavailable for %s: %s", path, err)
-            self._pages = [None] * self.level_count
-
-    def _read_level(self, x: int, y: int, w: int, h: int, level: int) -> np.ndarray:
-        page = self._pages[level] if level < len(self._pages) else None
-        if page is None:
-            ds = self.level_downsamples[level]
-            arr = self._ts.read_region((int(round(x * ds)), int(round(y * ds))), level, (w, h),
-                                       as_array=True)
-            return _to_rgb(arr)
-        return self._read_chunks(page, x, y, w, h)
-
-    def chunk_shape(self, level: int) -> tuple[int, int] | None:
-        """``(w, h)`` of the compressed chunks (tiles/strips) of ``level``, or ``None``."""
-        page = self._pages[level] if level < len(self._pages) else None
-        return None if page is None else (int(page.chunks[-2]), int(page.chunks[-3]))
-
-    def _read_chunks(self, page: Any, x: int, y: int, w: int, h: int) -> np.ndarray:
-        """Decode exactly the TIFF tiles/strips the box covers and paste them."""
-        ch, cw = int(page.chunks[-3]), int(page.chunks[-2])
-        ny, nx = int(page.chunked[-3]), int(page.chunked[-2])
-        ty0, ty1 = y // ch, min(ny - 1, (y + h - 1) // ch)
-        tx0, tx1 = x // cw, min(nx - 1, (x + w - 1) // cw)
-        idx = [ty * nx + tx for ty in range(ty0, ty1 + 1) for tx in range(tx0, tx1 + 1)]
-        offsets = [page.dataoffsets[i] for i in idx]
-        counts = [page.databytecounts[i] for i in idx]
-        spp = int(page.samplesperpixel)
-        out = np.empty((h, w, spp), np.uint8)
-        jpegheader = getattr(page, "jpegheader", None)
-        for data, i in self._fh.read_segments(offsets, counts, indices=idx, lock=self._lock,
-                                               sort=True):
-            if data is None or len(data) == 0:  # sparse tile: white
-                seg = np.full((ch, cw, spp), 255, np.uint8)
-            else:
-                seg = page.decode(data, i, jpegtables=page.jpegtables, jpegheader=jpegheader)[0]
-                seg = seg.reshape(seg.shape[-3], seg.shape[-2], -1)
-            ty, tx = divmod(i, nx)
-            sx, sy = tx * cw, ty * ch
-            ax0, ay0 = max(x, sx), max(y, sy)
-            ax1, ay1 = min(x + w, sx + seg.shape[1]), min(y + h, sy + seg.shape[0])
-            if ax1 > ax0 and ay1 > ay0:
-                out[ay0 - y: ay1 - y, ax0 - x: ax1 - x] = seg[ay0 - sy: ay1 - sy, ax0 - sx: ax1 - sx]
-        return _to_rgb(out)
-
-    def close(self) -> None:
-        ts = getattr(self, "_ts", None)
-        if ts is not None:
-            ts.close()
-            self._ts = None
-
-
-# ---------------------------------------------------------------------------------------------
-class _TiatoolboxSlide(_BaseSlide):
-    backend = "tiatoolbox"
-
-    def __init__(self, source: Path | np.ndarray, mpp: float | None, slide_id: str) -> None:
-        from tiatoolbox.wsicore.wsireader import WSIReader
-
-        kw: dict[str, Any] = {}
-        if mpp is not None:
-            kw["mpp"] = (mpp, mpp)
-        arg = source if isinstance(source, np.ndarray) else str(source)
-        self._reader = WSIReader.open(arg, **kw)
-        info = self._reader.info
-        native = None
-        if info.mpp is not None and not isinstance(source, np.ndarray):
-            native = float(np.mean(np.asarray(info.mpp, dtype=float)))
-        super().__init__(source if isinstance(source, Path) else None, slide_id, mpp, native)
-        self.dimensions = tuple(int(v) for v in info.slide_dimensions)
-        self.level_dimensions = tuple((int(w), int(h)) for w, h in info.level_dimensions)
-        self.level_downsamples = tuple(float(d) for d in info.level_downsamples)
-
-    def _read_level(self, x: int, y: int, w: int, h: int, level: int) -> np.ndarray:
-        ds = self.level_downsamples[level]
-        arr = self._reader.read_rect((int(round(x * ds)), int(round(y * ds))), (w, h),
-                                     resolution=level, units="level", pad_mode="constant",
-                                     pad_constant_values=255)
-        arr = _to_rgb(arr)
-        if arr.shape[:2] != (h, w):
-            from PIL import Image
-
-            arr = np.asarray(Image.fromarray(arr).resize((w, h), Image.Resampling.BILINEAR))
-        return arr
-
-    def close(self) -> None:
-        self._reader = None
-
-
-# ---------------------------------------------------------------------------------------------
-class _NumpySlide(_BaseSlide):
-    backend = "numpy"
-
-    def __init__(self, image: np.ndarray, mpp: float | None, slide_id: str) -> None:
-        super().__init__(None, slide_id, mpp, None)
-        self._image = image
-        self.dimensions = (int(image.shape[1]), int(image.shape[0]))
-        self.level_dimensions = (self.dimensions,)
-        self.level_downsamples = (1.0,)
-
-    def _read_level(self, x: int, y: int, w: int, h: int, level: int) -> np.ndarray:
-        return np.ascontiguousarray(self._image[y: y + h, x: x + w])
-
-    def close(self) -> None:
-        pass
 
 
 # ---------------------------------------------------------------------------------------------
@@ -506,6 +338,8 @@ def open_slide(path: str | os.PathLike | np.ndarray, *, backend: BackendName = "
 
 
 def _open_backend(name: str, p: Path, mpp: float | None) -> _BaseSlide:
+    from wsi_ssl.tiling._backends import _OpenSlideSlide, _TiatoolboxSlide, _TiffSlideSlide
+
     if name == "openslide":
         return _OpenSlideSlide(p, mpp)
     if name == "tiffslide":
@@ -534,6 +368,8 @@ def _open_array(image: np.ndarray, backend: str, mpp: float | None) -> _BaseSlid
     if backend in ("openslide", "tiffslide"):
         raise ConfigError(f"backend={backend!r} reads files; use backend='numpy' (or 'tiatoolbox') "
                           "for an in-memory array.")
+    from wsi_ssl.tiling._backends import _NumpySlide, _TiatoolboxSlide
+
     if backend == "tiatoolbox":
         _require_tiatoolbox()
         return _TiatoolboxSlide(image, mpp, "array")

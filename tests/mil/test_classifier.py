@@ -1,0 +1,122 @@
+"""MILClassifier: learning on seeded bags, determinism, the TileStore path and input errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from wsi_ssl.errors import ConfigError, InputError, LabelError, NotFittedError
+from wsi_ssl.mil import MILClassifier
+
+D = 8
+
+
+def make_bags(n_bags: int, n_classes: int = 2, seed: int = 0):
+    """Class c > 0 bags hide 1-2 'key' tiles shifted along axis c-1; class 0 has none.
+    Returns bags, labels and the key-tile index of every bag (-1 when none)."""
+    rng = np.random.default_rng(seed)
+    bags, y, keys = [], [], []
+    for i in range(n_bags):
+        c = i % n_classes
+        n = int(rng.integers(5, 15))
+        b = rng.normal(0, 1, (n, D)).astype(np.float32)
+        k = -1
+        if c > 0:
+            k = int(rng.integers(0, n))
+            b[k, c - 1] += 4.0
+        bags.append(b)
+        y.append(c)
+        keys.append(k)
+    return bags, np.array(y), np.array(keys)
+
+
+FAST = dict(hidden=16, epochs=25, lr=5e-3, batch_size=8, device="cpu")
+
+
+def test_binary_learns_and_attends_to_the_key_tile():
+    bags, y, keys = make_bags(120, seed=0)
+    labels = np.where(y == 1, "tumour", "normal")
+    clf = MILClassifier(head="abmil", **FAST).fit(bags[:80], labels[:80])
+    assert list(clf.classes_) == ["normal", "tumour"]
+    proba = clf.predict_proba(bags[80:])
+    assert proba.shape == (40, 2) and np.allclose(proba.sum(1), 1, atol=1e-5)
+    acc = (clf.predict(bags[80:]) == labels[80:]).mean()
+    assert acc > 0.85, acc
+    pos = [i for i in range(80, 120) if keys[i] >= 0]
+    hits = [int(np.argmax(clf.attention(bags[i])) == keys[i]) for i in pos]
+    assert np.mean(hits) > 0.8
+    att = clf.attention(bags[pos[0]])
+    assert att.shape == (len(bags[pos[0]]),) and abs(att.sum() - 1) < 1e-4
+
+
+@pytest.mark.parametrize("head", ["gated_abmil", "dsmil", "mean"])
+def test_multiclass(head: str):
+    bags, y, _ = make_bags(150, n_classes=3, seed=1)
+    clf = MILClassifier(head=head, **FAST).fit(bags[:105], y[:105])
+    assert clf.predict_proba(bags[105:]).shape == (45, 3)
+    acc = (clf.predict(bags[105:]) == y[105:]).mean()
+    # chance is 1/3; mean pooling dilutes the key tile, so its bar is lower
+    assert acc > (0.6 if head == "mean" else 0.8), acc
+
+
+def test_deterministic_with_a_seed():
+    bags, y, _ = make_bags(40, seed=2)
+    kw = dict(FAST, epochs=5, dropout=0.2)
+    p1 = MILClassifier(seed=3, **kw).fit(bags, y).predict_proba(bags)
+    p2 = MILClassifier(seed=3, **kw).fit(bags, y).predict_proba(bags)
+    p3 = MILClassifier(seed=4, **kw).fit(bags, y).predict_proba(bags)
+    np.testing.assert_array_equal(p1, p2)
+    assert not np.allclose(p1, p3)
+
+
+def test_early_stopping_records_validation_loss():
+    bags, y, _ = make_bags(60, seed=3)
+    clf = MILClassifier(early_stopping=3, **dict(FAST, epochs=60)).fit(bags, y)
+    assert all("val_loss" in h for h in clf.history_)
+    assert 1 <= clf.n_epochs_ <= 60
+
+
+def test_tilestore_and_coordinate_aware_head(tmp_path):
+    """A real zarr TileStore (level-0 coords -> grid units) with the sparseconv head."""
+    from wsi_ssl.store import TileStore
+
+    bags, y, _ = make_bags(40, seed=4)
+    store = TileStore(tmp_path / "tiles.zarr", mode="a")
+    store.bind_encoder("synthetic", "synthetic-fp", D)
+    ids = []
+    for i, b in enumerate(bags):
+        sid = f"slide-{i:02d}"
+        coords = np.stack([np.arange(len(b)) % 4, np.arange(len(b)) // 4], 1) * 448 + 1000
+        store.write_slide(sid, b, coords.astype(np.int64), attrs={"stride_level0": 448})
+        ids.append(sid)
+    clf = MILClassifier(head="sparseconv", **FAST).fit(store, y, slide_ids=ids)
+    acc = (clf.predict(store, slide_ids=ids) == y).mean()
+    assert acc > 0.8, acc
+    with pytest.raises(InputError, match="pass slide_ids"):
+        clf.predict(store)
+    with pytest.raises(InputError, match="coordinate-aware"):
+        MILClassifier(head="sparseconv", **FAST).fit(bags, y)
+
+
+def test_not_fitted_and_bad_input():
+    bags, y, _ = make_bags(10, seed=5)
+    clf = MILClassifier(**FAST)
+    with pytest.raises(NotFittedError, match="not fitted"):
+        clf.predict(bags)
+    with pytest.raises(InputError, match=r"bag 1 is empty"):
+        clf.fit([bags[0], np.zeros((0, D))] + bags[2:], y)
+    with pytest.raises(InputError, match=r"bag 2 has feature dim 5, expected 8"):
+        clf.fit(bags[:2] + [np.ones((3, 5))] + bags[3:], y)
+    bad = [b.copy() for b in bags]
+    bad[3][1, 2] = np.nan
+    with pytest.raises(InputError, match=r"bag 3 contains NaN or inf"):
+        clf.fit(bad, y)
+    with pytest.raises(LabelError, match="one class only"):
+        clf.fit(bags, np.zeros(len(bags)))
+    with pytest.raises(LabelError, match="9 bags"):
+        clf.fit(bags[:9], y)
+    with pytest.raises(ConfigError, match="epochs=0"):
+        MILClassifier(epochs=0).fit(bags, y)
+    clf.fit(bags, y)
+    with pytest.raises(InputError, match="feature dim 3, expected 8"):
+        clf.predict([np.ones((2, 3))])

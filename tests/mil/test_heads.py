@@ -1,0 +1,185 @@
+"""The one contract of every MIL head: shapes, exact padding, order invariance, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from wsi_ssl.errors import ConfigError, InputError
+from wsi_ssl.mil import MILOutput, SparseConv2d, SparseGrid, create_head, list_heads
+
+D = 12
+
+
+def _small(name: str, n_classes: int = 0):
+    kw = {"embed_dim": 16}
+    if name == "transmil":
+        kw.update(heads=4, landmarks=8)  # bags below are longer: the Nystrom path is exercised
+    torch.manual_seed(0)
+    return create_head(name, D, n_classes=n_classes, **kw).eval()
+
+
+def test_list_heads_has_the_spec_heads():
+    assert {"mean", "max", "abmil", "gated_abmil", "dsmil", "transmil", "sparseconv"} <= set(
+        list_heads()
+    )
+
+
+@pytest.mark.parametrize("name", list_heads())
+@pytest.mark.parametrize("n_classes", [0, 3])
+def test_head_contract(name: str, n_classes: int):
+    head = _small(name, n_classes)
+    g = torch.Generator().manual_seed(1)
+    lens = [30, 13, 1]
+    b, n = len(lens), max(lens)
+    x = torch.randn(b, n, D, generator=g)
+    coords = torch.randint(0, 9, (b, n, 2), generator=g).float() + 0.2 * torch.rand(b, n, 2,
+                                                                                      generator=g)
+    mask = torch.zeros(b, n, dtype=torch.bool)
+    for i, k in enumerate(lens):
+        mask[i, :k] = True
+    x_pad = x.masked_fill(~mask[..., None], float("nan"))  # garbage in the padding
+    with torch.no_grad():
+        out = head(x_pad, mask=mask, coords=coords)
+    assert isinstance(out, MILOutput)
+    assert out.embedding.shape == (b, head.embed_dim)
+    assert torch.isfinite(out.embedding).all()
+    if n_classes:
+        assert out.logits is not None and out.logits.shape == (b, n_classes)
+    else:
+        assert out.logits is None
+    if out.attention is not None:
+        assert out.attention.shape == (b, n)
+        assert torch.all(out.attention[~mask] == 0)
+    for i, k in enumerate(lens):
+        perm = torch.randperm(k, generator=g)
+        with torch.no_grad():
+            alone = head(x[i:i + 1, :k], coords=coords[i:i + 1, :k])
+            shuffled = head(x[i:i + 1, perm], coords=coords[i:i + 1, perm])
+        # padded == unpadded
+        torch.testing.assert_close(out.embedding[i], alone.embedding[0], atol=1e-5, rtol=1e-4)
+        # order invariance (coords permuted with the tiles)
+        torch.testing.assert_close(shuffled.embedding, alone.embedding, atol=1e-5, rtol=1e-4)
+        if n_classes:
+            torch.testing.assert_close(out.logits[i], alone.logits[0], atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(shuffled.logits, alone.logits, atol=1e-5, rtol=1e-4)
+        if out.attention is not None:
+            torch.testing.assert_close(out.attention[i, :k], alone.attention[0], atol=1e-5,
+                                       rtol=1e-4)
+            torch.testing.assert_close(shuffled.attention[0], alone.attention[0, perm],
+                                       atol=1e-5, rtol=1e-4)
+            assert abs(float(alone.attention.sum()) - 1.0) < 1e-3
+
+
+@pytest.mark.parametrize("name", list_heads())
+def test_head_trains_on_slide_ssl_batches(name: str):
+    """The Giga-SSL shape: many slides, k=5 tiles each; gradients reach every parameter."""
+    torch.manual_seed(0)
+    kw = {"heads": 4, "landmarks": 16} if name == "transmil" else {}
+    head = create_head(name, D, n_classes=0, embed_dim=32, **kw).train()
+    x = torch.randn(64, 5, D)
+    coords = torch.randint(0, 6, (64, 5, 2)).float()
+    out = head(x, coords=coords)
+    assert out.embedding.shape == (64, 32) and out.logits is None
+    out.embedding.pow(2).sum().backward()
+    grads = {n: p.grad for n, p in head.named_parameters()}
+    # without classes DSMIL's instance classifier only picks the critical tile (argmax): no grad
+    untrained = {"instance_classifier.weight", "instance_classifier.bias"} if name == "dsmil" else set()
+    assert all(grads[n] is not None for n in grads if n not in untrained), grads.keys()
+    assert all(torch.isfinite(g).all() for g in grads.values() if g is not None)
+    assert float(head.proj[0].weight.grad.abs().sum()) > 0 if name not in ("mean", "max") else True
+
+
+def test_unknown_head_suggests_close_names():
+    with pytest.raises(ConfigError, match=r"unknown MIL head 'abmill'.*'abmil'"):
+        create_head("abmill", 8)
+    with pytest.raises(ConfigError, match="embed_dim"):
+        create_head("abmil", 8, embed_dim=0)
+    with pytest.raises(ConfigError, match="bad option"):
+        create_head("mean", 8, no_such_option=1)
+
+
+def test_head_input_errors():
+    head = create_head("abmil", 8, embed_dim=8)
+    with pytest.raises(InputError, match="feature dim 5 .*in_dim=8"):
+        head(torch.randn(1, 4, 5))
+    with pytest.raises(InputError, match=r"\(B, N, D\)"):
+        head(torch.randn(4, 8))
+    with pytest.raises(InputError, match=r"bag\(s\) \[1\] have no real tile"):
+        head(torch.randn(2, 3, 8), mask=torch.tensor([[1, 1, 0], [0, 0, 0]], dtype=torch.bool))
+    with pytest.raises(InputError, match="mask must have shape"):
+        head(torch.randn(2, 3, 8), mask=torch.ones(2, 4, dtype=torch.bool))
+    sc = create_head("sparseconv", 8, embed_dim=8)
+    with pytest.raises(InputError, match="needs coords"):
+        sc(torch.randn(1, 3, 8))
+    with pytest.raises(InputError, match="NaN or inf"):
+        sc(torch.randn(1, 3, 8), coords=torch.tensor([[[0.0, 0], [1, float("nan")], [2, 2]]]))
+
+
+def test_sparse_conv_matches_dense_conv2d():
+    """The sparse 3x3 conv over occupied cells == a dense conv on a zero-filled canvas."""
+    torch.manual_seed(0)
+    e_in, e_out, k = 4, 5, 3
+    conv = SparseConv2d(e_in, e_out, k)
+    cells = torch.tensor([[0, 0], [1, 0], [1, 1], [3, 2], [4, 4], [0, 4], [2, 3]])
+    feats = torch.randn(len(cells), e_in)
+    grid = SparseGrid(cells[None].float() + 10, torch.ones(1, len(cells), dtype=torch.bool))
+    c = grid.tiles_to_cells(feats[None])  # cells sorted by key = (x, y)
+    order = torch.argsort(cells[:, 0] * 100 + cells[:, 1])
+    sparse = conv(c, grid)
+    canvas = torch.zeros(1, e_in, 5, 5)
+    canvas[0, :, cells[:, 0], cells[:, 1]] = feats.T
+    w = conv.weight.detach().reshape(k, k, e_in, e_out).permute(3, 2, 0, 1)
+    dense = F.conv2d(canvas, w, conv.bias.detach(), padding=1)[0]
+    expected = dense[:, cells[order, 0], cells[order, 1]].T
+    torch.testing.assert_close(sparse.detach(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_sparseconv_does_not_scale_with_slide_area():
+    """Tiles a million cells apart: a dense canvas would need ~10^12 cells."""
+    head = create_head("sparseconv", D, embed_dim=8).eval()
+    coords = torch.tensor([[[0.0, 0.0], [1.0, 0.0], [1e6, 1e6], [1e6 + 1, 1e6]]])
+    with torch.no_grad():
+        out = head(torch.randn(1, 4, D), coords=coords)
+    grid = SparseGrid(coords, torch.ones(1, 4, dtype=torch.bool))
+    assert grid.n_cells == 4
+    assert int((grid.neighbours(1, 0) < 4).sum()) == 2  # two horizontal neighbour pairs
+    assert torch.isfinite(out.embedding).all()
+
+
+def test_tiles_in_one_cell_are_averaged():
+    head = create_head("sparseconv", D, embed_dim=8).eval()
+    x = torch.randn(1, 3, D)
+    coords = torch.tensor([[[2.0, 2.0], [2.2, 1.9], [5.0, 5.0]]])
+    with torch.no_grad():
+        out = head(x, coords=coords)
+    torch.testing.assert_close(out.attention, torch.tensor([[0.25, 0.25, 0.5]]))
+
+
+def test_transmil_nystrom_close_to_full_attention_on_short_bags():
+    torch.manual_seed(0)
+    ny = create_head("transmil", D, embed_dim=16, heads=4, landmarks=64,
+                     pinv_iterations=12).eval()
+    full = create_head("transmil", D, embed_dim=16, heads=4, attention="full").eval()
+    full.load_state_dict(ny.state_dict())
+    x = torch.randn(2, 20, D)
+    with torch.no_grad():
+        a, b = ny(x), full(x)
+    torch.testing.assert_close(a.embedding, b.embedding, atol=2e-3, rtol=1e-2)
+    torch.testing.assert_close(a.attention, b.attention, atol=2e-3, rtol=1e-2)
+
+
+def test_transmil_nystrom_20k_tile_bag_in_cpu_memory():
+    """Inference on a 20,000-tile bag (small dims): linear memory, a full attention map would
+    be 20k x 20k per head."""
+    torch.manual_seed(0)
+    head = create_head("transmil", 32, embed_dim=32, heads=2, landmarks=64).eval()
+    n = 20_000
+    coords = torch.stack(torch.meshgrid(torch.arange(200), torch.arange(100), indexing="ij"),
+                         -1).reshape(1, n, 2).float()
+    with torch.no_grad():
+        out = head(torch.randn(1, n, 32), coords=coords)
+    assert out.embedding.shape == (1, 32) and torch.isfinite(out.embedding).all()
+    assert out.attention.shape == (1, n)
+    assert abs(float(out.attention.sum()) - 1.0) < 0.05

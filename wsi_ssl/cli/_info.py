@@ -1,0 +1,62 @@
+"""``wsi-ssl info``: what a tile store holds (or which encoders are registered)."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "print what a tile store holds: encoder, slides, tiles, views, sizes, failures"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("store", nargs="?", default=None, help="a tile store (.zarr folder)")
+    p.add_argument("--slides", action="store_true", help="one line per slide")
+    p.add_argument("--encoders", action="store_true", help="list the registered encoders")
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def run(args: argparse.Namespace) -> int:
+    from wsi_ssl.errors import ConfigError
+
+    if args.encoders:
+        from wsi_ssl.encoders import describe_encoder, list_encoders
+
+        for name in list_encoders():
+            print(f"{name:<16} {describe_encoder(name)}")
+        print("... and any timm architecture name (local --weights only; no downloads)")
+        if args.store is None:
+            return 0
+    if args.store is None:
+        raise ConfigError("give a STORE path (or --encoders).")
+    from wsi_ssl.store import TileStore
+
+    store = TileStore(args.store, mode="r")
+    s = store.summary()
+    print(f"store          {s['path']} (format v{s['format_version']})")
+    print(f"encoder        {s['encoder']} (fingerprint {s['encoder_fingerprint']}, "
+          f"dim {s['embed_dim']})")
+    print(f"slides         {s['slides']}  tiles {s['tiles']}  views {s['views']}")
+    print(f"size           {_size(s['bytes'])}  ({_size(s['bytes_per_slide'])}/slide, "
+          f"{s['bytes_per_tile']:.0f} B/tile)")
+    print(f"store id       {store.fingerprint}")
+    if args.slides:
+        print(f"{'slide_id':<32} {'tiles':>7} {'views':>9} {'mpp':>6} {'tile':>5}  source")
+        for sid in store.slide_ids:
+            a = store.slide_attrs(sid) or {}
+            vt = f"{a.get('n_views', 0)}x{a.get('view_tiles', 0)}"
+            mpp = a.get("mpp")
+            print(f"{sid:<32} {a.get('n_tiles', 0):>7} {vt:>9} "
+                  f"{mpp if mpp is not None else '-':>6} {a.get('tile_size', '-'):>5}  "
+                  f"{a.get('source', '')}")
+    fails = store.failures
+    if fails:
+        print(f"failures       {len(fails)} (rerun `wsi-ssl embed` to retry):")
+        for sid, f in sorted(fails.items()):
+            print(f"  {sid:<30} {f.get('path')}: {f.get('error')}")
+    return 0
