@@ -56,7 +56,7 @@ def make_folds(y: np.ndarray, repeats: int, n_folds: int = 10, seed: int = 0) ->
 
 def run_benchmark(csv: str | Path, heads: list[str], *, folds: str | Path | np.ndarray | None = None,
                   repeats: int = 5, n_folds: int = 10, max_folds: int | None = None,
-                  seed: int = 0, **clf_kwargs) -> dict[str, np.ndarray]:
+                  seed: int = 0, verbose: bool = False, **clf_kwargs) -> dict[str, np.ndarray]:
     """Per-head test-fold accuracies ``{head: (n_evaluated_folds,)}``.
 
     ``max_folds`` stops each repeat after that many folds (for quick checks); ``clf_kwargs``
@@ -83,6 +83,8 @@ def run_benchmark(csv: str | Path, heads: list[str], *, folds: str | Path | np.n
                 clf.fit([bags[i] for i in tr_idx], y[tr_idx])
                 pred = clf.predict([bags[i] for i in te_idx])
                 acc[h].append(float((pred == y[te_idx]).mean()))
+                if verbose:
+                    print(f"  repeat {r} fold {f} {h:12s} accuracy {acc[h][-1]:.3f}", flush=True)
     return {h: np.array(v) for h, v in acc.items()}
 
 
@@ -97,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--folds-per-repeat", type=int, default=10)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--verbose", action="store_true", help="print every fold")
     args = p.parse_args(argv)
 
     import torch
@@ -104,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     res = run_benchmark(args.csv, args.head, folds=args.folds, repeats=args.repeats,
-                        n_folds=args.folds_per_repeat, seed=args.seed)
+                        n_folds=args.folds_per_repeat, seed=args.seed,
+                        verbose=args.verbose)
     name = Path(args.csv).stem
     print(f"# {name}: {len(next(iter(res.values())))} test folds, params {DEFAULTS}, "
           f"{time.perf_counter() - t0:.0f} s")

@@ -70,7 +70,7 @@ if SCHEDULER:
     client = Client(SCHEDULER)
 else:
     client = Client(LocalCluster(n_workers=WORKERS, threads_per_worker=1, processes=False,
-                                 dashboard_address=None))
+                                 dashboard_address=":0"))
 print(client)
 
 store_path = OUT / "tiles.zarr"

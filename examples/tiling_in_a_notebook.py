@@ -80,7 +80,7 @@ print(f"tissue: {tissue.fraction:.1%} of the thumbnail; {len(grid)} tiles of {gr
       f"at {grid.mpp} µm/px read from level {grid.level} ({grid.read_size} px)")
 fig = plot_grid(slide, grid, tissue)
 fig.savefig(OUT / "grid.png", dpi=100, bbox_inches="tight")
-fig
+fig  # noqa: B018 (shows the figure in a notebook)
 
 # %% [markdown]
 # ## Tiles as a lazy dask array

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -183,12 +184,16 @@ def run_demo(out_dir: str | os.PathLike = "wsi-ssl-demo", config: DemoConfig | N
     with _step("few-shot linear probes (slide SSL vs mean pooling) and a Cox model", say,
                timings):
         probes = {}
-        for name, emb in (("slide-ssl", ssl_emb), ("mean-pool", mean_emb)):
-            probes[name] = linear_probe(emb, labels, n_labeled=(*cfg.n_labeled, None),
-                                        repeats=cfg.repeats, seed=cfg.seed)
-            probes[name].save(out / "probe" / name)
-        surv = survival(ssl_emb, labels, seed=cfg.seed)
-        surv.save(out / "survival")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for name, emb in (("slide-ssl", ssl_emb), ("mean-pool", mean_emb)):
+                probes[name] = linear_probe(emb, labels, n_labeled=(*cfg.n_labeled, None),
+                                            repeats=cfg.repeats, seed=cfg.seed)
+                probes[name].save(out / "probe" / name)
+            surv = survival(ssl_emb, labels, seed=cfg.seed)
+            surv.save(out / "survival")
+        for msg in dict.fromkeys(str(w.message) for w in caught):
+            say(f"    note: {msg}")
 
     # 7. report -----------------------------------------------------------------------------
     summary = _summarise(cfg, probes, surv, ssl_emb, rep, timings)

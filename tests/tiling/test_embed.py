@@ -147,6 +147,19 @@ def test_refuses_another_encoder_and_bad_input(cohort, tmp_path):
         embed_slides(_good(cohort)[:1], "tiny-cnn", tmp_path / "u.zarr", client="tcp://nohost")
 
 
+def test_wrapped_module_travels_pickled(cohort, tmp_path):
+    import torch
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 5, 3, stride=4), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.Flatten())
+    enc = create_encoder(net, input_size=TILE)
+    rep = embed_slides(_good(cohort)[:1], enc, tmp_path / "w.zarr", client="sync",
+                       **(KW | {"views": 1}))
+    rec = TileStore(tmp_path / "w.zarr")["slide0"]
+    assert rep.ok and rec.features.shape[1] == 5 and rec.views.shape == (1, 8, 5)
+    assert rec.attrs["encoder_fingerprint"] == enc.fingerprint
+
+
 _KILL_SCRIPT = """
 import sys
 from wsi_ssl.tiling import embed_slides

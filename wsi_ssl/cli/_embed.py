@@ -45,11 +45,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import logging
+
     from wsi_ssl.errors import ConfigError
     from wsi_ssl.tiling import embed_slides
 
     if not args.slides and not args.manifest:
         raise ConfigError("give slide paths or --manifest CSV.")
+    if getattr(args, "verbose", 0) < 2:  # dask's own INFO chatter only with -vv
+        for name in ("distributed", "distributed.scheduler", "distributed.nanny",
+                     "distributed.core", "distributed.http.proxy"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     report = embed_slides(
         args.slides or None, args.encoder, args.store, weights=args.weights, mpp=args.mpp,
         tile_size=args.tile_size,

@@ -131,9 +131,18 @@ def write_pyramidal_tiff(
                 compression="jpeg",
                 compressionargs={"level": quality},
                 description=desc if lv == 0 else desc.split("\r\n")[0],
-                subfiletype=0 if lv == 0 else 1,
+                subfiletype=0,  # Aperio: pyramid levels are not "reduced" pages
                 metadata=None,
                 **kw,
             )
+            if lv == 0:
+                # Aperio layout: page 1 is a small stripped thumbnail (tiffslide and OpenSlide
+                # both expect it; without it tiffslide would take level 1 for the thumbnail).
+                tw = max(1, min(w0, 768))
+                th = max(1, int(round(h0 * tw / w0)))
+                thumb = np.asarray(render(0, 0, tw, th, w0 / tw), dtype=np.uint8)
+                tif.write(thumb, photometric="rgb", compression="jpeg",
+                          compressionargs={"level": quality}, rowsperstrip=16,
+                          description=desc.split("\r\n")[0], subfiletype=0, metadata=None)
     os.replace(tmp, path)
     return path

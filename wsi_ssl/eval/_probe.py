@@ -335,11 +335,11 @@ def linear_probe(
                 if m > len(tr):
                     warnings.warn(
                         f"n_labeled={m} is larger than the training side ({len(tr)} slides); "
-                        f"clamped to {len(tr)}.", UserWarning, stacklevel=2)
+                        f"clamped to {len(tr)}.", UserWarning, stacklevel=3)
                     m = len(tr)
             if any(m == s[0] for s in sizes):
                 warnings.warn(f"n_labeled={req!r} repeats size {m}; skipped.", UserWarning,
-                              stacklevel=2)
+                              stacklevel=3)
                 continue
             sizes.append((m, None if m == len(tr) else int(req)))
         for m, req in sorted(sizes):

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from wsi_ssl.mil._base import (
-    MILOutput,
     MILHead,
+    MILOutput,
     _check_int,
     _check_prob,
     masked_mean,

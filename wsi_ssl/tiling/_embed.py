@@ -291,9 +291,9 @@ def embed_slides(
     if enc.spec is not None:
         payload["spec"] = dict(enc.spec, device=device)
     else:
-        import pickle
+        import cloudpickle  # a dask dependency; handles modules defined in __main__
 
-        payload["pickled"] = pickle.dumps(enc)
+        payload["pickled"] = cloudpickle.dumps(enc)
     done, failed = [], []
     n_tiles = n_view_tiles = 0
     bar = progress(total=len(todo), desc="embed", unit="slide")
@@ -353,8 +353,9 @@ def embed_slides(
                     handle(job, res)
                     f.release()
             finally:
-                if cluster is not None:
+                if cl is not client:  # we made it: a local cluster or a connection by address
                     cl.close()
+                if cluster is not None:
                     cluster.close()
     finally:
         bar.close()

@@ -28,13 +28,11 @@ logger = logging.getLogger(__name__)
 _WORKER_ENCODERS: dict[str, Any] = {}  # fingerprint -> TileEncoder, one per worker process
 _WORKER_LOCK = threading.Lock()
 
+
 def seed_for(seed: int, slide_id: str) -> list[int]:
     """The entropy of a slide's view-bank rng: ``[seed, first 8 bytes of sha256(slide_id)]``."""
     h = int.from_bytes(hashlib.sha256(slide_id.encode()).digest()[:8], "little")
     return [int(seed), h]
-
-
-
 
 
 def _worker_encoder(payload: dict[str, Any]):

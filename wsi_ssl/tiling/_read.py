@@ -182,10 +182,10 @@ def read_tiles(slide: Any, grid: Any, *, batch_size: int = 64, num_workers: int 
         sel = np.unique(np.asarray(indices, dtype=np.int64).ravel())
         if len(sel) and (sel[0] < 0 or sel[-1] >= len(grid)):
             raise ConfigError(f"indices= must lie in [0, {len(grid)}); got {int(sel[0])}..{int(sel[-1])}.")
-    # small jobs: shrink regions so that every worker gets some (at least 2 regions per worker)
+    # small jobs: shrink regions so that every worker gets at least one
     level_px = (grid.tile_size - grid.overlap) * grid.scale0 / grid.level_downsample
     area = len(sel) * level_px * level_px
-    fair = int(math.sqrt(area / (2 * num_workers))) if len(sel) else region_size
+    fair = int(math.sqrt(area / num_workers)) if len(sel) else region_size
     region_size = max(min(int(region_size), fair), int(2 * grid.tile_size * grid.scale0 / grid.level_downsample))
     regions = plan_regions(slide, grid, sel, region_size=region_size)
     return _iterate(slide, grid, regions, int(batch_size), num_workers)

@@ -1,0 +1,87 @@
+"""Every notebook in ``examples/`` runs end to end as a script on small inputs.
+
+Each example is a jupytext percent-format ``.py`` file (paired with an ``.ipynb`` without outputs);
+here it runs as ``python examples/<name>.py`` in a temporary folder, and its outputs are checked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples"
+
+
+def _run(name: str, tmp_path: Path, data_dir: Path, **env: str) -> Path:
+    out = tmp_path / "out"
+    full_env = {**os.environ, "WSI_SSL_EXAMPLE_OUT": str(out), "WSI_SSL_TEST_DATA": str(data_dir),
+                "WSI_SSL_PROGRESS": "0", "MPLBACKEND": "Agg", **env}
+    proc = subprocess.run([sys.executable, str(EXAMPLES / f"{name}.py")], cwd=tmp_path,
+                          env=full_env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return out
+
+
+@pytest.mark.slow
+def test_tiling_in_a_notebook(tmp_path: Path, data_dir: Path) -> None:
+    out = _run("tiling_in_a_notebook", tmp_path, data_dir)
+    for png in ("grid.png", "tiles.png", "features_pc1.png"):
+        assert (out / png).stat().st_size > 1000
+    z = np.load(out / "features.npz")
+    assert z["features"].shape[0] == z["coords"].shape[0] > 20  # the real slide has ~50 tiles
+    assert np.isfinite(z["features"]).all() and z["features"].std(0).max() > 0
+
+
+@pytest.mark.slow
+def test_compress_a_cohort(tmp_path: Path, data_dir: Path) -> None:
+    out = _run("compress_a_cohort", tmp_path, data_dir, WSI_SSL_EXAMPLE_N_SLIDES="6",
+               WSI_SSL_EXAMPLE_EPOCHS="5")
+    s = json.loads((out / "summary.json").read_text())
+    assert s["n_slides"] == 6 and s["dim"] == 512
+    assert s["bytes_per_slide"] <= 2048  # the compression target: <= 2 KB per slide
+    assert s["sizes"]["slides"] > 100 * s["sizes"]["slide embeddings"]
+    assert (out / "slide_model" / "config.json").is_file()
+
+
+@pytest.mark.slow
+def test_tiny_labeled_set(tmp_path: Path, data_dir: Path) -> None:
+    out = _run("tiny_labeled_set", tmp_path, data_dir)
+    s = json.loads((out / "summary.json").read_text())
+    for name in ("slide-ssl", "mean-pool"):
+        rows = s["probe"][name]
+        assert [r["name"] for r in rows] == ["n=8", "n=16"]
+        assert all(0.0 <= r["auc_mean"] <= 1.0 for r in rows)
+    assert set(s["abmil"]) == {"8", "16"}
+    assert 0.0 <= s["c_index"] <= 1.0
+    assert any((out / "survival").glob("*.png"))
+
+
+@pytest.mark.slow
+def test_bring_your_own_features(tmp_path: Path, data_dir: Path) -> None:
+    out = _run("bring_your_own_features", tmp_path, data_dir)
+    s = json.loads((out / "summary.json").read_text())
+    assert s["n_imported"] == 1 and s["n_slides"] >= 5 and s["dim"] == 512
+    assert s["bytes_per_slide"] <= 2048
+    assert len(list((out / "exported_h5").glob("*.h5"))) == s["n_slides"]
+
+
+def test_notebooks_match_their_scripts() -> None:
+    """Each committed ``.ipynb`` has the code of its ``.py`` and no outputs."""
+    jupytext = pytest.importorskip("jupytext", reason="jupytext is in the dev extra")
+    scripts = sorted(EXAMPLES.glob("*.py"))
+    assert {p.stem for p in scripts} == {"tiling_in_a_notebook", "compress_a_cohort",
+                                         "tiny_labeled_set", "bring_your_own_features"}
+    for py in scripts:
+        nb_path = py.with_suffix(".ipynb")
+        assert nb_path.is_file(), f"run `jupytext --to ipynb {py.relative_to(REPO)}`"
+        code_py = [c.source for c in jupytext.read(py).cells if c.cell_type == "code"]
+        nb = jupytext.read(nb_path)
+        assert [c.source for c in nb.cells if c.cell_type == "code"] == code_py, nb_path.name
+        assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code")
