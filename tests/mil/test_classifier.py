@@ -92,6 +92,8 @@ def test_tilestore_and_coordinate_aware_head(tmp_path):
     clf = MILClassifier(head="sparseconv", **FAST).fit(store, y, slide_ids=ids)
     acc = (clf.predict(store, slide_ids=ids) == y).mean()
     assert acc > 0.8, acc
+    with pytest.raises(InputError, match="slide_ids: .*'slide-99'"):
+        clf.predict(store, slide_ids=["slide-99"])
     with pytest.raises(InputError, match="pass slide_ids"):
         clf.predict(store)
     with pytest.raises(InputError, match="coordinate-aware"):

@@ -113,7 +113,8 @@ class MILClassifier:
                 try:
                     rec = bags[sid]
                 except KeyError as err:
-                    raise InputError(f"slide id {sid!r} is not in the store {bags!r}.") from err
+                    why = err.args[0] if err.args else f"slide id {sid!r} is not in the store"
+                    raise InputError(f"slide_ids: {why}") from err
                 feats.append(rec.features)
                 attrs = getattr(rec, "attrs", None) or {}
                 rc = getattr(rec, "coords", None)
