@@ -29,22 +29,26 @@ def store_path(tmp_path_factory):
 
 def test_pretrain_then_encode(store_path, tmp_path, capsys):
     model_dir = tmp_path / "model"
-    rc = main(["pretrain-slides", str(store_path), "--out", str(model_dir), "--head", "abmil",
-               "--epochs", "3", "--batch-size", "4", "--lr", "1e-3", "--embed-dim", "32",
-               "--device", "cpu"])
+    with pytest.warns(UserWarning, match="without tiles: \\['empty'\\]"):
+        rc = main(["pretrain-slides", str(store_path), "--out", str(model_dir), "--head",
+                   "abmil", "--epochs", "3", "--batch-size", "4", "--lr", "1e-3", "--embed-dim",
+                   "32", "--device", "cpu"])
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "views/s" in out and "empty" in out  # summary table and the skipped slide
     for name in ("model.safetensors", "config.json", "loss_curve.png", "checkpoint.safetensors"):
         assert (model_dir / name).is_file(), name
     # --resume on a finished run trains nothing more and keeps the model
-    rc = main(["pretrain-slides", str(store_path), "--out", str(model_dir), "--head", "abmil",
-               "--epochs", "3", "--batch-size", "4", "--lr", "1e-3", "--embed-dim", "32",
-               "--device", "cpu", "--resume"])
+    with pytest.warns(UserWarning, match="empty"):
+        rc = main(["pretrain-slides", str(store_path), "--out", str(model_dir), "--head",
+                   "abmil", "--epochs", "3", "--batch-size", "4", "--lr", "1e-3", "--embed-dim",
+                   "32", "--device", "cpu", "--resume"])
     assert rc == 0
     capsys.readouterr()
     npz = tmp_path / "slides.npz"
-    rc = main(["encode-slides", str(store_path), "--model", str(model_dir), "--out", str(npz)])
+    with pytest.warns(UserWarning, match="empty"):
+        rc = main(["encode-slides", str(store_path), "--model", str(model_dir), "--out",
+                   str(npz)])
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "bytes/slide" in out and " 64 " in out  # 32 float16 values per slide
