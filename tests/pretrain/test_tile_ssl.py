@@ -64,6 +64,8 @@ def test_resnet18_weights_load_as_tile_encoder(cmu, tmp_path):
     enc2 = create_encoder(str(out), device="cpu")
     rand = create_encoder("resnet18", device="cpu")
     assert enc.fingerprint == enc2.fingerprint != rand.fingerprint
+    # the encoder expects the tile size it was pretrained at (from the checkpoint metadata)
+    assert enc.input_size == enc2.input_size == 32 and rand.input_size == 224
     tiles = _tiles(cmu, 4)
     f = enc.embed(tiles)
     assert f.shape == (4, 512) and torch.isfinite(f).all()

@@ -204,6 +204,8 @@ def create_encoder(name: Any, *, weights: str | os.PathLike | None = None,
     model, info = _build(name)
     if weights is not None:
         load_weights_into(model, weights)
+    if input_size is None and meta.get("format") == CHECKPOINT_FORMAT and meta.get("tile_size"):
+        input_size = int(meta["tile_size"])  # our tile-SSL weights: the size they were trained at
     size = int(input_size or info["input_size"])
     arch = dict(info["arch"])  # weights enter the fingerprint through their values, not name
     spec = {"name": name, "weights": None if weights is None else str(Path(weights).resolve()),
