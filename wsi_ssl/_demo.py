@@ -43,7 +43,7 @@ class DemoConfig:
     encoder: str = "tiny-cnn"
     views: int = 16
     view_tiles: int = 64
-    slide_epochs: int = 60
+    slide_epochs: int = 150
     n_labeled: tuple[int, ...] = (8, 16, 32)
     repeats: int = 10
     device: str = "auto"
@@ -205,7 +205,8 @@ def run_demo(out_dir: str | os.PathLike = "wsi-ssl-demo", config: DemoConfig | N
 
 def _slide_ssl_kwargs(cfg: DemoConfig) -> dict[str, Any]:
     """Small-cohort settings of the Giga-SSL recipe (paper defaults are documented on SlideSSL)."""
-    return dict(head="sparseconv", epochs=cfg.slide_epochs, batch_size=min(256, cfg.n_slides),
+    return dict(head="sparseconv", epochs=cfg.slide_epochs, batch_size=min(32, cfg.n_slides),
+                lr=1e-3, temperature=0.1, warmup_epochs=min(10, cfg.slide_epochs // 10),
                 device=cfg.device, seed=cfg.seed)
 
 

@@ -151,33 +151,9 @@ class SlideSSL:
         return p
 
     def _validate(self) -> None:
-        def pos_int(name: str, minimum: int = 1) -> None:
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum:
-                raise ConfigError(f"SlideSSL {name}={v!r} must be an integer >= {minimum}.")
+        from wsi_ssl.pretrain._slide_train import validate_params
 
-        for name in ("embed_dim", "tiles_per_view", "batch_size", "epochs", "inference_batch",
-                     "checkpoint_every"):
-            pos_int(name)
-        pos_int("warmup_epochs", 0)
-        pos_int("batch_size", 2)
-        if self.inference_chunks is not None:
-            pos_int("inference_chunks")
-        for name in ("temperature", "lr"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or not v > 0:
-                raise ConfigError(f"SlideSSL {name}={v!r} must be a number > 0.")
-        if not isinstance(self.weight_decay, (int, float)) or self.weight_decay < 0:
-            raise ConfigError(f"SlideSSL weight_decay={self.weight_decay!r} must be >= 0.")
-        if self.optimizer not in ("adamw", "adam"):
-            raise ConfigError(f"SlideSSL optimizer={self.optimizer!r}; use 'adamw' or 'adam'.")
-        dims = tuple(self.proj_dims)
-        if not dims or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in dims):
-            raise ConfigError(f"SlideSSL proj_dims={self.proj_dims!r} must be positive integers, "
-                              "e.g. (512, 512, 256).")
-        if self.coord_augment is not None and not isinstance(self.coord_augment, CoordAugment):
-            raise ConfigError("SlideSSL coord_augment must be a CoordAugment or None; got "
-                              f"{type(self.coord_augment).__name__}.")
+        validate_params(self)
 
     # -- model ------------------------------------------------------------------------------------
     def _build_net(self, in_dim: int):

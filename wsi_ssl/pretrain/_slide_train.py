@@ -13,9 +13,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from wsi_ssl.errors import CheckpointError
+from wsi_ssl.errors import CheckpointError, ConfigError
 
-__all__ = ["build_optimizer", "lr_factor", "save_checkpoint", "load_checkpoint",
+__all__ = ["validate_params", "build_optimizer", "lr_factor", "save_checkpoint", "load_checkpoint",
            "plot_loss_curve", "CHECKPOINT_NAME"]
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
@@ -142,3 +142,36 @@ def plot_loss_curve(history: list[float], path: str | os.PathLike, *,
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     return path
+
+
+def validate_params(m: Any) -> None:
+    """Check the parameters of a SlideSSL (ConfigError naming the bad one)."""
+    from wsi_ssl.pretrain._slide_data import CoordAugment
+
+    def pos_int(name: str, minimum: int = 1) -> None:
+        v = getattr(m, name)
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum:
+            raise ConfigError(f"SlideSSL {name}={v!r} must be an integer >= {minimum}.")
+
+    for name in ("embed_dim", "tiles_per_view", "batch_size", "epochs", "inference_batch",
+                 "checkpoint_every"):
+        pos_int(name)
+    pos_int("warmup_epochs", 0)
+    pos_int("batch_size", 2)
+    if m.inference_chunks is not None:
+        pos_int("inference_chunks")
+    for name in ("temperature", "lr"):
+        v = getattr(m, name)
+        if not isinstance(v, (int, float)) or not v > 0:
+            raise ConfigError(f"SlideSSL {name}={v!r} must be a number > 0.")
+    if not isinstance(m.weight_decay, (int, float)) or m.weight_decay < 0:
+        raise ConfigError(f"SlideSSL weight_decay={m.weight_decay!r} must be >= 0.")
+    if m.optimizer not in ("adamw", "adam"):
+        raise ConfigError(f"SlideSSL optimizer={m.optimizer!r}; use 'adamw' or 'adam'.")
+    dims = tuple(m.proj_dims)
+    if not dims or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in dims):
+        raise ConfigError(f"SlideSSL proj_dims={m.proj_dims!r} must be positive integers, "
+                          "e.g. (512, 512, 256).")
+    if m.coord_augment is not None and not isinstance(m.coord_augment, CoordAugment):
+        raise ConfigError("SlideSSL coord_augment must be a CoordAugment or None; got "
+                          f"{type(m.coord_augment).__name__}.")
