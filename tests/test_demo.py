@@ -11,7 +11,7 @@ from wsi_ssl.cli import main
 
 pytestmark = pytest.mark.slow
 
-TINY = DemoConfig(n_slides=10, slide_epochs=3, views=4, view_tiles=16, repeats=2,
+TINY = DemoConfig(n_slides=10, slide_epochs=3, views=4, view_tiles=16, repeats=2, test_size=0.3,
                   n_labeled=(4,), n_workers=1, device="cpu")
 
 

@@ -36,15 +36,18 @@ logger = logging.getLogger(__name__)
 class DemoConfig:
     """Sizes of the demo run (defaults: ~3-5 minutes on 2 CPU cores)."""
 
-    n_slides: int = 40
+    n_slides: int = 48
     seed: int = 0
     tile_size: int = 112
     mpp: float = 0.5
     encoder: str = "tiny-cnn"
-    views: int = 16
-    view_tiles: int = 64
+    views: int = 8
+    view_tiles: int = 32
+    slide_head: str = "abmil"
+    tiles_per_view: int = 16
     slide_epochs: int = 150
     n_labeled: tuple[int, ...] = (8, 16, 32)
+    test_size: float = 1 / 3
     repeats: int = 10
     device: str = "auto"
     n_workers: int | None = None
@@ -159,7 +162,7 @@ def run_demo(out_dir: str | os.PathLike = "wsi-ssl-demo", config: DemoConfig | N
             say("    reusing the trained model in slide_model/")
         else:
             model = SlideSSL(**_slide_ssl_kwargs(cfg), checkpoint_dir=out / "slide_ckpt")
-            model.fit(store, resume=True)
+            model.fit(store, resume=(out / "slide_ckpt" / "checkpoint.safetensors").exists())
             model.save(model_dir)
         loss_png = _find_loss_curve(out)
 
@@ -188,7 +191,8 @@ def run_demo(out_dir: str | os.PathLike = "wsi-ssl-demo", config: DemoConfig | N
             warnings.simplefilter("always")
             for name, emb in (("slide-ssl", ssl_emb), ("mean-pool", mean_emb)):
                 probes[name] = linear_probe(emb, labels, n_labeled=(*cfg.n_labeled, None),
-                                            repeats=cfg.repeats, seed=cfg.seed)
+                                            repeats=cfg.repeats, test_size=cfg.test_size,
+                                            seed=cfg.seed)
                 probes[name].save(out / "probe" / name)
             surv = survival(ssl_emb, labels, seed=cfg.seed)
             surv.save(out / "survival")
@@ -205,8 +209,9 @@ def run_demo(out_dir: str | os.PathLike = "wsi-ssl-demo", config: DemoConfig | N
 
 def _slide_ssl_kwargs(cfg: DemoConfig) -> dict[str, Any]:
     """Small-cohort settings of the Giga-SSL recipe (paper defaults are documented on SlideSSL)."""
-    return dict(head="sparseconv", epochs=cfg.slide_epochs, batch_size=min(32, cfg.n_slides),
-                lr=1e-3, temperature=0.1, warmup_epochs=min(10, cfg.slide_epochs // 10),
+    return dict(head=cfg.slide_head, tiles_per_view=cfg.tiles_per_view,
+                epochs=cfg.slide_epochs, batch_size=min(32, cfg.n_slides), lr=1e-3,
+                temperature=0.1, warmup_epochs=min(10, cfg.slide_epochs // 10),
                 device=cfg.device, seed=cfg.seed)
 
 

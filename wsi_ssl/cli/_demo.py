@@ -15,7 +15,7 @@ DESCRIPTION = (
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="wsi-ssl-demo", help="output folder")
-    p.add_argument("--slides", type=int, default=40, help="number of generated slides")
+    p.add_argument("--slides", type=int, default=48, help="number of generated slides")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--slide-epochs", type=int, default=None,
                    help="slide-SSL epochs (default: the demo's setting)")
