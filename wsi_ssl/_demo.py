@@ -201,6 +201,7 @@ def run_demo(out_dir: str | os.PathLike = "wsi-ssl-demo", config: DemoConfig | N
 
     # 7. report -----------------------------------------------------------------------------
     summary = _summarise(cfg, probes, surv, ssl_emb, rep, timings)
+    _plot_learning_curves(summary, figs / "learning_curve.png")
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     md, html = _write_report(out, cfg, summary, qc_png, loss_png)
     say(f"report: {md} and {html}")
@@ -270,7 +271,8 @@ def _write_report(out: Path, cfg: DemoConfig, summary: dict[str, Any], qc_png: P
                   loss_png: Path | None) -> tuple[Path, Path]:
     import html as _html
 
-    pictures = [("Tiling QC: tissue mask and tile grid", qc_png)]
+    pictures = [("Few-shot AUC: slide SSL vs mean pooling", out / "figures" / "learning_curve.png"),
+                ("Tiling QC: tissue mask and tile grid", qc_png)]
     if loss_png is not None:
         pictures.append(("Slide-level contrastive pretraining: loss", loss_png))
     for title, pattern in (("Few-shot learning curve, slide SSL", "probe/slide-ssl/*.png"),
@@ -300,3 +302,27 @@ def _write_report(out: Path, cfg: DemoConfig, summary: dict[str, Any], qc_png: P
     html_path.write_text("<!doctype html><meta charset='utf-8'><title>wsi-ssl demo</title>"
                          "<body style='font-family:sans-serif'>" + "".join(body) + "</body>")
     return md_path, html_path
+
+
+def _plot_learning_curves(summary: dict[str, Any], path: Path) -> None:
+    """AUC against the number of labelled slides, one line per embedding, on one picture."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, rows in summary["probe"].items():
+        pts = sorted((int(k.split("(")[-1].rstrip(")")) if "all" in k else int(k[2:]), r)
+                     for k, r in rows.items() if k.startswith("n="))
+        if not pts:
+            continue
+        n = [p[0] for p in pts]
+        auc = np.array([p[1]["auc_mean"] for p in pts])
+        sd = np.array([p[1]["auc_std"] for p in pts])
+        ax.errorbar(n, auc, yerr=sd, marker="o", capsize=3, label=name)
+    ax.axhline(0.5, color="grey", lw=0.8, ls=":")
+    ax.set_xlabel("labelled slides")
+    ax.set_ylabel("held-out AUC (mean +- std over repeats)")
+    ax.set_ylim(0.3, 1.02)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

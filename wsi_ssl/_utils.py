@@ -45,7 +45,7 @@ SLIDE_EXTENSIONS: tuple[str, ...] = (
 )
 
 
-def resolve_device(device: "DeviceLike | torch.device" = "auto") -> "torch.device":
+def resolve_device(device: DeviceLike | torch.device = "auto") -> torch.device:
     """Turn ``"auto"`` / ``"cpu"`` / ``"cuda"`` / ``"cuda:1"`` into a :class:`torch.device`.
 
     ``"auto"`` picks CUDA when :func:`torch.cuda.is_available`, then Apple MPS, else the CPU.
