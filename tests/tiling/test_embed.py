@@ -22,7 +22,7 @@ from wsi_ssl.store import TileStore
 from wsi_ssl.tiling import EmbedReport, embed_slides
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import tissue_image  # noqa: E402
+from _synthetic import tissue_image  # noqa: E402
 
 TILE = 64
 KW = {"mpp": 0.5, "tile_size": TILE, "views": 3, "view_tiles": 8, "batch_size": 32}
