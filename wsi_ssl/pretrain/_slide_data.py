@@ -111,6 +111,18 @@ def grid_stride(coords: np.ndarray, attrs: dict[str, Any] | None = None) -> floa
     return min(gaps) if gaps else 1.0
 
 
+def store_slide_ids(store: Any, slide_ids: Sequence[str] | None) -> list[str]:
+    """``slide_ids`` checked against the store's complete slides (all of them when ``None``)."""
+    ids = list(store.slide_ids) if slide_ids is None else [str(s) for s in slide_ids]
+    if slide_ids is not None:
+        known = set(store.slide_ids)
+        missing = [s for s in ids if s not in known]
+        if missing:
+            raise InputError(f"{len(missing)} slide ids are not complete slides of the store, "
+                             f"e.g. {missing[:5]}; see TileStore.slide_ids.")
+    return ids
+
+
 @dataclass(frozen=True)
 class SlideData:
     """The arrays of one slide that slide SSL needs, in memory.
@@ -192,13 +204,7 @@ class SlideBank:
         self._cache: OrderedDict[str, SlideData] = OrderedDict()
         self._cached_bytes = 0
         self.n_reads = 0
-        ids = list(store.slide_ids) if slide_ids is None else [str(s) for s in slide_ids]
-        if slide_ids is not None:
-            known = set(store.slide_ids)
-            missing = [s for s in ids if s not in known]
-            if missing:
-                raise InputError(f"{len(missing)} slide ids are not complete slides of the store, "
-                                 f"e.g. {missing[:5]}; see TileStore.slide_ids.")
+        ids = store_slide_ids(store, slide_ids)
         if not ids:
             raise InputError(f"tile store '{getattr(store, 'path', store)}' has no complete "
                              "slides; embed some slides first (`wsi-ssl embed`).")

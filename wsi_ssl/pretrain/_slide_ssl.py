@@ -33,7 +33,12 @@ from wsi_ssl.errors import (
     NotFittedError,
     WeightsError,
 )
-from wsi_ssl.pretrain._slide_data import CoordAugment, SlideBank, _read_slide
+from wsi_ssl.pretrain._slide_data import (
+    CoordAugment,
+    SlideBank,
+    _read_slide,
+    store_slide_ids,
+)
 
 __all__ = ["SlideSSL"]
 
@@ -364,13 +369,7 @@ class SlideSSL:
                 f"tile store '{getattr(store, 'path', store)}' was embedded with encoder "
                 f"{enc!r} but this SlideSSL model was trained on features of "
                 f"{self.encoder_fingerprint_!r}; embed the slides with the training encoder.")
-        ids = list(store.slide_ids) if slide_ids is None else [str(s) for s in slide_ids]
-        if slide_ids is not None:
-            known = set(store.slide_ids)
-            missing = [s for s in ids if s not in known]
-            if missing:
-                raise InputError(f"{len(missing)} slide ids are not complete slides of the "
-                                 f"store, e.g. {missing[:5]}.")
+        ids = store_slide_ids(store, slide_ids)
         device = resolve_device(self.device)
         net = self.net_.to(device).eval()
         out_ids, rows, skipped = [], [], []
