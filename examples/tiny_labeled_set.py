@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -65,8 +67,9 @@ if STORE is None or EMBEDDINGS is None or LABELS is None:
     STORE, LABELS = OUT / "tiles.zarr", cohort.labels_csv
     embed_slides(cohort.slides_dir, "tiny-cnn", STORE, mpp=0.5, tile_size=112, views=6,
                  view_tiles=24, client="sync", seed=0)
-    ssl = SlideSSL(head="sparseconv", epochs=30, batch_size=N_SLIDES, lr=1e-3, warmup_epochs=2,
-                   seed=0).fit(TileStore(STORE, mode="r"))
+    # k = 24 tiles per view: the label region is small, a 5-tile view would mostly miss it
+    ssl = SlideSSL(head="sparseconv", tiles_per_view=24, epochs=30, batch_size=N_SLIDES,
+                   lr=1e-3, warmup_epochs=2, seed=0).fit(TileStore(STORE, mode="r"))
     EMBEDDINGS = ssl.transform(TileStore(STORE, mode="r")).save(OUT / "slide_embeddings.npz")
 
 store = TileStore(STORE, mode="r")

@@ -44,7 +44,7 @@ class DemoConfig:
     views: int = 8
     view_tiles: int = 32
     slide_head: str = "abmil"
-    tiles_per_view: int = 16
+    tiles_per_view: int = 32
     slide_epochs: int = 150
     n_labeled: tuple[int, ...] = (8, 16, 32)
     test_size: float = 1 / 3

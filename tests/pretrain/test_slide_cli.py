@@ -65,3 +65,24 @@ def test_errors_are_one_line(store_path, tmp_path, capsys):
     rc = main(["pretrain-slides", str(tmp_path / "missing.zarr"), "--out", str(tmp_path / "m")])
     err = capsys.readouterr().err
     assert rc == 1 and "does not exist" in err
+
+
+def test_head_options_reach_the_head(store_path, tmp_path, capsys):
+    model_dir = tmp_path / "model"
+    with pytest.warns(UserWarning, match="empty"):
+        rc = main(["pretrain-slides", str(store_path), "--out", str(model_dir), "--epochs", "2",
+                   "--batch-size", "4", "--lr", "1e-3", "--embed-dim", "16", "--device", "cpu",
+                   "--head-option", "pooling=mean", "--head-option", "n_layers=2"])
+    assert rc == 0, capsys.readouterr().err
+    from wsi_ssl.pretrain import SlideSSL
+
+    model = SlideSSL.load(model_dir)
+    assert model.head_kwargs == {"pooling": "mean", "n_layers": 2}
+    assert model.net_.head.pooling == "mean" and len(model.net_.head.convs) == 2
+    with pytest.raises(SystemExit):
+        main(["pretrain-slides", str(store_path), "--out", str(model_dir), "--head-option", "x"])
+    assert "KEY=VALUE" in capsys.readouterr().err
+    with pytest.warns(UserWarning, match="empty"):
+        rc = main(["pretrain-slides", str(store_path), "--out", str(tmp_path / "m2"), "--epochs",
+                   "1", "--device", "cpu", "--head-option", "pooling=sum"])
+    assert rc == 1 and "pooling" in capsys.readouterr().err

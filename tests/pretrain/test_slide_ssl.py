@@ -80,7 +80,7 @@ def cohort(tmp_path_factory):
 def fitted(cohort, tmp_path_factory):
     store, _ = cohort
     ckpt = tmp_path_factory.mktemp("ckpt")
-    return small(checkpoint_dir=ckpt).fit(store), ckpt
+    return small(epochs=40, checkpoint_dir=ckpt).fit(store), ckpt
 
 
 # -- pieces -----------------------------------------------------------------------------------------
@@ -210,6 +210,22 @@ def test_save_load_roundtrip_and_artefacts(cohort, fitted, tmp_path):
     assert loaded.history_ == model.history_
     with pytest.raises(WeightsError, match="not a SlideSSL model directory"):
         SlideSSL.load(tmp_path)
+
+
+def test_models_saved_before_attention_pooling_still_load(cohort, tmp_path):
+    """A sparseconv model directory written when the head mean-pooled its cells (no pooling in
+    head_kwargs, no attention weights) loads as a mean-pooling head with the same output."""
+    store, _ = cohort
+    old = small(epochs=2, head_kwargs={"pooling": "mean"}).fit(store)
+    out = old.save(tmp_path / "old")
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["params"]["head_kwargs"] = {}  # what the older version wrote
+    (out / "config.json").write_text(json.dumps(cfg))
+    loaded = SlideSSL.load(out)
+    assert loaded.net_.head.pooling == "mean"
+    np.testing.assert_array_equal(loaded.transform(store).embeddings,
+                                  old.transform(store).embeddings)
+    assert small(epochs=1).fit(store).net_.head.pooling == "attention"  # the new default
 
 
 _KILL_SCRIPT = """

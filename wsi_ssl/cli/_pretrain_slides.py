@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 HELP = "train a slide encoder (Giga-SSL) on a tile store with a view bank; no labels"
 DESCRIPTION = (
@@ -17,6 +18,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, metavar="MODEL_DIR", help="output model directory")
     p.add_argument("--head", default="sparseconv",
                    help="aggregator: sparseconv, abmil, resmlp-mean, ... (wsi_ssl.mil heads)")
+    p.add_argument("--head-option", action="append", default=[], metavar="KEY=VALUE",
+                   type=_head_option,
+                   help="option of the head, repeatable (e.g. pooling=mean, n_layers=2, "
+                        "dropout=0.1); values are read as JSON numbers/booleans when they parse")
     p.add_argument("--epochs", type=int, default=3000, help="passes over the slides")
     p.add_argument("--batch-size", type=int, default=256,
                    help="slides per step (clamped to the cohort size)")
@@ -31,6 +36,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+def _head_option(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE (e.g. pooling=mean)")
+    try:
+        parsed: object = json.loads(value)
+    except ValueError:
+        parsed = value
+    return key.strip(), parsed
+
+
 def run(args: argparse.Namespace) -> int:
     from wsi_ssl.pretrain._slide_run import pretrain_slides
 
@@ -38,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
         args.store, args.out, head=args.head, epochs=args.epochs, batch_size=args.batch_size,
         lr=args.lr, weight_decay=args.weight_decay, tiles_per_view=args.tiles_per_view,
         temperature=args.temperature, embed_dim=args.embed_dim,
-        checkpoint_every=args.checkpoint_every, resume=args.resume, device=args.device,
+        head_kwargs=dict(args.head_option) or None, checkpoint_every=args.checkpoint_every, resume=args.resume, device=args.device,
         seed=args.seed)
     hist = model.history_
     print(f"{'slides':>8} {'skipped':>8} {'epochs':>7} {'first loss':>11} {'last loss':>10} "

@@ -105,6 +105,20 @@ class SparseGrid:
         out.index_add_(0, self.cell_bag, c)
         return out / self.cell_count.clamp_min(1).unsqueeze(1).to(c.dtype)
 
+    def softmax(self, scores: torch.Tensor) -> torch.Tensor:
+        """Softmax of one score per cell within each bag: ``(M,)`` -> ``(M,)`` weights that sum
+        to 1 over the cells of every bag."""
+        big = torch.full((self.n_bags,), float("-inf"), dtype=scores.dtype, device=scores.device)
+        top = big.scatter_reduce(0, self.cell_bag, scores, reduce="amax", include_self=True)
+        e = torch.exp(scores - top[self.cell_bag])
+        tot = torch.zeros(self.n_bags, dtype=e.dtype, device=e.device).index_add_(0, self.cell_bag, e)
+        return e / tot[self.cell_bag]
+
+    def pool_weighted(self, c: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """Sum of the cells of every bag weighted by ``w``: ``(M, E)``, ``(M,)`` -> ``(B, E)``."""
+        out = torch.zeros(self.n_bags, c.shape[-1], dtype=c.dtype, device=c.device)
+        return out.index_add_(0, self.cell_bag, c * w.unsqueeze(1))
+
     def pool_max(self, c: torch.Tensor) -> torch.Tensor:
         """Feature-wise max over the cells of every bag: ``(M, E)`` -> ``(B, E)``."""
         out = torch.full((self.n_bags, c.shape[-1]), float("-inf"), dtype=c.dtype, device=c.device)
@@ -176,29 +190,38 @@ class SparseConvMIL(MILHead):
         embed_dim: size ``E`` of the projection and of the embedding (default 512).
         n_layers: number of sparse convolution layers (default 1).
         kernel_size: convolution size in cells (default 3, the 8 neighbours).
-        pooling: ``"mean"`` or ``"max"`` over cells.
+        pooling: ``"attention"`` (gated attention over cells, the default), ``"mean"`` (the
+            original SparseConvMIL / Giga-SSL head) or ``"max"``. On slides whose label lives in
+            a minority of the tissue, attention pooling gave clearly better slide-SSL embeddings
+            than mean pooling (``benchmarks/bench_slide_ssl.py``).
+        attn_dim: hidden size of the attention network (``pooling="attention"`` only).
         dropout: dropout after the projection.
 
     Shape:
         x ``(B, N, D)``, coords ``(B, N, 2)`` (required) -> embedding ``(B, E)``; attention
-        ``(B, N)``: each tile's share of the mean (``1 / (cells * tiles in its cell)``), or None
-        for max pooling.
+        ``(B, N)``: each tile's share of the pooled embedding (mean: ``1 / (cells * tiles in its
+        cell)``; attention: its cell's weight / tiles in the cell), or None for max pooling.
     """
 
     uses_coords = True
 
     def __init__(self, in_dim: int, n_classes: int = 0, *, embed_dim: int = 512,
-                 n_layers: int = 1, kernel_size: int = 3, pooling: str = "mean",
-                 dropout: float = 0.0) -> None:
+                 n_layers: int = 1, kernel_size: int = 3, pooling: str = "attention",
+                 attn_dim: int = 128, dropout: float = 0.0) -> None:
         super().__init__(in_dim, n_classes)
         self.proj, self.embed_dim = projection(self.in_dim, embed_dim, _check_prob("dropout", dropout))
         n_layers = _check_int("n_layers", n_layers, 0)
         self.convs = nn.ModuleList(
             SparseConv2d(self.embed_dim, self.embed_dim, kernel_size) for _ in range(n_layers)
         )
-        if pooling not in ("mean", "max"):
-            raise ConfigError(f"pooling={pooling!r} must be 'mean' or 'max'.")
+        if pooling not in ("mean", "max", "attention"):
+            raise ConfigError(f"pooling={pooling!r} must be 'mean', 'max' or 'attention'.")
         self.pooling = pooling
+        if pooling == "attention":
+            attn_dim = _check_int("attn_dim", attn_dim, 1)
+            self.attn_v = nn.Linear(self.embed_dim, attn_dim)
+            self.attn_u = nn.Linear(self.embed_dim, attn_dim)
+            self.attn_w = nn.Linear(attn_dim, 1)
         self.radius = _check_int("kernel_size", kernel_size, 1) // 2
         self._build_classifier()
 
@@ -209,7 +232,14 @@ class SparseConvMIL(MILHead):
             c = c + torch.relu(conv(c, grid))
         if self.pooling == "max":
             return grid.pool_max(c), None
-        per_cell = 1.0 / grid.cell_count.to(c.dtype)[grid.cell_bag] / grid.tile_count.to(c.dtype)
+        if self.pooling == "attention":
+            gate = torch.tanh(self.attn_v(c)) * torch.sigmoid(self.attn_u(c))
+            w = grid.softmax(self.attn_w(gate).squeeze(-1))
+            emb = grid.pool_weighted(c, w)
+        else:
+            w = 1.0 / grid.cell_count.to(c.dtype)[grid.cell_bag]
+            emb = grid.pool_mean(c)
+        per_tile = (w / grid.tile_count.to(c.dtype))[grid.tile_cell]
         att = torch.zeros(mask.shape, dtype=c.dtype, device=c.device)
-        att[mask] = per_cell[grid.tile_cell]
-        return grid.pool_mean(c), att
+        att[mask] = per_tile
+        return emb, att

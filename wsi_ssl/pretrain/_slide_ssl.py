@@ -58,12 +58,20 @@ class SlideSSL:
     Defaults are the paper's (Lazard et al. 2023 and its reference configuration): k=5 tiles
     per view, embedding 512, projection 512-512-512-256, NT-Xent temperature 0.05, batch 256
     slides, Adam(W) at lr 0.03 with weight decay 5e-4, 10 warm-up epochs then cosine decay to 0,
-    3000 epochs. On small cohorts (tens of slides) use a smaller batch (it is clamped to the
-    cohort anyway), fewer epochs and a smaller lr, e.g. ``batch_size=32, epochs=300, lr=1e-3``.
+    3000 epochs. On small cohorts (tens to hundreds of slides, CPU) use a smaller batch (it is
+    clamped to the cohort anyway), fewer epochs and a smaller lr, and when the label lives in a
+    small part of the tissue, more tiles per view so that a view is likely to contain some of it:
+    ``SlideSSL("abmil", tiles_per_view=64, batch_size=32, epochs=300, lr=1e-3,
+    temperature=0.1)`` is what ``benchmarks/bench_slide_ssl.py`` runs (k=5 loses most of a 3-15 %
+    region there; the attention heads, ``abmil`` and the default ``sparseconv`` with attention
+    pooling over cells, beat mean-pooling heads by ~0.1-0.2 AUC).
 
     Args:
         head: aggregator from :func:`wsi_ssl.mil.list_heads` (default the coordinate-aware
-            ``"sparseconv"``; also ``"abmil"``, ...) or ``"resmlp-mean"`` (residual MLP + mean).
+            ``"sparseconv"``: residual sparse 3x3 convolution over the tiles' grid cells, then
+            gated-attention pooling over cells; ``head_kwargs={"pooling": "mean"}`` gives the
+            paper's mean pooling), ``"abmil"``, ``"gated_abmil"``, ... or ``"resmlp-mean"``
+            (residual MLP + mean).
         embed_dim: slide embedding size ``E`` (the head's output).
         proj_dims: projection head after the embedding (``E -> 512 -> 512 -> 256``).
         tiles_per_view: ``k`` tiles sampled (with replacement) per view.
@@ -462,6 +470,11 @@ class SlideSSL:
             raise WeightsError(f"cannot read the SlideSSL model in '{path}': {err}") from err
         if device is not None:
             params["device"] = device
+        hk = dict(params.get("head_kwargs") or {})
+        if (str(params.get("head", "")).lower() == "sparseconv" and "pooling" not in hk
+                and not any(".attn_" in k for k in tensors)):
+            # written before sparseconv pooled with attention by default (wsi-ssl 0.1 dev)
+            params["head_kwargs"] = {**hk, "pooling": "mean"}
         model = cls(**params)
         net = model._build_net(int(cfg["n_features_in"]))
         try:
