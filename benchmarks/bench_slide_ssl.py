@@ -72,22 +72,25 @@ def subsets(y: np.ndarray, n_splits: int, labels: list[int], repeats: int, seed:
 
 
 def fit_slide_ssl(store, ids, head: str, args, out: Path):
-    """Train (or reload, when OUT holds a model with the same settings) one SlideSSL model."""
+    """Train (or reload, when OUT holds a model with the same settings trained on the same
+    store and slides) one SlideSSL model."""
     from wsi_ssl.pretrain import SlideSSL
 
     params = dict(head=head, batch_size=args.batch_size, epochs=args.epochs, lr=args.lr,
                   temperature=args.temperature, tiles_per_view=args.tiles_per_view,
-                  warmup_epochs=max(1, args.epochs // 20), device="cpu", seed=args.seed,
-                  head_kwargs=json.loads(args.head_kwargs) if args.head_kwargs else None)
+                  warmup_epochs=max(1, args.epochs // 20), seed=args.seed,
+                  head_kwargs=json.loads(args.head_kwargs) if args.head_kwargs else {})
     model_dir = out / f"slide_model_{head}"
     if (model_dir / "config.json").is_file():
         model = SlideSSL.load(model_dir)
-        saved = model.get_params()
-        if all(saved[k] == v for k, v in params.items() if k not in ("device", "head_kwargs")) \
-                and (saved["head_kwargs"] or None) == params["head_kwargs"]:
+        saved = {**model.get_params(), "head_kwargs": model.head_kwargs or {}}
+        if (all(saved[k] == v for k, v in params.items())
+                and model.store_fingerprint_ == store.fingerprint
+                and list(model.slide_ids_) == list(ids)):
             return model, float("nan")
     t = time.perf_counter()
-    model = SlideSSL(**params, checkpoint_every=args.epochs, checkpoint_dir=model_dir)
+    model = SlideSSL(**params, device="cpu", checkpoint_every=args.epochs,
+                     checkpoint_dir=model_dir)
     model.fit(store, slide_ids=ids)
     fit_s = time.perf_counter() - t
     model.save(model_dir)

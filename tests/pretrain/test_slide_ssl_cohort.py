@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from wsi_ssl.pretrain import SlideSSL
+from wsi_ssl.store import SlideEmbeddings
 
 pytestmark = pytest.mark.slow
 
@@ -24,35 +25,29 @@ def cohort_store(tmp_path_factory):
     cohort = make_cohort(root / "cohort", n_slides=40, size=(2048, 2048), seed=0, n_jobs=2)
     embed_slides(cohort.slides_dir, "tiny-cnn", root / "tiles.zarr", tile_size=112, views=8,
                  view_tiles=32, device="cpu", n_workers=1, seed=0)
-    store = TileStore(root / "tiles.zarr", mode="r")
-    y = cohort.labels.set_index("slide_id").loc[store.slide_ids, "label"].to_numpy()
-    return store, y
+    return TileStore(root / "tiles.zarr", mode="r"), cohort.labels
 
 
-def _cv_auc(x: np.ndarray, y: np.ndarray) -> float:
-    """Mean AUC of 5 shuffled 4-fold cross-validated linear probes."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import roc_auc_score
-    from sklearn.model_selection import StratifiedKFold, cross_val_predict
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
+def _cv_auc(emb: SlideEmbeddings, labels) -> float:
+    """Mean AUC of 5 shuffled 4-fold cross-validated linear probes (wsi_ssl.eval.linear_probe)."""
+    from wsi_ssl.eval import linear_probe
 
-    probe = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=2000))
     return float(np.mean([
-        roc_auc_score(y, cross_val_predict(probe, x, y, method="predict_proba",
-                                           cv=StratifiedKFold(4, shuffle=True, random_state=s))[:, 1])
+        linear_probe(emb, labels, n_labeled=(), folds=4, groups=None, C=1.0, n_bootstrap=0,
+                     seed=s).cv.auc_mean
         for s in range(5)]))
 
 
 @pytest.mark.parametrize("head", ["sparseconv", "abmil"])
 def test_slide_ssl_beats_mean_pooling_on_a_minority_label(cohort_store, head):
-    store, y = cohort_store
-    assert 15 <= y.sum() <= 25
-    mean_pool = np.stack([store[s].features.astype(np.float32).mean(0) for s in store.slide_ids])
+    store, labels = cohort_store
+    assert 15 <= labels["label"].sum() <= 25
+    mean_pool = SlideEmbeddings(
+        tuple(store.slide_ids),
+        np.stack([store[s].features.astype(np.float32).mean(0) for s in store.slide_ids]), {})
     model = SlideSSL(head, tiles_per_view=32, epochs=100, batch_size=32, lr=1e-3,
                      temperature=0.1, warmup_epochs=5, embed_dim=128, proj_dims=(128, 64),
                      device="cpu", seed=0).fit(store)
-    emb = model.transform(store).embeddings.astype(np.float32)
-    auc_ssl, auc_mean = _cv_auc(emb, y), _cv_auc(mean_pool, y)
+    auc_ssl, auc_mean = _cv_auc(model.transform(store), labels), _cv_auc(mean_pool, labels)
     assert auc_ssl > 0.7 and auc_ssl > auc_mean + 0.15, (auc_ssl, auc_mean)
     assert model.history_[-1] < model.history_[0] - 0.3

@@ -54,8 +54,8 @@ def run(args: argparse.Namespace) -> int:
         args.store, args.out, head=args.head, epochs=args.epochs, batch_size=args.batch_size,
         lr=args.lr, weight_decay=args.weight_decay, tiles_per_view=args.tiles_per_view,
         temperature=args.temperature, embed_dim=args.embed_dim,
-        head_kwargs=dict(args.head_option) or None, checkpoint_every=args.checkpoint_every, resume=args.resume, device=args.device,
-        seed=args.seed)
+        head_kwargs=dict(args.head_option) or None, checkpoint_every=args.checkpoint_every,
+        resume=args.resume, device=args.device, seed=args.seed)
     hist = model.history_
     print(f"{'slides':>8} {'skipped':>8} {'epochs':>7} {'first loss':>11} {'last loss':>10} "
           f"{'views/s':>9}")

@@ -181,6 +181,18 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
 
 
+def attention_scores(h: torch.Tensor, v: nn.Module, w: nn.Module, u: nn.Module | None = None,
+                     dropout: nn.Module | None = None) -> torch.Tensor:
+    """Attention-MIL scores (Ilse et al. 2018): ``w^T tanh(V h)``, gated
+    ``w^T (tanh(V h) * sigmoid(U h))`` when ``u`` is given. ``(..., E)`` -> ``(...)``."""
+    a = torch.tanh(v(h))
+    if u is not None:
+        a = a * torch.sigmoid(u(h))
+    if dropout is not None:
+        a = dropout(a)
+    return w(a).squeeze(-1)
+
+
 def projection(in_dim: int, out_dim: int | None, dropout: float) -> tuple[nn.Module, int]:
     """Per-tile ``Linear -> ReLU -> Dropout`` (or the identity when ``out_dim`` is None)."""
     if out_dim is None:

@@ -16,6 +16,7 @@ from wsi_ssl.mil._base import (
     MILOutput,
     _check_int,
     _check_prob,
+    attention_scores,
     masked_mean,
     masked_softmax,
     projection,
@@ -122,10 +123,8 @@ class ABMIL(MILHead):
 
     def _pool(self, x, mask, coords):
         h = self.proj(x)  # (B, N, E)
-        a = torch.tanh(self.attn_v(h))
-        if self.attn_u is not None:
-            a = a * torch.sigmoid(self.attn_u(h))
-        scores = self.attn_w(self.attn_drop(a)).squeeze(-1)  # (B, N)
+        scores = attention_scores(h, self.attn_v, self.attn_w, self.attn_u,
+                                  self.attn_drop)  # (B, N)
         att = masked_softmax(scores, mask)
         emb = torch.bmm(att.unsqueeze(1), h).squeeze(1)
         return emb, att

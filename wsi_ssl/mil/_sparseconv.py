@@ -16,7 +16,14 @@ import torch
 from torch import nn
 
 from wsi_ssl.errors import ConfigError, InputError
-from wsi_ssl.mil._base import MILHead, _check_int, _check_prob, projection, register_head
+from wsi_ssl.mil._base import (
+    MILHead,
+    _check_int,
+    _check_prob,
+    attention_scores,
+    projection,
+    register_head,
+)
 
 __all__ = ["SparseGrid", "SparseConv2d", "SparseConvMIL"]
 
@@ -233,8 +240,7 @@ class SparseConvMIL(MILHead):
         if self.pooling == "max":
             return grid.pool_max(c), None
         if self.pooling == "attention":
-            gate = torch.tanh(self.attn_v(c)) * torch.sigmoid(self.attn_u(c))
-            w = grid.softmax(self.attn_w(gate).squeeze(-1))
+            w = grid.softmax(attention_scores(c, self.attn_v, self.attn_w, self.attn_u))
             emb = grid.pool_weighted(c, w)
         else:
             w = 1.0 / grid.cell_count.to(c.dtype)[grid.cell_bag]
