@@ -28,6 +28,11 @@ SUBCOMMANDS: dict[str, str] = {
     "encode-slides": "wsi_ssl.cli._encode_slides",
     "probe": "wsi_ssl.cli._probe",
     "survival": "wsi_ssl.cli._survival",
+    "encoders": "wsi_ssl.cli._encoders",
+    "heatmap": "wsi_ssl.cli._heatmap",
+    "similar": "wsi_ssl.cli._similar",
+    "retrieval-report": "wsi_ssl.cli._retrieval_report",
+    "export-geojson": "wsi_ssl.cli._export_geojson",
 }
 
 
