@@ -10,15 +10,17 @@ DESCRIPTION = (
     "architecture with --weights, or a .safetensors checkpoint of `wsi-ssl pretrain-tiles`), and "
     "optionally --views augmented versions of --view-tiles tiles each (the Giga-SSL bank used by "
     "`wsi-ssl pretrain-slides`). One dask task per slide on a local cluster or --scheduler. "
-    "Rerunning the same command skips complete slides and redoes interrupted ones. Exits 1 when "
-    "any slide failed (the failures are recorded in the store)."
+    "Rerunning the same command skips complete slides and redoes interrupted ones. The run holds "
+    "the store's writer lock: a second writer fails at once naming this one (or queues with "
+    "--wait). --repair re-embeds the slides that `wsi-ssl info STORE --verify` finds damaged. "
+    "Exits 1 when any slide failed (the failures are recorded in the store)."
 )
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("slides", nargs="*", help="slide files, folders or glob patterns")
     p.add_argument("--store", required=True, help="output tile store (a .zarr folder)")
-    p.add_argument("--encoder", default="tiny-cnn",
+    p.add_argument("--encoder", required=True,
                    help="encoder name (see `wsi-ssl info --encoders`), timm name or checkpoint")
     p.add_argument("--weights", default=None, help="local weights (.safetensors or .pth)")
     p.add_argument("--manifest", default=None,
@@ -42,6 +44,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=None, help="local cluster worker processes")
     p.add_argument("--seed", type=int, default=0, help="seed of the view sampling")
     p.add_argument("--overwrite", action="store_true", help="redo slides that are complete")
+    p.add_argument("--wait", action="store_true",
+                   help="if another process is writing the store, wait for it instead of failing")
+    p.add_argument("--repair", action="store_true",
+                   help="re-embed the slides whose chunks are missing or altered (see `wsi-ssl "
+                   "info STORE --verify`), with the settings they were made with")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -50,8 +57,8 @@ def run(args: argparse.Namespace) -> int:
     from wsi_ssl.errors import ConfigError
     from wsi_ssl.tiling import embed_slides
 
-    if not args.slides and not args.manifest:
-        raise ConfigError("give slide paths or --manifest CSV.")
+    if not args.slides and not args.manifest and not args.repair:
+        raise ConfigError("give slide paths or --manifest CSV (or --repair).")
     if getattr(args, "verbose", 0) < 2:  # dask's own INFO chatter only with -vv
         for name in ("distributed", "distributed.scheduler", "distributed.nanny",
                      "distributed.core", "distributed.http.proxy"):
@@ -63,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, min_tissue=args.min_tissue, seed=args.seed,
         assume_mpp=args.assume_mpp, manifest=args.manifest, dtype=args.dtype,
         device=args.device, client=args.scheduler, n_workers=args.workers,
-        overwrite=args.overwrite,
+        overwrite=args.overwrite, wait=args.wait, repair=args.repair,
     )
     print(f"store     {report.store}")
     print(f"embedded  {len(report.done)} slides, {report.n_tiles} tiles + "

@@ -11,6 +11,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("store", nargs="?", default=None, help="a tile store (.zarr folder)")
     p.add_argument("--slides", action="store_true", help="one line per slide")
     p.add_argument("--encoders", action="store_true", help="list the registered encoders")
+    p.add_argument("--verify", action="store_true",
+                   help="re-read every slide and compare it with the checksums recorded when it "
+                   "was written; exits 1 and prints the repair command if any slide is damaged")
 
 
 def _size(n: float) -> str:
@@ -54,9 +57,24 @@ def run(args: argparse.Namespace) -> int:
             print(f"{sid:<32} {a.get('n_tiles', 0):>7} {vt:>9} "
                   f"{mpp if mpp is not None else '-':>6} {a.get('tile_size', '-'):>5}  "
                   f"{a.get('source', '')}")
+    unreadable = store.unreadable
+    if unreadable:
+        print(f"unreadable     {len(unreadable)} slides (kept, left out of training):")
+        for sid, why in unreadable.items():
+            print(f"  {sid:<30} unreadable: {why}")
     fails = store.failures
     if fails:
         print(f"failures       {len(fails)} (rerun `wsi-ssl embed` to retry):")
         for sid, f in sorted(fails.items()):
             print(f"  {sid:<30} {f.get('path')}: {f.get('error')}")
+    if args.verify:
+        rep = store.verify()
+        print(f"verify         {len(rep.checked)} slides checked, {len(rep.damaged)} damaged"
+              + (f", {len(rep.unchecked)} without checksums (older wsi-ssl)" if rep.unchecked
+                 else ""))
+        for sid, why in rep.damaged.items():
+            print(f"  damaged: {sid:<30} {why}")
+        if rep.damaged:
+            print(f"re-embed exactly these with:\n  {rep.repair}")
+        return 0 if rep.ok else 1
     return 0

@@ -8,9 +8,10 @@ from typing import Any
 from wsi_ssl.store._embeddings import SlideEmbeddings, load_embeddings
 
 __all__ = ["TileStore", "SlideRecord", "SlideEmbeddings", "load_embeddings",
-           "STORE_FORMAT", "STORE_FORMAT_VERSION"]
+           "STORE_FORMAT", "STORE_FORMAT_VERSION", "VerifyReport", "StoreLockedError"]
 
-_LAZY = {"TileStore", "SlideRecord", "STORE_FORMAT", "STORE_FORMAT_VERSION"}
+_LAZY = {"TileStore", "SlideRecord", "STORE_FORMAT", "STORE_FORMAT_VERSION", "VerifyReport",
+         "StoreLockedError"}
 
 
 def __getattr__(name: str) -> Any:

@@ -78,8 +78,10 @@ def _read_h5(path: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
 
 def import_h5(store: TileStore, paths: str | os.PathLike | Sequence[str | os.PathLike], *,
               encoder: str = "external", slide_ids: Sequence[str] | None = None,
-              overwrite: bool = False, dtype: str = "float16") -> list[str]:
-    """Ingest per-slide ``.h5`` feature files (CLAM/TRIDENT ``features`` or STAMP ``feats``).
+              overwrite: bool = False, dtype: str = "float16",
+              wait: bool | float = False) -> list[str]:
+    """Ingest per-slide ``.h5`` feature files (CLAM/TRIDENT ``features`` or STAMP ``feats``),
+    holding the store's writer lock for the whole import.
 
     Args:
         store: the destination (writable).
@@ -90,10 +92,20 @@ def import_h5(store: TileStore, paths: str | os.PathLike | Sequence[str | os.Pat
             when the file is called ``features.h5``).
         overwrite: replace slides already in the store (default: skip them).
         dtype: storage dtype of the features (``"float16"`` halves the size; ``"float32"``).
+        wait: when another process writes the store: ``False`` fails at once naming it
+            (:class:`~wsi_ssl.store.StoreLockedError`), ``True`` waits, a number waits that long.
 
     Returns:
         The ids written.
     """
+    with store.lock(wait=wait):
+        return _import_h5(store, paths, encoder=encoder, slide_ids=slide_ids,
+                          overwrite=overwrite, dtype=dtype)
+
+
+def _import_h5(store: TileStore, paths: str | os.PathLike | Sequence[str | os.PathLike], *,
+               encoder: str, slide_ids: Sequence[str] | None, overwrite: bool,
+               dtype: str) -> list[str]:
     from wsi_ssl._utils import file_fingerprint, sanitize_id
 
     if isinstance(paths, (str, os.PathLike)):

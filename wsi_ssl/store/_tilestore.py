@@ -14,7 +14,13 @@ Layout::
 Atomicity: a slide is written under ``.tmp/<id>.<pid>.<token>``, its ``complete`` attr is written
 last, then the directory is renamed into ``slides/`` (one ``rename``). Readers only see groups
 whose ``complete`` attr is true, so a crash at any moment leaves either the old slide, no slide,
-or the new slide, never half of one. One writer process at a time per store.
+or the new slide, never half of one.
+
+One writer at a time: every write takes the store's lock (``_lock.StoreLock``; a whole run holds
+it through :meth:`TileStore.lock`), so root attributes are read-modified-written under it and
+``.tmp`` leftovers found by a lock holder are provably abandoned. Readers never lock. Each array's
+checksum and chunk count are recorded (``_integrity``); a slide with missing chunk files is an
+error when read, not zeros.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import os
 import shutil
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -39,8 +46,18 @@ from wsi_ssl.errors import (
     StoreError,
     StoreFormatError,
 )
+from wsi_ssl.store._integrity import (
+    VerifyReport,
+    array_checksum,
+    check_slide,
+    expected_chunks,
+    missing_chunks,
+    repair_command,
+)
+from wsi_ssl.store._lock import LOCK_NAME, StoreLock, StoreLockedError
 
-__all__ = ["TileStore", "SlideRecord", "STORE_FORMAT", "STORE_FORMAT_VERSION"]
+__all__ = ["TileStore", "SlideRecord", "STORE_FORMAT", "STORE_FORMAT_VERSION", "VerifyReport",
+           "StoreLockedError"]
 
 logger = logging.getLogger(__name__)
 
@@ -81,14 +98,23 @@ def _read_json(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def _pid_alive(pid: int) -> bool:
+def _read_meta(path: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """(zarr.json content, None) or (None, why it cannot be read)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None, "zarr.json is missing"
+    except OSError as err:
+        return None, f"zarr.json cannot be read ({err.strerror or err})"
+    except ValueError as err:
+        return None, f"zarr.json is not valid JSON ({err})"
+    if not isinstance(meta, dict):
+        return None, "zarr.json is not a JSON object"
+    return meta, None
+
+
+def _only_lock_files(path: Path) -> bool:
+    return all(p.name.startswith(LOCK_NAME) for p in path.iterdir())
 
 
 class TileStore:
@@ -106,34 +132,99 @@ class TileStore:
             rec = store[sid]               # SlideRecord: features (N, D), coords (N, 2), ...
     """
 
-    def __init__(self, path: str | os.PathLike, mode: Literal["r", "a", "w"] = "a") -> None:
+    def __init__(self, path: str | os.PathLike, mode: Literal["r", "a", "w"] = "a", *,
+                 lock_timeout: float = 300.0) -> None:
         if mode not in ("r", "a", "w"):
             raise ConfigError(f"mode={mode!r} must be 'r', 'a' or 'w'.")
         self.path = Path(path)
         self.mode = mode
+        self.lock_timeout = float(lock_timeout)
+        self._lock: StoreLock | None = None
+        self._warned: set[str] = set()
+        root = self.path / "zarr.json"
         if mode == "w" and self.path.exists():
-            if self.path.is_dir() and (self.path / "zarr.json").exists() or (
-                    self.path.is_dir() and not any(self.path.iterdir())):
-                shutil.rmtree(self.path)
-            else:
+            if not (self.path.is_dir() and (root.exists() or _only_lock_files(self.path))):
                 raise StoreError(f"refusing to overwrite '{self.path}' with mode='w': it exists "
                                  "and is not a zarr store.")
-        root = self.path / "zarr.json"
+            with self._locked():
+                for p in self.path.iterdir():
+                    if p.name.startswith(LOCK_NAME):
+                        continue
+                    if p.is_dir():
+                        shutil.rmtree(p)
+                    else:
+                        p.unlink()
         if not root.exists():
             if mode == "r":
                 raise StoreError(f"tile store '{self.path}' does not exist; create it with "
                                  "`wsi-ssl embed` or TileStore(path, mode='a').")
-            if self.path.exists() and (not self.path.is_dir() or any(self.path.iterdir())):
+            if self.path.exists() and not self.path.is_dir():
                 raise StoreFormatError(f"'{self.path}' exists and is not a tile store (no "
                                        "zarr.json); choose a new path.")
-            self._create()
+            self.path.mkdir(parents=True, exist_ok=True)
+            with self._locked():  # two processes creating one store: one creates, one waits
+                if not root.exists():
+                    if not _only_lock_files(self.path):
+                        raise StoreFormatError(f"'{self.path}' exists and is not a tile store (no "
+                                               "zarr.json); choose a new path.")
+                    self._create()
         self._check_format()
+
+    # -- the writer lock -----------------------------------------------------------------------
+    def _store_lock(self) -> StoreLock:
+        if self._lock is None:
+            self._lock = StoreLock(self.path)
+        return self._lock
+
+    @contextmanager
+    def lock(self, *, wait: bool | float = False, command: str | None = None) -> Iterator[None]:
+        """Hold the store's exclusive writer lock for a whole job (embed, import, cleanup).
+
+        Args:
+            wait: ``False`` fails at once with :class:`StoreLockedError` naming the holder when
+                another process writes this store; ``True`` waits for it; a number waits at most
+                that many seconds. A crashed holder's lock is taken over (logged).
+            command: what other writers are told this process is doing.
+        """
+        self._writable()
+        lock = self._store_lock()
+        lock.acquire(wait=wait, command=command, scope="run")
+        try:
+            yield
+        finally:
+            lock.release()
+
+    @contextmanager
+    def _locked(self) -> Iterator[StoreLock]:
+        """The lock for one write: the run's hold if this process has one, else taken for the
+        call (waiting behind other single writes, failing at once behind a whole run)."""
+        import time
+
+        lock = self._store_lock()
+        if lock.held:
+            lock.acquire()
+        else:
+            deadline = time.monotonic() + self.lock_timeout
+            while True:
+                try:
+                    lock.acquire(wait=min(1.0, max(0.0, deadline - time.monotonic())),
+                                 scope="call")
+                    break
+                except StoreLockedError:
+                    holder = lock.holder()
+                    if (holder is not None and holder.scope == "run"
+                            or time.monotonic() >= deadline):
+                        raise
+        try:
+            yield lock
+        finally:
+            lock.release()
 
     # -- root metadata -------------------------------------------------------------------------
     def _create(self) -> None:
         import zarr
 
-        root = zarr.open_group(str(self.path), mode="w", zarr_format=3)
+        root = zarr.open_group(str(self.path), mode="a", zarr_format=3)
         root.attrs.update({"format": STORE_FORMAT, "format_version": STORE_FORMAT_VERSION,
                            "encoder": None, "failures": {}})
         root.require_group("slides")
@@ -161,9 +252,10 @@ class TileStore:
                                    f"wsi-ssl reads up to {STORE_FORMAT_VERSION}: upgrade wsi-ssl.")
 
     def _update_root(self, **changes: Any) -> None:
-        self._writable()
+        """Write root attributes (the caller holds the lock and read what it modifies under it)."""
         import zarr
 
+        self._store_lock().check()
         root = zarr.open_group(str(self.path), mode="r+", zarr_format=3)
         root.attrs.update(changes)  # zarr's LocalStore writes zarr.json atomically (tmp+rename)
 
@@ -185,15 +277,20 @@ class TileStore:
         """Record the encoder of this store; a different one is an :class:`EncoderMismatchError`
         once the store holds slides (an empty store is simply re-bound)."""
         new = {"name": str(name), "fingerprint": str(fingerprint), "embed_dim": int(embed_dim)}
-        cur = self.encoder
-        if cur == new:
+        if self.encoder == new:
             return
-        if cur is not None and cur.get("fingerprint") != new["fingerprint"] and self.slide_ids:
-            raise EncoderMismatchError(
-                f"tile store '{self.path}' holds {len(self.slide_ids)} slides embedded with "
-                f"encoder {cur.get('name')!r} (fingerprint {cur.get('fingerprint')}); refusing to "
-                f"add features from {name!r} (fingerprint {fingerprint}). Use a new store path.")
-        self._update_root(encoder=new)
+        self._writable()
+        with self._locked():
+            cur = self.encoder
+            if cur == new:
+                return
+            n = len(self._scan()[0])
+            if cur is not None and cur.get("fingerprint") != new["fingerprint"] and n:
+                raise EncoderMismatchError(
+                    f"tile store '{self.path}' holds {n} slides embedded with encoder "
+                    f"{cur.get('name')!r} (fingerprint {cur.get('fingerprint')}); refusing to add "
+                    f"features from {name!r} (fingerprint {fingerprint}). Use a new store path.")
+            self._update_root(encoder=new)
 
     # -- slides --------------------------------------------------------------------------------
     def _slide_dir(self, slide_id: str) -> Path:
@@ -204,18 +301,44 @@ class TileStore:
         meta = _read_json(self._slide_dir(slide_id) / "zarr.json")
         return None if meta is None else dict(meta.get("attributes", {}))
 
+    def _scan(self) -> tuple[list[str], dict[str, str], list[str]]:
+        """(complete ids, {unreadable id: reason}, incomplete ids) of the groups under slides/."""
+        base = self.path / "slides"
+        complete, unreadable, incomplete = [], {}, []
+        try:
+            entries = sorted(base.iterdir()) if base.is_dir() else []
+        except OSError as err:
+            raise StoreError(f"cannot list '{base}': {err}") from err
+        for d in entries:
+            if not d.is_dir() or d.name.startswith("."):
+                continue
+            meta, why = _read_meta(d / "zarr.json")
+            if meta is None:
+                unreadable[d.name] = why or "unreadable"
+            elif (meta.get("attributes") or {}).get("complete") is True:
+                complete.append(d.name)
+            else:
+                incomplete.append(d.name)
+        return complete, unreadable, incomplete
+
     @property
     def slide_ids(self) -> list[str]:
-        """Ids of the complete slides, sorted."""
-        base = self.path / "slides"
-        if not base.is_dir():
-            return []
-        out = []
-        for d in sorted(base.iterdir()):
-            attrs = self.slide_attrs(d.name) if d.is_dir() else None
-            if attrs and attrs.get("complete") is True:
-                out.append(d.name)
-        return out
+        """Ids of the complete slides, sorted. Slides whose metadata cannot be read are left out
+        with a logged warning (once per slide) and listed by :attr:`unreadable`."""
+        ids, unreadable, _ = self._scan()
+        for sid, why in unreadable.items():
+            if sid not in self._warned:
+                self._warned.add(sid)
+                logger.warning("slide '%s' of tile store '%s' is left out: %s. Its arrays are kept; "
+                               "restore slides/%s/zarr.json (or re-embed the slide).", sid,
+                               self.path, why, sid)
+        return ids
+
+    @property
+    def unreadable(self) -> dict[str, str]:
+        """``{slide_id: reason}`` of slide groups whose ``zarr.json`` cannot be read. They are
+        never deleted (an NFS hiccup or a permission change is not proof of garbage)."""
+        return self._scan()[1]
 
     def __len__(self) -> int:
         return len(self.slide_ids)
@@ -241,27 +364,47 @@ class TileStore:
         if name not in _ARRAYS:
             raise ConfigError(f"array name {name!r} must be one of {_ARRAYS}.")
         self._require(slide_id)
+        self._check_chunks(slide_id, (name,))
         return zarr.open_array(str(self._slide_dir(slide_id) / name), mode="r", zarr_format=3)
 
-    def _require(self, slide_id: str) -> None:
-        if slide_id not in self:
-            ids = self.slide_ids
+    def _require(self, slide_id: str) -> dict[str, Any]:
+        attrs = self.slide_attrs(slide_id) if isinstance(slide_id, str) else None
+        if not (attrs and attrs.get("complete") is True):
+            ids, unreadable, _ = self._scan()
+            if slide_id in unreadable:
+                raise KeyError(f"slide {slide_id!r} of '{self.path}' is unreadable: "
+                               f"{unreadable[slide_id]}; restore it or re-embed the slide.")
             import difflib
 
             close = difflib.get_close_matches(str(slide_id), ids, n=3)
             raise KeyError(f"slide {slide_id!r} is not a complete slide of '{self.path}' "
                            f"({len(ids)} slides{'; closest: ' + str(close) if close else ''}).")
+        return attrs
+
+    def _check_chunks(self, slide_id: str, names: Sequence[str] = _ARRAYS,
+                      attrs: Mapping[str, Any] | None = None) -> None:
+        attrs = attrs if attrs is not None else (self.slide_attrs(slide_id) or {})
+        sums = attrs.get("checksums") or {}
+        lost = missing_chunks(self._slide_dir(slide_id),
+                              {"checksums": {k: v for k, v in sums.items() if k in names}})
+        if lost:
+            raise StoreFormatError(
+                f"slide '{slide_id}' of '{self.path}' is damaged ({'; '.join(lost)}); list the "
+                f"damaged slides with `wsi-ssl info {self.path} --verify` and re-embed them with "
+                "`wsi-ssl embed ... --repair`.")
 
     def __getitem__(self, slide_id: str) -> SlideRecord:
         import zarr
 
-        self._require(slide_id)
+        attrs = self._require(slide_id)
+        self._check_chunks(slide_id, attrs=attrs)
         try:
             group = zarr.open_group(str(self._slide_dir(slide_id)), mode="r", zarr_format=3)
             arrays = {name: np.asarray(group[name][...]) for name in _ARRAYS}
         except Exception as err:  # noqa: BLE001 - corrupted chunks, missing arrays
             raise StoreFormatError(f"slide '{slide_id}' of '{self.path}' is unreadable ({err}); "
-                                   "delete it and re-embed.") from err
+                                   f"check it with `wsi-ssl info {self.path} --verify` and "
+                                   "re-embed it with `wsi-ssl embed ... --repair`.") from err
         return SlideRecord(slide_id, arrays["features"], arrays["coords"].astype(np.int64),
                            arrays["views"], arrays["view_index"].astype(np.int64),
                            dict(group.attrs))
@@ -289,9 +432,15 @@ class TileStore:
             attrs: JSON-serialisable slide attributes (source, mpp, tile size, settings...).
             dtype: storage dtype of ``features`` and ``views``.
         """
+        self._writable()
+        with self._locked() as lock:
+            self._write_slide(lock, slide_id, features, coords, views, view_index, attrs, dtype)
+
+    def _write_slide(self, lock: StoreLock, slide_id: str, features: np.ndarray,
+                     coords: np.ndarray, views: np.ndarray | None, view_index: np.ndarray | None,
+                     attrs: Mapping[str, Any] | None, dtype: str) -> None:
         import zarr
 
-        self._writable()
         enc = self.encoder
         if enc is None:
             raise StoreError(f"tile store '{self.path}' has no encoder bound; call "
@@ -322,25 +471,31 @@ class TileStore:
         if view_index.size and (view_index.min() < 0 or view_index.max() >= len(features)):
             raise InputError(f"slide {slide_id!r}: view_index has rows outside [0, "
                              f"{len(features)}).")
+        data = {"features": features.astype(dtype), "coords": coords.astype(np.int64),
+                "views": views.astype(dtype), "view_index": view_index}
+        n, t = max(1, features.shape[0]), max(1, views.shape[1])
+        chunks = {"features": (min(n, 8192), dim), "coords": (min(n, 65536), 2),
+                  "views": (1, t, dim), "view_index": (1, t)}
         meta = dict(attrs or {})
         meta.update(encoder=enc["name"], encoder_fingerprint=enc["fingerprint"],
                     n_tiles=int(features.shape[0]), n_views=int(views.shape[0]),
-                    view_tiles=int(views.shape[1]), features_dtype=dtype)
+                    view_tiles=int(views.shape[1]), features_dtype=dtype,
+                    checksums={k: {"sha256": array_checksum(v),
+                                   "chunks": expected_chunks(v.shape, chunks[k])}
+                               for k, v in data.items()})
         json.dumps(meta)  # fail before writing anything if attrs are not JSON-serialisable
 
         tmp = self.path / ".tmp" / f"{slide_id}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
         tmp.parent.mkdir(parents=True, exist_ok=True)
         try:
             g = zarr.open_group(str(tmp), mode="w", zarr_format=3)
-            n = max(1, features.shape[0])
-            _put(g, "features", features.astype(dtype), (min(n, 8192), dim))
-            _put(g, "coords", coords.astype(np.int64), (min(n, 65536), 2))
-            _put(g, "views", views.astype(dtype), (1, max(1, views.shape[1]), dim))
-            _put(g, "view_index", view_index, (1, max(1, views.shape[1])))
+            for name in _ARRAYS:
+                _put(g, name, data[name], chunks[name])
             g.attrs.update(meta)
             g.attrs.update({"complete": True})  # last
             final = self._slide_dir(slide_id)
             final.parent.mkdir(parents=True, exist_ok=True)
+            lock.check()  # a writer that lost its lock to a takeover must not commit
             trash = None
             if final.exists():
                 trash = self.path / ".tmp" / f"{slide_id}.old.{uuid.uuid4().hex[:8]}"
@@ -351,39 +506,49 @@ class TileStore:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        if slide_id in self.failures:
-            self.clear_failure(slide_id)
+        self.clear_failure(slide_id)
 
     def delete_slide(self, slide_id: str) -> None:
-        """Remove a slide (atomically: renamed away, then deleted)."""
+        """Remove a slide (atomically: renamed away, then deleted), under the lock."""
         self._writable()
-        d = self._slide_dir(slide_id)
-        if d.exists():
-            trash = self.path / ".tmp" / f"{slide_id}.old.{uuid.uuid4().hex[:8]}"
-            trash.parent.mkdir(parents=True, exist_ok=True)
-            os.rename(d, trash)
-            shutil.rmtree(trash, ignore_errors=True)
+        with self._locked() as lock:
+            d = self._slide_dir(slide_id)
+            if d.exists():
+                lock.check()
+                trash = self.path / ".tmp" / f"{slide_id}.old.{uuid.uuid4().hex[:8]}"
+                trash.parent.mkdir(parents=True, exist_ok=True)
+                os.rename(d, trash)
+                shutil.rmtree(trash, ignore_errors=True)
 
     def cleanup(self) -> int:
-        """Delete leftovers of interrupted writes (``.tmp`` entries of dead processes) and slide
-        groups that are not complete; returns how many were removed."""
+        """Delete what is provably garbage; returns how many entries were removed.
+
+        Under the lock, every ``.tmp`` entry is a leftover of a writer that no longer holds it
+        (writers only create them while holding the lock), so all are removed. Slide groups whose
+        ``zarr.json`` is readable and does not say ``complete: true`` are removed. Slide groups
+        whose ``zarr.json`` cannot be read are left alone and reported (:attr:`unreadable`).
+        """
         self._writable()
         removed = 0
-        tmp = self.path / ".tmp"
-        if tmp.is_dir():
-            for d in tmp.iterdir():
-                parts = d.name.split(".")
-                pid = int(parts[-2]) if len(parts) >= 3 and parts[-2].isdigit() else None
-                if pid is None or not _pid_alive(pid) or pid == os.getpid():
-                    shutil.rmtree(d, ignore_errors=True)
+        with self._locked() as lock:
+            lock.check()
+            tmp = self.path / ".tmp"
+            if tmp.is_dir():
+                for d in tmp.iterdir():
+                    logger.info("cleanup: removing abandoned temporary entry '%s'", d)
+                    if d.is_dir():
+                        shutil.rmtree(d, ignore_errors=True)
+                    else:
+                        d.unlink(missing_ok=True)
                     removed += 1
-        base = self.path / "slides"
-        if base.is_dir():
-            for d in base.iterdir():
-                attrs = self.slide_attrs(d.name) if d.is_dir() else None
-                if d.is_dir() and not (attrs and attrs.get("complete") is True):
-                    shutil.rmtree(d, ignore_errors=True)
-                    removed += 1
+            _, unreadable, incomplete = self._scan()
+            for sid in incomplete:
+                logger.info("cleanup: removing incomplete slide group '%s'", sid)
+                shutil.rmtree(self._slide_dir(sid), ignore_errors=True)
+                removed += 1
+            for sid, why in unreadable.items():
+                logger.warning("cleanup: slide '%s' of '%s' is unreadable (%s); left in place.",
+                               sid, self.path, why)
         return removed
 
     # -- failures ------------------------------------------------------------------------------
@@ -393,27 +558,62 @@ class TileStore:
         return dict(self.root_attrs.get("failures") or {})
 
     def record_failure(self, slide_id: str, path: str, error: str) -> None:
-        fails = self.failures
-        fails[slide_id] = {"path": str(path), "error": str(error)}
-        self._update_root(failures=fails)
+        """Record (or replace) a slide's failure; atomic under the lock (no lost updates)."""
+        self._writable()
+        with self._locked():
+            fails = self.failures
+            fails[slide_id] = {"path": str(path), "error": str(error)}
+            self._update_root(failures=fails)
 
     def clear_failure(self, slide_id: str) -> None:
-        fails = self.failures
-        if fails.pop(slide_id, None) is not None:
-            self._update_root(failures=fails)
+        self._writable()
+        if slide_id not in self.failures:
+            return
+        with self._locked():
+            fails = self.failures
+            if fails.pop(slide_id, None) is not None:
+                self._update_root(failures=fails)
+
+    # -- integrity -----------------------------------------------------------------------------
+    def verify(self, slide_ids: Sequence[str] | None = None) -> VerifyReport:
+        """Re-read every slide (or ``slide_ids``) and compare it with what was recorded at write
+        time: missing chunk files, undecodable chunks, altered bytes. Slides whose metadata cannot
+        be read are listed too. Slow (reads everything); reading never needs the lock."""
+        ids, unreadable, _ = self._scan()
+        if slide_ids is not None:
+            want = set(slide_ids)
+            ids = [s for s in ids if s in want]
+            unreadable = {s: r for s, r in unreadable.items() if s in want}
+        damaged, checked, unchecked = {}, [], []
+        first_attrs: dict[str, Any] | None = None
+        for sid in ids:
+            attrs = self.slide_attrs(sid) or {}
+            if not attrs.get("checksums"):
+                unchecked.append(sid)
+                continue
+            problems = check_slide(self._slide_dir(sid), attrs)
+            checked.append(sid)
+            if problems:
+                damaged[sid] = "; ".join(problems)
+                first_attrs = first_attrs or attrs
+        cmd = repair_command(self.path, first_attrs) if first_attrs is not None else ""
+        return VerifyReport(store=self.path, checked=tuple(checked), damaged=damaged,
+                            unreadable=unreadable, unchecked=tuple(unchecked), repair=cmd)
 
     # -- ecosystem files -----------------------------------------------------------------------
     def import_h5(self, paths: str | os.PathLike | Sequence[str | os.PathLike], *,
                   encoder: str = "external", slide_ids: Sequence[str] | None = None,
-                  overwrite: bool = False, dtype: str = "float16") -> list[str]:
-        """Ingest per-slide feature files of CLAM/TRIDENT (``features``) or STAMP (``feats``).
+                  overwrite: bool = False, dtype: str = "float16",
+                  wait: bool | float = False) -> list[str]:
+        """Ingest per-slide feature files of CLAM/TRIDENT (``features``) or STAMP (``feats``),
+        holding the store's lock for the whole import (``wait`` as in :meth:`lock`).
 
         See :func:`wsi_ssl.store._h5.import_h5`.
         """
         from wsi_ssl.store._h5 import import_h5
 
         return import_h5(self, paths, encoder=encoder, slide_ids=slide_ids, overwrite=overwrite,
-                         dtype=dtype)
+                         dtype=dtype, wait=wait)
 
     def export_h5(self, out_dir: str | os.PathLike, slide_ids: Sequence[str] | None = None, *,
                   layout: Literal["clam", "stamp"] = "clam") -> list[Path]:
@@ -431,16 +631,20 @@ class TileStore:
             n_tiles += int(a.get("n_tiles", 0))
             n_views += int(a.get("n_views", 0))
         size = sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file()
-                   and ".tmp" not in f.relative_to(self.path).parts)
+                   and ".tmp" not in f.relative_to(self.path).parts
+                   and not f.name.startswith(LOCK_NAME))
         enc = self.encoder or {}
         return {"path": str(self.path), "format_version": self.root_attrs.get("format_version"),
                 "encoder": enc.get("name"), "encoder_fingerprint": enc.get("fingerprint"),
                 "embed_dim": enc.get("embed_dim"), "slides": len(ids), "tiles": n_tiles,
                 "views": n_views, "failures": len(self.failures), "bytes": size,
+                "unreadable": len(self.unreadable),
                 "bytes_per_slide": size / max(1, len(ids)), "bytes_per_tile": size / max(1, n_tiles)}
 
 
 def _put(group: Any, name: str, data: np.ndarray, chunks: tuple[int, ...]) -> None:
-    arr = group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=chunks)
+    # every chunk gets a file (even all-zero ones), so a missing file is always damage
+    arr = group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=chunks,
+                             config={"write_empty_chunks": True})
     if data.size:
         arr[...] = data

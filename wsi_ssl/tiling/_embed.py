@@ -5,6 +5,8 @@ and augments tiles ahead of the encoder (a bounded queue), so the encoder never 
 Workers (``_embed_worker``) return arrays; the driver (this process) writes each slide atomically into the store as
 it arrives, so the store has a single writer and a killed run loses at most the slides in
 flight. A rerun skips slides that are complete with the same settings and redoes the rest.
+The whole run holds the store's writer lock (a second run fails at once naming this one, or
+queues with ``wait=``). Slide paths are made absolute here, before they travel to workers.
 
 Coordinates are level-0 pixels ``(x, y)``; MPP in µm/px.
 """
@@ -16,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -96,8 +99,27 @@ def read_manifest(path: str | os.PathLike) -> list[dict[str, Any]]:
     return out
 
 
+def _expand_items(items: list[Any]) -> list[Path]:
+    """Slide files of paths/folders/globs; a plain file path that does not exist is kept (it
+    becomes that slide's recorded failure) unless nothing given exists at all."""
+    from wsi_ssl._utils import expand_slide_paths
+
+    out: list[Path] = []
+    missing: list[Path] = []
+    for item in items:
+        p = Path(item).expanduser()
+        if not p.exists() and not any(ch in str(item) for ch in "*?["):
+            missing.append(p)
+            out.append(p)
+        else:
+            out += expand_slide_paths([item])
+    if missing and len(missing) == len(out):
+        expand_slide_paths([missing[0]])  # raises the "matches no slide file" InputError
+    return out
+
+
 def _jobs(slides: Any, manifest: str | os.PathLike | None) -> list[dict[str, Any]]:
-    from wsi_ssl._utils import expand_slide_paths, sanitize_id
+    from wsi_ssl._utils import sanitize_id
 
     rows: list[dict[str, Any]] = []
     if manifest is not None:
@@ -107,14 +129,15 @@ def _jobs(slides: Any, manifest: str | os.PathLike | None) -> list[dict[str, Any
         plain = [s for s in items if not isinstance(s, Mapping)]
         rows += [dict(s) for s in items if isinstance(s, Mapping)]
         if plain:
-            rows += [{"path": p} for p in expand_slide_paths(plain)]
+            rows += [{"path": p} for p in _expand_items(plain)]
     if not rows:
         raise InputError("no slides given; pass paths, folders, globs or manifest=CSV.")
     jobs, seen = [], {}
     for r in rows:
         if "path" not in r:
             raise InputError(f"slide entry {r!r} has no 'path'.")
-        p = Path(r["path"])
+        # absolute before it leaves this process: workers may run in another folder
+        p = Path(os.path.abspath(Path(r["path"]).expanduser()))
         sid = sanitize_id(str(r.get("slide_id") or p.stem))
         if sid in seen:
             raise InputError(f"slide id {sid!r} is used by both '{seen[sid]}' and '{p}'; give "
@@ -128,11 +151,66 @@ def _jobs(slides: Any, manifest: str | os.PathLike | None) -> list[dict[str, Any
 
 
 def _settings_hash(settings: dict[str, Any], job: dict[str, Any], source: dict[str, Any]) -> str:
-    keys = ("mpp", "tile_size", "overlap", "min_tissue", "views", "view_tiles", "augment_cfg",
-            "seed", "dtype", "fingerprint", "backend")
-    blob = {k: settings.get(k) for k in keys}
+    blob = {k: settings.get(k) for k in _SETTINGS_KEYS}
     blob.update(job_mpp=job.get("mpp"), path=str(Path(job["path"]).resolve()), source=source)
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+_SETTINGS_KEYS = ("mpp", "tile_size", "overlap", "min_tissue", "views", "view_tiles",
+                  "augment_cfg", "seed", "dtype", "fingerprint", "backend")
+
+
+def _repair_jobs(store: Any, jobs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], set[str]]:
+    """Add the slides that ``store.verify()`` finds damaged to ``jobs``; return them forced."""
+    report = store.verify()
+    for sid, why in report.unreadable.items():
+        logger.warning("repair: slide '%s' has unreadable metadata (%s); restore its zarr.json or "
+                       "delete the folder and embed the slide again.", sid, why)
+    forced: set[str] = set()
+    by_id = {j["slide_id"]: j for j in jobs}
+    for sid, why in report.damaged.items():
+        attrs = store.slide_attrs(sid) or {}
+        if attrs.get("imported") or not attrs.get("source"):
+            logger.warning("repair: slide '%s' is damaged (%s) but was imported, not embedded; "
+                           "re-import it with import_h5(..., overwrite=True).", sid, why)
+            continue
+        logger.info("repair: re-embedding slide '%s' (%s)", sid, why)
+        by_id[sid] = {"path": str(attrs["source"]), "slide_id": sid,
+                      "mpp": attrs.get("manifest_mpp")}
+        forced.add(sid)
+    return list(by_id.values()), forced
+
+
+def _check_repair_settings(sid: str, attrs: dict[str, Any], new_hash: str, store: Any) -> None:
+    if attrs.get("settings_hash") == new_hash:
+        return
+    from wsi_ssl.store._integrity import repair_command
+
+    raise ConfigError(
+        f"--repair: slide '{sid}' of '{store.path}' was embedded with other settings (or from a "
+        "slide file that has changed since), so re-embedding it with this command would not "
+        f"restore it; rerun with the settings it was made with: {repair_command(store.path, attrs)}")
+
+
+def _watch_workers(client: Any, address: str, stop: threading.Event, every: float) -> None:
+    """Warn once per ``every`` seconds while no worker is connected to the scheduler."""
+    since: float | None = None
+    warned: float | None = None
+    while not stop.wait(min(5.0, every / 4)):
+        try:
+            n = len(client.scheduler_info().get("workers", {}))
+        except Exception:  # noqa: BLE001 - a scheduler hiccup is not our business here
+            continue
+        now = time.monotonic()
+        if n:
+            since = warned = None
+            continue
+        since = now if since is None else since
+        if now - since >= every and (warned is None or now - warned >= every):
+            warned = now
+            logger.warning("no dask workers have been connected to the scheduler %s for %.0f s; "
+                           "slides wait until one connects (start them with `dask worker %s`).",
+                           address, now - since, address)
 
 
 def _default_workers(n_jobs: int) -> tuple[int, int]:
@@ -196,6 +274,8 @@ def embed_slides(
     read_threads: int | None = None,
     backend: str = "auto",
     overwrite: bool = False,
+    wait: bool | float = False,
+    repair: bool = False,
 ) -> EmbedReport:
     """Embed every tissue tile of every slide (and ``views`` augmented versions) into a store.
 
@@ -223,12 +303,16 @@ def embed_slides(
         read_threads: tile-reading threads per slide (``read_tiles(num_workers=)``).
         backend: slide reader backend (:func:`wsi_ssl.tiling.open_slide`).
         overwrite: redo slides even when complete with the same settings.
+        wait: another process writing the store: ``False`` raises
+            :class:`~wsi_ssl.store.StoreLockedError` naming it at once; ``True`` waits for it;
+            a number waits at most that many seconds.
+        repair: also re-embed every slide that :meth:`TileStore.verify` finds damaged (missing
+            or altered chunks), from its recorded source, with these settings (which must be the
+            ones it was made with); ``slides`` may then be None.
 
     Returns:
         An :class:`EmbedReport`; failed slides are recorded in ``store.failures`` too.
     """
-    from wsi_ssl._utils import file_fingerprint, progress
-    from wsi_ssl._version import __version__
     from wsi_ssl.encoders import TileEncoder, create_encoder
     from wsi_ssl.pretrain.augment import get_augment_config
     from wsi_ssl.store import TileStore
@@ -247,7 +331,8 @@ def embed_slides(
     if dtype not in ("float16", "float32"):
         raise ConfigError(f"dtype={dtype!r} must be 'float16' or 'float32'.")
     aug_cfg = get_augment_config(augment)
-    jobs = _jobs(slides, manifest)
+    jobs = _jobs(slides, manifest) if (slides is not None or manifest is not None
+                                       or not repair) else []
     if not isinstance(store, TileStore):
         store = TileStore(store, mode="a")
     if isinstance(encoder, TileEncoder):
@@ -259,28 +344,55 @@ def embed_slides(
         enc = create_encoder(str(encoder), weights=weights, device="cpu")
     else:
         raise ConfigError(f"encoder={encoder!r} must be a TileEncoder or an encoder name.")
+    with store.lock(wait=wait):
+        return _run(store, enc, jobs, t_start, repair=repair, overwrite=overwrite, client=client,
+                    n_workers=n_workers, device=device,
+                    settings={"mpp": float(mpp), "tile_size": int(tile_size),
+                              "overlap": int(overlap), "min_tissue": float(min_tissue),
+                              "views": int(views), "view_tiles": int(view_tiles),
+                              "augment": aug_cfg, "augment_cfg": aug_cfg.to_dict(),
+                              "augment_preset": augment if isinstance(augment, str) else None,
+                              "seed": int(seed), "dtype": dtype, "fingerprint": enc.fingerprint,
+                              "assume_mpp": assume_mpp, "backend": backend,
+                              "batch_size": int(batch_size), "read_threads": read_threads,
+                              "prefetch": 4})
+
+
+def _run(store: Any, enc: Any, jobs: list[dict[str, Any]], t_start: float, *, repair: bool,
+         overwrite: bool, client: Any, n_workers: int | None, device: str,
+         settings: dict[str, Any]) -> EmbedReport:
+    """The body of :func:`embed_slides`, run while holding the store's lock."""
+    from wsi_ssl._utils import file_fingerprint, progress
+    from wsi_ssl._version import __version__
+
     store.bind_encoder(enc.name, enc.fingerprint, enc.embed_dim)  # refuses another encoder
     store.cleanup()
+    forced: set[str] = set()
+    if repair:
+        jobs, forced = _repair_jobs(store, jobs)
+    if not jobs:
+        logger.info("embed_slides: nothing to do")
 
-    settings = {"mpp": float(mpp), "tile_size": int(tile_size), "overlap": int(overlap),
-                "min_tissue": float(min_tissue), "views": int(views),
-                "view_tiles": int(view_tiles), "augment": aug_cfg, "augment_cfg": aug_cfg.to_dict(),
-                "seed": int(seed), "dtype": dtype, "fingerprint": enc.fingerprint,
-                "assume_mpp": assume_mpp, "backend": backend, "batch_size": int(batch_size),
-                "read_threads": read_threads, "prefetch": 4}
-    todo, skipped, hashes = [], [], {}
+    assume_mpp = settings["assume_mpp"]
+    todo, skipped, hashes, missing = [], [], {}, []
     for job in jobs:
         try:
             source = file_fingerprint(job["path"])
         except OSError:
-            source = None  # reported as a failure by the worker
+            source = None
+            missing.append(job)  # recorded as this slide's failure below; the others go on
         hashes[job["slide_id"]] = h = _settings_hash(settings, job, source)
         attrs = store.slide_attrs(job["slide_id"])
+        if job["slide_id"] in forced and source is not None:
+            _check_repair_settings(job["slide_id"], attrs or {}, h, store)
         # --assume-mpp matters only for slides that had to assume it
         assumed_ok = not (attrs and attrs.get("mpp_assumed") and job.get("mpp") is None
                           and attrs.get("slide_mpp") != assume_mpp)
-        if (not overwrite and attrs and attrs.get("complete") is True
-                and attrs.get("settings_hash") == h and assumed_ok):
+        if source is None:
+            continue
+        if (not overwrite and job["slide_id"] not in forced and attrs
+                and attrs.get("complete") is True and attrs.get("settings_hash") == h
+                and assumed_ok):
             skipped.append(job["slide_id"])
         else:
             todo.append(job)
@@ -296,6 +408,14 @@ def embed_slides(
         payload["pickled"] = cloudpickle.dumps(enc)
     done, failed = [], []
     n_tiles = n_view_tiles = 0
+    for job in missing:
+        import socket
+
+        err = (f"InputError: slide file '{job['path']}' does not exist (on {socket.gethostname()}); "
+               "fix the path and rerun the same command.")
+        logger.warning("slide '%s' failed: %s", job["path"], err)
+        failed.append((job["slide_id"], job["path"], err))
+        store.record_failure(job["slide_id"], job["path"], err)
     bar = progress(total=len(todo), desc="embed", unit="slide")
 
     def handle(job: dict[str, Any], res: dict[str, Any]) -> None:
@@ -308,13 +428,17 @@ def embed_slides(
             attrs = dict(res["info"])
             attrs.update(source=str(Path(job["path"]).resolve()),
                          source_file=file_fingerprint(job["path"]), mpp=settings["mpp"],
+                         manifest_mpp=job.get("mpp"),
+                         embed_settings={k: settings.get(k) for k in
+                                         (*_SETTINGS_KEYS, "augment_preset")},
                          tile_size=settings["tile_size"], overlap=settings["overlap"],
                          tissue={"min_tissue": settings["min_tissue"]},
                          augment=settings["augment_cfg"], seed=settings["seed"],
                          views_requested=settings["views"], wsi_ssl_version=__version__,
                          settings_hash=hashes[sid], encoder_input_size=enc.input_size)
+            attrs["embed_settings"].pop("fingerprint")
             store.write_slide(sid, res["features"], res["coords"], views=res["views"],
-                              view_index=res["view_index"], attrs=attrs, dtype=dtype)
+                              view_index=res["view_index"], attrs=attrs, dtype=settings["dtype"])
             done.append(sid)
             n_tiles += len(res["features"])
             n_view_tiles += int(res["view_index"].size)
@@ -337,6 +461,12 @@ def embed_slides(
 
             cl, cluster, threads = _make_client(client, n_workers, len(todo))
             payload["torch_threads"] = threads
+            stop = threading.Event()
+            if cluster is None:  # an existing scheduler: say so when it has no workers
+                address = getattr(getattr(cl, "scheduler", None), "address", None) or str(client)
+                every = float(os.environ.get("WSI_SSL_NO_WORKERS_WARN_S", "60"))
+                threading.Thread(target=_watch_workers, args=(cl, address, stop, every),
+                                 name="wsi-ssl-watch-workers", daemon=True).start()
             try:
                 futs = {}
                 for job in todo:
@@ -353,6 +483,7 @@ def embed_slides(
                     handle(job, res)
                     f.release()
             finally:
+                stop.set()
                 if cl is not client:  # we made it: a local cluster or a connection by address
                     cl.close()
                 if cluster is not None:

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from wsi_ssl.errors import MissingMPPError
+from wsi_ssl.errors import InputError, MissingMPPError
 
 __all__ = ["run_job", "seed_for"]
 
@@ -81,6 +81,15 @@ def _worker_device(payload: dict[str, Any]) -> str:
 
 def _open(job: dict[str, Any], settings: dict[str, Any]):
     from wsi_ssl.tiling import open_slide
+
+    if not os.path.exists(job["path"]):  # the driver saw it: this worker does not
+        import socket
+
+        raise InputError(
+            f"slide file '{job['path']}' is not visible on the worker on host "
+            f"{socket.gethostname()} (working directory '{os.getcwd()}'); every dask worker must "
+            "see the slides at the same absolute path (a shared filesystem mounted alike on all "
+            "hosts), or run without --scheduler.")
 
     backend = settings["backend"]
     if job.get("mpp") is not None:
