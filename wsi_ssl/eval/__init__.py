@@ -5,8 +5,12 @@ id, or a ``.npz`` / ``.csv`` / ``.parquet`` path) and a label or clinical table,
 and return a frozen report with ``to_frame()``, ``to_json()``, ``plot()`` and ``save(out_dir)``.
 """
 
+from wsi_ssl.eval._clusters import ClusterMapResult, cluster_map, tile_clusters
+from wsi_ssl.eval._export import GeoJSONExport, export_geojson
+from wsi_ssl.eval._heatmap import HeatmapResult, heatmap, tile_scores
 from wsi_ssl.eval._probe import linear_probe
 from wsi_ssl.eval._probe_report import ProbeReport, ProbeResult, RocCurve
+from wsi_ssl.eval._retrieval import RetrievalReport, SimilarResult, retrieval_report, similar
 from wsi_ssl.eval._survival import SurvivalFold, SurvivalReport, survival
 
 __all__ = [
@@ -17,4 +21,16 @@ __all__ = [
     "survival",
     "SurvivalReport",
     "SurvivalFold",
+    "heatmap",
+    "tile_scores",
+    "HeatmapResult",
+    "cluster_map",
+    "tile_clusters",
+    "ClusterMapResult",
+    "similar",
+    "SimilarResult",
+    "retrieval_report",
+    "RetrievalReport",
+    "export_geojson",
+    "GeoJSONExport",
 ]
