@@ -1,11 +1,14 @@
-"""Tile encoders: any timm architecture (local weights only) or a registered small model.
+"""Tile encoders: pathology foundation models (UNI, Virchow, H-optimus, GigaPath, Kaiko, ...)
+from local weights, any timm architecture, or a registered small model.
 
 ``create_encoder(name, *, weights=None, device="auto", dtype="auto") -> TileEncoder``; the encoder's
 ``embed(tiles)`` takes uint8 ``(B, H, W, 3)`` tiles (or float ``(B, 3, H, W)`` in [0, 1]) and returns
-float32 ``(B, D)`` features on the CPU. No network, ever.
+float32 ``(B, D)`` features on the CPU. No network, ever: preset weights come from a file, a
+``huggingface-cli download --local-dir`` folder or the local Hugging Face cache.
 """
 
 from wsi_ssl.encoders._encoder import TileEncoder, model_fingerprint
+from wsi_ssl.encoders._presets import EncoderPreset, get_preset, list_presets
 from wsi_ssl.encoders._registry import (
     EncoderEntry,
     create_encoder,
@@ -13,6 +16,7 @@ from wsi_ssl.encoders._registry import (
     list_encoders,
     register_encoder,
 )
+from wsi_ssl.encoders._table import EncoderInfo, encoder_infos, encoder_table
 
 __all__ = [
     "create_encoder",
@@ -22,4 +26,10 @@ __all__ = [
     "TileEncoder",
     "EncoderEntry",
     "model_fingerprint",
+    "EncoderPreset",
+    "get_preset",
+    "list_presets",
+    "EncoderInfo",
+    "encoder_infos",
+    "encoder_table",
 ]

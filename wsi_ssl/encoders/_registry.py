@@ -1,7 +1,9 @@
 """The encoder registry and factory (timm style): ``create_encoder``, ``list_encoders``,
 ``register_encoder``.
 
-A name is looked up in our registry first (small CPU encoders, user registrations), then in timm
+A name is looked up among the foundation-model presets first (``uni``, ``virchow2``, ...: exact
+architecture, preprocessing and output rule, weights from local files or the local Hugging Face
+cache), then in our registry (small CPU encoders, user registrations), then in timm
 (``timm.create_model(name, pretrained=False, num_classes=0)``: never a download). Weights come only
 from local files. Models built without weights are initialised under a fixed seed, so two
 processes building the same name get the same weights and the same fingerprint.
@@ -11,8 +13,9 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +27,8 @@ __all__ = ["create_encoder", "list_encoders", "register_encoder", "EncoderEntry"
            "encoder_from_spec"]
 
 INIT_SEED = 0
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -72,10 +77,23 @@ def register_encoder(name: str, builder: Callable[[], Any] | None = None, *, inp
     return builder
 
 
-def list_encoders(pattern: str | None = None, *, include_timm: bool = False) -> list[str]:
-    """Registered encoder names (sorted), optionally filtered by a glob ``pattern``; with
-    ``include_timm=True`` also every timm architecture (all usable with local weights)."""
-    names = sorted(_REGISTRY)
+def list_encoders(pattern: str | None = None, *, include_timm: bool = False,
+                  verbose: bool = False) -> list[str]:
+    """Encoder names: the foundation-model presets (table order), then the registered encoders
+    (sorted), optionally filtered by a glob ``pattern``; with ``include_timm=True`` also every
+    timm architecture (all usable with local weights).
+
+    With ``verbose=True`` each entry is instead one row of the table printed by
+    ``wsi-ssl encoders`` (name, dim, µm/px, tile size, input size, parameters, licence, where
+    the weights are on this machine): ``print("\n".join(list_encoders(verbose=True)))``.
+    """
+    from wsi_ssl.encoders._presets import list_presets
+
+    if verbose:
+        from wsi_ssl.encoders._table import encoder_table
+
+        return encoder_table(pattern).splitlines()[2:]
+    names = list_presets() + sorted(_REGISTRY)
     if include_timm:
         import timm
 
@@ -87,6 +105,12 @@ def list_encoders(pattern: str | None = None, *, include_timm: bool = False) -> 
 
 def describe_encoder(name: str) -> str:
     """The registered description of ``name`` ('' for timm names)."""
+    from wsi_ssl.encoders._presets import get_preset
+
+    preset = get_preset(name)
+    if preset is not None:
+        return (f"{preset.hub_repo}: {preset.arch}, {preset.embed_dim}-d ({preset.output}), "
+                f"{preset.tile_size} px at {preset.mpp} µm/px, {preset.license}")
     entry = _REGISTRY.get(name)
     return entry.description if entry else ""
 
@@ -94,7 +118,9 @@ def describe_encoder(name: str) -> str:
 def _unknown(name: str) -> ConfigError:
     import timm
 
-    pool = list(_REGISTRY) + timm.list_models()
+    from wsi_ssl.encoders._presets import _BY_NAME
+
+    pool = list(_BY_NAME) + list(_REGISTRY) + timm.list_models()
     close = difflib.get_close_matches(name, pool, n=5, cutoff=0.6)
     hint = f" Closest: {close}." if close else ""
     return ConfigError(f"unknown encoder {name!r}: not registered (list_encoders()) and not a timm "
@@ -146,15 +172,25 @@ def _embed_dim(model: Any, input_size: int) -> int:
 def create_encoder(name: Any, *, weights: str | os.PathLike | None = None,
                    device: str = "auto", dtype: str = "auto", input_size: int | None = None,
                    mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                   embed_dim: int | None = None):
+                   embed_dim: int | None = None, random_weights: bool = False,
+                   model_kwargs: Mapping[str, Any] | None = None):
     """Build a :class:`TileEncoder`.
 
     Args:
-        name: a registered name (``list_encoders()``), any timm architecture name, a ``.safetensors``
-            checkpoint written by our tile pretraining (its metadata names the architecture), or
-            an ``nn.Module`` to wrap (it must map ``(B, 3, S, S)`` to ``(B, D)``).
+        name: a foundation-model preset (``"uni"``, ``"virchow2"``, ... or a TRIDENT alias such
+            as ``"uni_v1"``), a registered name (``list_encoders()``), any timm architecture
+            name, a ``.safetensors`` checkpoint written by our tile pretraining (its metadata
+            names the architecture), or an ``nn.Module`` to wrap (it must map ``(B, 3, S, S)``
+            to ``(B, D)``).
         weights: a local ``.safetensors`` or torch state-dict file (loaded with
-            ``weights_only=True``); ``None`` keeps the deterministic random initialisation.
+            ``weights_only=True``). For a preset also a folder holding the hub files (what
+            ``huggingface-cli download REPO --local-dir DIR`` writes), and ``None`` looks the
+            preset's hub repo up in the local Hugging Face cache (offline). For other names
+            ``None`` keeps the deterministic random initialisation.
+        random_weights: presets only: build with a deterministic random initialisation instead
+            of loading weights (tests, architecture checks; the features mean nothing).
+        model_kwargs: presets only: architecture keyword arguments that replace the preset's
+            (e.g. ``{"depth": 1}`` for a fast test instance); recorded in the fingerprint.
         device: ``"auto"`` (CUDA if available, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
         dtype: ``"auto"`` (float32 on the CPU, bfloat16/float16 autocast on CUDA), ``"float32"``,
             ``"bfloat16"``, ``"float16"``.
@@ -165,11 +201,13 @@ def create_encoder(name: Any, *, weights: str | os.PathLike | None = None,
 
     Raises:
         ConfigError: unknown name (with the closest matches) or bad options.
-        WeightsError: unreadable weights or keys/shapes that do not match the architecture.
+        WeightsError: unreadable, missing or mismatched weights (the message names the file,
+            the first offending keys, the likely cause and, for a preset, how to fetch them).
     """
     import torch.nn as nn
 
     from wsi_ssl.encoders._encoder import TileEncoder
+    from wsi_ssl.encoders._presets import get_preset
     from wsi_ssl.encoders._weights import (
         CHECKPOINT_FORMAT,
         load_weights_into,
@@ -187,6 +225,16 @@ def create_encoder(name: Any, *, weights: str | os.PathLike | None = None,
         raise ConfigError(f"create_encoder(name=...) takes a name, a checkpoint path or an "
                           f"nn.Module; got {type(name).__name__}.")
     name = str(name)
+    preset = get_preset(name)
+    if preset is not None:
+        if input_size is not None or mean is not None or std is not None or embed_dim:
+            raise ConfigError(f"{preset.name!r} is a preset with the published preprocessing; "
+                              "input_size/mean/std/embed_dim cannot be changed.")
+        return _create_preset(preset, weights=weights, device=device, dtype=dtype,
+                              random_weights=random_weights, model_kwargs=model_kwargs)
+    if random_weights or model_kwargs:
+        raise ConfigError(f"random_weights/model_kwargs are for foundation-model presets "
+                          f"({', '.join(list_presets_short())}); {name!r} is not one.")
     meta: dict[str, str] = {}
     if name.endswith(".safetensors") and weights is None:
         if not Path(name).is_file():
@@ -216,11 +264,53 @@ def create_encoder(name: Any, *, weights: str | os.PathLike | None = None,
                        arch=arch)
 
 
+def list_presets_short() -> list[str]:
+    from wsi_ssl.encoders._presets import list_presets
+
+    return list_presets()[:4] + ["..."]
+
+
+def _create_preset(preset: Any, *, weights: Any, device: str, dtype: str, random_weights: bool,
+                   model_kwargs: Mapping[str, Any] | None):
+    """A preset's :class:`TileEncoder` (architecture on the meta device, weights assigned)."""
+    from wsi_ssl.encoders._encoder import TileEncoder
+    from wsi_ssl.encoders._hub import resolve_weights
+    from wsi_ssl.encoders._loading import activation_bytes, build_preset_model
+    from wsi_ssl.encoders._presets import is_builtin
+
+    overrides = dict(model_kwargs or {})
+    if random_weights and weights is not None:
+        raise ConfigError("pass weights= or random_weights=True, not both.")
+    path = None if random_weights else resolve_weights(preset, weights)
+    model = build_preset_model(preset, path, overrides=overrides, seed=INIT_SEED)
+    logger.info("encoder %s: %s weights from %s", preset.name, preset.hub_repo,
+                path if path is not None else "a random initialisation")
+    spec = {"name": preset.name, "weights": None if path is None else str(Path(path).absolute()),
+            "device": device, "dtype": dtype, "random_weights": bool(random_weights),
+            "model_kwargs": overrides or None}
+    if not is_builtin(preset):  # travels to dask workers that never registered it
+        spec["preset"] = preset.to_dict()
+    arch = {"preset": preset.name, "arch": preset.arch, "kwargs": dict(preset.kwargs),
+            "overrides": overrides, "output": preset.output}
+    return TileEncoder(model, name=preset.name, embed_dim=preset.embed_dim,
+                       input_size=preset.input_size, resize_size=preset.resize_size,
+                       interpolation=preset.interpolation, mean=preset.mean, std=preset.std,
+                       device=device, dtype=dtype, spec=spec, arch=arch, channels_last=False,
+                       activation_bytes=activation_bytes(model, preset.input_size))
+
+
 def encoder_from_spec(spec: dict[str, Any], fingerprint: str | None = None, *,
                       device: str | None = None):
     """Rebuild an encoder from ``TileEncoder.spec`` (in another process) and check that it is
     the same one (same fingerprint)."""
+    from wsi_ssl.encoders._presets import get_preset, preset_from_dict, register_preset
+
     kw = {k: spec.get(k) for k in ("weights", "input_size", "mean", "std")}
+    if spec.get("preset") and get_preset(spec["name"]) is None:
+        register_preset(preset_from_dict(spec["preset"]))
+    if spec.get("random_weights") or spec.get("model_kwargs"):
+        kw = {"weights": spec.get("weights"), "random_weights": bool(spec.get("random_weights")),
+              "model_kwargs": spec.get("model_kwargs")}
     enc = create_encoder(spec["name"], device=device or spec.get("device", "auto"),
                          dtype=spec.get("dtype", "auto"), **kw)
     if fingerprint is not None and enc.fingerprint != fingerprint:

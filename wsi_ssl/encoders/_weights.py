@@ -17,7 +17,8 @@ import torch.nn as nn
 
 from wsi_ssl.errors import WeightsError
 
-__all__ = ["read_weights", "load_weights_into", "read_checkpoint_metadata", "CHECKPOINT_FORMAT"]
+__all__ = ["read_weights", "load_weights_into", "match_state_dict", "read_checkpoint_metadata",
+           "CHECKPOINT_FORMAT"]
 
 #: ``format`` metadata of the safetensors files written by our tile pretraining.
 CHECKPOINT_FORMAT = "wsi-ssl-tile-encoder"
@@ -40,9 +41,29 @@ def read_checkpoint_metadata(path: str | os.PathLike) -> dict[str, str]:
         raise WeightsError(f"cannot read weights file '{path}': {err}") from err
 
 
+def _read_error(path: Path, err: Exception) -> WeightsError:
+    """A one-line reason why ``path`` cannot be read, with the fix."""
+    import pickle
+
+    size = path.stat().st_size if path.exists() else 0
+    if isinstance(err, pickle.UnpicklingError):
+        why = ("it holds pickled Python objects (e.g. a whole model saved with torch.save(model)), "
+               "and wsi-ssl loads tensors only (torch.load(weights_only=True)); in the "
+               "environment that made it, save model.state_dict() (or a .safetensors file)")
+    elif "central directory" in str(err) or "incomplete metadata" in str(err) or \
+            "not fully covered" in str(err) or "unexpected EOF" in str(err):
+        why = (f"the file looks truncated ({size:,} bytes; an interrupted download or copy?): "
+               "fetch or copy it again")
+    else:
+        why = (f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}; use "
+               "a .safetensors file or a plain torch state dict (loaded with weights_only=True)")
+    return WeightsError(f"cannot read weights file '{path}': {why}.")
+
+
 def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A flat ``{name: tensor}`` dict from a ``.safetensors`` file or a torch file loaded with
-    ``weights_only=True`` (unwrapping ``state_dict`` / ``model`` / ``teacher`` entries)."""
+    ``weights_only=True`` (memory-mapped when possible; unwrapping ``state_dict`` / ``model`` /
+    ``teacher`` entries)."""
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"weights file '{path}' does not exist; pass a local .safetensors or "
@@ -53,10 +74,14 @@ def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
             sd: Any = load_file(str(path), device="cpu")
         else:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
+            try:  # zip-format files map lazily: a 4 GB checkpoint is not read twice
+                sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as err:
+                if "mmap" not in str(err):
+                    raise
+                sd = torch.load(path, map_location="cpu", weights_only=True)  # legacy format
     except Exception as err:  # noqa: BLE001 - unpickling errors come in many types
-        raise WeightsError(f"cannot read weights file '{path}': {err}. Use a safetensors file or "
-                           "a plain torch state dict (loaded with weights_only=True).") from err
+        raise _read_error(path, err) from err
     for key in ("state_dict", "model", "teacher", "student", "model_state_dict"):
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]
@@ -89,6 +114,35 @@ def _bare(key: str) -> str:
         key = key[len(p):]
 
 
+def match_state_dict(sd: dict[str, torch.Tensor], own: dict[str, Any], *,
+                     ignore: tuple[str, ...] = ()) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Align the keys of a weights file with a model's own keys (``own``: key -> tensor or
+    shape): prefixes stripped, classifier heads and keys starting with ``ignore`` dropped.
+
+    Returns:
+        ``(state_dict, problems)``: the tensors to load, and a list of human-readable problem
+        descriptions (empty when the file matches exactly).
+    """
+    sd = _strip(sd, set(own))
+    skip = _HEAD_NAMES + tuple(ignore)
+    unexpected = [k for k in sd if k not in own and not _bare(k).startswith(skip)]
+    missing = [k for k in own if k not in sd]
+    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(_shape(own[k]))}"
+              for k in own if k in sd and tuple(sd[k].shape) != tuple(_shape(own[k]))]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing keys (e.g. {missing[:4]})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[:4]})")
+    if shapes:
+        problems.append(f"{len(shapes)} shape mismatches (e.g. {shapes[:3]})")
+    return {k: sd[k] for k in own if k in sd}, problems
+
+
+def _shape(v: Any) -> tuple[int, ...]:
+    return tuple(v.shape) if hasattr(v, "shape") else tuple(v)
+
+
 def load_weights_into(model: nn.Module, path: str | os.PathLike) -> None:
     """Load a local weights file into ``model`` strictly (except classifier heads).
 
@@ -96,25 +150,12 @@ def load_weights_into(model: nn.Module, path: str | os.PathLike) -> None:
         WeightsError: unreadable file, missing keys, unexpected keys or shape mismatches (the
             message lists a few of each).
     """
-    sd = read_weights(path)
-    own = model.state_dict()
-    sd = _strip(sd, set(own))
-    unexpected = [k for k in sd if k not in own and not _bare(k).startswith(_HEAD_NAMES)]
-    missing = [k for k in own if k not in sd]
-    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}"
-              for k in own if k in sd and sd[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing keys (e.g. {missing[:4]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[:4]})")
-        if shapes:
-            parts.append(f"{len(shapes)} shape mismatches (e.g. {shapes[:3]})")
-        raise WeightsError(f"weights '{path}' do not match the architecture: " + "; ".join(parts)
-                           + ". Check the encoder name matches the architecture the weights "
-                           "were trained with.")
-    model.load_state_dict({k: sd[k] for k in own}, strict=True)
+    sd, problems = match_state_dict(read_weights(path), model.state_dict())
+    if problems:
+        raise WeightsError(f"weights '{path}' do not match the architecture: "
+                           + "; ".join(problems) + ". Check the encoder name matches the "
+                           "architecture the weights were trained with.")
+    model.load_state_dict(sd, strict=True)
 
 
 def metadata_json(meta: dict[str, str], key: str) -> Any:
