@@ -104,7 +104,21 @@ class PeakRSS:
         return (self.peak - self.start) / 2**20
 
 
-def rate_read_tiles(path: Path, grid_args: dict, backend: str, workers: int) -> tuple[float, float]:
+def rate_read_tiles(path: Path, grid_args: dict, backend: str, workers: int,
+                    resize: str = "auto") -> tuple[float, float]:
+    """``resize="pil"`` hides OpenCV from the reader: the PIL resize it falls back to."""
+    from wsi_ssl.tiling import _read
+
+    saved = _read._cv2
+    if resize == "pil":
+        _read._cv2 = lambda: None
+    try:
+        return _rate_read_tiles(path, grid_args, backend, workers)
+    finally:
+        _read._cv2 = saved
+
+
+def _rate_read_tiles(path: Path, grid_args: dict, backend: str, workers: int) -> tuple[float, float]:
     from wsi_ssl.tiling import open_slide, read_tiles, tile_grid
 
     with open_slide(path, backend=backend) as slide:
@@ -180,6 +194,8 @@ def bench_slide(label: str, path: Path, *, min_tissue: float, workers: int, repe
         dims = slide.dimensions
     # the decode limit reads the TIFF level the auto backend uses
     names = ("read_tiles", "read_tiles[openslide]", "naive", "limit")
+    if grid.needs_resize:
+        names = names[:1] + ("read_tiles[PIL resize]",) + names[1:]
     wall = dict.fromkeys(names, 0.0)
     cpu = dict.fromkeys(names, 0.0)
     n_chunks = 0
@@ -194,6 +210,8 @@ def bench_slide(label: str, path: Path, *, min_tissue: float, workers: int, repe
         w, c, n_chunks = rate_decode_limit(path, grid, workers, grid.level)
         keep("limit", (w, c))
         keep("read_tiles", rate_read_tiles(path, grid_args, "auto", workers))
+        if "read_tiles[PIL resize]" in names:
+            keep("read_tiles[PIL resize]", rate_read_tiles(path, grid_args, "auto", workers, "pil"))
         keep("read_tiles[openslide]", rate_read_tiles(path, grid_args, "openslide", workers))
         keep("naive", rate_naive(path, ogrid, naive_max))
     print(f"\n{label}: {path.name} {dims[0]}x{dims[1]}, {len(grid)} tiles of 224 px at 0.5 µm/px "
