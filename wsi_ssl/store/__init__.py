@@ -5,10 +5,12 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from wsi_ssl.store._anndata import embeddings_to_anndata, tiles_to_anndata
 from wsi_ssl.store._embeddings import SlideEmbeddings, load_embeddings
 
 __all__ = ["TileStore", "SlideRecord", "SlideEmbeddings", "load_embeddings",
-           "STORE_FORMAT", "STORE_FORMAT_VERSION", "VerifyReport", "StoreLockedError"]
+           "STORE_FORMAT", "STORE_FORMAT_VERSION", "VerifyReport", "StoreLockedError",
+           "tiles_to_anndata", "embeddings_to_anndata"]
 
 _LAZY = {"TileStore", "SlideRecord", "STORE_FORMAT", "STORE_FORMAT_VERSION", "VerifyReport",
          "StoreLockedError"}

@@ -83,6 +83,15 @@ class SlideEmbeddings:
                           index=pd.Index(self.slide_ids, name="slide_id"))
         return df
 
+    def to_anndata(self, labels: Any = None, *, id_col: str = "slide_id") -> Any:
+        """One observation per slide as an ``anndata.AnnData`` (``pip install
+        "wsi-ssl[anndata]"``): ``X`` the embeddings, ``obs`` indexed by slide id and joined with
+        ``labels`` (a DataFrame or .csv/.tsv/.parquet with ``id_col``), ``uns["wsi_ssl"]`` the
+        provenance. See :func:`wsi_ssl.store.embeddings_to_anndata`."""
+        from wsi_ssl.store._anndata import embeddings_to_anndata
+
+        return embeddings_to_anndata(self, labels, id_col=id_col)
+
     def save(self, path: str | os.PathLike) -> Path:
         """Write an ``.npz`` (atomically: a temporary file then rename) and return its path."""
         path = Path(path)
