@@ -168,7 +168,7 @@ embed_slides(sys.argv[1:-2], "tiny-cnn", sys.argv[-2], client=sys.argv[-1], mpp=
 """
 
 
-def test_sigkill_then_rerun_equals_uninterrupted_run(cohort, client, tmp_path):
+def test_sigkill_then_rerun_equals_uninterrupted_run(cohort, client, tmp_path, caplog):
     slides = [str(p) for p in sorted(cohort.glob("slide*.svs"))]
     kw = KW | {"batch_size": 8}
     ref = embed_slides(slides, "tiny-cnn", tmp_path / "ref.zarr", client=client, **kw)
@@ -192,8 +192,15 @@ def test_sigkill_then_rerun_equals_uninterrupted_run(cohort, client, tmp_path):
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     survived = TileStore(killed, mode="r").slide_ids
     assert 1 <= len(survived) < 4, survived
+    assert (killed / ".lock").exists()  # the killed run still "holds" the store
 
-    rerun = embed_slides(slides, "tiny-cnn", killed, client=client, **kw)
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="wsi_ssl.store._lock"):
+        rerun = embed_slides(slides, "tiny-cnn", killed, client=client, **kw)
+    assert f"took over the stale lock of tile store '{killed}' left by " in caplog.text
+    assert f"PID {proc.pid}" in caplog.text
+    assert not (killed / ".lock").exists()
     assert set(rerun.skipped) == set(survived)
     assert len(rerun.done) == 4 - len(survived) and rerun.ok
     _assert_same_store(TileStore(killed, mode="r"), TileStore(tmp_path / "ref.zarr", mode="r"))

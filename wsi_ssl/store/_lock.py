@@ -120,7 +120,7 @@ class StoreLock:
         self.lease = float(lease) if lease is not None else lock_lease_seconds()
         self._lease = SoftFileLease(str(self.path), lease_duration=self.lease,
                                     is_singleton=True, thread_local=False,
-                                    poll_interval=min(0.25, self.lease / 10))
+                                    poll_interval=min(0.05, self.lease / 10))
 
     # -- state ---------------------------------------------------------------------------------
     @property
@@ -244,7 +244,7 @@ class StoreLock:
             raise StoreLockedError(
                 f"lost the lock of tile store '{self.store_path}' to "
                 f"{holder.describe() if holder else 'another writer'} (this process stopped "
-                f"refreshing its {self.lease:.0f} s lease); stopping without writing. Rerun the "
+                f"refreshing its {self.lease:g} s lease); stopping without writing. Rerun the "
                 "command when the other writer is done.")
 
     def _locked_error(self, holder: LockHolder | None) -> StoreLockedError:
@@ -252,7 +252,7 @@ class StoreLock:
         return StoreLockedError(
             f"tile store '{self.store_path}' is locked by another writer ({who}); wait for it "
             "to finish or rerun with --wait (wait=True) to queue behind it. A crashed writer's "
-            f"lock is taken over automatically once its {self.lease:.0f} s lease runs out.")
+            f"lock is taken over automatically once its {self.lease:g} s lease runs out.")
 
     def __enter__(self) -> StoreLock:
         self.acquire()
