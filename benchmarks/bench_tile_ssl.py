@@ -44,7 +44,7 @@ def nct_crc_sets(size: int, crops_per_tile: int, seed: int):
     import torch
     from PIL import Image
 
-    from wsi_ssl.pretrain.augment import AugmentConfig, random_augment
+    from wsi_ssl.augment import AugmentConfig, random_augment
 
     folder = data_dir() / "tiles" / "nct_crc_he_100k"
     files = sorted(folder.glob("*.tif"))
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from wsi_ssl.encoders import create_encoder
-    from wsi_ssl.pretrain import pretrain_tile_encoder
+    from wsi_ssl.pretrain import TileSSLConfig, pretrain_tile_encoder
 
     slides = [data_dir() / "slides" / "cmu-1-small-region.svs",
               data_dir() / "slides" / "tcga-cr-7395-01a-01-ts1.svs"]
@@ -187,12 +187,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# tile SSL benchmark: {args.arch} {args.method}, {args.tile_size} px at {args.mpp} "
           f"µm/px, {args.epochs} x {args.tiles_per_epoch} tiles, batch {args.batch_size}")
     t0 = time.perf_counter()
-    res = pretrain_tile_encoder(
-        slides, arch=args.arch, method=args.method, tile_size=args.tile_size, mpp=args.mpp,
+    cfg = TileSSLConfig(
+        arch=args.arch, method=args.method, tile_size=args.tile_size, mpp=args.mpp,
         epochs=args.epochs, tiles_per_epoch=args.tiles_per_epoch, batch_size=args.batch_size,
-        lr=args.lr, out=out, resume=False, device=args.device, num_workers=args.num_workers,
-        seed=args.seed, hidden_dim=args.hidden_dim, assume_mpp=0.5,
+        lr=args.lr, device=args.device, num_workers=args.num_workers, seed=args.seed,
+        hidden_dim=args.hidden_dim, assume_mpp=0.5,
     )
+    res = pretrain_tile_encoder(slides, cfg, out=out, resume=False)
     print(f"pretraining: {time.perf_counter() - t0:.0f} s on {res.device}, loss per epoch "
           + " ".join(f"{v:.3f}" for v in res.losses))
 

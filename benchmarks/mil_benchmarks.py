@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 #: fixed hyper-parameters, the same for every data set and head
-DEFAULTS = dict(hidden=128, dropout=0.0, lr=5e-4, epochs=40, weight_decay=1e-4, batch_size=8,
+DEFAULTS = dict(embed_dim=128, dropout=0.0, lr=5e-4, epochs=40, weight_decay=1e-4, batch_size=8,
                 class_weight="balanced")
 
 

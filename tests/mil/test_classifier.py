@@ -30,7 +30,7 @@ def make_bags(n_bags: int, n_classes: int = 2, seed: int = 0):
     return bags, np.array(y), np.array(keys)
 
 
-FAST = dict(hidden=16, epochs=25, lr=5e-3, batch_size=8, device="cpu")
+FAST = dict(embed_dim=16, epochs=25, lr=5e-3, batch_size=8, device="cpu")
 
 
 def test_binary_learns_and_attends_to_the_key_tile():
@@ -69,11 +69,49 @@ def test_deterministic_with_a_seed():
     assert not np.allclose(p1, p3)
 
 
-def test_early_stopping_records_validation_loss():
-    bags, y, _ = make_bags(60, seed=3)
-    clf = MILClassifier(early_stopping=3, **dict(FAST, epochs=60)).fit(bags, y)
-    assert all("val_loss" in h for h in clf.history_)
-    assert 1 <= clf.n_epochs_ <= 60
+def test_early_stopping_stops_after_patience_and_restores_the_best_weights():
+    """Random labels: the validation loss bottoms out early and then rises as the head memorises
+    the training bags, so training stops ``patience`` epochs after its best epoch and the kept
+    weights give exactly the best validation loss."""
+    import torch
+
+    bags, _, _ = make_bags(60, seed=3)
+    y = np.random.default_rng(0).integers(0, 2, len(bags))
+    patience = 3
+    clf = MILClassifier(early_stopping=patience, **dict(FAST, epochs=60, lr=2e-2)).fit(bags, y)
+    val = clf.validation_indices_
+    assert len(val) == 12 and all("val_loss" in h for h in clf.history_)
+    losses = [h["val_loss"] for h in clf.history_]
+    assert clf.n_epochs_ < 60  # it stopped early
+    assert clf.best_epoch_ == int(np.argmin(losses)) + 1
+    assert clf.n_epochs_ == clf.best_epoch_ + patience
+    assert min(losses) < losses[-1] - 1e-3  # the last epoch is worse than the best one
+    # the fitted head is the best epoch's, not the last one's: recompute its validation loss
+    p = clf.predict_proba([bags[i] for i in val])
+    train = np.setdiff1d(np.arange(len(y)), val)
+    w = torch.tensor(len(train) / (2 * np.bincount(y[train], minlength=2)), dtype=torch.float32)
+    vl = torch.nn.functional.cross_entropy(torch.log(torch.from_numpy(p).clamp_min(1e-12)),
+                                           torch.as_tensor(y[val]), weight=w)
+    assert float(vl) == pytest.approx(min(losses), abs=1e-5)
+    assert float(vl) < losses[-1] - 1e-3
+
+
+def test_without_early_stopping_every_epoch_runs():
+    bags, y, _ = make_bags(30, seed=3)
+    clf = MILClassifier(**dict(FAST, epochs=7)).fit(bags, y)
+    assert clf.n_epochs_ == 7 == clf.best_epoch_ and len(clf.validation_indices_) == 0
+    assert all("val_loss" not in h for h in clf.history_)
+
+
+def test_hidden_is_a_deprecated_alias_of_embed_dim():
+    bags, y, _ = make_bags(20, seed=3)
+    kw = dict(FAST, epochs=2)
+    kw.pop("embed_dim")
+    with pytest.warns(DeprecationWarning, match="embed_dim"):
+        old = MILClassifier(hidden=12, **kw).fit(bags, y)
+    new = MILClassifier(embed_dim=12, **kw).fit(bags, y)
+    assert old.head_.embed_dim == 12
+    np.testing.assert_array_equal(old.predict_proba(bags), new.predict_proba(bags))
 
 
 def test_tilestore_and_coordinate_aware_head(tmp_path):

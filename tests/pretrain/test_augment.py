@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
+from wsi_ssl import augment as A
 from wsi_ssl.errors import ConfigError, InputError
-from wsi_ssl.pretrain import augment as A
 
 pytestmark = pytest.mark.usefixtures("single_thread_torch")
 

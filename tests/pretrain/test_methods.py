@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from wsi_ssl.augment import random_augment
 from wsi_ssl.encoders import create_encoder
 from wsi_ssl.errors import ConfigError
 from wsi_ssl.pretrain import BYOL, SimCLR
-from wsi_ssl.pretrain.augment import random_augment
 
 pytestmark = pytest.mark.usefixtures("single_thread_torch")
 

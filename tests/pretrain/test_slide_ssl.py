@@ -24,8 +24,8 @@ from wsi_ssl.errors import (
     WeightsError,
 )
 from wsi_ssl.pretrain import SlideSSL
+from wsi_ssl.pretrain._optim import build_optimizer, warmup_cosine, warmup_cosine_factor
 from wsi_ssl.pretrain._slide_data import CoordAugment, SlideBank, augment_coords, grid_stride
-from wsi_ssl.pretrain._slide_train import build_optimizer, lr_factor
 from wsi_ssl.store import SlideEmbeddings, TileStore
 
 DIM = 32
@@ -109,10 +109,24 @@ def test_grid_stride_from_attrs_or_coords():
 
 
 def test_lr_schedule_warmup_then_cosine():
-    f = [lr_factor(s, 100, 10) for s in range(100)]
+    import torch
+
+    f = [warmup_cosine_factor(s, 100, 10) for s in range(100)]
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(f[10:], f[11:], strict=False))
     assert f[-1] < 0.01
+    # torch's LambdaLR drives the optimiser with exactly base_lr * factor, and resumes mid-way
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
+    sched = warmup_cosine(opt, base_lr=0.5, total_steps=100, warmup_steps=10)
+    seen = []
+    for _ in range(100):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert seen == [0.5 * v for v in f]
+    opt2 = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=123.0)
+    warmup_cosine(opt2, base_lr=0.5, total_steps=100, warmup_steps=10, start_step=37)
+    assert opt2.param_groups[0]["lr"] == 0.5 * f[37]
 
 
 def test_weight_decay_reaches_the_optimiser(cohort, tmp_path):
@@ -233,12 +247,12 @@ import sys, time
 from wsi_ssl.pretrain import _slide_train
 from wsi_ssl.pretrain import SlideSSL
 from wsi_ssl.store import TileStore
-orig = _slide_train.save_checkpoint
+orig = _slide_train.SlideCheckpoint.on_epoch_end
 def slow_save(*a, **k):
     out = orig(*a, **k)
     time.sleep(0.4)  # give the parent time to kill us between epochs
     return out
-_slide_train.save_checkpoint = slow_save
+_slide_train.SlideCheckpoint.on_epoch_end = slow_save
 kw = dict(embed_dim=32, proj_dims=(32, 16), batch_size=8, epochs=8, lr=2e-3, warmup_epochs=1,
           temperature=0.1, device="cpu", seed=3, checkpoint_dir=sys.argv[2])
 SlideSSL("abmil", **kw).fit(TileStore(sys.argv[1], mode="r"))

@@ -20,10 +20,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from wsi_ssl.pretrain._slide_run import encode_slides
+    from wsi_ssl.pretrain import encode_slides
 
-    emb, path = encode_slides(args.store, args.model, args.out, dtype=args.dtype,
-                              device=args.device)
+    res = encode_slides(args.store, args.model, args.out, dtype=args.dtype, device=args.device)
+    emb, path = res.embeddings, res.path
     skipped = emb.provenance.get("skipped", [])
     print(f"{'slides':>8} {'dim':>5} {'dtype':>8} {'bytes/slide':>12} {'skipped':>8}")
     print(f"{len(emb):>8} {emb.dim:>5} {str(emb.embeddings.dtype):>8} "

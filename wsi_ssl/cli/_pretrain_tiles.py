@@ -38,15 +38,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from wsi_ssl.pretrain import pretrain_tile_encoder
+    from wsi_ssl.pretrain import TileSSLConfig, pretrain_tile_encoder
 
-    res = pretrain_tile_encoder(
-        args.slides, arch=args.arch, method=args.method, tile_size=args.tile_size, mpp=args.mpp,
+    cfg = TileSSLConfig(
+        arch=args.arch, method=args.method, tile_size=args.tile_size, mpp=args.mpp,
         epochs=args.epochs, tiles_per_epoch=args.tiles_per_epoch, batch_size=args.batch_size,
-        lr=args.lr, out=args.out, resume=args.resume, device=args.device,
-        num_workers=args.num_workers, augment=args.augment, seed=args.seed,
-        assume_mpp=args.assume_mpp,
+        lr=args.lr, device=args.device, num_workers=args.num_workers, augment=args.augment,
+        seed=args.seed, assume_mpp=args.assume_mpp,
     )
+    res = pretrain_tile_encoder(args.slides, cfg, out=args.out, resume=args.resume)
     print(f"{'epoch':>5}  {'loss':>8}")
     for i, loss in enumerate(res.losses, 1):
         mark = "  (resumed)" if i == res.resumed_from and res.resumed_from else ""

@@ -11,7 +11,9 @@ optional ``coords`` ``(B, N, 2)`` in grid units) to a :class:`MILOutput` (``embe
 
 from wsi_ssl.mil._base import MILHead, MILOutput, create_head, list_heads, register_head
 from wsi_ssl.mil._classifier import MILClassifier
+from wsi_ssl.mil._coords import grid_stride, to_grid_units
 from wsi_ssl.mil._heads import ABMIL, DSMIL, GatedABMIL, MaxPool, MeanPool
+from wsi_ssl.mil._resmlp import ResidualMLPMean
 from wsi_ssl.mil._sparseconv import SparseConv2d, SparseConvMIL, SparseGrid
 from wsi_ssl.mil._transmil import PPEG, NystromAttention, TransMIL
 
@@ -26,6 +28,7 @@ __all__ = [
     "ABMIL",
     "GatedABMIL",
     "DSMIL",
+    "ResidualMLPMean",
     "TransMIL",
     "NystromAttention",
     "PPEG",
@@ -33,4 +36,6 @@ __all__ = [
     "SparseConv2d",
     "SparseGrid",
     "MILClassifier",
+    "grid_stride",
+    "to_grid_units",
 ]

@@ -208,11 +208,25 @@ def projection(in_dim: int, out_dim: int | None, dropout: float) -> tuple[nn.Mod
 _REGISTRY: dict[str, Callable[..., MILHead]] = {}
 
 
-def register_head(name: str) -> Callable[[type[MILHead]], type[MILHead]]:
-    """Class decorator registering a head under ``name`` for :func:`create_head`."""
+def register_head(name: str, *, overwrite: bool = False
+                  ) -> Callable[[type[MILHead]], type[MILHead]]:
+    """Class decorator registering a head under ``name`` for :func:`create_head`.
+
+    Args:
+        name: the registry name (lower case, ``_`` between words; ``create_head`` also accepts
+            ``-``).
+        overwrite: replace an existing registration instead of raising.
+
+    Raises:
+        ConfigError: ``name`` is already registered and ``overwrite`` is False.
+    """
+    key = str(name).lower().replace("-", "_")
 
     def deco(cls: type[MILHead]) -> type[MILHead]:
-        _REGISTRY[name] = cls
+        if key in _REGISTRY and _REGISTRY[key] is not cls and not overwrite:
+            raise ConfigError(f"a MIL head named {key!r} is already registered "
+                              f"({_REGISTRY[key].__name__}); pass overwrite=True to replace it.")
+        _REGISTRY[key] = cls
         return cls
 
     return deco
@@ -220,7 +234,7 @@ def register_head(name: str) -> Callable[[type[MILHead]], type[MILHead]]:
 
 def _ensure_registered() -> None:
     # the modules register their heads on import
-    from wsi_ssl.mil import _heads, _sparseconv, _transmil  # noqa: F401
+    from wsi_ssl.mil import _heads, _resmlp, _sparseconv, _transmil  # noqa: F401
 
 
 def list_heads() -> list[str]:

@@ -1,41 +1,37 @@
-"""Supervised MIL: any registered head trained on labelled bags, scikit-learn style."""
+"""Supervised MIL: any registered head trained on labelled bags, a scikit-learn estimator."""
 
 from __future__ import annotations
 
 import copy
 import logging
+import warnings
 from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin
 
 from wsi_ssl.errors import ConfigError, InputError, LabelError, NotFittedError
+from wsi_ssl.mil._coords import to_grid_units
 
 __all__ = ["MILClassifier"]
 
 logger = logging.getLogger(__name__)
 
 
-def _grid_units(coords: np.ndarray, stride: float | None) -> np.ndarray:
-    """Level-0 pixel coords -> grid units (divide by the stride, estimated when unknown)."""
-    coords = np.asarray(coords, dtype=np.float64)
-    if stride is None:
-        steps = [np.diff(np.unique(coords[:, i])) for i in range(2)]
-        steps = np.concatenate([s[s > 0] for s in steps])
-        stride = float(steps.min()) if steps.size else 1.0
-    return (coords / float(stride)).astype(np.float32)
-
-
-class MILClassifier:
+class MILClassifier(ClassifierMixin, BaseEstimator):
     """A MIL head (:func:`~wsi_ssl.mil.create_head`) trained with cross-entropy on labelled bags.
 
+    A scikit-learn estimator (``get_params`` / ``set_params``, ``sklearn.clone``, ``score``):
+    ``__init__`` only stores its arguments, ``fit`` validates them and returns ``self``.
     Features are standardised with the training instances' mean and std (``standardize=True``);
     bags are padded into mini-batches with exact masks; training is deterministic for a given
     ``seed`` (on the CPU; CUDA kernels may add tiny run-to-run noise).
 
     Args:
-        head: a name from :func:`~wsi_ssl.mil.list_heads`.
-        hidden: the head's ``embed_dim`` (per-tile projection size).
+        head: a name from :func:`~wsi_ssl.mil.list_heads` (the one positional argument, as in
+            ``MILClassifier("abmil")``; ``sklearn.clone`` passes every argument by keyword).
+        embed_dim: the head's ``embed_dim`` (per-tile projection size).
         dropout: dropout in the head.
         lr: Adam learning rate.
         epochs: passes over the training bags (the maximum with ``early_stopping``).
@@ -49,21 +45,24 @@ class MILClassifier:
         head_kwargs: extra options for the head (``attn_dim=``, ``attention="full"``, ...).
         device: ``"auto"``, ``"cpu"``, ``"cuda"``...
         seed: seeds initialisation, shuffling, dropout and the validation split.
+        hidden: deprecated name of ``embed_dim`` (a ``DeprecationWarning`` at ``fit``).
 
     Attributes:
         classes_: sorted class labels. n_features_in_: ``D``. head_: the trained head (eval mode).
         mean_, scale_: standardisation statistics ``(D,)``. history_: per-epoch training loss
         (and ``val_loss`` with early stopping). n_epochs_: epochs actually run.
+        best_epoch_: the epoch whose weights were kept (``n_epochs_`` without early stopping).
+        validation_indices_: indices of the bags held out for early stopping (empty without).
     """
 
-    def __init__(self, head: str = "abmil", *, hidden: int = 128, dropout: float = 0.0,
+    def __init__(self, head: str = "abmil", *, embed_dim: int = 128, dropout: float = 0.0,
                  lr: float = 5e-4, epochs: int = 40, weight_decay: float = 1e-4,
                  batch_size: int = 8, class_weight: Literal["balanced"] | None = "balanced",
                  early_stopping: int | None = None, validation_fraction: float = 0.2,
                  standardize: bool = True, head_kwargs: dict[str, Any] | None = None,
-                 device: str = "auto", seed: int = 0) -> None:
+                 device: str = "auto", seed: int = 0, hidden: int | None = None) -> None:
         self.head = head
-        self.hidden = hidden
+        self.embed_dim = embed_dim
         self.dropout = dropout
         self.lr = lr
         self.epochs = epochs
@@ -76,11 +75,22 @@ class MILClassifier:
         self.head_kwargs = head_kwargs
         self.device = device
         self.seed = seed
+        self.hidden = hidden
 
     # -- inputs ---------------------------------------------------------------------------------
+    def _embed_dim(self) -> int:
+        """``embed_dim``, or the deprecated ``hidden`` when given (with a warning)."""
+        if self.hidden is None:
+            return self.embed_dim
+        warnings.warn("MILClassifier(hidden=...) is deprecated; use embed_dim=... (the name "
+                      "every head and SlideSSL use).", DeprecationWarning, stacklevel=3)
+        return self.hidden
+
     def _check_params(self) -> None:
-        for name in ("hidden", "epochs", "batch_size"):
+        for name in ("embed_dim", "hidden", "epochs", "batch_size"):
             v = getattr(self, name)
+            if name == "hidden" and v is None:
+                continue
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"MILClassifier({name}={v!r}): must be an integer >= 1.")
         for name in ("lr", "weight_decay"):
@@ -118,7 +128,7 @@ class MILClassifier:
                 feats.append(rec.features)
                 attrs = getattr(rec, "attrs", None) or {}
                 rc = getattr(rec, "coords", None)
-                crd.append(None if rc is None else _grid_units(rc, attrs.get("stride_level0")))
+                crd.append(None if rc is None else to_grid_units(rc, attrs))
             coords = None if any(c is None for c in crd) else crd
             bags, names = feats, [f"bag {i} ({sid!r})" for i, sid in enumerate(slide_ids)]
         else:
@@ -203,11 +213,38 @@ class MILClassifier:
         from wsi_ssl.mil._base import create_head
 
         self._check_params()
+        embed_dim = self._embed_dim()
         xs, cs = self._load(bags, coords, slide_ids, None)
+        y_idx = self._encode_labels(y, len(xs))
+        dev = resolve_device(self.device)
+        self._fit_scaler(np.concatenate(xs))
+        rng = np.random.default_rng(self.seed)
+        train, val = self._split(y_idx, rng)
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+            torch.manual_seed(self.seed)
+            head = create_head(self.head, self.n_features_in_, n_classes=len(self.classes_),
+                               embed_dim=embed_dim, dropout=self.dropout,
+                               **(self.head_kwargs or {})).to(dev)
+            if head.uses_coords and cs is None:
+                raise InputError(
+                    f"head {self.head!r} is coordinate-aware: pass coords=[(n_i, 2), ...] in grid "
+                    "units (or a TileStore with slide_ids)."
+                )
+            self.history_, self.best_epoch_ = self._train(head, xs, cs, y_idx, train, val, rng,
+                                                          dev)
+        head.eval()
+        self.head_ = head
+        self.n_epochs_ = len(self.history_)
+        self.validation_indices_ = val
+        self.device_ = dev
+        return self
+
+    def _encode_labels(self, y: Any, n_bags: int) -> np.ndarray:
+        """Check ``y``, set ``classes_`` and return the class index of every bag."""
         y_arr = np.asarray(y)
-        if y_arr.ndim != 1 or len(y_arr) != len(xs):
+        if y_arr.ndim != 1 or len(y_arr) != n_bags:
             raise LabelError(
-                f"y has {y_arr.shape} labels for {len(xs)} bags; pass one label per bag."
+                f"y has {y_arr.shape} labels for {n_bags} bags; pass one label per bag."
             )
         if y_arr.dtype.kind == "f" and np.isnan(y_arr).any():
             raise LabelError(f"y has NaN labels at {np.flatnonzero(np.isnan(y_arr))[:5].tolist()}.")
@@ -216,84 +253,86 @@ class MILClassifier:
             raise LabelError(
                 f"y has one class only ({classes.tolist()}); a classifier needs two or more."
             )
-        dev = resolve_device(self.device)
-        allx = np.concatenate(xs)
-        self.mean_ = allx.mean(0) if self.standardize else np.zeros(allx.shape[1], np.float32)
+        self.classes_ = classes
+        return y_idx
+
+    def _fit_scaler(self, allx: np.ndarray) -> None:
+        """``mean_``, ``scale_`` (identity when ``standardize=False``) and ``n_features_in_``."""
+        mean = allx.mean(0) if self.standardize else np.zeros(allx.shape[1], np.float32)
         std = allx.std(0) if self.standardize else np.ones(allx.shape[1], np.float32)
         self.scale_ = np.where(std > 1e-8, std, 1.0).astype(np.float32)
-        self.mean_ = self.mean_.astype(np.float32)
-        self.classes_ = classes
+        self.mean_ = mean.astype(np.float32)
         self.n_features_in_ = int(allx.shape[1])
-        n_cls = len(classes)
-        rng = np.random.default_rng(self.seed)
 
-        train = np.arange(len(xs))
-        val = np.array([], dtype=int)
-        if self.early_stopping is not None:
-            val_parts = []
-            for c in range(n_cls):
-                members = rng.permutation(np.flatnonzero(y_idx == c))
-                k = min(len(members) - 1, int(round(self.validation_fraction * len(members))))
-                val_parts.append(members[:max(k, 0)])
-            val = np.sort(np.concatenate(val_parts))
-            train = np.setdiff1d(train, val)
-        counts = np.bincount(y_idx[train], minlength=n_cls).astype(np.float64)
-        weight = None
-        if self.class_weight == "balanced":
-            weight = torch.tensor(len(train) / (n_cls * np.maximum(counts, 1)), dtype=torch.float32,
-                                  device=dev)
+    def _split(self, y_idx: np.ndarray, rng: np.random.Generator
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """Training and (stratified, ``early_stopping`` only) validation bag indices."""
+        train = np.arange(len(y_idx))
+        if self.early_stopping is None:
+            return train, np.array([], dtype=int)
+        val_parts = []
+        for c in range(len(self.classes_)):
+            members = rng.permutation(np.flatnonzero(y_idx == c))
+            k = min(len(members) - 1, int(round(self.validation_fraction * len(members))))
+            val_parts.append(members[:max(k, 0)])
+        val = np.sort(np.concatenate(val_parts))
+        return np.setdiff1d(train, val), val
 
-        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-            torch.manual_seed(self.seed)
-            head = create_head(self.head, self.n_features_in_, n_classes=n_cls,
-                               embed_dim=self.hidden, dropout=self.dropout,
-                               **(self.head_kwargs or {})).to(dev)
-            if head.uses_coords and cs is None:
-                raise InputError(
-                    f"head {self.head!r} is coordinate-aware: pass coords=[(n_i, 2), ...] in grid "
-                    "units (or a TileStore with slide_ids)."
-                )
-            opt = torch.optim.Adam(head.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-            yt = torch.as_tensor(y_idx, device=dev)
-            best, best_loss, bad = None, float("inf"), 0
-            self.history_: list[dict[str, float]] = []
-            for epoch in range(self.epochs):
-                head.train()
-                order = rng.permutation(train)
-                total = 0.0
-                for s in range(0, len(order), self.batch_size):
-                    idx = order[s:s + self.batch_size]
-                    x, m, c = self._collate(xs, cs, idx, dev)
-                    logits = head(x, mask=m, coords=c).logits
-                    loss = torch.nn.functional.cross_entropy(logits, yt[idx], weight=weight)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    total += float(loss.detach()) * len(idx)
-                rec = {"epoch": epoch + 1, "loss": total / len(train)}
-                if len(val):
-                    head.eval()
-                    with torch.no_grad():
-                        p = self._forward(head, xs, cs, val, dev)
-                        vl = torch.nn.functional.cross_entropy(
-                            torch.log(p.clamp_min(1e-12)), yt[val], weight=weight)
-                    rec["val_loss"] = float(vl)
-                    if rec["val_loss"] < best_loss - 1e-6:
-                        best_loss, bad = rec["val_loss"], 0
-                        best = copy.deepcopy(head.state_dict())
-                    else:
-                        bad += 1
-                self.history_.append(rec)
-                logger.debug("MILClassifier epoch %s", rec)
-                if len(val) and bad >= self.early_stopping:
-                    break
-            if best is not None:
-                head.load_state_dict(best)
-        head.eval()
-        self.head_ = head
-        self.n_epochs_ = len(self.history_)
-        self.device_ = dev
-        return self
+    def _class_weight_tensor(self, y_train: np.ndarray, dev: Any) -> Any:
+        import torch
+
+        if self.class_weight != "balanced":
+            return None
+        n_cls = len(self.classes_)
+        counts = np.bincount(y_train, minlength=n_cls).astype(np.float64)
+        return torch.tensor(len(y_train) / (n_cls * np.maximum(counts, 1)), dtype=torch.float32,
+                            device=dev)
+
+    def _train(self, head: Any, xs: list[np.ndarray], cs: list[np.ndarray] | None,
+               y_idx: np.ndarray, train: np.ndarray, val: np.ndarray, rng: np.random.Generator,
+               dev: Any) -> tuple[list[dict[str, float]], int]:
+        """The epoch loop; with a validation split, stop after ``early_stopping`` epochs without
+        a better validation loss and restore the best weights. Returns (history, best epoch)."""
+        import torch
+        from torch.nn.functional import cross_entropy
+
+        weight = self._class_weight_tensor(y_idx[train], dev)
+        opt = torch.optim.Adam(head.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        yt = torch.as_tensor(y_idx, device=dev)
+        best, best_epoch, best_loss, bad = None, 0, float("inf"), 0
+        history: list[dict[str, float]] = []
+        for epoch in range(self.epochs):
+            head.train()
+            order = rng.permutation(train)
+            total = 0.0
+            for s in range(0, len(order), self.batch_size):
+                idx = order[s:s + self.batch_size]
+                x, m, c = self._collate(xs, cs, idx, dev)
+                loss = cross_entropy(head(x, mask=m, coords=c).logits, yt[idx], weight=weight)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += float(loss.detach()) * len(idx)
+            rec = {"epoch": epoch + 1, "loss": total / len(train)}
+            if len(val):
+                head.eval()
+                with torch.no_grad():
+                    p = self._forward(head, xs, cs, val, dev)
+                    rec["val_loss"] = float(cross_entropy(torch.log(p.clamp_min(1e-12)), yt[val],
+                                                          weight=weight))
+                if rec["val_loss"] < best_loss - 1e-6:
+                    best_loss, best_epoch, bad = rec["val_loss"], epoch + 1, 0
+                    best = copy.deepcopy(head.state_dict())
+                else:
+                    bad += 1
+            history.append(rec)
+            logger.debug("MILClassifier epoch %s", rec)
+            if len(val) and bad >= self.early_stopping:
+                break
+        if best is None:
+            return history, len(history)
+        head.load_state_dict(best)
+        return history, best_epoch
 
     def _forward(self, head, xs, cs, idx, dev):
         """Class probabilities of bags ``idx`` (batched by similar size), as a torch tensor."""
@@ -365,6 +404,3 @@ class MILClassifier:
         if att is None:
             raise ConfigError(f"head {self.head!r} has no attention weights.")
         return att[0].cpu().numpy().astype(np.float32)
-
-    def __repr__(self) -> str:
-        return f"MILClassifier(head={self.head!r}, hidden={self.hidden}, epochs={self.epochs})"

@@ -1,6 +1,6 @@
-"""Self-supervised pretraining: histology augmentations (:mod:`wsi_ssl.pretrain.augment`), losses
-and heads, tile-level SSL of a timm backbone (:func:`pretrain_tile_encoder`) and slide-level
-Giga-SSL (:class:`SlideSSL`).
+"""Self-supervised pretraining: losses and heads, tile-level SSL of a timm backbone (:func:`pretrain_tile_encoder`) and slide-level
+Giga-SSL (:class:`SlideSSL`). The augmentations live in :mod:`wsi_ssl.augment` (below tiling and
+pretrain); ``wsi_ssl.pretrain.augment`` is kept as an alias.
 
 Heavy parts (torch, timm) load on first use of a name, not at ``import wsi_ssl.pretrain``.
 """
@@ -21,6 +21,13 @@ __all__ = [
     "pretrain_tile_encoder",
     "TileSSLResult",
     "SlideSSL",
+    "TileSSLConfig",
+    "CoordAugment",
+    "plot_loss",
+    "pretrain_slides",
+    "encode_slides",
+    "EncodeResult",
+    "mean_pool_embeddings",
 ]
 
 _LAZY: dict[str, str] = {
@@ -34,6 +41,13 @@ _LAZY: dict[str, str] = {
     "pretrain_tile_encoder": "wsi_ssl.pretrain._tile_ssl",
     "TileSSLResult": "wsi_ssl.pretrain._tile_ssl",
     "SlideSSL": "wsi_ssl.pretrain._slide_ssl",
+    "TileSSLConfig": "wsi_ssl.pretrain._tile_ssl",
+    "CoordAugment": "wsi_ssl.pretrain._slide_data",
+    "plot_loss": "wsi_ssl.pretrain._slide_train",
+    "pretrain_slides": "wsi_ssl.pretrain._slide_run",
+    "encode_slides": "wsi_ssl.pretrain._slide_run",
+    "EncodeResult": "wsi_ssl.pretrain._slide_run",
+    "mean_pool_embeddings": "wsi_ssl.pretrain._slide_run",
 }
 
 

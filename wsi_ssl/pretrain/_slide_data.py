@@ -20,15 +20,13 @@ from typing import Any
 import numpy as np
 
 from wsi_ssl.errors import ConfigError, InputError, StoreFormatError
+from wsi_ssl.mil._coords import grid_stride, to_grid_units
 
 __all__ = ["CoordAugment", "augment_coords", "SlideData", "SlideBank", "grid_stride"]
 
 logger = logging.getLogger(__name__)
 
-_STRIDE_KEYS = ("stride_level0", "stride", "tile_size_level0", "read_size_level0")
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class CoordAugment:
     """Augmentation of the tile coordinates of one view (for coordinate-aware heads).
 
@@ -50,12 +48,22 @@ class CoordAugment:
     translate: float = 16.0
 
     def __post_init__(self) -> None:
-        lo, hi = (float(v) for v in self.scale)
-        if not (0 < lo <= hi):
-            raise ConfigError(f"coord augment scale={self.scale!r} must be 0 < low <= high, "
+        for name in ("rotate", "flip"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"CoordAugment {name}={getattr(self, name)!r} must be True or "
+                                  "False.")
+        try:
+            lo, hi = (float(v) for v in self.scale)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"CoordAugment scale={self.scale!r} must be two numbers "
+                              "(low, high), e.g. (0.7, 1.3).") from err
+        if not (0 < lo <= hi < float("inf")):
+            raise ConfigError(f"CoordAugment scale={self.scale!r} must be 0 < low <= high, "
                               "e.g. (0.7, 1.3).")
-        if self.translate < 0:
-            raise ConfigError(f"coord augment translate={self.translate!r} must be >= 0.")
+        if (isinstance(self.translate, bool) or not isinstance(self.translate, (int, float))
+                or not 0 <= self.translate < float("inf")):
+            raise ConfigError(f"CoordAugment translate={self.translate!r} must be a number >= 0 "
+                              "(grid units).")
         object.__setattr__(self, "scale", (lo, hi))
 
 
@@ -85,30 +93,6 @@ def augment_coords(coords: np.ndarray, rng: np.random.Generator, cfg: CoordAugme
     if cfg.translate > 0:
         c = c + rng.uniform(0.0, cfg.translate, size=2)
     return c.astype(np.float32)
-
-
-def grid_stride(coords: np.ndarray, attrs: dict[str, Any] | None = None) -> float:
-    """Level-0 pixels between neighbouring tiles: from ``attrs`` (``stride_level0``...) when the
-    store recorded it, else the smallest positive gap between distinct x or y coordinates."""
-    attrs = attrs or {}
-    for key in _STRIDE_KEYS:
-        val = attrs.get(key)
-        if val is not None:
-            try:
-                val = float(val)
-            except (TypeError, ValueError):
-                continue
-            if val > 0:
-                return val
-    c = np.asarray(coords)
-    gaps = []
-    for axis in range(2):
-        u = np.unique(c[:, axis]) if len(c) else np.empty(0)
-        d = np.diff(u)
-        d = d[d > 0]
-        if len(d):
-            gaps.append(float(d.min()))
-    return min(gaps) if gaps else 1.0
 
 
 def store_slide_ids(store: Any, slide_ids: Sequence[str] | None) -> list[str]:
@@ -175,9 +159,7 @@ def _read_slide(store: Any, slide_id: str, *, need_views: bool) -> SlideData:
         raise InputError(f"slide '{slide_id}' has NaN/inf values in its augmented views; "
                          "re-embed it (or drop it from the store) before slide SSL.")
     attrs = dict(getattr(rec, "attrs", {}) or {})
-    grid = np.asarray(coords, np.float64) / grid_stride(coords, attrs) if len(coords) else \
-        np.zeros((0, 2))
-    return SlideData(slide_id, feats, grid.astype(np.float32), views, vidx)
+    return SlideData(slide_id, feats, to_grid_units(coords, attrs), views, vidx)
 
 
 class SlideBank:

@@ -12,21 +12,20 @@ mean of the MIL head's output over k-tile chunks of its clean tiles, L2-normalis
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
 import os
-import time
+import warnings
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+from sklearn.base import BaseEstimator, TransformerMixin
 
 from wsi_ssl.errors import (
-    CheckpointError,
     ConfigError,
     EncoderMismatchError,
     InputError,
@@ -47,13 +46,17 @@ logger = logging.getLogger(__name__)
 _MODEL_FILE = "model.safetensors"
 _CONFIG_FILE = "config.json"
 _FORMAT = "wsi-ssl-slide-ssl"
-#: parameters that may differ between an interrupted run and its resumption
-_RESUME_FREE = {"device", "checkpoint_dir", "checkpoint_every", "cache_bytes",
-                "inference_chunks", "inference_batch"}
 
 
-class SlideSSL:
-    """Giga-SSL slide encoder, scikit-learn style: ``fit(store)``, ``transform(store)``.
+class SlideSSL(TransformerMixin, BaseEstimator):
+    """Giga-SSL slide encoder, a scikit-learn transformer: ``fit(store)``, ``transform(store)``.
+
+    ``__init__`` only stores its arguments (``get_params`` / ``set_params`` / ``sklearn.clone``
+    work); ``fit`` validates them, trains and returns ``self``; learned state ends in ``_``.
+    ``head`` is the one positional argument (``SlideSSL("abmil", ...)``); scikit-learn passes
+    every argument by keyword, so ``clone`` works with it. Checkpointing and the loss-curve
+    picture are done by a callback (:class:`~wsi_ssl.pretrain._slide_train.SlideCheckpoint`)
+    when ``checkpoint_dir`` is set, not by ``fit`` itself.
 
     Defaults are the paper's (Lazard et al. 2023 and its reference configuration): k=5 tiles
     per view, embedding 512, projection 512-512-512-256, NT-Xent temperature 0.05, batch 256
@@ -89,8 +92,8 @@ class SlideSSL:
             an integer averages that many random k-tile chunks (with replacement) instead.
         inference_batch: chunks per forward pass at inference.
         cache_bytes: memory budget for slide arrays kept in RAM during training.
-        checkpoint_dir: where checkpoints (every ``checkpoint_every`` epochs) and
-            ``loss_curve.png`` go; ``None`` = no checkpoints.
+        checkpoint_dir: where the checkpoint callback writes checkpoints (every
+            ``checkpoint_every`` epochs) and ``loss_curve.png``; ``None`` = no checkpoints.
         checkpoint_every: epochs between checkpoints (the last epoch is always saved).
         device: ``"auto"``, ``"cpu"``, ``"cuda"``...
         seed: seeds initialisation, view sampling and inference chunks.
@@ -137,23 +140,10 @@ class SlideSSL:
         self.seed = seed
 
     # -- parameters -------------------------------------------------------------------------------
-    _PARAMS = ("head", "embed_dim", "proj_dims", "tiles_per_view", "temperature", "batch_size",
-               "epochs", "lr", "weight_decay", "warmup_epochs", "optimizer", "coord_augment",
-               "head_kwargs", "standardize", "inference_chunks", "inference_batch",
-               "cache_bytes", "checkpoint_dir", "checkpoint_every", "device", "seed")
-
-    def get_params(self) -> dict[str, Any]:
-        """The constructor arguments (scikit-learn convention)."""
-        return {k: getattr(self, k) for k in self._PARAMS}
-
     def _json_params(self) -> dict[str, Any]:
-        p = self.get_params()
-        p["proj_dims"] = [int(d) for d in p["proj_dims"]]
-        ca = p["coord_augment"]
-        p["coord_augment"] = dataclasses.asdict(ca) if ca is not None else None
-        p["checkpoint_dir"] = str(p["checkpoint_dir"]) if p["checkpoint_dir"] else None
-        p["head_kwargs"] = dict(p["head_kwargs"] or {})
-        return json.loads(json.dumps(p))
+        from wsi_ssl.pretrain._slide_train import json_params
+
+        return json_params(self.get_params(deep=False))
 
     @staticmethod
     def _from_json_params(p: dict[str, Any]) -> dict[str, Any]:
@@ -163,21 +153,17 @@ class SlideSSL:
         p["coord_augment"] = CoordAugment(**{**ca, "scale": tuple(ca["scale"])}) if ca else None
         return p
 
-    def _validate(self) -> None:
-        from wsi_ssl.pretrain._slide_train import validate_params
-
-        validate_params(self)
-
     # -- model ------------------------------------------------------------------------------------
     def _build_net(self, in_dim: int):
         import torch
 
+        from wsi_ssl.mil import create_head
         from wsi_ssl.pretrain._heads import ProjectionHead
-        from wsi_ssl.pretrain._slide_heads import SlideNet, build_slide_head
+        from wsi_ssl.pretrain._slide_heads import SlideNet
 
         torch.manual_seed(int(self.seed))
-        head = build_slide_head(self.head, in_dim, embed_dim=int(self.embed_dim),
-                                **dict(self.head_kwargs or {}))
+        head = create_head(self.head, in_dim, n_classes=0, embed_dim=int(self.embed_dim),
+                           **dict(self.head_kwargs or {}))
         proj = ProjectionHead((int(head.embed_dim), *(int(d) for d in self.proj_dims)))
         return SlideNet(head, proj, in_dim)
 
@@ -187,12 +173,13 @@ class SlideSSL:
                                  "SlideSSL.load(model_dir) first.")
 
     # -- training ---------------------------------------------------------------------------------
-    def fit(self, store: Any, *, slide_ids: Sequence[str] | None = None,
+    def fit(self, store: Any, y: None = None, *, slide_ids: Sequence[str] | None = None,
             resume: bool = False) -> SlideSSL:
         """Train on the slides of ``store`` (no labels).
 
         Args:
             store: a :class:`~wsi_ssl.store.TileStore` with the augmentation bank (``--views``).
+            y: ignored (scikit-learn's signature; slide SSL uses no labels).
             slide_ids: a subset of its slides (default: all complete slides).
             resume: continue from ``checkpoint_dir``'s checkpoint (same configuration and store).
 
@@ -204,132 +191,62 @@ class SlideSSL:
             InputError: NaN/inf features (the slide is named), fewer than 2 usable slides.
             CheckpointError: ``resume`` with a checkpoint from another configuration or store.
         """
-        import torch
-
         from wsi_ssl._utils import progress, resolve_device
-        from wsi_ssl.pretrain._losses import NTXentLoss
-        from wsi_ssl.pretrain._slide_train import (
-            CHECKPOINT_NAME,
-            build_optimizer,
-            load_checkpoint,
-            lr_factor,
-            plot_loss_curve,
-            save_checkpoint,
-        )
+        from wsi_ssl.pretrain._slide_train import SlideTrainer, TrainProgress, validate_params
 
-        self._validate()
-        device = resolve_device(self.device)
-        k = int(self.tiles_per_view)
-        bank = SlideBank(store, slide_ids, need_views=True, min_tiles=k,
+        validate_params(self)
+        if resume and self.checkpoint_dir is None:
+            raise ConfigError("fit(resume=True) needs checkpoint_dir= (where the interrupted "
+                              "run wrote its checkpoint).")
+        bank = SlideBank(store, slide_ids, need_views=True, min_tiles=int(self.tiles_per_view),
                          cache_bytes=int(self.cache_bytes))
-        n = len(bank)
-        if n < 2:
+        if len(bank) < 2:
             raise InputError(f"slide SSL needs at least 2 slides with tiles (negatives); the "
-                             f"store gives {n}: {bank.slide_ids}.")
-        bsz = min(int(self.batch_size), n)
-        steps_per_epoch = n // bsz
-        total_steps = steps_per_epoch * int(self.epochs)
-        warmup_steps = steps_per_epoch * int(self.warmup_epochs)
-        net = self._build_net(bank.dim)
-        if self.standardize:
-            net.feat_mean.copy_(torch.from_numpy(bank.mean))
-            net.feat_std.copy_(torch.from_numpy(bank.std))
-        net.to(device)
-        opt = build_optimizer(net, lr=float(self.lr), weight_decay=float(self.weight_decay),
-                              optimizer=self.optimizer)
-        loss_fn = NTXentLoss(float(self.temperature))
-        uses_coords = bool(getattr(net.head, "uses_coords", True))
-        coord_aug = self.coord_augment if uses_coords else None
-        store_fp = str(getattr(store, "fingerprint", ""))
-        run_cfg = {k_: v for k_, v in self._json_params().items() if k_ not in _RESUME_FREE}
-        ids_hash = hashlib.sha256("\n".join(bank.slide_ids).encode()).hexdigest()[:16]
-
-        ckpt = Path(self.checkpoint_dir) / CHECKPOINT_NAME if self.checkpoint_dir else None
-        start_epoch, history, views_done, train_s = 0, [], 0, 0.0
-        if resume:
-            if ckpt is None:
-                raise ConfigError("fit(resume=True) needs checkpoint_dir= (where the interrupted "
-                                  "run wrote its checkpoint).")
-            if ckpt.exists():
-                info = load_checkpoint(ckpt, net, opt)
-                diff = sorted(k_ for k_ in set(run_cfg) | set(info.get("config", {}))
-                              if run_cfg.get(k_) != info.get("config", {}).get(k_))
-                if diff:
-                    raise CheckpointError(
-                        f"checkpoint '{ckpt}' was written with other settings ({', '.join(diff)}: "
-                        f"{[info['config'].get(d) for d in diff]} vs {[run_cfg.get(d) for d in diff]}); "
-                        "use the same settings or another checkpoint_dir.")
-                if info.get("slides") != ids_hash or info.get("store") != store_fp:
-                    raise CheckpointError(f"checkpoint '{ckpt}' was trained on another store or "
-                                          "slide set; use another checkpoint_dir.")
-                start_epoch, history = int(info["epoch"]), list(info["history"])
-                views_done, train_s = int(info["views"]), float(info["train_s"])
-                logger.info("resuming slide SSL from epoch %d of %d", start_epoch, self.epochs)
-            else:
-                logger.warning("no checkpoint at '%s'; starting from scratch", ckpt)
-        elif ckpt is not None and ckpt.exists():
-            logger.warning("overwriting the checkpoint at '%s' (pass resume=True to continue it)",
-                           ckpt)
-
-        bar = progress(total=total_steps, initial=start_epoch * steps_per_epoch,
+                             f"store gives {len(bank)}: {bank.slide_ids}.")
+        trainer = SlideTrainer(self, bank, resolve_device(self.device))
+        ckpt = self._checkpoint_callback(store, bank)
+        state = ckpt.restore(trainer, resume=resume) if ckpt else TrainProgress()
+        start_epoch = state.epoch
+        bar = progress(total=trainer.total_steps, initial=start_epoch * trainer.steps_per_epoch,
                        desc="slide SSL", unit="step")
-        net.train()
-        rate = 0.0
         try:
             for epoch in range(start_epoch, int(self.epochs)):
-                rng = np.random.default_rng([int(self.seed), epoch])
-                torch.manual_seed(int(self.seed) * 100_003 + epoch)
-                order = rng.permutation(n)
-                losses = []
-                for s in range(steps_per_epoch):
-                    t0 = time.perf_counter()
-                    step = epoch * steps_per_epoch + s
-                    f = lr_factor(step, total_steps, warmup_steps)
-                    for g in opt.param_groups:
-                        g["lr"] = float(self.lr) * f
-                    batch = [bank.slide_ids[i] for i in order[s * bsz:(s + 1) * bsz]]
-                    x, c = bank.sample_views(batch, rng, k, coord_aug)
-                    xt = torch.from_numpy(x.reshape(2 * bsz, k, -1)).to(device)
-                    ct = torch.from_numpy(c.reshape(2 * bsz, k, 2)).to(device)
-                    z = net(xt, ct)
-                    loss = loss_fn(z[:bsz], z[bsz:])
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    losses.append(float(loss.detach()))
-                    dt = time.perf_counter() - t0
-                    train_s += dt
-                    views_done += 2 * bsz
-                    rate = 2 * bsz / dt if rate == 0 else 0.9 * rate + 0.1 * 2 * bsz / dt
-                    bar.update(1)
-                    bar.set_postfix(epoch=epoch + 1, loss=f"{losses[-1]:.3f}",
-                                    views_s=f"{rate:.0f}", refresh=False)
-                history.append(float(np.mean(losses)))
-                last = epoch + 1 == int(self.epochs)
-                if ckpt is not None and ((epoch + 1) % int(self.checkpoint_every) == 0 or last):
-                    save_checkpoint(ckpt, net, opt, {
-                        "epoch": epoch + 1, "history": history, "config": run_cfg,
-                        "slides": ids_hash, "store": store_fp, "views": views_done,
-                        "train_s": train_s})
+                trainer.run_epoch(epoch, state, bar)
+                if ckpt:
+                    ckpt.on_epoch_end(state, trainer)
         finally:
             bar.close()
+        if ckpt:
+            ckpt.on_train_end(state)
+        self._set_fitted(trainer.net.eval(), state, start_epoch, bank, store)
+        logger.info("slide SSL: %d epochs on %d slides, final loss %.4f, %.0f views/s",
+                    len(state.history), len(bank),
+                    state.history[-1] if state.history else float("nan"),
+                    self.train_views_per_s_)
+        return self
 
-        net.eval()
+    def _checkpoint_callback(self, store: Any, bank: SlideBank) -> Any:
+        from wsi_ssl.pretrain._slide_train import RESUME_FREE, SlideCheckpoint
+
+        if self.checkpoint_dir is None:
+            return None
+        run_cfg = {k: v for k, v in self._json_params().items() if k not in RESUME_FREE}
+        return SlideCheckpoint(self.checkpoint_dir, every=int(self.checkpoint_every),
+                               run_config=run_cfg, slide_ids=bank.slide_ids,
+                               store_fingerprint=str(getattr(store, "fingerprint", "")))
+
+    def _set_fitted(self, net: Any, state: Any, start_epoch: int, bank: SlideBank,
+                    store: Any) -> None:
         self.net_ = net
-        self.history_ = history
+        self.history_ = state.history
         self.start_epoch_ = start_epoch
         self.slide_ids_ = tuple(bank.slide_ids)
         self.skipped_slides_ = tuple(bank.skipped)
         self.n_features_in_ = int(bank.dim)
         self.encoder_fingerprint_ = str(getattr(store, "encoder_fingerprint", "") or "")
-        self.store_fingerprint_ = store_fp
-        self.train_views_per_s_ = views_done / train_s if train_s > 0 else float("nan")
-        if self.checkpoint_dir is not None and history:
-            plot_loss_curve(history, Path(self.checkpoint_dir) / "loss_curve.png")
-        logger.info("slide SSL: %d epochs on %d slides, final loss %.4f, %.0f views/s",
-                    len(history), n, history[-1] if history else float("nan"),
-                    self.train_views_per_s_)
-        return self
+        self.store_fingerprint_ = str(getattr(store, "fingerprint", ""))
+        self.train_views_per_s_ = (state.views / state.train_s if state.train_s > 0
+                                   else float("nan"))
 
     # -- inference --------------------------------------------------------------------------------
     def _chunks(self, n_tiles: int, sid: str) -> np.ndarray:
@@ -360,8 +277,6 @@ class SlideSSL:
             EncoderMismatchError: the store's tile encoder differs from the training one.
             InputError: unknown slide ids, NaN features (the slide is named).
         """
-        import warnings
-
         import torch
 
         from wsi_ssl._utils import progress, resolve_device
@@ -414,9 +329,13 @@ class SlideSSL:
         emb = np.stack(rows).astype(dtype)
         return SlideEmbeddings(tuple(out_ids), emb, prov)
 
-    def fit_transform(self, store: Any, **fit_kwargs: Any):
-        """``fit(store, **fit_kwargs).transform(store)``."""
-        return self.fit(store, **fit_kwargs).transform(store)
+    def fit_transform(self, store: Any, y: None = None, *,
+                      slide_ids: Sequence[str] | None = None, resume: bool = False,
+                      dtype: Literal["float16", "float32"] = "float16"):
+        """``fit`` on ``slide_ids`` (default all complete slides) and embed **those same
+        slides**: ``fit(store, slide_ids=slide_ids).transform(store, slide_ids=slide_ids)``."""
+        return self.fit(store, slide_ids=slide_ids, resume=resume).transform(
+            store, slide_ids=slide_ids, dtype=dtype)
 
     # -- persistence ------------------------------------------------------------------------------
     def _weights_hash(self) -> str:
@@ -428,19 +347,16 @@ class SlideSSL:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``model.safetensors`` (weights) and ``config.json`` into directory ``path``."""
-        from safetensors.torch import save_file
-
         from wsi_ssl._utils import atomic_write_bytes
         from wsi_ssl._version import __version__
+        from wsi_ssl.pretrain._checkpoint import save_safetensors_atomic
 
         self._check_fitted()
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().cpu().clone().contiguous()
                    for k, v in self.net_.state_dict().items()}
-        tmp = path / f".{_MODEL_FILE}.tmp-{os.getpid()}"
-        save_file(tensors, str(tmp), metadata={"format": _FORMAT})
-        os.replace(tmp, path / _MODEL_FILE)
+        save_safetensors_atomic(tensors, path / _MODEL_FILE, {"format": _FORMAT})
         cfg = {"format": _FORMAT, "version": __version__, "params": self._json_params(),
                "n_features_in": self.n_features_in_,
                "encoder_fingerprint": self.encoder_fingerprint_,
@@ -452,7 +368,8 @@ class SlideSSL:
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, device: str | None = None) -> SlideSSL:
-        """Load a model written by :meth:`save` (or ``wsi-ssl pretrain-slides --out``)."""
+        """Load a model written by :meth:`save` (or ``wsi-ssl pretrain-slides --out``); files of
+        older versions are migrated on the fly (:func:`_migrate_params`)."""
         from safetensors.torch import load_file
 
         path = Path(path)
@@ -464,17 +381,12 @@ class SlideSSL:
             cfg = json.loads(cfg_path.read_text())
             if cfg.get("format") != _FORMAT:
                 raise ValueError(f"format={cfg.get('format')!r}")
-            params = cls._from_json_params(cfg["params"])
             tensors = load_file(str(w_path))
+            params = _migrate_params(cls._from_json_params(cfg["params"]), tensors)
         except Exception as err:
             raise WeightsError(f"cannot read the SlideSSL model in '{path}': {err}") from err
         if device is not None:
             params["device"] = device
-        hk = dict(params.get("head_kwargs") or {})
-        if (str(params.get("head", "")).lower() == "sparseconv" and "pooling" not in hk
-                and not any(".attn_" in k for k in tensors)):
-            # written before sparseconv pooled with attention by default (wsi-ssl 0.1 dev)
-            params["head_kwargs"] = {**hk, "pooling": "mean"}
         model = cls(**params)
         net = model._build_net(int(cfg["n_features_in"]))
         try:
@@ -482,9 +394,9 @@ class SlideSSL:
         except RuntimeError as err:
             raise WeightsError(f"weights in '{w_path}' do not fit the configured model: "
                                f"{err}") from err
-        net.eval()
-        model.net_ = net
+        model.net_ = net.eval()
         model.history_ = list(cfg.get("history", []))
+        model.start_epoch_ = 0
         model.slide_ids_ = tuple(cfg.get("slide_ids", []))
         model.skipped_slides_ = tuple(cfg.get("skipped_slides", []))
         model.n_features_in_ = int(cfg["n_features_in"])
@@ -493,9 +405,13 @@ class SlideSSL:
         model.train_views_per_s_ = float(cfg.get("train_views_per_s", float("nan")))
         return model
 
-    def __repr__(self) -> str:
-        defaults = type(self)().get_params()
-        changed = {k: v for k, v in self.get_params().items() if v != defaults.get(k)}
-        args = ", ".join([repr(self.head)] + [f"{k}={v!r}" for k, v in changed.items()
-                                               if k != "head"])
-        return f"SlideSSL({args})"
+
+def _migrate_params(params: dict[str, Any], tensors: dict[str, Any]) -> dict[str, Any]:
+    """Constructor parameters of a saved model, updated for changes of the defaults since it was
+    written (so that it rebuilds the same network)."""
+    hk = dict(params.get("head_kwargs") or {})
+    if (str(params.get("head", "")).lower() == "sparseconv" and "pooling" not in hk
+            and not any(".attn_" in k for k in tensors)):
+        # written before sparseconv pooled with attention by default (wsi-ssl 0.1 dev)
+        params = {**params, "head_kwargs": {**hk, "pooling": "mean"}}
+    return params

@@ -1,139 +1,209 @@
-"""Training machinery of slide SSL: optimiser with weight decay, warm-up + cosine schedule,
-checkpoints (safetensors only, never pickle) and the loss-curve picture."""
+"""Training machinery of slide SSL, kept out of ``SlideSSL.fit``: the trainer (network,
+optimiser, schedule, one epoch of NT-Xent steps), the checkpoint callback (resume, atomic
+safetensors checkpoints, the loss-curve picture) and parameter validation."""
 
 from __future__ import annotations
 
-import json
-import math
+import dataclasses
+import hashlib
+import logging
 import os
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from wsi_ssl.errors import CheckpointError, ConfigError
 
-__all__ = ["validate_params", "build_optimizer", "lr_factor", "save_checkpoint", "load_checkpoint",
-           "plot_loss_curve", "CHECKPOINT_NAME"]
+__all__ = ["validate_params", "plot_loss", "json_params", "SlideTrainer", "SlideCheckpoint", "TrainProgress",
+           "CHECKPOINT_NAME"]
+
+logger = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
+LOSS_CURVE_NAME = "loss_curve.png"
 _FORMAT = "wsi-ssl-slide-ssl-checkpoint"
+#: parameters that may differ between an interrupted run and its resumption
+RESUME_FREE = frozenset({"device", "checkpoint_dir", "checkpoint_every", "cache_bytes",
+                         "inference_chunks", "inference_batch"})
 
 
-def build_optimizer(model: nn.Module, *, lr: float, weight_decay: float,
-                    optimizer: str = "adamw") -> torch.optim.Optimizer:
-    """Adam/AdamW with ``weight_decay`` on the weight matrices and none on biases/norms.
+@dataclass
+class TrainProgress:
+    """Where a slide-SSL run stands (what a checkpoint stores besides tensors)."""
 
-    (The reference Giga-SSL code builds its optimiser without the weight decay of its config; here
-    it reaches the optimiser: ``param_groups[0]["weight_decay"] == weight_decay``.)
+    epoch: int = 0
+    history: list[float] = field(default_factory=list)
+    views: int = 0
+    train_s: float = 0.0
+
+
+class SlideTrainer:
+    """Network, optimiser, warm-up + cosine schedule and NT-Xent of one slide-SSL run.
+
+    Args:
+        model: the :class:`~wsi_ssl.pretrain.SlideSSL` whose parameters define the run.
+        bank: the slides (:class:`~wsi_ssl.pretrain._slide_data.SlideBank`).
+        device: the torch device.
     """
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": float(weight_decay)},
-              {"params": no_decay, "weight_decay": 0.0}]
-    cls = torch.optim.AdamW if optimizer == "adamw" else torch.optim.Adam
-    return cls(groups, lr=lr)
+
+    def __init__(self, model: Any, bank: Any, device: torch.device) -> None:
+        from wsi_ssl.pretrain._losses import NTXentLoss
+        from wsi_ssl.pretrain._optim import build_optimizer
+
+        self.model, self.bank, self.device = model, bank, device
+        self.k = int(model.tiles_per_view)
+        self.bsz = min(int(model.batch_size), len(bank))
+        self.steps_per_epoch = len(bank) // self.bsz
+        self.total_steps = self.steps_per_epoch * int(model.epochs)
+        self.net = model._build_net(bank.dim)
+        if model.standardize:
+            self.net.feat_mean.copy_(torch.from_numpy(bank.mean))
+            self.net.feat_std.copy_(torch.from_numpy(bank.std))
+        self.net.to(device)
+        self.opt = build_optimizer(self.net, lr=float(model.lr),
+                                   weight_decay=float(model.weight_decay),
+                                   optimizer=model.optimizer)
+        self.loss_fn = NTXentLoss(float(model.temperature))
+        uses_coords = bool(getattr(self.net.head, "uses_coords", True))
+        self.coord_aug = model.coord_augment if uses_coords else None
+        self.sched = self.schedule(0)
+
+    def schedule(self, start_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+        """The lr schedule positioned at the first step of ``start_epoch``."""
+        from wsi_ssl.pretrain._optim import warmup_cosine
+
+        return warmup_cosine(self.opt, base_lr=float(self.model.lr),
+                             total_steps=self.total_steps,
+                             warmup_steps=self.steps_per_epoch * int(self.model.warmup_epochs),
+                             start_step=start_epoch * self.steps_per_epoch)
+
+    def run_epoch(self, epoch: int, progress: TrainProgress, bar: Any) -> None:
+        """One pass over the slides (one view pair per slide), seeded by ``(seed, epoch)``."""
+        seed, n, bsz, k = int(self.model.seed), len(self.bank), self.bsz, self.k
+        rng = np.random.default_rng([seed, epoch])
+        torch.manual_seed(seed * 100_003 + epoch)
+        order = rng.permutation(n)
+        self.net.train()
+        losses = []
+        for s in range(self.steps_per_epoch):
+            t0 = time.perf_counter()
+            batch = [self.bank.slide_ids[i] for i in order[s * bsz:(s + 1) * bsz]]
+            x, c = self.bank.sample_views(batch, rng, k, self.coord_aug)
+            z = self.net(torch.from_numpy(x.reshape(2 * bsz, k, -1)).to(self.device),
+                         torch.from_numpy(c.reshape(2 * bsz, k, 2)).to(self.device))
+            loss = self.loss_fn(z[:bsz], z[bsz:])
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            self.sched.step()
+            losses.append(float(loss.detach()))
+            progress.train_s += time.perf_counter() - t0
+            progress.views += 2 * bsz
+            bar.update(1)
+            bar.set_postfix(epoch=epoch + 1, loss=f"{losses[-1]:.3f}", refresh=False)
+        progress.history.append(float(np.mean(losses)))
+        progress.epoch = epoch + 1
 
 
-def lr_factor(step: int, total_steps: int, warmup_steps: int, final_ratio: float = 0.0) -> float:
-    """Linear warm-up from 0 then cosine decay to ``final_ratio`` (a multiplier of the base lr)."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    rest = max(1, total_steps - warmup_steps)
-    t = min(1.0, (step - warmup_steps) / rest)
-    return final_ratio + (1.0 - final_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
+class SlideCheckpoint:
+    """Checkpoint callback of slide SSL: ``checkpoint.safetensors`` every ``every`` epochs (and
+    after the last), resume from it, and ``loss_curve.png`` at the end of training.
+
+    Args:
+        directory: where the checkpoint and the picture go.
+        every: epochs between checkpoints.
+        run_config: the run's parameters that must match on resume.
+        slide_ids: the slides trained on (must match on resume).
+        store_fingerprint: the store's fingerprint (must match on resume).
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, every: int, run_config: dict[str, Any],
+                 slide_ids: list[str], store_fingerprint: str) -> None:
+        self.directory = Path(directory)
+        self.path = self.directory / CHECKPOINT_NAME
+        self.every = int(every)
+        self.run_config = run_config
+        self.slides = hashlib.sha256("\n".join(slide_ids).encode()).hexdigest()[:16]
+        self.store = store_fingerprint
+
+    def restore(self, trainer: SlideTrainer, *, resume: bool) -> TrainProgress:
+        """Load the checkpoint into ``trainer`` when ``resume`` (else warn before overwriting)."""
+        from wsi_ssl.pretrain._checkpoint import load_state, restore_optimizer
+
+        if not resume:
+            if self.path.exists():
+                logger.warning("overwriting the checkpoint at '%s' (pass resume=True to continue "
+                               "it)", self.path)
+            return TrainProgress()
+        if not self.path.exists():
+            logger.warning("no checkpoint at '%s'; starting from scratch", self.path)
+            return TrainProgress()
+        tensors, info = load_state(self.path, fmt=_FORMAT)
+        saved = info.get("config", {})
+        diff = sorted(k for k in set(self.run_config) | set(saved)
+                      if self.run_config.get(k) != saved.get(k))
+        if diff:
+            raise CheckpointError(
+                f"checkpoint '{self.path}' was written with other settings ({', '.join(diff)}: "
+                f"{[saved.get(d) for d in diff]} vs {[self.run_config.get(d) for d in diff]}); "
+                "use the same settings or another checkpoint_dir.")
+        if info.get("slides") != self.slides or info.get("store") != self.store:
+            raise CheckpointError(f"checkpoint '{self.path}' was trained on another store or "
+                                  "slide set; use another checkpoint_dir.")
+        model_sd = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+        try:
+            trainer.net.load_state_dict(model_sd, strict=True)
+            restore_optimizer(trainer.opt, tensors, info["optim"])
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise CheckpointError(f"checkpoint '{self.path}' does not fit this model: "
+                                  f"{err}") from err
+        progress = TrainProgress(epoch=int(info["epoch"]), history=list(info["history"]),
+                                 views=int(info["views"]), train_s=float(info["train_s"]))
+        trainer.sched = trainer.schedule(progress.epoch)
+        logger.info("resuming slide SSL from epoch %d of %d", progress.epoch,
+                    trainer.model.epochs)
+        return progress
+
+    def on_epoch_end(self, progress: TrainProgress, trainer: SlideTrainer) -> None:
+        """Save every ``every`` epochs and after the last one."""
+        from wsi_ssl.pretrain._checkpoint import _tensors, optimizer_tensors, save_state
+
+        if progress.epoch % self.every and progress.epoch != int(trainer.model.epochs):
+            return
+        tensors = _tensors(trainer.net, prefix="model.")
+        opt_tensors, opt_meta = optimizer_tensors(trainer.opt)
+        save_state(self.path, {**tensors, **opt_tensors}, {
+            "epoch": progress.epoch, "history": progress.history, "config": self.run_config,
+            "slides": self.slides, "store": self.store, "views": progress.views,
+            "train_s": progress.train_s, "optim": opt_meta}, fmt=_FORMAT)
+
+    def on_train_end(self, progress: TrainProgress) -> None:
+        if progress.history:
+            plot_loss(progress.history, self.directory / LOSS_CURVE_NAME)
 
 
-def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    sd = opt.state_dict()
-    tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, dict[str, Any]] = {}
-    for pid, st in sd["state"].items():
-        for key, val in st.items():
-            if torch.is_tensor(val):
-                tensors[f"optim.{pid}.{key}"] = val.detach().cpu().contiguous()
-            else:
-                scalars.setdefault(str(pid), {})[key] = val
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+def plot_loss(history: Any, path: str | os.PathLike, *,
+              title: str = "slide SSL (NT-Xent)") -> Path:
+    """A PNG of the per-epoch mean loss.
 
-
-def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
-    state: dict[int, dict[str, Any]] = {}
-    for name, val in tensors.items():
-        _, pid, key = name.split(".", 2)
-        state.setdefault(int(pid), {})[key] = val
-    for pid, st in meta.get("scalars", {}).items():
-        state.setdefault(int(pid), {}).update(st)
-    return {"state": state, "param_groups": meta["param_groups"]}
-
-
-def save_checkpoint(path: str | os.PathLike, model: nn.Module, opt: torch.optim.Optimizer,
-                    info: dict[str, Any]) -> Path:
-    """Write model + optimiser tensors and ``info`` (JSON in the metadata) to one safetensors file,
-    atomically (temporary sibling + ``os.replace``), so a kill never leaves half a checkpoint."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {f"model.{k}": v.detach().cpu().clone().contiguous()
-               for k, v in model.state_dict().items()}
-    opt_tensors, opt_meta = _flatten_optimizer(opt)
-    tensors.update(opt_tensors)
-    meta = {"format": _FORMAT, "info": json.dumps(info), "optim": json.dumps(opt_meta)}
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(tensors, str(tmp), metadata=meta)
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    return path
-
-
-def load_checkpoint(path: str | os.PathLike, model: nn.Module, opt: torch.optim.Optimizer
-                    ) -> dict[str, Any]:
-    """Restore ``model`` and ``opt`` in place from :func:`save_checkpoint`; return its ``info``."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
-            if meta.get("format") != _FORMAT:
-                raise CheckpointError(f"'{path}' is not a slide-SSL checkpoint "
-                                      f"(format={meta.get('format')!r}).")
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-        info = json.loads(meta["info"])
-        opt_meta = json.loads(meta["optim"])
-    except CheckpointError:
-        raise
-    except Exception as err:  # safetensors raises its own error types
-        raise CheckpointError(f"cannot read checkpoint '{path}': {err}; delete it to start "
-                              "over.") from err
-    model_sd = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-    opt_t = {k: v for k, v in tensors.items() if k.startswith("optim.")}
-    try:
-        model.load_state_dict(model_sd, strict=True)
-        opt.load_state_dict(_unflatten_optimizer(opt_t, opt_meta))
-    except (RuntimeError, ValueError, KeyError) as err:
-        raise CheckpointError(f"checkpoint '{path}' does not fit this model: {err}") from err
-    return info
-
-
-def plot_loss_curve(history: list[float], path: str | os.PathLike, *,
-                    title: str = "slide SSL (NT-Xent)") -> Path:
-    """A PNG of the per-epoch mean loss."""
+    Args:
+        history: a list of per-epoch losses, or a fitted model with ``history_``.
+        path: the ``.png`` to write.
+        title: the plot title.
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    values = list(getattr(history, "history_", history))
     path = Path(path)
     fig = Figure(figsize=(5, 3.2), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
-    ep = np.arange(1, len(history) + 1)
-    ax.plot(ep, history, lw=1.5)
+    ax.plot(np.arange(1, len(values) + 1), values, lw=1.5)
     ax.set_xlabel("epoch")
     ax.set_ylabel("NT-Xent loss")
     ax.set_title(title)
@@ -175,3 +245,18 @@ def validate_params(m: Any) -> None:
     if m.coord_augment is not None and not isinstance(m.coord_augment, CoordAugment):
         raise ConfigError("SlideSSL coord_augment must be a CoordAugment or None; got "
                           f"{type(m.coord_augment).__name__}.")
+    if m.head_kwargs is not None and not isinstance(m.head_kwargs, dict):
+        raise ConfigError(f"SlideSSL head_kwargs={m.head_kwargs!r} must be a dict or None.")
+
+
+def json_params(params: dict[str, Any]) -> dict[str, Any]:
+    """SlideSSL parameters as JSON values (config.json, checkpoints, provenance)."""
+    import json
+
+    p = dict(params)
+    p["proj_dims"] = [int(d) for d in p["proj_dims"]]
+    ca = p["coord_augment"]
+    p["coord_augment"] = dataclasses.asdict(ca) if ca is not None else None
+    p["checkpoint_dir"] = str(p["checkpoint_dir"]) if p["checkpoint_dir"] else None
+    p["head_kwargs"] = dict(p["head_kwargs"] or {})
+    return json.loads(json.dumps(p))

@@ -36,7 +36,10 @@ _RESUMABLE_CHANGES = {"epochs", "num_workers", "device", "max_open_slides"}
 class TileSSLConfig:
     """Everything that defines a tile-SSL run (written next to the weights as JSON).
 
-    See :func:`pretrain_tile_encoder` for the meaning of each field.
+    ``pretrain_tile_encoder(slides, TileSSLConfig(...))`` runs it; see
+    :func:`pretrain_tile_encoder` for the meaning of each field. ``augment`` takes a preset name,
+    a dict or an ``AugmentConfig`` and is stored as the dict of its fields; ``num_workers=None``
+    means up to 8 DataLoader workers, one core left free (resolved when the run starts).
     """
 
     arch: str = "resnet18"
@@ -49,7 +52,7 @@ class TileSSLConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     warmup_frac: float = 0.05
-    augment: dict[str, Any] = dataclasses.field(default_factory=dict)
+    augment: str | dict[str, Any] | Any = "histo"
     hidden_dim: int = 2048
     out_dim: int | None = None
     temperature: float = 0.5
@@ -58,7 +61,7 @@ class TileSSLConfig:
     assume_mpp: float | None = None
     tiles_per_slide: int = 8
     max_open_slides: int = 8
-    num_workers: int = 0
+    num_workers: int | None = None
     device: str = "auto"
     seed: int = 0
 
@@ -68,10 +71,15 @@ class TileSSLConfig:
         if self.method not in METHODS:
             raise ConfigError(f"method={self.method!r} is not a tile-SSL method; use one of "
                               f"{sorted(METHODS)}.")
+        from wsi_ssl.augment import get_augment_config
+
+        object.__setattr__(self, "augment", get_augment_config(self.augment).to_dict())
         for name, lo in (("tile_size", 16), ("epochs", 1), ("tiles_per_epoch", 2),
                          ("batch_size", 2), ("hidden_dim", 1), ("tiles_per_slide", 1),
                          ("max_open_slides", 1), ("num_workers", 0)):
             v = getattr(self, name)
+            if name == "num_workers" and v is None:
+                continue
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
                 raise ConfigError(f"{name}={v!r} must be an integer >= {lo}.")
         for name in ("mpp", "lr", "temperature"):
@@ -135,18 +143,6 @@ def _build_method(cfg: TileSSLConfig):
     return method, enc.mean, enc.std
 
 
-def _lr_lambda(total_steps: int, warmup_frac: float) -> Callable[[int], float]:
-    warm = int(round(total_steps * warmup_frac))
-
-    def f(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        frac = (step - warm) / max(1, total_steps - warm)
-        return 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
-
-    return f
-
-
 def _compatible(saved: dict[str, Any], now: dict[str, Any], where: Path) -> None:
     diff = sorted(k for k in set(saved) | set(now)
                   if k not in _RESUMABLE_CHANGES and saved.get(k) != now.get(k))
@@ -160,21 +156,10 @@ def _compatible(saved: dict[str, Any], now: dict[str, Any], where: Path) -> None
 
 def pretrain_tile_encoder(
     slides: str | os.PathLike | Sequence[str | os.PathLike],
+    config: TileSSLConfig | None = None,
     *,
-    arch: str = "resnet18",
-    method: Literal["simclr", "byol"] = "simclr",
-    tile_size: int = 224,
-    mpp: float = 0.5,
-    epochs: int = 10,
-    tiles_per_epoch: int = 10_000,
-    batch_size: int = 64,
-    lr: float = 1e-3,
     out: str | os.PathLike = "tile_encoder.safetensors",
     resume: bool = True,
-    device: str = "auto",
-    num_workers: int | None = None,
-    augment: Any = "histo",
-    seed: int = 0,
     callback: Callable[[int, int, float], None] | None = None,
     **options: Any,
 ) -> TileSSLResult:
@@ -182,34 +167,31 @@ def pretrain_tile_encoder(
 
     Tiles are streamed (no extraction to disk) by DataLoader workers from random slides and
     random tissue positions of each slide's tile grid at ``mpp``; two views per tile come from
-    :func:`wsi_ssl.pretrain.augment.random_augment` on the training device. AdamW with linear
-    warm-up and cosine decay; automatic mixed precision on CUDA (bfloat16 where supported, else
-    float16 with loss scaling). After every epoch the full training state is checkpointed
-    atomically in ``<out stem>.ckpt/`` and the backbone weights are (re)written to ``out``, so
-    an interrupted run resumes from its last completed epoch when called again.
+    :func:`wsi_ssl.augment.random_augment` on the training device. AdamW with linear warm-up and
+    cosine decay; automatic mixed precision on CUDA (bfloat16 where supported, else float16 with
+    loss scaling). After every epoch the full training state is checkpointed atomically in
+    ``<out stem>.ckpt/`` and the backbone weights are (re)written to ``out``, so an interrupted
+    run resumes from its last completed epoch when called again.
 
     Args:
         slides: slide files, folders or glob patterns.
-        arch: a timm architecture (``pretrained=False``) or a registered encoder name
-            (``"tiny-cnn"`` for quick CPU runs).
-        method: ``"simclr"`` (NT-Xent) or ``"byol"`` (momentum teacher; see ``BYOL``).
-        tile_size: tile edge (px) read at ``mpp`` and trained at.
-        mpp: resolution in µm/px (0.5 ~ 20x).
-        epochs: total epochs (a resumed run continues up to this number).
-        tiles_per_epoch: tiles (pairs of views) per epoch.
-        batch_size: tiles per step.
-        lr: peak learning rate.
+        config: the run's :class:`TileSSLConfig` (default: ``TileSSLConfig()``), with the fields
+            below.
         out: the ``.safetensors`` weights file to write.
         resume: continue from the newest checkpoint in ``<out stem>.ckpt/`` when there is one
             (``False``: delete it and start over).
-        device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
-        num_workers: DataLoader worker processes (``None``: up to 8, one core left free).
-        augment: augmentation preset name or ``AugmentConfig``.
-        seed: seeds model init, tile sampling and augmentation (runs are reproducible).
         callback: called as ``callback(epoch, step, loss)`` after every step (1-based epoch).
-        **options: further :class:`TileSSLConfig` fields: ``weight_decay``, ``warmup_frac``,
-            ``hidden_dim``, ``out_dim``, ``temperature`` (SimCLR), ``momentum`` (BYOL),
-            ``min_tissue``, ``assume_mpp``, ``tiles_per_slide``, ``max_open_slides``.
+        **options: :class:`TileSSLConfig` fields overriding ``config``'s:
+            ``arch`` (a timm architecture, ``pretrained=False``, or a registered encoder name:
+            ``"tiny-cnn"`` for quick CPU runs), ``method`` (``"simclr"`` or ``"byol"``),
+            ``tile_size`` (px, read at ``mpp`` and trained at), ``mpp`` (µm/px), ``epochs``
+            (total; a resumed run continues up to it), ``tiles_per_epoch``, ``batch_size``,
+            ``lr`` (peak), ``weight_decay``, ``warmup_frac``, ``augment`` (preset name or
+            ``AugmentConfig``), ``hidden_dim``, ``out_dim``, ``temperature`` (SimCLR),
+            ``momentum`` (BYOL), ``min_tissue``, ``assume_mpp``, ``tiles_per_slide``,
+            ``max_open_slides``, ``num_workers`` (``None``: up to 8, one core left free),
+            ``device`` and ``seed`` (model init, tile sampling and augmentation: runs are
+            reproducible).
 
     Returns:
         A :class:`TileSSLResult`.
@@ -218,38 +200,45 @@ def pretrain_tile_encoder(
         ConfigError: bad parameter values; InputError: no usable slide;
         CheckpointError: a checkpoint from a run with other settings (or unreadable).
     """
-    import torch
-
-    from wsi_ssl._utils import expand_slide_paths, progress, resolve_device
-    from wsi_ssl.pretrain._checkpoint import (
-        clear_checkpoints,
-        latest_checkpoint,
-        load_checkpoint,
-        save_checkpoint,
-        save_encoder_weights,
-    )
-    from wsi_ssl.pretrain._tile_data import TileSSLDataset, make_tile_loader, steps_for
-    from wsi_ssl.pretrain.augment import get_augment_config, random_augment
+    from wsi_ssl._utils import expand_slide_paths
 
     known = {f.name for f in dataclasses.fields(TileSSLConfig)}
     bad = sorted(set(options) - known)
     if bad:
         raise ConfigError(f"unknown option(s) {bad} for pretrain_tile_encoder; known: "
-                          f"{sorted(known - {'augment'})}.")
-    aug_cfg = get_augment_config(augment)
-    if num_workers is None:
-        num_workers = min(8, max(0, (os.cpu_count() or 1) - 1))
-    cfg = TileSSLConfig(arch=arch, method=method, tile_size=tile_size, mpp=mpp, epochs=epochs,
-                        tiles_per_epoch=tiles_per_epoch, batch_size=batch_size, lr=lr,
-                        augment=aug_cfg.to_dict(), num_workers=num_workers, device=str(device),
-                        seed=seed, **options)
-    paths = expand_slide_paths(slides)
-    dev = resolve_device(device)
+                          f"{sorted(known)}.")
+    if config is not None and not isinstance(config, TileSSLConfig):
+        raise ConfigError(f"config must be a TileSSLConfig; got {type(config).__name__}.")
+    cfg = dataclasses.replace(config or TileSSLConfig(), **options)
+    if cfg.num_workers is None:
+        cfg = dataclasses.replace(cfg, num_workers=min(8, max(0, (os.cpu_count() or 1) - 1)))
     out = Path(out)
     if out.suffix != ".safetensors":
         raise ConfigError(f"out='{out}' must end in .safetensors (the tile-encoder weights file).")
+    return _run(cfg, expand_slide_paths(slides), out, resume=resume, callback=callback)
+
+
+def _run(cfg: TileSSLConfig, paths: list[Path], out: Path, *, resume: bool,
+         callback: Callable[[int, int, float], None] | None) -> TileSSLResult:
+    import torch
+
+    from wsi_ssl._utils import progress, resolve_device
+    from wsi_ssl.augment import get_augment_config, random_augment
+    from wsi_ssl.pretrain._checkpoint import (
+        clear_checkpoints,
+        latest_checkpoint,
+        load_checkpoint,
+        optimizer_tensors,
+        restore_optimizer,
+        save_checkpoint,
+    )
+    from wsi_ssl.pretrain._optim import warmup_cosine
+    from wsi_ssl.pretrain._tile_data import TileSSLDataset, make_tile_loader, steps_for
+
+    aug_cfg = get_augment_config(cfg.augment)
+    dev = resolve_device(cfg.device)
     ckpt_dir = out.with_name(out.stem + ".ckpt")
-    cfg_now = cfg.to_dict() | {"slides": [str(p) for p in paths]}
+    cfg_now = json.loads(json.dumps(cfg.to_dict() | {"slides": [str(p) for p in paths]}))
 
     method_mod, mean, std = _build_method(cfg)
     method_mod.to(dev)
@@ -259,7 +248,8 @@ def pretrain_tile_encoder(
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = steps_for(cfg.tiles_per_epoch, cfg.batch_size)
     total = steps * cfg.epochs
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, cfg.warmup_frac))
+    warmup = int(round(total * cfg.warmup_frac))
+    sched = warmup_cosine(opt, base_lr=cfg.lr, total_steps=total, warmup_steps=warmup)
     use_amp = dev.type == "cuda"
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
@@ -270,17 +260,17 @@ def pretrain_tile_encoder(
     if not resume:
         clear_checkpoints(ckpt_dir)
     if last is not None:
-        state = load_checkpoint(last, method_mod)
+        tensors, state = load_checkpoint(last, method_mod)
         _compatible(state["config"], cfg_now, last)
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        sched.lr_lambdas[0] = _lr_lambda(total, cfg.warmup_frac)  # epochs may have grown
-        scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["torch_rng"])
-        if dev.type == "cuda" and state.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(state["cuda_rng"], dev)
-        aug_rng.bit_generator.state = json.loads(state["aug_rng"])
+        restore_optimizer(opt, tensors, state["optimizer"])
         start_epoch, losses = int(state["epoch"]), list(state["losses"])
+        sched = warmup_cosine(opt, base_lr=cfg.lr, total_steps=total, warmup_steps=warmup,
+                              start_step=start_epoch * steps)  # epochs may have grown
+        scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(tensors["rng.torch"])
+        if dev.type == "cuda" and "rng.cuda" in tensors:
+            torch.cuda.set_rng_state(tensors["rng.cuda"], dev)
+        aug_rng.bit_generator.state = state["aug_rng"]
         logger.info("resuming tile SSL from '%s' (epoch %d of %d)", last, start_epoch, cfg.epochs)
         method_mod.to(dev)
 
@@ -336,22 +326,21 @@ def pretrain_tile_encoder(
             bar.close()
             t_train += time.perf_counter() - t0
             losses.append(running / max(1, n_steps))
-            state = {
+            opt_tensors, opt_meta = optimizer_tensors(opt)
+            rng_tensors = {"rng.torch": torch.get_rng_state()}
+            if dev.type == "cuda":
+                rng_tensors["rng.cuda"] = torch.cuda.get_rng_state(dev)
+            save_checkpoint(ckpt_dir, epoch + 1, method_mod, opt_tensors | rng_tensors, {
                 "epoch": epoch + 1, "losses": losses, "config": cfg_now,
-                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "scaler": scaler.state_dict(), "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None,
-                "aug_rng": json.dumps(aug_rng.bit_generator.state),
-            }
-            save_checkpoint(ckpt_dir, epoch + 1, method_mod, state)
-            _write_outputs(out, method_mod.backbone, cfg, cfg_now, epoch + 1, losses,
-                           save_encoder_weights)
+                "optimizer": opt_meta, "scaler": scaler.state_dict(),
+                "aug_rng": aug_rng.bit_generator.state,
+            })
+            _write_outputs(out, method_mod.backbone, cfg, cfg_now, epoch + 1, losses)
             logger.info("tile SSL epoch %d/%d: loss %.4f", epoch + 1, cfg.epochs, losses[-1])
     finally:
         dataset.close()
     if start_epoch >= cfg.epochs and not out.is_file():
-        _write_outputs(out, method_mod.backbone, cfg, cfg_now, start_epoch, losses,
-                       save_encoder_weights)
+        _write_outputs(out, method_mod.backbone, cfg, cfg_now, start_epoch, losses)
     if not losses:
         raise InputError("tile SSL ran no epoch; check epochs= and the slides.")
     return TileSSLResult(
@@ -362,10 +351,11 @@ def pretrain_tile_encoder(
     )
 
 
-def _write_outputs(out: Path, backbone, cfg: TileSSLConfig, cfg_now: dict[str, Any], epoch: int,
-                   losses: list[float], save_encoder_weights) -> None:
+def _write_outputs(out: Path, backbone: Any, cfg: TileSSLConfig, cfg_now: dict[str, Any],
+                   epoch: int, losses: list[float]) -> None:
     from wsi_ssl._utils import atomic_write_bytes
     from wsi_ssl._version import __version__
+    from wsi_ssl.pretrain._checkpoint import save_encoder_weights
 
     save_encoder_weights(backbone, out, arch=cfg.arch, extra={
         "method": cfg.method, "epoch": str(epoch), "tile_size": str(cfg.tile_size),
