@@ -1,11 +1,20 @@
-"""Cross-validated Cox survival models on PCA-reduced slide embeddings.
+"""Cross-validated penalised Cox models of survival on standardised slide embeddings.
 
-In each of ``folds`` patient-grouped folds (stratified on the event), the training slides fit a
-``StandardScaler`` then a ``PCA`` (so nothing of the test fold leaks into the reduction), then a
-lifelines ``CoxPHFitter`` with an L2 penalty; the test fold gets a risk score (log partial
-hazard). Reported: Harrell's concordance index per fold (mean +- std, patient bootstrap 95 % CI)
-and a Kaplan-Meier plot of the out-of-fold high/low risk groups (split at the median training
-risk of each fold) with the log-rank p-value.
+In each of ``folds`` patient-grouped outer folds (stratified on the event), a scikit-learn
+pipeline ``StandardScaler`` -> (optional ``PCA``) -> scikit-survival ``CoxnetSurvivalAnalysis``
+(elastic-net Cox) is fitted on the training rows. Its penalty ``alpha`` and mixing ``l1_ratio``
+are chosen by scikit-learn's ``GridSearchCV`` on inner folds that are grouped by patient too
+(Harrell's C-index on the inner test folds). The test fold gets a risk score (the linear
+predictor). Reported: the C-index per fold (mean +- std, patient bootstrap 95 % CI), a
+Kaplan-Meier plot of the out-of-fold high/low risk groups (split at the median training risk of
+each fold) with the log-rank p-value, and per fold the inner fits that failed and the
+convergence warnings: counted and reported, never scored as 0.5 or filtered away.
+
+Why no PCA by default: PCA keeps the directions of largest variance, which need not be the
+prognostic ones. With a hazard planted in a low-variance direction (200 slides, 16 features),
+the old default (PCA with one component per ten events, then Cox) scored 0.719 against an
+oracle 0.834; the penalised model on every standardised dimension stays within 0.03 of the
+oracle at 16, 128 and 512 dimensions (``tests/eval/test_survival_signal.py``).
 """
 
 from __future__ import annotations
@@ -13,76 +22,103 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Sequence
-from typing import Literal
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
 
 from wsi_ssl.errors import ConfigError, LabelError
 from wsi_ssl.eval._inputs import (
     EmbeddingsLike,
+    Level,
     TableLike,
     align,
     as_embeddings,
     few,
     patient_ids,
+    patient_level,
     read_table,
     single_threaded,
 )
 from wsi_ssl.eval._stats import cindex_weighted, cluster_bootstrap_weights, percentile_ci
 from wsi_ssl.eval._survival_report import SurvivalFold, SurvivalReport
 
-__all__ = ["survival", "SurvivalReport", "SurvivalFold", "PENALIZER_GRID", "DEFAULT_PENALIZER"]
+__all__ = ["survival", "SurvivalReport", "SurvivalFold", "L1_RATIOS", "N_ALPHAS",
+           "ALPHA_MIN_RATIO"]
 
 logger = logging.getLogger(__name__)
 
-#: Candidate L2 penalties of the inner cross-validation (``penalizer="cv"``).
-PENALIZER_GRID: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0)
-#: Penalty used when a training fold has too few events for the inner CV.
-DEFAULT_PENALIZER: float = 0.1
+#: Elastic-net mixing values searched by the inner CV (1 = lasso, near 0 = ridge-like).
+L1_RATIOS: tuple[float, ...] = (0.1, 0.5, 0.9)
+#: Penalties searched per ``l1_ratio``: this many values of the training fold's coxnet path,
+#: log-spaced from the smallest penalty that zeroes every coefficient down to
+#: ``ALPHA_MIN_RATIO`` times it. Smaller penalties made the p > n fits (512 dimensions, ~130
+#: training patients) ten times slower and gained nothing on the planted-signal tests.
+N_ALPHAS: int = 8
+ALPHA_MIN_RATIO: float = 0.05
+
+_STEP = "coxnetsurvivalanalysis"
+#: Warnings that are expected parts of a penalty search, not news: coxnet at the penalty that
+#: zeroes every coefficient, and sklearn's notices for the fits counted in ``failed_fits``.
+_EXPECTED = ("all coefficients are zero", "Scoring failed", "fits failed")
 
 
-def _auto_components(n_train: int, n_events: int, dim: int) -> int:
-    """About one component per 10 training events (the events-per-variable rule), 2 to 32."""
-    return int(max(1, min(32, max(2, n_events // 10), dim, n_train - 2)))
+@dataclass(frozen=True)
+class _FoldFit:
+    """What one outer training fold produced (internal)."""
+
+    risk_test: np.ndarray
+    threshold: float
+    alpha: float
+    l1_ratio: float
+    n_features: int
+    n_nonzero: int
+    failed_fits: int
+    convergence_warnings: int
+    coef: np.ndarray
 
 
-def _fit_cox(z: np.ndarray, t: np.ndarray, e: np.ndarray, penalizer: float):
-    import pandas as pd
-    from lifelines import CoxPHFitter
-    from lifelines.exceptions import ConvergenceError
+class _WarningTally:
+    """Counts the convergence warnings raised in its block; re-issues every other warning
+    except the expected ones of a penalty search (:data:`_EXPECTED`)."""
 
-    df = pd.DataFrame(z, columns=[f"pc{i}" for i in range(z.shape[1])])
-    df["T"], df["E"] = t, e.astype(int)
-    p = float(penalizer)
-    for _ in range(4):
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                return CoxPHFitter(penalizer=p, l1_ratio=0.0).fit(df, "T", "E"), p
-        except ConvergenceError:
-            logger.warning("CoxPHFitter did not converge with penalizer=%g; retrying with %g.",
-                           p, p * 10)
-            p *= 10
-    raise ConfigError(
-        f"the Cox model did not converge even with penalizer={p:g}; use fewer n_components or "
-        "a larger penalizer."
-    )
+    def __enter__(self) -> _WarningTally:
+        self._cm = warnings.catch_warnings(record=True)
+        self._log = self._cm.__enter__()
+        warnings.simplefilter("always")
+        self.convergence = 0
+        return self
 
+    def __exit__(self, *exc: object) -> None:
+        from sklearn.exceptions import ConvergenceWarning, FitFailedWarning
 
-def _risk(model, z: np.ndarray) -> np.ndarray:
-    import pandas as pd
-
-    df = pd.DataFrame(z, columns=[f"pc{i}" for i in range(z.shape[1])])
-    return np.asarray(model.predict_log_partial_hazard(df), np.float64).ravel()
+        self._cm.__exit__(*exc)
+        for w in self._log:
+            if issubclass(w.category, ConvergenceWarning):
+                self.convergence += 1
+            elif not issubclass(w.category, FitFailedWarning) and not any(
+                    m in str(w.message) for m in _EXPECTED):
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
-def _reduce(x_tr, x_te, k, seed):
+def _surv(t: np.ndarray, e: np.ndarray) -> np.ndarray:
+    from sksurv.util import Surv
+
+    return Surv.from_arrays(event=e.astype(bool), time=t)
+
+
+def _pipeline(n_components: int | None, seed: int, max_iter: int):
     from sklearn.decomposition import PCA
+    from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
+    from sksurv.linear_model import CoxnetSurvivalAnalysis
 
-    sc = StandardScaler().fit(x_tr)
-    pca = PCA(n_components=k, random_state=seed).fit(sc.transform(x_tr))
-    return pca.transform(sc.transform(x_tr)), pca.transform(sc.transform(x_te))
+    steps: list[Any] = [StandardScaler()]
+    if n_components is not None:
+        steps.append(PCA(n_components=n_components, random_state=seed))
+    steps.append(CoxnetSurvivalAnalysis(n_alphas=N_ALPHAS, alpha_min_ratio=ALPHA_MIN_RATIO,
+                                        max_iter=max_iter))
+    return make_pipeline(*steps)
 
 
 def _splits(n_splits, t, e, g, grouped, seed):
@@ -96,39 +132,140 @@ def _splits(n_splits, t, e, g, grouped, seed):
     return list(cv.split(x, e.astype(int)))
 
 
-def _fit_fold(x, t, e, g, tr, te, *, penalizer, n_components, grouped, inner_folds, seed):
-    k = (_auto_components(len(tr), int(e[tr].sum()), x.shape[1])
-         if n_components == "auto" else min(int(n_components), x.shape[1], len(tr) - 2))
-    if isinstance(penalizer, (str, Sequence)) and (
-            len(np.unique(g[tr][e[tr] == 1])) < inner_folds):
-        pen = DEFAULT_PENALIZER
-    elif isinstance(penalizer, (str, Sequence)):
-        grid = PENALIZER_GRID if isinstance(penalizer, str) else tuple(map(float, penalizer))
-        scores = np.zeros(len(grid))
-        for itr, ite in _splits(inner_folds, t[tr], e[tr], g[tr], grouped, seed):
-            itr, ite = tr[itr], tr[ite]
-            z_tr, z_te = _reduce(x[itr], x[ite], min(k, len(itr) - 2), seed)
-            for i, p in enumerate(grid):
-                try:
-                    model, _ = _fit_cox(z_tr, t[itr], e[itr], p)
-                    c = cindex_weighted(t[ite], e[ite], _risk(model, z_te), np.ones((1, len(ite))))
-                    scores[i] += np.nan_to_num(c[0], nan=0.5)
-                except ConfigError:
-                    scores[i] += 0.0
-        pen = float(grid[int(np.argmax(scores))])
-    else:
-        pen = float(penalizer)
-    z_tr, z_te = _reduce(x[tr], x[te], k, seed)
-    model, pen = _fit_cox(z_tr, t[tr], e[tr], pen)
-    return _risk(model, z_te), float(np.median(_risk(model, z_tr))), k, pen
+def _grid(base, x, y, alpha, ratios) -> tuple[list[dict[str, list]], int]:
+    """The ``GridSearchCV`` grid (one dict per ``l1_ratio``; penalties largest first, so ties go
+    to the stronger penalty) and the number of path fits that failed."""
+    from sklearn.base import clone
+
+    grid, failed = [], 0
+    for r in ratios:
+        if isinstance(alpha, str):
+            try:
+                path = clone(base).set_params(**{f"{_STEP}__l1_ratio": r}).fit(x, y)[-1].alphas_
+            except (ArithmeticError, ValueError) as err:
+                logger.warning("the coxnet path with l1_ratio=%g failed (%s); that l1_ratio is "
+                               "left out of the search.", r, err)
+                failed += 1
+                continue
+            alphas = sorted((float(a) for a in path), reverse=True)
+        else:
+            alphas = sorted((float(a) for a in np.atleast_1d(alpha)), reverse=True)
+        grid.append({f"{_STEP}__l1_ratio": [float(r)], f"{_STEP}__alphas": [[a] for a in alphas]})
+    return grid, failed
 
 
-def _read_clinical(df, name, id_col, time, event):
-    for col, arg in ((time, "time"), (event, "event")):
+def _one_standard_error(params: list[dict], mean: np.ndarray, split: np.ndarray,
+                        ok: np.ndarray) -> int:
+    """glmnet's "one standard error" rule: on the best candidate's ``l1_ratio`` path, the
+    largest penalty whose mean inner C-index is within one standard error of the best. Without
+    it the search overfits noise: on outcomes unrelated to the embeddings the out-of-fold
+    C-index fell to ~0.43, below chance."""
+    best = int(np.argmax(mean))
+    n_ok = int(ok[:, best].sum())
+    sem = float(np.std(split[ok[:, best], best]) / np.sqrt(n_ok)) if n_ok > 1 else 0.0
+    ratio = params[best][f"{_STEP}__l1_ratio"]
+    near = [i for i, p in enumerate(params)
+            if p[f"{_STEP}__l1_ratio"] == ratio and mean[i] >= mean[best] - sem]
+    return max(near, key=lambda i: params[i][f"{_STEP}__alphas"][0])
+
+
+def _fit_fold(x, t, e, g, tr, te, *, alpha, l1_ratio, n_components, grouped, inner_folds,
+              seed, max_iter=100_000) -> _FoldFit:
+    """Choose the penalty by inner CV on ``tr`` (GridSearchCV), refit, score ``te``."""
+    from sklearn.base import clone
+    from sklearn.model_selection import GridSearchCV, ParameterGrid
+
+    y = _surv(t[tr], e[tr])
+    k = None if n_components is None else min(int(n_components), x.shape[1], len(tr) - 1)
+    base = _pipeline(k, seed, max_iter)
+    ratios = tuple(float(r) for r in np.atleast_1d(l1_ratio))
+    with _WarningTally() as tally:
+        grid, failed = _grid(base, x[tr], y, alpha, ratios)
+        if not grid:
+            raise ConfigError(
+                f"every coxnet path failed on a training fold of {len(tr)} rows (l1_ratio="
+                f"{list(ratios)}); check the embeddings for constant or duplicated columns, or "
+                "pass n_components= to reduce them."
+            )
+        candidates = list(ParameterGrid(grid))  # GridSearchCV's order
+        n_event_groups = len(np.unique(g[tr][e[tr] == 1]))
+        if len(candidates) > 1 and n_event_groups >= inner_folds:
+            inner = _splits(inner_folds, t[tr], e[tr], g[tr], grouped, seed)
+            search = GridSearchCV(base, grid, cv=inner, error_score=np.nan, refit=False)
+            try:
+                search.fit(x[tr], y)
+            except ValueError as err:  # sklearn raises when every fit failed
+                if "fits failed" not in str(err):
+                    raise
+                failed += len(candidates) * len(inner)
+                logger.warning("every inner fit failed on a training fold of %d rows; using the "
+                               "largest penalty.", len(tr))
+            else:
+                res = search.cv_results_
+                split = np.array([res[f"split{i}_test_score"] for i in range(len(inner))])
+                ok = ~np.isnan(split)
+                failed += int((~ok).sum())
+                mean = np.where(ok.any(0),
+                                np.where(ok, split, 0).sum(0) / np.maximum(ok.sum(0), 1),
+                                -np.inf)  # a candidate whose every inner fit failed ranks last
+                order = list(np.argsort(-mean, kind="stable"))
+                pick = _one_standard_error(res["params"], mean, split, ok)
+                candidates = [res["params"][i] for i in [pick] + [i for i in order if i != pick]]
+        elif len(candidates) > 1:
+            logger.warning(
+                "a training fold has %d patients with an event, fewer than inner_folds=%d: no "
+                "inner CV, the middle penalty of the grid is used.", n_event_groups, inner_folds)
+            candidates = candidates[len(candidates) // 2:] + candidates[: len(candidates) // 2]
+        model = None
+        for params in candidates:
+            try:
+                model = clone(base).set_params(**params).fit(x[tr], y)
+                break
+            except (ArithmeticError, ValueError) as err:
+                logger.warning("coxnet refit with %s failed (%s); trying the next best.",
+                               params, err)
+                failed += 1
+        if model is None:
+            raise ConfigError(
+                f"no Cox model could be fitted on a training fold of {len(tr)} rows ({failed} "
+                "failed fits); use a larger alpha or fewer dimensions (n_components=)."
+            )
+    cox = model[-1]
+    coef = np.asarray(cox.coef_[:, -1], np.float64)
+    return _FoldFit(
+        risk_test=np.asarray(model.predict(x[te]), np.float64),
+        threshold=float(np.median(model.predict(x[tr]))),
+        alpha=float(cox.alphas_[-1]), l1_ratio=float(cox.l1_ratio),
+        n_features=int(coef.size), n_nonzero=int(np.count_nonzero(coef)),
+        failed_fits=failed, convergence_warnings=tally.convergence, coef=coef,
+    )
+
+
+def _binary(df, name, id_col, col, meaning):
+    import pandas as pd
+
+    raw = df[col]
+    values = pd.to_numeric(raw.map(lambda v: int(v) if isinstance(v, (bool, np.bool_)) else v),
+                           errors="coerce")
+    bad = ~values.isin([0, 1])
+    if bad.any():
+        vals = sorted({str(v) for v in raw[bad].tolist()})
+        raise LabelError(
+            f"clinical table {name} has values not in {{0, 1}} in {col!r}: values {vals[:5]} "
+            f"for slides {few(df.loc[bad, id_col].tolist())}; use {meaning}."
+        )
+    return values.to_numpy().astype(np.int64)
+
+
+def _read_clinical(df, name, id_col, time, event, censor):
+    """Times and events (1 = event) from the clinical table; ``censor`` (1 = censored, the
+    SurvPath/CLAM ``censorship`` column) is read instead of ``event`` when given."""
+    flag, arg = (censor, "censor") if censor is not None else (event, "event")
+    for col, a in ((time, "time"), (flag, arg)):
         if col not in df.columns:
             raise LabelError(
-                f"clinical table {name} has no {arg} column {col!r}; columns are "
-                f"{list(map(str, df.columns))[:10]}; pass {arg}= (--{arg}-col)."
+                f"clinical table {name} has no {a} column {col!r}; columns are "
+                f"{list(map(str, df.columns))[:10]}; pass {a}= (--{a}-col)."
             )
     import pandas as pd
 
@@ -146,17 +283,42 @@ def _read_clinical(df, name, id_col, time, event):
             f"{few(df.loc[neg, id_col].tolist())} (e.g. {float(t[neg].iloc[0])}); times are "
             "durations from diagnosis and must be >= 0."
         )
-    raw = df[event]
-    ev = pd.to_numeric(raw.map(lambda v: int(v) if isinstance(v, (bool, np.bool_)) else v),
-                       errors="coerce")
-    bad = ~ev.isin([0, 1])
-    if bad.any():
-        vals = sorted({str(v) for v in raw[bad].tolist()})
-        raise LabelError(
-            f"clinical table {name} has events not in {{0, 1}} in {event!r}: values {vals[:5]} "
-            f"for slides {few(df.loc[bad, id_col].tolist())}; use 1 = event (death), 0 = censored."
-        )
-    return t.to_numpy(np.float64), ev.to_numpy().astype(np.int64)
+    if censor is not None:
+        e = 1 - _binary(df, name, id_col, censor, "1 = censored, 0 = event (death)")
+    else:
+        e = _binary(df, name, id_col, event, "1 = event (death), 0 = censored "
+                                              "(or censor= / --censor-col for 1 = censored)")
+    return t.to_numpy(np.float64), e
+
+
+def _check(folds, alpha, l1_ratio, n_components, n_bootstrap, level, inner_folds,
+           max_iter) -> None:
+    if not isinstance(folds, int) or isinstance(folds, bool) or folds < 2:
+        raise ConfigError(f"folds={folds!r} must be an integer >= 2.")
+    if not isinstance(inner_folds, int) or isinstance(inner_folds, bool) or inner_folds < 2:
+        raise ConfigError(f"inner_folds={inner_folds!r} must be an integer >= 2.")
+    if n_components is not None and (isinstance(n_components, bool)
+                                     or not isinstance(n_components, int) or n_components < 1):
+        raise ConfigError(f"n_components={n_components!r} must be None (no reduction, the "
+                          "default) or an integer >= 1.")
+    if isinstance(alpha, str):
+        if alpha != "cv":
+            raise ConfigError(f"alpha={alpha!r} must be 'cv', a number > 0 or a list of them.")
+    else:
+        grid = np.atleast_1d(np.asarray(alpha, dtype=object))
+        if not grid.size or any(isinstance(a, (str, bool)) or not np.isfinite(float(a))
+                                or float(a) <= 0 for a in grid):
+            raise ConfigError(f"alpha={alpha!r} must be 'cv', a number > 0 or a list of them.")
+    ratios = np.atleast_1d(np.asarray(l1_ratio, dtype=object))
+    if not ratios.size or any(isinstance(r, (str, bool)) or not 0 < float(r) <= 1
+                              for r in ratios):
+        raise ConfigError(f"l1_ratio={l1_ratio!r} must be in (0, 1] or a list of such values.")
+    if not isinstance(n_bootstrap, int) or n_bootstrap < 0:
+        raise ConfigError(f"n_bootstrap={n_bootstrap!r} must be an integer >= 0.")
+    if not isinstance(max_iter, int) or max_iter < 1:
+        raise ConfigError(f"max_iter={max_iter!r} must be an integer >= 1.")
+    if level not in ("slide", "patient"):
+        raise ConfigError(f"level={level!r} must be 'slide' or 'patient'.")
 
 
 @single_threaded
@@ -165,67 +327,102 @@ def survival(
     clinical: TableLike,
     *,
     time: str = "time",
-    event: str = "event",
+    event: str | None = None,
+    censor_col: str | None = None,
     id_col: str = "slide_id",
     patient_col: str | None = "patient_id",
+    level: Level = "slide",
     folds: int = 5,
-    penalizer: Literal["cv"] | float | Sequence[float] = "cv",
-    n_components: int | Literal["auto"] = "auto",
+    alpha: Literal["cv"] | float | Sequence[float] = "cv",
+    l1_ratio: float | Sequence[float] = L1_RATIOS,
+    n_components: int | None = None,
     groups: Literal["patient"] | None = "patient",
     inner_folds: int = 3,
     n_bootstrap: int = 1000,
+    max_iter: int = 100_000,
     seed: int = 0,
     embedding_id_col: str | None = None,
+    feature_cols: Sequence[str] | None = None,
+    penalizer: float | Literal["cv"] | None = None,
 ) -> SurvivalReport:
-    """Out-of-fold Cox proportional-hazards models of survival from slide embeddings.
+    """Out-of-fold penalised Cox models of survival from slide embeddings.
 
     Args:
         embeddings: :class:`~wsi_ssl.store.SlideEmbeddings`, a DataFrame indexed by slide id,
             or a ``.npz`` / ``.csv`` / ``.tsv`` / ``.parquet`` path.
         clinical: DataFrame or CSV/TSV/parquet path with ``id_col``, ``time`` (>= 0, any unit)
-            and ``event`` (1 = event, 0 = censored) columns, optionally ``patient_col``.
+            and the event (``event``: 1 = event, 0 = censored) or the censoring flag
+            (``censor_col``: 1 = censored), optionally ``patient_col``. Slide ids that carry a
+            slide file extension (``...DX1.F6E9A5DF.svs``) match embeddings keyed by the stem.
+        event: the event column (default ``"event"``); exclusive with ``censor_col``.
+        censor_col: a censoring column (1 = censored, 0 = event), as SurvPath/CLAM tables
+            write ``censorship``; exclusive with ``event``.
+        level: ``"slide"``: one row per slide (folds still keep a patient's slides together);
+            ``"patient"``: one row per patient, the mean of its slide embeddings (its slides
+            must agree on time and event).
         folds: outer CV folds (grouped by patient, stratified on the event).
-        penalizer: L2 penalty of ``CoxPHFitter``: ``"cv"`` picks from :data:`PENALIZER_GRID` by
-            inner CV (C-index) in each training fold, a list is a custom grid, a number is fixed.
-        n_components: PCA components fitted inside each training fold; ``"auto"`` = one per ten
-            training events, between 2 and 32 (and at most the embedding dimension).
+        alpha: the coxnet penalty: ``"cv"`` searches :data:`N_ALPHAS` values of each training
+            fold's regularisation path by inner CV; a list is a custom grid; a number is fixed.
+        l1_ratio: elastic-net mixing (1 = lasso); a list is searched by the inner CV together
+            with ``alpha``.
+        n_components: ``None`` (default): no reduction; an integer puts a ``PCA`` fitted on
+            each training fold before the Cox model.
         groups: ``"patient"`` keeps each patient's slides in one fold (``patient_col``, else the
             TCGA barcode prefix, else the slide id); ``None`` treats slides as independent.
+        inner_folds: folds of the inner penalty search (grouped like the outer ones).
         n_bootstrap: patient-level bootstrap resamples for the 95 % CI of the mean C-index.
-        seed: seeds the folds, PCA and the bootstrap.
+        max_iter: coordinate-descent iterations of each coxnet fit; a fit that needs more is
+            counted in the report's ``convergence_warnings``.
+        seed: seeds the folds and the bootstrap.
+        embedding_id_col: id column of a CSV/parquet embedding table (default: its first).
+        feature_cols: the feature columns of a CSV/parquet/DataFrame embedding table (default:
+            every numeric column but the id). The time, event and patient columns are refused.
+        penalizer: deprecated name of ``alpha``.
 
     Returns:
         A :class:`SurvivalReport` (``to_frame()``, ``to_json()``, ``plot()``, ``save(dir)``).
 
     Raises:
         LabelError: unknown/missing/duplicated ids, NaN or negative times, events not in
-            {0, 1}, fewer events (patients with an event) than folds.
-        ConfigError: a bad parameter value.
+            {0, 1}, fewer events (patients with an event) than folds, patients whose slides
+            disagree at ``level="patient"``.
+        InputError: an outcome column among the features of an embedding table.
+        ConfigError: a bad parameter value, ``event`` and ``censor_col`` both given.
     """
-    if not isinstance(folds, int) or isinstance(folds, bool) or folds < 2:
-        raise ConfigError(f"folds={folds!r} must be an integer >= 2.")
-    if not (n_components == "auto" or (isinstance(n_components, int) and n_components >= 1)):
-        raise ConfigError(f"n_components={n_components!r} must be 'auto' or an integer >= 1.")
-    if isinstance(penalizer, str) and penalizer != "cv":
-        raise ConfigError(f"penalizer={penalizer!r} must be 'cv', a number >= 0 or a list.")
-    if not isinstance(penalizer, str):
-        grid = list(penalizer) if isinstance(penalizer, Sequence) else [penalizer]
-        if not grid or any(not np.isfinite(float(p)) or float(p) < 0 for p in grid):
-            raise ConfigError(f"penalizer={penalizer!r} must be 'cv', a number >= 0 or a list.")
-    if not isinstance(n_bootstrap, int) or n_bootstrap < 0:
-        raise ConfigError(f"n_bootstrap={n_bootstrap!r} must be an integer >= 0.")
-    emb = as_embeddings(embeddings, id_col=embedding_id_col)
+    if penalizer is not None:
+        warnings.warn("survival(penalizer=) is deprecated; use alpha= (the coxnet penalty).",
+                      DeprecationWarning, stacklevel=3)
+        alpha = penalizer
+    if event is not None and censor_col is not None:
+        raise ConfigError(f"event={event!r} and censor_col={censor_col!r} are exclusive: pass "
+                          "the event column (1 = event) or the censoring column (1 = censored).")
+    event = "event" if event is None and censor_col is None else event
+    _check(folds, alpha, l1_ratio, n_components, n_bootstrap, level, inner_folds, max_iter)
+    reserved = {c: role for c, role in ((time, "time"), (event, "event"),
+                                        (censor_col, "censoring"), (patient_col, "patient"))
+                if c}
+    emb = as_embeddings(embeddings, id_col=embedding_id_col, feature_cols=feature_cols,
+                        reserved=reserved)
     df, name = read_table(clinical, id_col=id_col, what="clinical")
-    t, e = _read_clinical(df, name, id_col, time, event)
+    t, e = _read_clinical(df, name, id_col, time, event, censor_col)
     x = align(emb, df, id_col=id_col, name=name, what="clinical")
-    grouped = groups is not None
-    g = patient_ids(df, id_col=id_col, patient_col=patient_col, groups=groups)
+    g = patient_ids(df, id_col=id_col, patient_col=patient_col,
+                    groups="patient" if level == "patient" else groups)
+    ids = np.asarray(df[id_col], dtype=object)
+    n_input = len(ids)
+    patients_of_slides = len(np.unique(g.astype(str)))
+    if level == "patient":
+        x, g, out, _ = patient_level(x, g, {time: t, censor_col or event: e}, name=name,
+                                     id_col=id_col)
+        t, e, ids = out[time], out[censor_col or event], g
+    grouped = groups is not None or level == "patient"
     n_ev_units = len(np.unique(g[e == 1]))
     if n_ev_units < folds:
         unit = "patients with an event" if grouped else "events"
         raise LabelError(
-            f"clinical table {name} has only {n_ev_units} {unit} in {event!r}, fewer than "
-            f"folds={folds}; lower folds or add slides with events."
+            f"clinical table {name} has only {n_ev_units} {unit} in "
+            f"{censor_col or event!r}, fewer than folds={folds}; lower folds or add slides "
+            "with events."
         )
     risk = np.zeros(len(t))
     high = np.zeros(len(t), bool)
@@ -234,16 +431,19 @@ def survival(
     rng = np.random.default_rng(seed)
     boot = np.zeros(max(n_bootstrap, 1))
     for f, (tr, te) in enumerate(_splits(folds, t, e, g, grouped, seed)):
-        r_te, thr, k, pen = _fit_fold(x, t, e, g, tr, te, penalizer=penalizer,
-                                      n_components=n_components, grouped=grouped,
-                                      inner_folds=inner_folds, seed=seed + f)
-        risk[te], high[te], fold_of[te] = r_te, r_te > thr, f
+        fit = _fit_fold(x, t, e, g, tr, te, alpha=alpha, l1_ratio=l1_ratio,
+                        n_components=n_components, grouped=grouped, inner_folds=inner_folds,
+                        seed=seed + f, max_iter=max_iter)
+        r_te = fit.risk_test
+        risk[te], high[te], fold_of[te] = r_te, r_te > fit.threshold, f
         c = float(cindex_weighted(t[te], e[te], r_te, np.ones((1, len(te))))[0])
         boot += cindex_weighted(t[te], e[te], r_te,
                                 cluster_bootstrap_weights(g[te], len(boot), rng))
-        fold_rows.append(SurvivalFold(fold=f, n_train=len(tr), n_test=len(te),
-                                      n_events_test=int(e[te].sum()), n_components=k,
-                                      penalizer=pen, c_index=c))
+        fold_rows.append(SurvivalFold(
+            fold=f, n_train=len(tr), n_test=len(te), n_events_test=int(e[te].sum()),
+            n_features=fit.n_features, alpha=fit.alpha, l1_ratio=fit.l1_ratio,
+            n_nonzero=fit.n_nonzero, failed_fits=fit.failed_fits,
+            convergence_warnings=fit.convergence_warnings, c_index=c))
     cs = np.array([r.c_index for r in fold_rows])
     from lifelines.statistics import logrank_test
 
@@ -253,21 +453,29 @@ def survival(
         p = float("nan")
     ci = percentile_ci(boot / folds) if n_bootstrap else (float("nan"), float("nan"))
     config = {
-        "time": time, "event": event, "id_col": id_col, "patient_col": patient_col,
-        "folds": folds, "penalizer": penalizer if isinstance(penalizer, (str, int, float))
-        else list(penalizer), "n_components": n_components, "groups": groups,
-        "inner_folds": inner_folds, "n_bootstrap": n_bootstrap, "seed": seed,
-        "embeddings": emb.provenance, "dim": emb.dim,
-        "model": "StandardScaler + PCA (fit per fold) + lifelines CoxPHFitter(l1_ratio=0)",
+        "time": time, "event": event, "censor_col": censor_col, "id_col": id_col,
+        "patient_col": patient_col, "level": level, "folds": folds,
+        "alpha": alpha if isinstance(alpha, (str, int, float)) else list(alpha),
+        "l1_ratio": [float(r) for r in np.atleast_1d(l1_ratio)],
+        "n_components": n_components, "groups": groups, "inner_folds": inner_folds,
+        "n_bootstrap": n_bootstrap, "max_iter": max_iter, "seed": seed, "embeddings": emb.provenance, "dim": emb.dim,
+        "model": ("StandardScaler" + (" + PCA" if n_components else "")
+                  + " + sksurv CoxnetSurvivalAnalysis (elastic-net Cox), alpha and l1_ratio by "
+                  "GridSearchCV on patient-grouped inner folds (C-index)"),
     }
     report = SurvivalReport(
         c_index_mean=float(np.nanmean(cs)), c_index_std=float(np.nanstd(cs)), c_index_ci=ci,
-        folds=tuple(fold_rows), logrank_p=p, slide_ids=tuple(df[id_col]),
+        folds=tuple(fold_rows), logrank_p=p, slide_ids=tuple(str(s) for s in ids),
         patients=tuple(str(v) for v in g), time=tuple(t.tolist()),
         event=tuple(int(v) for v in e), risk=tuple(risk.tolist()),
         high_risk=tuple(bool(h) for h in high), cv_fold=tuple(int(v) for v in fold_of),
-        config=config,
+        level=level, n_input_slides=n_input, config=config,
     )
-    logger.info("survival: C-index %.3f ± %.3f, log-rank p=%.3g", report.c_index_mean,
-                report.c_index_std, p)
+    if report.failed_fits or report.convergence_warnings:
+        logger.warning("survival: %d inner fits failed and %d convergence warnings (per fold in "
+                       "the report).", report.failed_fits, report.convergence_warnings)
+    if level == "slide" and patients_of_slides < n_input:
+        logger.info("survival: %d slides of %d patients, one row per slide (level='patient' "
+                    "averages each patient's slides).", n_input, patients_of_slides)
+    logger.info("survival: %s", report.summary)
     return report

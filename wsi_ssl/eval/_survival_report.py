@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -20,14 +20,28 @@ __all__ = ["SurvivalFold", "SurvivalReport"]
 
 @dataclass(frozen=True)
 class SurvivalFold:
-    """One outer fold: sizes, the PCA components and L2 penalty used, its C-index."""
+    """One outer fold.
+
+    Attributes:
+        fold, n_train, n_test, n_events_test: the fold and its sizes (rows: slides or patients).
+        n_features: inputs of the Cox model (the embedding dimension, or the PCA components).
+        alpha, l1_ratio: the coxnet penalty and elastic-net mixing chosen by the inner CV.
+        n_nonzero: coefficients of the fitted model that are not zero.
+        failed_fits: inner fits (or refits) that raised, each counted, none scored.
+        convergence_warnings: convergence warnings raised while fitting this fold.
+        c_index: Harrell's C-index on the test fold.
+    """
 
     fold: int
     n_train: int
     n_test: int
     n_events_test: int
-    n_components: int
-    penalizer: float
+    n_features: int
+    alpha: float
+    l1_ratio: float
+    n_nonzero: int
+    failed_fits: int
+    convergence_warnings: int
     c_index: float
 
 
@@ -44,6 +58,9 @@ class SurvivalReport:
         risk: out-of-fold log partial hazard (higher = earlier event; comparable within a fold).
         high_risk: risk above the median training risk of the slide's fold.
         cv_fold: the fold in which each slide was scored.
+        level: ``"slide"`` (one row per slide) or ``"patient"`` (one row per patient, the mean
+            of its slide embeddings; ``slide_ids`` then holds the patient ids).
+        n_input_slides: slides of the clinical table that were used.
         config: the parameters of the call.
     """
 
@@ -59,11 +76,18 @@ class SurvivalReport:
     risk: tuple[float, ...]
     high_risk: tuple[bool, ...]
     cv_fold: tuple[int, ...]
+    level: Literal["slide", "patient"] = "slide"
+    n_input_slides: int = -1
     config: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
-    def n_slides(self) -> int:
+    def n_rows(self) -> int:
+        """Rows the model saw: slides, or patients at ``level="patient"``."""
         return len(self.slide_ids)
+
+    @property
+    def n_slides(self) -> int:
+        return self.n_input_slides if self.n_input_slides >= 0 else len(self.slide_ids)
 
     @property
     def n_patients(self) -> int:
@@ -71,19 +95,33 @@ class SurvivalReport:
 
     @property
     def n_events(self) -> int:
+        """Rows with an event (patients at ``level="patient"``)."""
         return int(sum(self.event))
 
     @property
+    def failed_fits(self) -> int:
+        """Inner fits that failed, over every fold."""
+        return sum(f.failed_fits for f in self.folds)
+
+    @property
+    def convergence_warnings(self) -> int:
+        """Convergence warnings raised while fitting, over every fold."""
+        return sum(f.convergence_warnings for f in self.folds)
+
+    @property
     def summary(self) -> str:
-        """One line: C-index mean ± std [95 % CI], log-rank p, counts."""
+        """One line: C-index mean ± std [95 % CI], log-rank p, counts, level, fit problems."""
         lo, hi = self.c_index_ci
+        rows = ("one row per slide" if self.level == "slide"
+                else f"one row per patient: mean of {self.n_slides} slides")
         return (f"C-index {self.c_index_mean:.3f} ± {self.c_index_std:.3f} "
                 f"[95% CI {lo:.3f}-{hi:.3f}], log-rank p={self.logrank_p:.3g} "
-                f"({self.n_slides} slides, {self.n_patients} patients, {self.n_events} events)")
+                f"({self.n_slides} slides, {self.n_patients} patients, {self.n_events} events; "
+                f"level {self.level}, {rows}; {self.failed_fits} failed inner fits, "
+                f"{self.convergence_warnings} convergence warnings)")
 
     def to_frame(self) -> pd.DataFrame:
-        """One row per outer fold (``fold, n_train, n_test, n_events_test, n_components,
-        penalizer, c_index``)."""
+        """One row per outer fold (the fields of :class:`SurvivalFold`)."""
         import pandas as pd
 
         return pd.DataFrame([asdict(f) for f in self.folds])
@@ -92,7 +130,8 @@ class SurvivalReport:
         """Per slide: id, patient, time, event, out-of-fold risk, risk group and fold."""
         import pandas as pd
 
-        return pd.DataFrame({"slide_id": self.slide_ids, "patient_id": self.patients,
+        first = "slide_id" if self.level == "slide" else "row_id"
+        return pd.DataFrame({first: self.slide_ids, "patient_id": self.patients,
                              "time": self.time, "event": self.event, "risk": self.risk,
                              "high_risk": self.high_risk, "cv_fold": self.cv_fold})
 
@@ -103,6 +142,8 @@ class SurvivalReport:
             "c_index_mean": self.c_index_mean, "c_index_std": self.c_index_std,
             "c_index_ci": self.c_index_ci, "logrank_p": self.logrank_p,
             "n_slides": self.n_slides, "n_patients": self.n_patients, "n_events": self.n_events,
+            "level": self.level, "n_rows": self.n_rows, "failed_fits": self.failed_fits,
+            "convergence_warnings": self.convergence_warnings,
             "config": self.config, "folds": [asdict(f) for f in self.folds],
             "slides": self.risk_table().to_dict(orient="list"),
         })
@@ -141,7 +182,7 @@ class SurvivalReport:
         ax_c.set_ylabel("C-index")
         ax_c.set_ylim(0, 1)
         ax_c.legend(loc="lower right", fontsize=8)
-        fig.suptitle(f"Cox model on slide embeddings: {self.summary}", fontsize=9)
+        fig.suptitle(f"Penalised Cox model on slide embeddings: {self.summary}", fontsize=8)
         fig.tight_layout()
         return fig
 
