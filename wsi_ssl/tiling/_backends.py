@@ -138,11 +138,17 @@ class _TiffSlideSlide(_BaseSlide):
         tx0, tx1 = x // cw, min(nx - 1, (x + w - 1) // cw)
         idx = [ty * nx + tx for ty in range(ty0, ty1 + 1) for tx in range(tx0, tx1 + 1)]
         spp = int(page.samplesperpixel)
-        n_all = len(idx)
+        out = np.empty((h, w, spp), np.uint8)
         if need is not None:
+            # skipped chunks are white: fill only their part of the box (filling the whole box
+            # first cost ~15 % of a native-resolution read)
+            for i in idx:
+                if i not in need:
+                    ty, tx = divmod(i, nx)
+                    ax0, ay0 = max(x, tx * cw), max(y, ty * ch)
+                    out[ay0 - y: min(y + h, ty * ch + ch) - y,
+                        ax0 - x: min(x + w, tx * cw + cw) - x] = 255
             idx = [i for i in idx if i in need]
-        # white where chunks are skipped; uninitialised when every covered chunk is decoded
-        out = np.full((h, w, spp), 255, np.uint8) if len(idx) < n_all else np.empty((h, w, spp), np.uint8)
         offsets = [page.dataoffsets[i] for i in idx]
         counts = [page.databytecounts[i] for i in idx]
         jpegheader = getattr(page, "jpegheader", None)
