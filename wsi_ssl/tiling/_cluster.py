@@ -36,7 +36,8 @@ class ClusterPlan:
         kind: ``"sync"`` (in this process), ``"local"`` (a local CPU cluster), ``"local-gpu"``
             (a local cluster with one worker per GPU) or ``"existing"`` (the client given).
         n_workers: worker processes (1 for ``"sync"``; 0 when unknown for ``"existing"``).
-        torch_threads: torch threads per worker (``None``: leave torch's default).
+        torch_threads: torch threads per worker (``None``: leave torch's default, always so in
+            this process).
         gpus: ``CUDA_VISIBLE_DEVICES`` value of each worker of a ``"local-gpu"`` plan (empty
             otherwise).
         reason: one line for the log saying why this plan was picked.
@@ -117,8 +118,7 @@ def plan_cluster(n_jobs: int, *, client: Any = None, n_workers: int | None = Non
         why = "one slide" if n_jobs <= 1 else (
             "one GPU" if len(gpus) == 1 else "n_workers=1" if n_workers == 1
             else f"one worker fits {cores} cores")
-        threads = None if not gpus else max(1, cores - 2)
-        return ClusterPlan(kind="sync", n_workers=1, torch_threads=threads,
+        return ClusterPlan(kind="sync", n_workers=1, torch_threads=None,
                            reason=f"in this process: {why}, a local cluster cannot pay off")
     if gpus:
         return ClusterPlan(kind="local-gpu", n_workers=n, torch_threads=threads,
