@@ -1,49 +1,119 @@
-"""`wsi-ssl demo` end to end on a tiny cohort: every stage, the report, and resuming."""
+"""`wsi-ssl demo` end to end on a tiny cohort: every stage, a quiet console, the HTML report
+(parsed: real tables, the pictures), and resuming."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
 
 import pytest
 
-from wsi_ssl._demo import DemoConfig, run_demo, summary_table
+from wsi_ssl._demo import QUICK, run_demo, summary_table
 from wsi_ssl.cli import main
 
 pytestmark = pytest.mark.slow
 
-TINY = DemoConfig(n_slides=10, slide_epochs=3, views=4, view_tiles=16, repeats=2, test_size=0.3,
-                  n_labeled=(4,), n_workers=1, device="cpu")
+
+class _Page(HTMLParser):
+    """Collects headings, tables (rows of cell texts) and image sources of a page."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.headings: list[str] = []
+        self.tables: list[list[list[str]]] = []
+        self.images: list[dict[str, str]] = []
+        self.pre = 0
+        self._cell: list[str] | None = None
+        self._heading: list[str] | None = None
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "table":
+            self.tables.append([])
+        elif tag == "tr":
+            self.tables[-1].append([])
+        elif tag in ("td", "th"):
+            self._cell = []
+        elif tag in ("h1", "h2"):
+            self._heading = []
+        elif tag == "img":
+            self.images.append(dict(attrs))
+        elif tag == "pre":
+            self.pre += 1
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th") and self._cell is not None:
+            self.tables[-1][-1].append("".join(self._cell).strip())
+            self._cell = None
+        elif tag in ("h1", "h2") and self._heading is not None:
+            self.headings.append("".join(self._heading).strip())
+            self._heading = None
+
+    def handle_data(self, data):
+        for buf in (self._cell, self._heading):
+            if buf is not None:
+                buf.append(data)
 
 
-def test_demo_runs_every_stage_and_resumes(tmp_path):
-    lines: list[str] = []
-    res = run_demo(tmp_path / "demo", TINY, say=lines.append)
-    out = res.out_dir
+def test_demo_cli_runs_every_stage_quietly_and_resumes(tmp_path):
+    out = tmp_path / "demo"
+    env = {**os.environ, "WSI_SSL_PROGRESS": "0", "MPLBACKEND": "Agg"}
+    env.pop("DASK_LOGGING__DISTRIBUTED", None)
+    proc = subprocess.run([sys.executable, "-m", "wsi_ssl", "demo", "--quick", "--out", str(out)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    console = proc.stdout + proc.stderr
+    # our own progress lines only: no dask scheduler / nanny / worker INFO chatter
+    assert "[8] report" in console and "AUC slide-ssl" in console
+    assert "INFO" not in console and "distributed.scheduler" not in console, console[-3000:]
+
     for rel in ("cohort/labels.csv", "tiles.zarr", "slide_model/config.json",
-                "slide_embeddings.npz", "figures/tiling_qc.png", "summary.json"):
+                "slide_embeddings.npz", "figures/tiling_qc.png", "figures/retrieval.png",
+                "summary.json", "report.md", "retrieval/slide-ssl/retrieval.json"):
         assert (out / rel).exists(), rel
-    html = res.report_html.read_text()
-    assert "tiling_qc.png" in html and html.count("<img") >= 4
     s = json.loads((out / "summary.json").read_text())
-    assert s["n_slides"] == 10 and s["embedding_dim"] == 512
-    assert s["bytes_per_slide"] <= 2048
-    assert set(s["probe"]) == {"slide-ssl", "mean-pool"}
-    for rows in s["probe"].values():
-        assert any(k.startswith("n=4") for k in rows)
-        assert all(0.0 <= r["auc_mean"] <= 1.0 for r in rows.values())
-    table = summary_table(s)
-    assert "AUC slide-ssl" in table and "C-index" in table
+    assert s["n_slides"] == 10 and s["embedding_dim"] == 512 and s["bytes_per_slide"] <= 2048
+    assert set(s["probe"]) == set(s["retrieval"]["value"]) == {"slide-ssl", "mean-pool"}
+    assert set(s["retrieval"]["value"]["slide-ssl"]) == {"acc@1", "acc@3", "acc@5", "mAP@5"}
+    assert s["localisation"]["slides"] >= 1
+    assert "C-index" in summary_table(s) and "mAP@5" in summary_table(s)
+
+    page = _Page()
+    page.feed((out / "report.html").read_text())
+    assert page.pre == 0  # no raw text blocks: real tables
+    assert page.headings[0] == "wsi-ssl demo report"
+    assert {"Few-shot classification: slide SSL vs mean pooling", "Survival",
+            "Where the slide encoder looks", "Slide retrieval"} <= set(page.headings)
+    settings, auc = page.tables[0], page.tables[1]
+    assert [r[0] for r in settings][:3] == ["setting", "slides", "tiles"]
+    assert auc[0] == ["labelled slides", "AUC slide-ssl", "AUC mean-pool"]
+    assert auc[1][0].startswith("n=4") and "±" in auc[1][1]
+    retrieval = next(t for t in page.tables if t[0][0] == "metric")
+    assert [r[0] for r in retrieval[1:]] == ["acc@1", "acc@3", "acc@5", "mAP@5"]
+    srcs = [img["src"] for img in page.images]
+    assert any("tiling_qc.png" in x for x in srcs) and any("retrieval.png" in x for x in srcs)
+    heat = [x for x in srcs if x.startswith("heatmaps/") and x.endswith("_attention.png")]
+    assert len(heat) == 2  # one positive, one negative slide
+    assert any(x.endswith("_clusters.png") for x in srcs)
+    for img in page.images:  # every picture exists, has alt text and a screen-sized width
+        assert (out / img["src"]).is_file(), img["src"]
+        assert img["alt"] and int(img["width"]) <= 1000
 
     # a rerun reuses every finished step: nothing is embedded or trained again
     again: list[str] = []
-    res2 = run_demo(tmp_path / "demo", TINY, say=again.append)
+    res2 = run_demo(out, QUICK, say=again.append)
     text = "\n".join(again)
     assert "0 embedded, 10 reused" in text and "reusing the trained model" in text
     assert res2.summary["n_slides"] == 10
+    assert Path(res2.report_html).stat().st_size > 2000
 
 
-def test_demo_cli_help_and_bad_device(capsys):
+def test_demo_cli_help(capsys):
     with pytest.raises(SystemExit) as e:
         main(["demo", "--help"])
     assert e.value.code == 0
-    assert "--slides" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "--slides" in text and "--quick" in text

@@ -8,7 +8,9 @@ Steps (each is skipped when its output already exists, so a rerun resumes)::
     4. pretrain-slides      SlideSSL (Giga-SSL) on the store, no labels
     5. encode-slides        compact slide embeddings (.npz)
     6. probe + survival     few-shot linear probes (SSL vs mean pooling) and a Cox model
-    7. report               report.md / report.html with the pictures
+    7. look inside          attention heatmaps (one positive, one negative slide), tile clusters,
+                            slide retrieval (SSL vs mean pooling)
+    8. report               report.html (tables, settings, pictures) and report.md
 
 The same calls, with a GPU, real slides and bigger numbers, are what a TCGA run does.
 """
@@ -27,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["DemoConfig", "DemoResult", "run_demo"]
+__all__ = ["DemoConfig", "DemoResult", "run_demo", "QUICK"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +53,11 @@ class DemoConfig:
     repeats: int = 10
     device: str = "auto"
     n_workers: int | None = None
+
+
+#: a smoke run of every step in about a minute (``wsi-ssl demo --quick``; the demo test)
+QUICK = DemoConfig(n_slides=10, slide_epochs=3, views=4, view_tiles=16, repeats=2, test_size=0.3,
+                   n_labeled=(4,), n_workers=1, device="cpu")
 
 
 @dataclass(frozen=True)
@@ -199,13 +206,81 @@ def run_demo(out_dir: str | os.PathLike = "wsi-ssl-demo", config: DemoConfig | N
         for msg in dict.fromkeys(str(w.message) for w in caught):
             say(f"    note: {msg}")
 
-    # 7. report -----------------------------------------------------------------------------
-    summary = _summarise(cfg, probes, surv, ssl_emb, rep, timings)
-    _plot_learning_curves(summary, figs / "learning_curve.png")
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    md, html = _write_report(out, cfg, summary, qc_png, loss_png)
-    say(f"report: {md} and {html}")
+    # 7. look inside -----------------------------------------------------------------------
+    with _step("look inside: attention heatmaps, tile clusters, slide retrieval", say, timings):
+        inspect = _look_inside(out, cohort, store, model, {"slide-ssl": ssl_emb,
+                                                           "mean-pool": mean_emb}, cfg, say)
+
+    # 8. report -----------------------------------------------------------------------------
+    with _step("report", say, timings):
+        summary = _summarise(cfg, probes, surv, ssl_emb, rep, timings)
+        summary.update(retrieval=inspect["retrieval"], localisation=inspect["localisation"])
+        _plot_learning_curves(summary, figs / "learning_curve.png")
+        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        md, html = _write_report(out, cfg, summary, qc_png, loss_png, inspect)
+        say(f"    {html.relative_to(out)} (and {md.name})")
     return DemoResult(out, summary, md, html, dict(timings))
+
+
+def _look_inside(out: Path, cohort: Any, store: Any, model: Any, embeddings: dict[str, Any],
+                 cfg: DemoConfig, say: Callable[[str], None]) -> dict[str, Any]:
+    """Heatmaps of one positive and one negative slide, a cluster map, the localisation of the
+    tumour by the attention over every positive slide, and slide retrieval for each embedding."""
+    from wsi_ssl.errors import ConfigError
+    from wsi_ssl.eval import cluster_map, heatmap, retrieval_report, tile_scores
+    from wsi_ssl.eval._retrieval import plot_retrieval
+
+    labels = cohort.labels
+    reports = {}
+    for name, emb in embeddings.items():
+        reports[name] = retrieval_report(emb, labels, n_bootstrap=500, seed=cfg.seed)
+        reports[name].save(out / "retrieval" / name)
+    fig = plot_retrieval(reports)
+    retrieval_png = out / "figures" / "retrieval.png"
+    fig.savefig(retrieval_png, dpi=100, bbox_inches="tight")
+    retrieval = {n: {m: v["value"] for m, v in r.metrics.items()} for n, r in reports.items()}
+    ci = {n: {m: [v["ci_low"], v["ci_high"]] for m, v in r.metrics.items()}
+          for n, r in reports.items()}
+    say("    retrieval mAP@5: " + ", ".join(f"{n} {v['mAP@5']:.3f}" for n, v in
+                                           retrieval.items()))
+    res: dict[str, Any] = {"retrieval": {"value": retrieval, "ci": ci,
+                                         "chance": next(iter(reports.values())).chance},
+                           "retrieval_png": retrieval_png, "reports": reports,
+                           "heatmaps": [], "localisation": {}}
+    pos = labels[labels["label"] == 1].sort_values("tumor_fraction")
+    neg = labels[labels["label"] == 0]
+    ids = set(store.slide_ids)
+    pos, neg = pos[pos["slide_id"].isin(ids)], neg[neg["slide_id"].isin(ids)]
+    if not len(pos) or not len(neg):
+        return res
+    try:
+        hits, chance = [], []
+        for sid in pos["slide_id"]:
+            sc = tile_scores(store, sid, model)
+            truth = cohort.tile_fractions(sid, sc.coords, int(round(sc.tile_size_level0)))
+            tumour = truth[:, 2] > 0.5
+            if tumour.any():
+                k = max(5, int(tumour.sum()))
+                hits.append(float(tumour[sc.top_tiles(k)].mean()))
+                chance.append(float(tumour.mean()))
+        res["localisation"] = {"slides": len(hits), "precision_at_k": float(np.mean(hits)),
+                               "chance": float(np.mean(chance))}
+        say(f"    attention: {np.mean(hits):.2f} of the top-k tiles lie in the tumour "
+            f"(chance {np.mean(chance):.2f}, {len(hits)} positive slides)")
+        pos_id = str(pos["slide_id"].iloc[len(pos) // 2])  # the median tumour extent
+        neg_id = str(neg["slide_id"].iloc[0])
+        for sid, what in ((pos_id, "positive"), (neg_id, "negative")):
+            path = cohort.paths[cohort.slide_ids.index(sid)]
+            hm = heatmap(path, store, model, out_dir=out / "heatmaps")
+            res["heatmaps"].append((f"Attention of the slide encoder, {what} slide {sid}",
+                                    hm.figure))
+        cm = cluster_map(cohort.paths[cohort.slide_ids.index(pos_id)], store, n_clusters=6,
+                         seed=cfg.seed, out_dir=out / "heatmaps")
+        res["heatmaps"].append((f"k-means clusters of the tile features, slide {pos_id}",
+                                cm.figure))
+    except ConfigError as err:  # a slide head without attention: no heatmaps, say why
+        say(f"    note: no heatmaps: {err}")
+    return res
 
 
 def _slide_ssl_kwargs(cfg: DemoConfig) -> dict[str, Any]:
@@ -262,45 +337,123 @@ def summary_table(summary: dict[str, Any]) -> str:
         lines.append("")
         lines.append(f"Survival (Cox on slide-SSL embeddings): out-of-fold C-index "
                      f"{cidx:.3f} +- {cstd:.3f}")
+    ret = summary.get("retrieval", {}).get("value")
+    if ret:
+        lines.append("Slide retrieval (other patients only), mAP@5: " + ", ".join(
+            f"{m} {v['mAP@5']:.3f}" for m, v in ret.items()) + "; top-1 majority vote: "
+            + ", ".join(f"{m} {v['acc@1']:.3f}" for m, v in ret.items()))
+    loc = summary.get("localisation")
+    if loc:
+        lines.append(f"Attention heatmaps: {loc['precision_at_k']:.2f} of the top-k tiles lie in "
+                     f"the tumour (chance {loc['chance']:.2f}, {loc['slides']} positive slides)")
     lines.append(f"Slide embeddings: {summary['n_slides']} x {summary['embedding_dim']}, "
                  f"{summary['bytes_per_slide']:.0f} bytes per slide")
     return "\n".join(lines)
 
 
-def _write_report(out: Path, cfg: DemoConfig, summary: dict[str, Any], qc_png: Path,
-                  loss_png: Path | None) -> tuple[Path, Path]:
-    import html as _html
+def _auc_frame(summary: dict[str, Any]):
+    """Rows = labelled-slide settings, columns = embeddings: "mean ± std [95 % CI]"."""
+    import pandas as pd
 
-    pictures = [("Few-shot AUC: slide SSL vs mean pooling", out / "figures" / "learning_curve.png"),
-                ("Tiling QC: tissue mask and tile grid", qc_png)]
-    if loss_png is not None:
-        pictures.append(("Slide-level contrastive pretraining: loss", loss_png))
-    for title, pattern in (("Few-shot learning curve, slide SSL", "probe/slide-ssl/*.png"),
-                           ("Few-shot learning curve, mean pooling", "probe/mean-pool/*.png"),
-                           ("Survival: Kaplan-Meier of out-of-fold risk groups", "survival/*.png")):
-        for p in sorted(out.glob(pattern)):
-            pictures.append((title, p))
-    table = summary_table(summary)
+    probe = summary["probe"]
+    rows = []
+    for n in next(iter(probe.values())):
+        row = {"labelled slides": n}
+        for m, res in probe.items():
+            r = res.get(n)
+            row[f"AUC {m}"] = (f"{r['auc_mean']:.3f} ± {r['auc_std']:.3f} "
+                               f"[{r['auc_ci_low']:.2f}, {r['auc_ci_high']:.2f}]") if r else "-"
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _retrieval_frame(retrieval: dict[str, Any]):
+    import pandas as pd
+
+    vals, ci = retrieval["value"], retrieval["ci"]
+    metrics = list(next(iter(vals.values())))
+    return pd.DataFrame([{"metric": m, **{name: f"{vals[name][m]:.3f} [{ci[name][m][0]:.2f}, "
+                                                f"{ci[name][m][1]:.2f}]" for name in vals}}
+                         for m in metrics])
+
+
+def _write_report(out: Path, cfg: DemoConfig, summary: dict[str, Any], qc_png: Path,
+                  loss_png: Path | None, inspect: dict[str, Any]) -> tuple[Path, Path]:
+    from wsi_ssl._version import __version__
+    from wsi_ssl.eval._report_io import ReportSection, write_html_report
+
+    def found(pattern: str) -> tuple[Path, ...]:
+        return tuple(sorted(out.glob(pattern)))
+
+    s = summary["survival"]
+    cidx = s.get("c_index_mean", float("nan"))
+    cstd = s.get("c_index_std", float("nan"))
+    loc = summary.get("localisation") or {}
     secs = ", ".join(f"{k}: {v:.0f} s" for k, v in summary["seconds"].items())
-    md = [
-        "# wsi-ssl demo report", "",
-        f"{summary['n_slides']} generated slides, tiles of {cfg.tile_size} px at {cfg.mpp} µm/px, "
-        f"encoder `{cfg.encoder}`, {cfg.views} augmented versions x {cfg.view_tiles} tiles per "
-        f"slide, slide SSL for {cfg.slide_epochs} epochs.", "", table, "",
-        f"Time per step: {secs}.", "",
+    settings = {
+        "slides": f"{summary['n_slides']} generated (label in 3-15 % of the tissue, decoys in "
+                  "both classes)",
+        "tiles": f"{cfg.tile_size} px at {cfg.mpp} µm/px, encoder {cfg.encoder}",
+        "augmentation bank": f"{cfg.views} versions x {cfg.view_tiles} tiles per slide",
+        "slide SSL": f"{cfg.slide_head} head, {cfg.tiles_per_view} tiles per view, "
+                     f"{cfg.slide_epochs} epochs",
+        "slide embedding": f"{summary['embedding_dim']} floats, "
+                           f"{summary['bytes_per_slide']:.0f} bytes per slide",
+        "probes": f"held-out {cfg.test_size:.2f} of the patients, {cfg.repeats} repeats",
+        "seed / device": f"{cfg.seed} / {cfg.device}",
+        "time per step": secs,
+        "wsi-ssl": __version__,
+    }
+    sections = [
+        ReportSection(
+            title="Few-shot classification: slide SSL vs mean pooling",
+            text="Balanced logistic regression on the slide embeddings, trained on n labelled "
+                 "slides and scored on the held-out patients (mean ± std over repeats, 95 % "
+                 "bootstrap interval); the last row is 5-fold cross-validation.",
+            tables=(("Held-out AUC", _auc_frame(summary)),),
+            figures=(("Few-shot AUC against the number of labelled slides",
+                      out / "figures" / "learning_curve.png"),)),
+        ReportSection(
+            title="Survival",
+            text=f"Cox model on the slide-SSL embeddings: out-of-fold C-index {cidx:.3f} ± "
+                 f"{cstd:.3f}.",
+            figures=tuple(("Kaplan-Meier curves of out-of-fold risk groups", p)
+                          for p in found("survival/*.png"))),
     ]
-    for title, p in pictures:
-        md += [f"## {title}", "", f"![{title}]({p.relative_to(out).as_posix()})", ""]
+    if inspect.get("heatmaps"):
+        text = "Attention of the slide encoder's MIL head over every tile (trained without labels)."
+        if loc:
+            text += (f" Over the {loc['slides']} positive slides, {loc['precision_at_k']:.2f} of "
+                     f"the k highest-attention tiles (k = the number of tumour tiles) lie in the "
+                     f"tumour, against {loc['chance']:.2f} by chance.")
+        sections.append(ReportSection(title="Where the slide encoder looks", text=text,
+                                      figures=tuple(inspect["heatmaps"])))
+    if inspect.get("retrieval"):
+        sections.append(ReportSection(
+            title="Slide retrieval",
+            text="Every slide queries all the others by cosine similarity (its own patient's "
+                 "slides left out): majority-vote accuracy of the top-k labels and mAP@5, with "
+                 f"patient-bootstrap 95 % intervals; always answering the majority class scores "
+                 f"{inspect['retrieval']['chance']:.2f}.",
+            tables=(("Retrieval figures", _retrieval_frame(inspect["retrieval"])),),
+            figures=(("Retrieval: slide SSL vs mean pooling", inspect["retrieval_png"]),)))
+    qc = [("Tissue mask (green) and tile grid (blue) of one slide", qc_png)]
+    if loss_png is not None:
+        qc.append(("Slide-level contrastive pretraining: NT-Xent loss per epoch", loss_png))
+    qc += [(f"Few-shot details, {m}", p) for m in ("slide-ssl", "mean-pool")
+           for p in found(f"probe/{m}/*.png")]
+    sections.append(ReportSection(title="Quality control and details", figures=tuple(qc)))
+    html_path = write_html_report(
+        out / "report.html", title="wsi-ssl demo report", settings=settings, sections=sections,
+        intro="The whole pipeline on a generated cohort: tiles, tile embeddings, slide-level "
+              "self-supervised pretraining, then what a few labels buy.")
+    md = ["# wsi-ssl demo report", ""]
+    md += [f"- {k}: {v}" for k, v in settings.items()] + ["", summary_table(summary), ""]
+    for sec in sections:
+        md += [f"## {sec.title}", "", sec.text, ""]
+        md += [f"![{c}]({p.relative_to(out).as_posix()})" for c, p in sec.figures] + [""]
     md_path = out / "report.md"
     md_path.write_text("\n".join(md))
-    body = [f"<h1>wsi-ssl demo report</h1><pre>{_html.escape(table)}</pre>",
-            f"<p>{_html.escape(secs)}</p>"]
-    for title, p in pictures:
-        body.append(f"<h2>{_html.escape(title)}</h2><img src='{p.relative_to(out).as_posix()}' "
-                    "style='max-width:900px'>")
-    html_path = out / "report.html"
-    html_path.write_text("<!doctype html><meta charset='utf-8'><title>wsi-ssl demo</title>"
-                         "<body style='font-family:sans-serif'>" + "".join(body) + "</body>")
     return md_path, html_path
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -65,7 +66,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    if args.verbose < 2:  # dask's own INFO chatter (scheduler/nanny start-up) only with -vv
+    if args.verbose < 1:  # dask's INFO chatter (scheduler, nanny, worker start-up) only with -v
+        # dask applies its own logging config when distributed is first imported, in this
+        # process and in every worker process: tell it through the environment, before that
+        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
         for name in ("distributed", "bokeh", "tornado"):
             logging.getLogger(name).setLevel(logging.WARNING)
     if not getattr(args, "_run", None):

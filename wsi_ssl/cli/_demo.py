@@ -20,14 +20,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slide-epochs", type=int, default=None,
                    help="slide-SSL epochs (default: the demo's setting)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true",
+                   help="a one-minute smoke run of every step (10 slides, 3 epochs, CPU): "
+                        "checks the install, not the method")
 
 
 def run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from wsi_ssl._demo import DemoConfig, run_demo, summary_table
+    from wsi_ssl._demo import QUICK, DemoConfig, run_demo, summary_table
 
-    cfg = DemoConfig(n_slides=args.slides, device=args.device, seed=args.seed)
+    if args.quick:
+        cfg = replace(QUICK, seed=args.seed)
+    else:
+        cfg = DemoConfig(n_slides=args.slides, device=args.device, seed=args.seed)
     if args.slide_epochs is not None:
         cfg = replace(cfg, slide_epochs=args.slide_epochs)
     result = run_demo(args.out, cfg, say=print)
