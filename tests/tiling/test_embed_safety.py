@@ -23,6 +23,7 @@ from wsi_ssl.tiling import embed_slides
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _synthetic import tissue_image  # noqa: E402
+from test_embed import _assert_same_store as _same  # noqa: E402
 
 BIN = Path(sys.executable).parent
 TILE = 64
@@ -47,15 +48,6 @@ def reference(cohort, tmp_path_factory) -> TileStore:
     rep = embed_slides(sorted(cohort.glob("*.svs")), "tiny-cnn", path, client="sync", **KW)
     assert rep.ok and len(rep.done) == 3
     return TileStore(path, mode="r")
-
-
-def _same(a: TileStore, b: TileStore) -> None:
-    assert a.slide_ids == b.slide_ids and a.encoder == b.encoder
-    for sid in a.slide_ids:
-        ra, rb = a[sid], b[sid]
-        for name in ("features", "coords", "views", "view_index"):
-            np.testing.assert_array_equal(getattr(ra, name), getattr(rb, name), err_msg=name)
-        assert ra.attrs == rb.attrs
 
 
 def _wait_for(cond, what: str, timeout: float = 180.0) -> None:

@@ -176,7 +176,7 @@ class StoreLock:
         Raises:
             StoreLockedError: naming the store, the holder and what to do.
         """
-        from filelock import Timeout
+        from filelock import LeaseSettingsMismatch, Timeout
 
         if self.held:  # reentrant: same process
             self._lease.acquire()
@@ -184,6 +184,10 @@ class StoreLock:
         timeout = 0.0 if wait is False else (-1.0 if wait is True else max(0.0, float(wait)))
         try:
             self._lease.acquire(timeout=timeout)
+        except LeaseSettingsMismatch as err:
+            raise ConfigError(f"the lock of tile store '{self.store_path}' uses another lease than "
+                              f"this process ({self.lease:g} s): {err}. Give every process of a "
+                              "store the same WSI_SSL_LOCK_LEASE.") from err
         except Timeout:
             holder = self.holder()
             looks_stale = holder is not None and (holder.heartbeat_age or 0) > self.lease
