@@ -44,8 +44,20 @@ def test_ntxent_prefers_aligned_pairs():
     aligned = NTXentLoss(0.2)(z, z + 0.01 * torch.randn(8, 32, generator=g))
     shuffled = NTXentLoss(0.2)(z, z[torch.randperm(8, generator=g)])
     assert aligned < shuffled
-    # lower bound: log(2B - 1) minus a term that vanishes with perfect separation is >= 0
-    assert float(aligned) >= 0
+
+
+def test_ntxent_known_values():
+    """Planted cases with closed-form losses: identical embeddings for every sample give
+    log(2B - 1) (the positive is one of 2B - 1 equal candidates); orthonormal rows with
+    z_a == z_b give -log(e^(1/T) / (e^(1/T) + 2B - 2)) (positive similarity 1, negatives 0)."""
+    b, t = 4, 0.5
+    same = torch.ones(b, 8)
+    assert float(NTXentLoss(t)(same, same)) == pytest.approx(math.log(2 * b - 1), rel=1e-6)
+    eye = torch.eye(b, 8)
+    want = -math.log(math.exp(1 / t) / (math.exp(1 / t) + (2 * b - 2)))
+    assert float(NTXentLoss(t)(eye, eye)) == pytest.approx(want, rel=1e-6)
+    # and the loss falls towards 0 as the temperature sharpens perfectly separated pairs
+    assert float(NTXentLoss(0.05)(eye, eye)) < 1e-6 < want
 
 
 def test_ntxent_gradients_flow():

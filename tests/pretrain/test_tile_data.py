@@ -57,7 +57,18 @@ def test_dataloader_worker_gives_the_same_stream(cmu, synthetic_slide):
     assert len(worker) == 3
     for a, b in zip(in_process, worker, strict=True):
         assert torch.equal(a, b)
-    # both slides are used (the synthetic slide is pink on white, cmu is real H&E)
+    # both slides are used: every streamed tile is close to a grid tile of one slide and far from
+    # all of the other's (read in other regions, so not bit-equal), and each slide gives some
+    grids = []
+    for i in range(2):
+        slide, grid = ds._open(i)
+        grids.append(ds._read(slide, grid, np.arange(len(grid))).astype(np.float32))
+    src = []
+    for t in torch.cat(in_process).permute(0, 2, 3, 1).numpy().astype(np.float32):
+        dist = [float(np.abs(g - t).mean(axis=(1, 2, 3)).min()) for g in grids]
+        assert max(dist) > 2 * min(dist), dist  # mean |difference| in grey levels
+        src.append(int(np.argmin(dist)))
+    assert 0 < sum(src) < len(src), src
     ds.close()
 
 

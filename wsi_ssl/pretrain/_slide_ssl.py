@@ -151,6 +151,7 @@ class SlideSSL(TransformerMixin, BaseEstimator):
         p["proj_dims"] = tuple(p["proj_dims"])
         ca = p.get("coord_augment")
         p["coord_augment"] = CoordAugment(**{**ca, "scale": tuple(ca["scale"])}) if ca else None
+        p["head_kwargs"] = p.get("head_kwargs") or None  # JSON writes None as {}
         return p
 
     # -- model ------------------------------------------------------------------------------------
