@@ -72,12 +72,30 @@ def test_bring_your_own_features(tmp_path: Path, data_dir: Path) -> None:
     assert len(list((out / "exported_h5").glob("*.h5"))) == s["n_slides"]
 
 
+@pytest.mark.slow
+def test_look_inside(tmp_path: Path, data_dir: Path) -> None:
+    out = _run("look_inside", tmp_path, data_dir)
+    s = json.loads((out / "summary.json").read_text())
+    hm = s["heatmap"]
+    assert hm["n_tiles"] > 50 and hm["precision_at_k"] > 3 * hm["chance"]
+    assert len(list((out / "heatmaps").glob("*_attention.png"))) == 2
+    assert (out / "heatmaps" / f"{hm['slide']}_clusters.png").stat().st_size > 10_000
+    assert s["retrieval"]["slide-ssl"]["mAP@5"] > s["retrieval"]["mean-pool"]["mAP@5"]
+    geo = json.loads(Path(s["geojson"]["path"]).read_text())
+    tiles = [f for f in geo["features"] if f["properties"]["objectType"] == "detection"]
+    assert len(tiles) == s["geojson"]["n_detections"] == hm["n_tiles"]
+    assert set(tiles[0]["properties"]["measurements"]) == {"tissue_fraction", "heatmap_score",
+                                                           "cluster"}
+    assert s["anndata_n_obs"] == hm["n_tiles"]
+
+
 def test_notebooks_match_their_scripts() -> None:
     """Each committed ``.ipynb`` has the code of its ``.py`` and no outputs."""
     jupytext = pytest.importorskip("jupytext", reason="jupytext is in the dev extra")
     scripts = sorted(EXAMPLES.glob("*.py"))
     assert {p.stem for p in scripts} == {"tiling_in_a_notebook", "compress_a_cohort",
-                                         "tiny_labeled_set", "bring_your_own_features"}
+                                         "tiny_labeled_set", "bring_your_own_features",
+                                         "look_inside"}
     for py in scripts:
         nb_path = py.with_suffix(".ipynb")
         assert nb_path.is_file(), f"run `jupytext --to ipynb {py.relative_to(REPO)}`"
