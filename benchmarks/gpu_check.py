@@ -60,7 +60,8 @@ class Sizes:
 
     Attributes:
         encoders: ``(result key, create_encoder name)`` for the CNN and the ViT slot.
-        n_slides, slide_px: generated 0.5 µm/px slides for the end-to-end runs (square, px).
+        n_slides, slide_px: generated 0.5 µm/px slides for the end-to-end runs (square, px;
+            18432 px: ~5.4k tissue tiles each, written in parallel in ~1-2 min).
         views, view_tiles: the view bank of the second end-to-end run (V x T tiles per slide).
         alone_batches: batches timed for encoder-alone (after 3 warm-up batches).
         agree_tiles: real tiles compared between the CPU (float32) and the device.
@@ -70,8 +71,8 @@ class Sizes:
     """
 
     encoders: tuple[tuple[str, str], ...] = (("resnet50", "resnet50"), ("vit_l_uni", "uni"))
-    n_slides: int = 3
-    slide_px: int = 20480
+    n_slides: int = 4
+    slide_px: int = 18432
     views: int = 16
     view_tiles: int = 256
     alone_batches: int = 30
@@ -230,7 +231,7 @@ def agreement(name: str, tiles: np.ndarray, device: str, dtype: str | None) -> d
 
     enc = build_encoder(name, "cpu", "float32")
     ref = enc.embed(tiles)
-    enc.to_device(device, dtype=dtype)
+    enc.to_device(device, dtype=dtype or "auto")  # not the float32 it was built with
     got = enc.embed(tiles)
     cos = torch.nn.functional.cosine_similarity(ref, got, dim=1).numpy()
     return {"agree_tiles": len(tiles), "min_cosine": float(cos.min()), "mean_cosine": float(cos.mean()),
