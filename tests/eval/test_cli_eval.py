@@ -47,11 +47,12 @@ def test_survival_cli_writes_report(files, tmp_path, capsys):
     npz, _, labels = files
     out = tmp_path / "surv"
     rc = main(["survival", str(npz), str(labels), "--id-col", "sid", "--time-col", "os_days",
-               "--event-col", "dead", "--penalizer", "0.1", "--bootstrap", "100",
+               "--event-col", "dead", "--alpha", "0.05", "--l1-ratio", "0.5", "--bootstrap", "100",
                "--out", str(out)])
     assert rc == 0
     text = capsys.readouterr().out
-    assert "C-index" in text and "log-rank" in text and "n_components" in text
+    assert "C-index" in text and "log-rank" in text and "n_nonzero" in text
+    assert "level slide" in text and "0 failed inner fits" in text
     data = json.loads((out / "survival.json").read_text())
     assert data["config"]["time"] == "os_days" and data["c_index_mean"] > 0.6
     assert (out / "survival.png").exists() and (out / "survival_risk.csv").exists()
@@ -66,7 +67,11 @@ def test_cli_errors_are_one_line(files, tmp_path, capsys):
     rc = main(["survival", str(npz), str(labels), "--id-col", "sid", "--time-col", "os_days",
                "--event-col", "msi", "--out", str(tmp_path)])
     assert rc == 1
-    assert "events not in {0, 1}" in capsys.readouterr().err
+    assert "values not in {0, 1} in 'msi'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse: --event-col and --censor-col are exclusive
+        main(["survival", str(npz), str(labels), "--event-col", "dead", "--censor-col", "alive",
+              "--out", str(tmp_path)])
+    assert "not allowed with argument" in capsys.readouterr().err
     rc = main(["probe", str(npz), str(labels), "--label-col", "msi", "--id-col", "sid",
                "--n-labeled", "ten", "--out", str(tmp_path)])
     assert rc == 1

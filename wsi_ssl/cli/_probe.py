@@ -22,6 +22,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="column with patient ids, if present (else TCGA barcode prefix)")
     p.add_argument("--embedding-id-col", default=None,
                    help="id column of a CSV/parquet embedding table (default: the first column)")
+    p.add_argument("--feature-cols", nargs="+", default=None, metavar="COL",
+                   help="feature columns of a CSV/parquet embedding table (default: every "
+                        "numeric column but the id)")
+    p.add_argument("--level", choices=("slide", "patient"), default="slide",
+                   help="one row per slide, or per patient (mean of its slide embeddings)")
     p.add_argument("--n-labeled", nargs="*", default=["25", "50", "100", "all"],
                    help="few-shot sizes; 'all' = the whole training side; none = CV only")
     p.add_argument("--repeats", type=int, default=10, help="random subsets per few-shot size")
@@ -66,11 +71,13 @@ def run(args: argparse.Namespace) -> int:
         patient_col=args.patient_col, embedding_id_col=args.embedding_id_col,
         n_labeled=_sizes(args.n_labeled), repeats=args.repeats, test_size=args.test_size,
         folds=args.folds or None, C=c, groups=None if args.no_groups else "patient",
-        n_bootstrap=args.bootstrap, seed=args.seed,
+        n_bootstrap=args.bootstrap, seed=args.seed, level=args.level,
+        feature_cols=args.feature_cols,
     )
     paths = report.save(args.out)
     cols = ["name", "runs", "auc_mean", "auc_std", "auc_ci_low", "auc_ci_high", "bacc_mean", "C"]
-    print(f"{report.n_slides} slides, {report.n_patients} patients, classes {list(report.classes)}")
+    print(f"{report.n_slides} slides, {report.n_patients} patients, level {report.level} "
+          f"({report.n_rows} rows), classes {list(report.classes)}")
     print(report.to_frame()[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     print(f"wrote {paths['json']} and {paths['png']}")
     return 0

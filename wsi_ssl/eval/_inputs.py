@@ -273,14 +273,13 @@ def align(emb: SlideEmbeddings, df: pd.DataFrame, *, id_col: str, name: str,
         for s, i in index.items():
             loose[key(s)] = None if key(s) in loose else i  # ambiguous keys match nothing
         matched = [r if r is not None else loose.get(key(s)) for s, r in zip(ids, rows, strict=True)]
-        if all(r is not None for r in matched):
-            n_loose = sum(r is None for r in rows)
+        hits = [(s, m) for s, m, r in zip(ids, matched, rows, strict=True)
+                if r is None and m is not None]
+        if hits:
             logger.info("%s table %s: %d of %d slide ids matched the embeddings with the slide "
-                        "file extension stripped (e.g. %r -> %r).", what, name, n_loose, len(ids),
-                        next(s for s, r in zip(ids, rows, strict=True) if r is None),
-                        emb.slide_ids[next(m for m, r in zip(matched, rows, strict=True)
-                                           if r is None)])
-            rows = matched
+                        "file extension stripped (e.g. %r -> %r).", what, name, len(hits),
+                        len(ids), hits[0][0], emb.slide_ids[hits[0][1]])
+        rows = matched
     unknown = [s for s, r in zip(ids, rows, strict=True) if r is None]
     if unknown:
         raise LabelError(

@@ -23,11 +23,13 @@ import numpy as np
 from wsi_ssl.errors import ConfigError, LabelError
 from wsi_ssl.eval._inputs import (
     EmbeddingsLike,
+    Level,
     TableLike,
     align,
     as_embeddings,
     few,
     patient_ids,
+    patient_level,
     read_table,
     single_threaded,
 )
@@ -71,32 +73,33 @@ def _split(n_splits: int, grouped: bool, seed: int, x, y, g) -> list[tuple[np.nd
 
 
 def _choose_c(x, y, g, grid, inner_folds, grouped, seed, max_iter, n_classes) -> float:
-    """The C of ``grid`` with the best mean inner-CV AUC (ties: the smallest C), or
-    :data:`DEFAULT_C` when a class has fewer than ``inner_folds`` slides."""
+    """The C of ``grid`` with the best mean inner-CV AUC (ties: the smallest C), chosen by
+    scikit-learn's ``GridSearchCV`` on stratified (patient-grouped) inner folds; folds missing a
+    class on either side are left out. :data:`DEFAULT_C` when a class has fewer than
+    ``inner_folds`` slides (patients) or no inner fold has every class on both sides."""
     counts = np.bincount(y, minlength=n_classes)
     if counts.min() < inner_folds or (grouped and len(np.unique(g)) < inner_folds):
         return DEFAULT_C
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import StandardScaler
+    from sklearn.model_selection import GridSearchCV
 
-    order = np.argsort(grid)  # ascending C, each fit warm-started from the previous one
-    scores = np.zeros(len(grid))
-    used = 0
-    for tr, te in _split(inner_folds, grouped, seed, x, y, g):
-        if len(np.unique(y[tr])) < n_classes or len(np.unique(y[te])) < n_classes:
-            continue
-        sc = StandardScaler().fit(x[tr])
-        x_tr, x_te = sc.transform(x[tr]), sc.transform(x[te])
-        lr = LogisticRegression(class_weight="balanced", max_iter=max_iter, warm_start=True)
-        ones = np.ones((1, len(te)))
-        for i in order:
-            lr.set_params(C=float(grid[i])).fit(x_tr, y[tr])
-            scores[i] += macro_auc_weighted(y[te], lr.predict_proba(x_te), ones)[0]
-        used += 1
-    if not used:
+    splits = [(tr, te) for tr, te in _split(inner_folds, grouped, seed, x, y, g)
+              if len(np.unique(y[tr])) == n_classes and len(np.unique(y[te])) == n_classes]
+    if not splits:
         return DEFAULT_C
-    best = np.flatnonzero(scores >= scores.max() - 1e-12)
-    return float(min(grid[i] for i in best))
+    search = GridSearchCV(
+        _model(DEFAULT_C, max_iter), {"logisticregression__C": sorted(float(c) for c in grid)},
+        scoring="roc_auc" if n_classes == 2 else "roc_auc_ovr", cv=splits,
+        refit=_smallest_of_the_best, error_score="raise")
+    search.fit(x, y)
+    return float(search.best_params_["logisticregression__C"])
+
+
+def _smallest_of_the_best(results: dict) -> int:
+    """``GridSearchCV(refit=)``: the first candidate (grid in ascending C) whose mean score is
+    the best up to float round-off, i.e. the smallest C among ties (AUCs on small inner folds
+    tie often)."""
+    mean = np.asarray(results["mean_test_score"])
+    return int(np.flatnonzero(mean >= mean.max() - 1e-12)[0])
 
 
 def _fit_predict(x, y, g, tr, te, *, C, inner_folds, grouped, seed, max_iter, n_classes):
@@ -230,6 +233,8 @@ def linear_probe(
     max_iter: int = 1000,
     seed: int = 0,
     embedding_id_col: str | None = None,
+    level: Level = "slide",
+    feature_cols: Sequence[str] | None = None,
 ) -> ProbeReport:
     """Few-shot and k-fold linear probes of slide embeddings against slide labels.
 
@@ -256,6 +261,12 @@ def linear_probe(
         n_bootstrap: patient-level bootstrap resamples of the held-out side for the 95 % CIs
             (0 = no CI).
         seed: seeds the splits, the subsets and the bootstrap.
+        embedding_id_col: id column of a CSV/parquet embedding table (default: its first).
+        level: ``"slide"``: one row per slide (splits keep a patient's slides together);
+            ``"patient"``: one row per patient, the mean of its slide embeddings (its slides
+            must share the label). The report states the level, slides and patients.
+        feature_cols: the feature columns of a CSV/parquet/DataFrame embedding table (default:
+            every numeric column but the id). The label and patient columns are refused.
 
     Returns:
         A :class:`ProbeReport` (``to_frame()``, ``to_json()``, ``plot()``, ``save(dir)``).
@@ -268,7 +279,11 @@ def linear_probe(
     _check_config(n_labeled, repeats, test_size, folds, C, n_bootstrap, inner_folds)
     import pandas as pd
 
-    emb = as_embeddings(embeddings, id_col=embedding_id_col)
+    if level not in ("slide", "patient"):
+        raise ConfigError(f"level={level!r} must be 'slide' or 'patient'.")
+    reserved = {c: role for c, role in ((label_col, "label"), (patient_col, "patient")) if c}
+    emb = as_embeddings(embeddings, id_col=embedding_id_col, feature_cols=feature_cols,
+                        reserved=reserved)
     df, name = read_table(labels, id_col=id_col, what="labels")
     if label_col not in df.columns:
         raise LabelError(
@@ -282,7 +297,14 @@ def linear_probe(
             f"{few(df.loc[nan, id_col].tolist())}; drop those rows or fill them in."
         )
     x = align(emb, df, id_col=id_col, name=name, what="labels")
-    codes, uniques = pd.factorize(df[label_col], sort=True)
+    g = patient_ids(df, id_col=id_col, patient_col=patient_col,
+                    groups="patient" if level == "patient" else groups)
+    row_ids, label_values = df[id_col].to_numpy(dtype=object), df[label_col].to_numpy()
+    n_input, n_input_patients = len(row_ids), len(np.unique(g.astype(str)))
+    if level == "patient":
+        x, g, out, _ = patient_level(x, g, {label_col: label_values}, name=name, id_col=id_col)
+        row_ids, label_values = g, out[label_col]
+    codes, uniques = pd.factorize(pd.Series(label_values), sort=True)
     y = codes.astype(np.int64)
     classes = tuple(str(u) for u in uniques)
     if len(classes) < 2:
@@ -290,8 +312,7 @@ def linear_probe(
             f"column {label_col!r} of {name} has a single class {classes!r}; a probe needs two."
         )
     n_classes = len(classes)
-    grouped = groups is not None
-    g = patient_ids(df, id_col=id_col, patient_col=patient_col, groups=groups)
+    grouped = groups is not None or level == "patient"
     rng = np.random.default_rng(seed)
     fit = dict(C=C, inner_folds=inner_folds, grouped=grouped, max_iter=max_iter,
                n_classes=n_classes)
@@ -385,15 +406,16 @@ def linear_probe(
         "n_labeled": list(n_labeled), "repeats": repeats, "test_size": float(test_size),
         "folds": folds, "groups": groups, "C": C if isinstance(C, (str, int, float)) else list(C),
         "inner_folds": inner_folds, "n_bootstrap": n_bootstrap, "max_iter": max_iter,
-        "seed": seed, "embeddings": emb.provenance, "dim": emb.dim,
+        "seed": seed, "embeddings": emb.provenance, "dim": emb.dim, "level": level,
+        "n_slides": n_input, "n_patients": n_input_patients,
         "model": "StandardScaler + LogisticRegression(class_weight='balanced', lbfgs)",
     }
     report = ProbeReport(
         task="binary" if n_classes == 2 else "multiclass", classes=classes,
-        results=tuple(results), roc=tuple(roc), slide_ids=tuple(df[id_col]),
-        patients=tuple(str(p) for p in g), labels=tuple(str(v) for v in df[label_col]),
+        results=tuple(results), roc=tuple(roc), slide_ids=tuple(str(s) for s in row_ids),
+        patients=tuple(str(p) for p in g), labels=tuple(str(v) for v in label_values),
         heldout=tuple(bool(h) for h in heldout), cv_fold=tuple(int(f) for f in cv_fold),
-        cv_proba=cv_proba, config=config,
+        cv_proba=cv_proba, level=level, n_input_slides=n_input, config=config,
     )
     for r in report.results:
         logger.info("probe %s: AUC %.3f ± %.3f (95%% CI %.3f-%.3f)", r.name, r.auc_mean,

@@ -87,6 +87,9 @@ class ProbeReport:
         heldout: per slide, True when it is on the fixed held-out side of the few-shot runs.
         cv_fold: per slide, the CV fold in which it was scored (-1 when no CV was run).
         cv_proba: ``(n, K)`` out-of-fold class probabilities (empty when no CV was run).
+        level: ``"slide"`` (one row per slide) or ``"patient"`` (one row per patient, the mean
+            of its slide embeddings; ``slide_ids`` then holds the patient ids).
+        n_input_slides: slides of the label table that were used.
         config: the parameters of the call.
     """
 
@@ -100,11 +103,18 @@ class ProbeReport:
     heldout: tuple[bool, ...]
     cv_fold: tuple[int, ...]
     cv_proba: np.ndarray = field(repr=False, compare=False)
+    level: Literal["slide", "patient"] = "slide"
+    n_input_slides: int = -1
     config: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
-    def n_slides(self) -> int:
+    def n_rows(self) -> int:
+        """Rows the probe saw: slides, or patients at ``level="patient"``."""
         return len(self.slide_ids)
+
+    @property
+    def n_slides(self) -> int:
+        return self.n_input_slides if self.n_input_slides >= 0 else len(self.slide_ids)
 
     @property
     def n_patients(self) -> int:
@@ -151,7 +161,8 @@ class ProbeReport:
         return dumps({
             "kind": "wsi-ssl linear probe",
             "task": self.task, "classes": self.classes,
-            "n_slides": self.n_slides, "n_patients": self.n_patients,
+            "n_slides": self.n_slides, "n_patients": self.n_patients, "level": self.level,
+            "n_rows": self.n_rows,
             "config": self.config,
             "results": [dict(asdict(r), name=r.name) for r in self.results],
             "roc": [asdict(c) for c in self.roc],
@@ -196,6 +207,7 @@ class ProbeReport:
         ax_roc.set_title(title)
         ax_roc.legend(loc="lower right", fontsize=8)
         fig.suptitle(f"Linear probe: {self.n_slides} slides, {self.n_patients} patients, "
+                     f"level {self.level}, "
                      f"{len(self.classes)} classes")
         fig.tight_layout()
         return fig
