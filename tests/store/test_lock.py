@@ -126,8 +126,9 @@ def test_stalled_holder_is_taken_over_after_its_lease_and_cannot_commit(tmp_path
                 store.write_slide("mine", np.ones((2, 4)), np.zeros((2, 2)))
         assert proc.wait(60) == 0
     finally:
-        os.kill(proc.pid, signal.SIGCONT) if proc.poll() is None else None
-        proc.kill()
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGCONT)
+            proc.kill()
     assert TileStore(path, mode="r").slide_ids == ["mine"]
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import socket
 import subprocess
 import sys
 import time
@@ -101,7 +102,7 @@ def test_one_writer_per_store_and_a_real_cluster_started_elsewhere(cohort, refer
         b = subprocess.run([*cmd, rel_new], cwd=cohort, env=env, capture_output=True,
                            text=True, timeout=180)
         assert b.returncode == 1, b.stderr
-        assert f"is locked by another writer (host {os.uname().nodename}, PID {a.pid}" in b.stderr
+        assert f"is locked by another writer (host {socket.gethostname()}, PID {a.pid}" in b.stderr
         assert "--wait" in b.stderr
         f = start([*cmd, str(existing), "--wait"], cwd=cohort, name="f")     # queues behind e
         # nobody is computing yet: the runs say so, naming the scheduler
@@ -187,3 +188,14 @@ def test_missing_path_among_several_is_that_slides_failure(cohort, tmp_path, cap
     s = TileStore(store, mode="r")
     assert s.slide_ids == ["slide0"]
     assert s.failures["typo"]["path"] == str(tmp_path / "typo.svs")
+
+
+def test_a_worker_that_cannot_see_the_slide_says_so(tmp_path):
+    from wsi_ssl.tiling._embed_worker import run_job
+
+    job = {"path": str(tmp_path / "only-on-the-driver.svs"), "slide_id": "x", "mpp": None}
+    res = run_job(job, {"fingerprint": "unused"}, {"backend": "auto"})
+    assert set(res) == {"slide_id", "error"}  # data, not an exception: the batch goes on
+    assert res["error"].startswith(f"InputError: slide file '{job['path']}' is not visible on "
+                                   f"the worker on host {socket.gethostname()}")
+    assert "same absolute path (a shared filesystem" in res["error"]

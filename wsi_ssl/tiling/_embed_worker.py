@@ -79,17 +79,20 @@ def _worker_device(payload: dict[str, Any]) -> str:
     return "auto"
 
 
-def _open(job: dict[str, Any], settings: dict[str, Any]):
-    from wsi_ssl.tiling import open_slide
-
-    if not os.path.exists(job["path"]):  # the driver saw it: this worker does not
+def _require_visible(path: str) -> None:
+    """The driver saw the file (it checks first); a worker that does not is on another host."""
+    if not os.path.exists(path):
         import socket
 
         raise InputError(
-            f"slide file '{job['path']}' is not visible on the worker on host "
-            f"{socket.gethostname()} (working directory '{os.getcwd()}'); every dask worker must "
-            "see the slides at the same absolute path (a shared filesystem mounted alike on all "
-            "hosts), or run without --scheduler.")
+            f"slide file '{path}' is not visible on the worker on host {socket.gethostname()} "
+            f"(working directory '{os.getcwd()}'); every dask worker must see the slides at the "
+            "same absolute path (a shared filesystem mounted alike on all hosts), or run "
+            "without --scheduler.")
+
+
+def _open(job: dict[str, Any], settings: dict[str, Any]):
+    from wsi_ssl.tiling import open_slide
 
     backend = settings["backend"]
     if job.get("mpp") is not None:
@@ -185,6 +188,7 @@ def _embed_one(job: dict[str, Any], payload: dict[str, Any], settings: dict[str,
     from wsi_ssl.tiling import tile_grid
 
     t0 = time.perf_counter()
+    _require_visible(job["path"])
     enc = _worker_encoder(payload)
     with _open(job, settings) as slide:
         grid = tile_grid(slide, mpp=settings["mpp"], tile_size=settings["tile_size"],
