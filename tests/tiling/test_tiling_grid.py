@@ -97,3 +97,26 @@ def test_overlap_and_bad_arguments(slides_dir):
                         ({"tissue": "x"}, "tissue=")]:
             with pytest.raises(ConfigError, match=msg):
                 tile_grid(slide, **kw)
+
+
+def test_load_grid_reads_back_the_tile_grid(slides_dir, tmp_path):
+    """tile_slides writes a grid; load_grid returns it as a dataclass holding the same TileGrid."""
+    from wsi_ssl.tiling import tile_slides
+    from wsi_ssl.tiling._batch import SavedGrid, load_grid
+
+    cmu = slides_dir / "cmu-1-small-region.svs"
+    tile_slides([cmu], tmp_path, mpp=0.5, tile_size=224, plot=False)
+    saved = load_grid(tmp_path / "cmu-1-small-region")
+    with open_slide(cmu) as slide:
+        grid = tile_grid(slide, mpp=0.5, tile_size=224, min_tissue=0.25)
+    assert isinstance(saved, SavedGrid) and saved.slide_id == "cmu-1-small-region"
+    assert saved.meta["n_tiles"] == len(grid) == len(saved.grid)
+    np.testing.assert_array_equal(saved.coords, grid.coords)
+    np.testing.assert_array_equal(saved.grid.cells, grid.cells)
+    np.testing.assert_allclose(saved.grid.tissue_fraction, grid.tissue_fraction, atol=1e-4)
+    for name in ("mpp", "tile_size", "level", "read_size", "stride_level0", "overlap",
+                 "grid_shape", "backend"):
+        assert getattr(saved.grid, name) == getattr(grid, name), name
+    with pytest.warns(DeprecationWarning, match="unpacking load_grid"):
+        meta, coords = saved  # the former (meta, coords) tuple still unpacks
+    assert meta is saved.meta and coords is saved.coords

@@ -42,16 +42,17 @@ def _crop(data_dir, name):
                                   "no-tissue-green-pen.png", "almost-white-1.png",
                                   "almost-white-2.png", "almost-white-ihc.png"])
 def test_background_pen_and_white_crops_have_no_tissue(data_dir, name):
-    mask, _, background = tissue_mask_from_rgb(_crop(data_dir, name))
-    assert background == "bright"
-    assert mask.mean() < 0.05
+    found = tissue_mask_from_rgb(_crop(data_dir, name))
+    assert isinstance(found, TissueMask) and found.downsample == (1.0, 1.0)
+    assert found.background == "bright" and found.method == "otsu"
+    assert found.fraction < 0.05
 
 
 def test_red_pen_is_mostly_suppressed(data_dir):
     # red ink overlaps eosin in hue: most of it goes, not all (measured 0.20 of the crop)
-    mask, _, _ = tissue_mask_from_rgb(_crop(data_dir, "no-tissue-red-pen.png"))
-    tissue, _, _ = tissue_mask_from_rgb(_crop(data_dir, "tissue-level2-1784-6289-5880-10386.png"))
-    assert mask.mean() < 0.3 and tissue.mean() > 2 * mask.mean()
+    pen = tissue_mask_from_rgb(_crop(data_dir, "no-tissue-red-pen.png")).fraction
+    tissue = tissue_mask_from_rgb(_crop(data_dir, "tissue-level2-1784-6289-5880-10386.png"))
+    assert pen < 0.3 and tissue.fraction > 2 * pen
 
 
 @pytest.mark.parametrize("name", ["tissue-level2-1784-6289-5880-10386.png",
@@ -59,14 +60,13 @@ def test_red_pen_is_mostly_suppressed(data_dir):
                                   "tissue-level2-4640-4649-8736-8746.png",
                                   "liver-level2-10907-7808-11707-8608.png"])
 def test_tissue_crops_are_tissue(data_dir, name):
-    mask, _, _ = tissue_mask_from_rgb(_crop(data_dir, name))
-    assert mask.mean() > 0.5
+    assert tissue_mask_from_rgb(_crop(data_dir, name)).fraction > 0.5
 
 
 def test_green_pen_removed_next_to_tissue(data_dir):
     rgb = _crop(data_dir, "medium-nuclei-score-green-pen-level1.png")
-    with_pen, _, _ = tissue_mask_from_rgb(rgb, remove_pen=True)
-    without, _, _ = tissue_mask_from_rgb(rgb, remove_pen=False)
+    with_pen = tissue_mask_from_rgb(rgb, remove_pen=True).mask
+    without = tissue_mask_from_rgb(rgb, remove_pen=False).mask
     assert with_pen.sum() < 0.8 * without.sum()
     assert with_pen.mean() > 0.1  # the tissue part stays
 
@@ -96,3 +96,16 @@ def test_region_fractions():
     fr = tm.region_fractions(np.array([[0, 0, 50, 100], [50, 0, 100, 100], [0, 0, 100, 100],
                                        [12, 12, 14, 14]]))
     assert fr.tolist() == pytest.approx([1.0, 0.0, 0.5, 1.0])
+
+
+def test_hsv_is_scikit_image_in_degrees():
+    """The HSV conversion behind the thresholds: scikit-image's, hue in degrees."""
+    from wsi_ssl.tiling._tissue import _hsv
+
+    rgb = np.array([[[255, 0, 0], [0, 255, 0], [0, 0, 255], [128, 128, 128], [200, 100, 150]]],
+                   np.uint8)
+    hue, sat, val = _hsv(rgb)
+    np.testing.assert_allclose(hue[0, :3], [0, 120, 240], atol=1e-4)
+    np.testing.assert_allclose(sat[0], [1, 1, 1, 0, 0.5], atol=1e-6)
+    np.testing.assert_allclose(val[0], np.array([255, 255, 255, 128, 200]) / 255, atol=1e-6)
+    assert hue[0, 4] == pytest.approx(330.0, abs=1e-3)  # pink: between blue and red

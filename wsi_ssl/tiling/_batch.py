@@ -28,8 +28,9 @@ import numpy as np
 
 from wsi_ssl._utils import atomic_write_bytes, expand_slide_paths, file_fingerprint, progress
 from wsi_ssl.errors import ConfigError, TissueWarning, WsiSslError
+from wsi_ssl.tiling._grid import TileGrid
 
-__all__ = ["TilingRow", "TilingReport", "tile_slides", "load_grid"]
+__all__ = ["TilingRow", "TilingReport", "tile_slides", "load_grid", "SavedGrid"]
 
 logger = logging.getLogger(__name__)
 
@@ -105,13 +106,55 @@ def _grid_params(mpp: float, tile_size: int, min_tissue: float, overlap: int,
             "assume_mpp": assume_mpp, "backend": backend}
 
 
-def load_grid(slide_dir: str | os.PathLike) -> tuple[dict[str, Any], np.ndarray]:
-    """Read back ``grid.json`` and the ``(N, 2)`` int64 level-0 coords of one tiled slide."""
+@dataclass(frozen=True)
+class SavedGrid:
+    """One slide's tiling read back from :func:`tile_slides`' output folder.
+
+    Attributes:
+        slide_id: the slide id (the folder name).
+        meta: the contents of ``grid.json`` (slide, parameters, backend, provenance).
+        grid: the :class:`~wsi_ssl.tiling.TileGrid` (coords, cells, tissue fractions, level...).
+    """
+
+    slide_id: str
+    meta: dict[str, Any]
+    grid: TileGrid
+
+    @property
+    def coords(self) -> np.ndarray:
+        """``int64 (N, 2)`` level-0 ``(x, y)`` of each tile."""
+        return self.grid.coords
+
+    def __iter__(self):
+        """Deprecated: ``meta, coords = load_grid(...)`` (the former tuple return)."""
+        warnings.warn("unpacking load_grid(...) as (meta, coords) is deprecated; use its .meta "
+                      "and .coords (or .grid)", DeprecationWarning, stacklevel=2)
+        return iter((self.meta, self.grid.coords))
+
+
+def load_grid(slide_dir: str | os.PathLike) -> SavedGrid:
+    """Read back ``grid.json`` and ``coords.csv`` of one tiled slide.
+
+    Args:
+        slide_dir: ``OUT/<slide_id>`` written by :func:`tile_slides` / ``wsi-ssl tile``.
+
+    Returns:
+        A :class:`SavedGrid` (``.meta``, ``.grid``, ``.coords``).
+    """
     d = Path(slide_dir)
     meta = json.loads((d / "grid.json").read_text())
     data = np.loadtxt(d / "coords.csv", delimiter=",", skiprows=1, ndmin=2)
-    coords = data[:, 1:3].astype(np.int64) if data.size else np.zeros((0, 2), np.int64)
-    return meta, coords
+    if not data.size:
+        data = np.zeros((0, 6))
+    grid = TileGrid(
+        coords=data[:, 1:3].astype(np.int64), tissue_fraction=data[:, 5].astype(np.float32),
+        mpp=float(meta["mpp"]), tile_size=int(meta["tile_size"]), level=int(meta["level"]),
+        read_size=int(meta["read_size"]), stride_level0=float(meta["stride_level0"]),
+        overlap=int(meta.get("overlap", 0)), slide_mpp=float(meta.get("slide_mpp") or 0.0),
+        level_downsample=float(meta.get("level_downsample", 1.0)),
+        grid_shape=tuple(int(v) for v in meta.get("grid_shape", (0, 0))),
+        cells=data[:, 3:5].astype(np.int64), backend=str(meta.get("backend", "")))
+    return SavedGrid(slide_id=str(meta.get("slide_id", d.name)), meta=meta, grid=grid)
 
 
 def _tile_one(path: Path, out_dir: Path, params: dict[str, Any], plot: bool) -> TilingRow:

@@ -13,11 +13,15 @@ import logging
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from wsi_ssl.errors import ConfigError, ResolutionError, TissueWarning
+
+if TYPE_CHECKING:  # pragma: no cover
+    from wsi_ssl.tiling._slide import Slide
+    from wsi_ssl.tiling._tissue import TissueMask
 
 __all__ = ["TileGrid", "tile_grid", "choose_level", "MPP_TOLERANCE"]
 
@@ -112,8 +116,8 @@ def choose_level(slide: Any, mpp: float) -> tuple[int, float]:
     return best
 
 
-def tile_grid(slide: Any, *, mpp: float = 0.5, tile_size: int = 224, overlap: int = 0,
-              min_tissue: float = 0.25, tissue: Any = None) -> TileGrid:
+def tile_grid(slide: Slide, *, mpp: float = 0.5, tile_size: int = 224, overlap: int = 0,
+              min_tissue: float = 0.25, tissue: TissueMask | None = None) -> TileGrid:
     """The grid of ``tile_size`` tiles at ``mpp`` µm/px covering the slide's tissue.
 
     Args:

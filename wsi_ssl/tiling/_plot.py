@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    from matplotlib.figure import Figure
+
+    from wsi_ssl.tiling._grid import TileGrid
+    from wsi_ssl.tiling._slide import Slide
+    from wsi_ssl.tiling._tissue import TissueMask
 
 __all__ = ["plot_grid"]
 
 
-def plot_grid(slide: Any, grid: Any, tissue: Any = None, *, thumbnail_size: int = 1024,
-              title: str | None = None) -> Any:
+def plot_grid(slide: Slide, grid: TileGrid, tissue: TissueMask | None = None, *,
+              thumbnail_size: int = 1024, title: str | None = None) -> Figure:
     """Draw the slide thumbnail, the tissue mask outline and every tile box.
 
     Args:

@@ -15,6 +15,7 @@ Masks live at thumbnail scale; ``TissueMask.downsample`` maps them to level-0 pi
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -97,17 +98,11 @@ def _otsu(values: np.ndarray) -> float:
 
 
 def _hsv(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Hue in degrees [0, 360), saturation and value in [0, 1]."""
-    f = rgb.astype(np.float32) / 255.0
-    r, g, b = f[..., 0], f[..., 1], f[..., 2]
-    mx, mn = f.max(-1), f.min(-1)
-    delta = mx - mn
-    sat = np.where(mx > 1e-6, delta / np.maximum(mx, 1e-6), 0.0)
-    d = np.maximum(delta, 1e-6)
-    hue = np.where(mx == r, ((g - b) / d) % 6.0,
-                   np.where(mx == g, (b - r) / d + 2.0, (r - g) / d + 4.0)) * 60.0
-    hue = np.where(delta > 1e-6, hue, 0.0)
-    return hue.astype(np.float32), sat.astype(np.float32), mx.astype(np.float32)
+    """Hue in degrees [0, 360), saturation and value in [0, 1] (``skimage.color.rgb2hsv``)."""
+    from skimage.color import rgb2hsv
+
+    hsv = rgb2hsv(rgb).astype(np.float32)
+    return hsv[..., 0] * np.float32(360.0), hsv[..., 1], hsv[..., 2]
 
 
 def _pen_mask(hue: np.ndarray, sat: np.ndarray, val: np.ndarray) -> np.ndarray:
@@ -141,7 +136,7 @@ def _clean(mask: np.ndarray, min_area: int, open_iter: int = 1, close_iter: int 
 def tissue_mask_from_rgb(rgb: np.ndarray, *, method: TissueMethod = "otsu",
                          min_area_fraction: float = 1e-4, remove_pen: bool = True,
                          white_value: float = 0.92, blur_sigma: float = 1.0,
-                         ) -> tuple[np.ndarray, float, str]:
+                         ) -> TissueMask:
     """The pure tissue-detection function behind :func:`detect_tissue`.
 
     Args:
@@ -154,7 +149,8 @@ def tissue_mask_from_rgb(rgb: np.ndarray, *, method: TissueMethod = "otsu",
         blur_sigma: Gaussian blur (thumbnail pixels) before thresholding.
 
     Returns:
-        ``(mask bool (h, w), threshold, background)`` with background ``"bright"``/``"dark"``.
+        A :class:`TissueMask` at the image's scale (``downsample=(1.0, 1.0)``) with the
+        ``threshold`` applied and the ``background`` (``"bright"``/``"dark"``) used.
     """
     from scipy import ndimage as ndi
 
@@ -164,7 +160,8 @@ def tissue_mask_from_rgb(rgb: np.ndarray, *, method: TissueMethod = "otsu",
     rgb = rgb[..., :3]
     h, w = rgb.shape[:2]
     if method == "all":
-        return np.ones((h, w), bool), 0.0, "bright"
+        return TissueMask(mask=np.ones((h, w), bool), downsample=(1.0, 1.0), method=method,
+                          threshold=0.0)
     if blur_sigma > 0:
         rgb = ndi.gaussian_filter(rgb.astype(np.float32), sigma=(blur_sigma, blur_sigma, 0))
         rgb = np.clip(rgb + 0.5, 0, 255).astype(np.uint8)
@@ -178,8 +175,8 @@ def tissue_mask_from_rgb(rgb: np.ndarray, *, method: TissueMethod = "otsu",
             logger.info("dark background (median border brightness %.2f): thresholding on "
                         "brightness as for fluorescence", float(np.median(border)))
         t = float(np.clip(_otsu(val), 0.05, 0.9))
-        mask = val > t
-        return _clean(mask, min_area), t, "dark"
+        return TissueMask(mask=_clean(val > t, min_area), downsample=(1.0, 1.0), method=method,
+                          threshold=t, background="dark")
     if method != "otsu":
         raise ConfigError(f"method={method!r} is unknown; use 'otsu', 'fluorescence' or 'all'.")
     t = float(np.clip(_otsu(sat), SAT_FLOOR, 0.3))
@@ -188,7 +185,8 @@ def tissue_mask_from_rgb(rgb: np.ndarray, *, method: TissueMethod = "otsu",
     if remove_pen:
         pen = ndi.binary_dilation(_pen_mask(hue, sat, val), iterations=1)
         mask &= ~pen
-    return _clean(mask, min_area), t, "bright"
+    return TissueMask(mask=_clean(mask, min_area), downsample=(1.0, 1.0), method=method,
+                      threshold=t)
 
 
 def detect_tissue(slide: Any, *, method: TissueMethod = "otsu", thumbnail_size: int = 1024,
@@ -216,7 +214,7 @@ def detect_tissue(slide: Any, *, method: TissueMethod = "otsu", thumbnail_size: 
     else:
         thumb = slide.thumbnail(int(thumbnail_size))
         dims = slide.dimensions
-    mask, t, bg = tissue_mask_from_rgb(thumb, method=method, min_area_fraction=min_area_fraction,
-                                       remove_pen=remove_pen)
-    ds = (dims[0] / mask.shape[1], dims[1] / mask.shape[0])
-    return TissueMask(mask=mask, downsample=ds, method=method, threshold=t, background=bg)
+    found = tissue_mask_from_rgb(thumb, method=method, min_area_fraction=min_area_fraction,
+                                 remove_pen=remove_pen)
+    h, w = found.mask.shape
+    return dataclasses.replace(found, downsample=(dims[0] / w, dims[1] / h))
