@@ -205,6 +205,22 @@ class StoreLock:
             self._lease.release()
             raise
 
+    def acquire_for_call(self, timeout: float) -> None:
+        """Take the lock for one short write: join this process's hold if it has one; else wait
+        behind other single writes (at most ``timeout`` seconds) but fail at once behind a run."""
+        if self.held:
+            self._lease.acquire()
+            return
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.acquire(wait=min(1.0, max(0.0, deadline - time.monotonic())), scope="call")
+                return
+            except StoreLockedError:
+                holder = self.holder()
+                if holder is not None and holder.scope == "run" or time.monotonic() >= deadline:
+                    raise
+
     def _after_acquire(self, command: str | None, scope: str) -> None:
         old = self._read_info()
         if old is not None and old.get("token") != self._lease.token:

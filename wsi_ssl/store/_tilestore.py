@@ -46,14 +46,7 @@ from wsi_ssl.errors import (
     StoreError,
     StoreFormatError,
 )
-from wsi_ssl.store._integrity import (
-    VerifyReport,
-    array_checksum,
-    check_slide,
-    expected_chunks,
-    missing_chunks,
-    repair_command,
-)
+from wsi_ssl.store._integrity import VerifyReport, array_checksum, expected_chunks, missing_chunks
 from wsi_ssl.store._lock import LOCK_NAME, StoreLock, StoreLockedError
 
 __all__ = ["TileStore", "SlideRecord", "STORE_FORMAT", "STORE_FORMAT_VERSION", "VerifyReport",
@@ -198,23 +191,8 @@ class TileStore:
     def _locked(self) -> Iterator[StoreLock]:
         """The lock for one write: the run's hold if this process has one, else taken for the
         call (waiting behind other single writes, failing at once behind a whole run)."""
-        import time
-
         lock = self._store_lock()
-        if lock.held:
-            lock.acquire()
-        else:
-            deadline = time.monotonic() + self.lock_timeout
-            while True:
-                try:
-                    lock.acquire(wait=min(1.0, max(0.0, deadline - time.monotonic())),
-                                 scope="call")
-                    break
-                except StoreLockedError:
-                    holder = lock.holder()
-                    if (holder is not None and holder.scope == "run"
-                            or time.monotonic() >= deadline):
-                        raise
+        lock.acquire_for_call(self.lock_timeout)
         try:
             yield lock
         finally:
@@ -528,28 +506,10 @@ class TileStore:
         ``zarr.json`` is readable and does not say ``complete: true`` are removed. Slide groups
         whose ``zarr.json`` cannot be read are left alone and reported (:attr:`unreadable`).
         """
+        from wsi_ssl.store._maintenance import cleanup_store
+
         self._writable()
-        removed = 0
-        with self._locked() as lock:
-            lock.check()
-            tmp = self.path / ".tmp"
-            if tmp.is_dir():
-                for d in tmp.iterdir():
-                    logger.info("cleanup: removing abandoned temporary entry '%s'", d)
-                    if d.is_dir():
-                        shutil.rmtree(d, ignore_errors=True)
-                    else:
-                        d.unlink(missing_ok=True)
-                    removed += 1
-            _, unreadable, incomplete = self._scan()
-            for sid in incomplete:
-                logger.info("cleanup: removing incomplete slide group '%s'", sid)
-                shutil.rmtree(self._slide_dir(sid), ignore_errors=True)
-                removed += 1
-            for sid, why in unreadable.items():
-                logger.warning("cleanup: slide '%s' of '%s' is unreadable (%s); left in place.",
-                               sid, self.path, why)
-        return removed
+        return cleanup_store(self)
 
     # -- failures ------------------------------------------------------------------------------
     @property
@@ -579,26 +539,9 @@ class TileStore:
         """Re-read every slide (or ``slide_ids``) and compare it with what was recorded at write
         time: missing chunk files, undecodable chunks, altered bytes. Slides whose metadata cannot
         be read are listed too. Slow (reads everything); reading never needs the lock."""
-        ids, unreadable, _ = self._scan()
-        if slide_ids is not None:
-            want = set(slide_ids)
-            ids = [s for s in ids if s in want]
-            unreadable = {s: r for s, r in unreadable.items() if s in want}
-        damaged, checked, unchecked = {}, [], []
-        first_attrs: dict[str, Any] | None = None
-        for sid in ids:
-            attrs = self.slide_attrs(sid) or {}
-            if not attrs.get("checksums"):
-                unchecked.append(sid)
-                continue
-            problems = check_slide(self._slide_dir(sid), attrs)
-            checked.append(sid)
-            if problems:
-                damaged[sid] = "; ".join(problems)
-                first_attrs = first_attrs or attrs
-        cmd = repair_command(self.path, first_attrs) if first_attrs is not None else ""
-        return VerifyReport(store=self.path, checked=tuple(checked), damaged=damaged,
-                            unreadable=unreadable, unchecked=tuple(unchecked), repair=cmd)
+        from wsi_ssl.store._maintenance import verify_store
+
+        return verify_store(self, slide_ids)
 
     # -- ecosystem files -----------------------------------------------------------------------
     def import_h5(self, paths: str | os.PathLike | Sequence[str | os.PathLike], *,
