@@ -36,15 +36,30 @@ def test_pretrain_then_encode(store_path, tmp_path, capsys):
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "views/s" in out and "empty" in out  # summary table and the skipped slide
-    for name in ("model.safetensors", "config.json", "loss_curve.png", "checkpoint.safetensors"):
+    # the auto preset says what it chose and why; the explicit flags win over it
+    assert "preset auto: tiles_per_view=12 batch_size=8 epochs=300 lr=0.001 temperature=0.1" \
+        in out and "capped at the bank's 12 tiles" in out
+    assert "overridden by flags: batch_size=4, epochs=3, lr=0.001" in out
+    assert _table_row(out)[2] == 3  # epochs trained
+    from wsi_ssl.pretrain import SlideSSL
+
+    trained = SlideSSL.load(model_dir)
+    assert (trained.tiles_per_view, trained.epochs, trained.temperature) == (12, 3, 0.1)
+    files = ("model.safetensors", "config.json", "loss_curve.png", "checkpoint.safetensors")
+    for name in files:
         assert (model_dir / name).is_file(), name
+    before = {n: (model_dir / n).read_bytes() for n in ("model.safetensors",
+                                                        "checkpoint.safetensors")}
     # --resume on a finished run trains nothing more and keeps the model
     with pytest.warns(UserWarning, match="empty"):
         rc = main(["pretrain-slides", str(store_path), "--out", str(model_dir), "--head",
                    "abmil", "--epochs", "3", "--batch-size", "4", "--lr", "1e-3", "--embed-dim",
                    "32", "--device", "cpu", "--resume"])
-    assert rc == 0
-    capsys.readouterr()
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert _table_row(out)[2] == 3  # the history still holds the 3 epochs, no 4th
+    for name, data in before.items():
+        assert (model_dir / name).read_bytes() == data, f"{name} changed on --resume"
     npz = tmp_path / "slides.npz"
     with pytest.warns(UserWarning, match="empty"):
         rc = main(["encode-slides", str(store_path), "--model", str(model_dir), "--out",
@@ -55,6 +70,30 @@ def test_pretrain_then_encode(store_path, tmp_path, capsys):
     emb = load_embeddings(npz)
     assert emb.embeddings.shape == (10, 32) and "empty" not in emb.slide_ids
     assert emb.embeddings.dtype == np.float16
+
+
+def _table_row(out: str) -> list[float]:
+    """The numbers of the summary row under the ``slides skipped epochs ...`` header."""
+    lines = out.splitlines()
+    i = next(i for i, line in enumerate(lines) if line.split()[:3] == ["slides", "skipped",
+                                                                        "epochs"])
+    return [float(v) for v in lines[i + 1].split()]
+
+
+def test_paper_preset_is_giga_ssl_exactly(store_path, tmp_path, capsys):
+    model_dir = tmp_path / "paper"
+    with pytest.warns(UserWarning, match="empty"):
+        rc = main(["pretrain-slides", str(store_path), "--out", str(model_dir), "--preset",
+                   "paper", "--epochs", "1", "--embed-dim", "16", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "preset paper: tiles_per_view=5 batch_size=256 epochs=3000 lr=0.03 " \
+           "temperature=0.05" in out and "overridden by flags: epochs=1" in out
+    from wsi_ssl.pretrain import SlideSSL
+
+    m = SlideSSL.load(model_dir)
+    assert (m.tiles_per_view, m.batch_size, m.epochs, m.lr, m.temperature) == \
+        (5, 256, 1, 0.03, 0.05)
 
 
 def test_errors_are_one_line(store_path, tmp_path, capsys):

@@ -9,7 +9,10 @@ HELP = "train a slide encoder (Giga-SSL) on a tile store with a view bank; no la
 DESCRIPTION = (
     "Slide-level contrastive pretraining (Giga-SSL, Lazard et al. CVPRW 2023) on a zarr tile "
     "store embedded with --views. Checkpoints every epoch into MODEL_DIR; --resume continues an "
-    "interrupted run. Writes MODEL_DIR/model.safetensors, config.json and loss_curve.png."
+    "interrupted run. Writes MODEL_DIR/model.safetensors, config.json and loss_curve.png. "
+    "--preset auto (default) picks tiles per view, batch, epochs, lr and temperature from the "
+    "cohort size, the bank size and the device and prints why; --preset paper is Giga-SSL "
+    "exactly (k=5, batch 256, 3000 epochs, lr 0.03, T 0.05); explicit flags override a preset."
 )
 
 
@@ -22,13 +25,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    type=_head_option,
                    help="option of the head, repeatable (e.g. pooling=mean, n_layers=2, "
                         "dropout=0.1); values are read as JSON numbers/booleans when they parse")
-    p.add_argument("--epochs", type=int, default=3000, help="passes over the slides")
-    p.add_argument("--batch-size", type=int, default=256,
-                   help="slides per step (clamped to the cohort size)")
-    p.add_argument("--lr", type=float, default=0.03, help="peak learning rate")
+    p.add_argument("--preset", choices=("auto", "paper"), default="auto",
+                   help="auto: settings from the cohort, bank and device (printed with the "
+                        "reason); paper: Giga-SSL exactly")
+    p.add_argument("--epochs", type=int, default=None, help="passes over the slides (preset)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="slides per step, clamped to the cohort size (preset)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (preset)")
     p.add_argument("--weight-decay", type=float, default=5e-4, help="decoupled weight decay")
-    p.add_argument("--tiles-per-view", type=int, default=5, help="k tiles per view")
-    p.add_argument("--temperature", type=float, default=0.05, help="NT-Xent temperature")
+    p.add_argument("--tiles-per-view", type=int, default=None, help="k tiles per view (preset)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="NT-Xent temperature (preset)")
     p.add_argument("--embed-dim", type=int, default=512, help="slide embedding size")
     p.add_argument("--checkpoint-every", type=int, default=1, help="epochs between checkpoints")
     p.add_argument("--resume", action="store_true", help="continue from MODEL_DIR's checkpoint")
@@ -48,14 +55,20 @@ def _head_option(text: str) -> tuple[str, object]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from wsi_ssl.pretrain._slide_run import pretrain_slides
+    from wsi_ssl.pretrain import preset_for_store, pretrain_slides
 
+    preset = preset_for_store(args.store, args.preset, device=args.device)
+    settings = preset.settings()
+    explicit = {k: getattr(args, k) for k in settings if getattr(args, k) is not None}
+    settings.update(explicit)
+    print(preset.describe())
+    if explicit:
+        print("overridden by flags: " + ", ".join(f"{k}={v}" for k, v in explicit.items()))
     model = pretrain_slides(
-        args.store, args.out, head=args.head, epochs=args.epochs, batch_size=args.batch_size,
-        lr=args.lr, weight_decay=args.weight_decay, tiles_per_view=args.tiles_per_view,
-        temperature=args.temperature, embed_dim=args.embed_dim,
-        head_kwargs=dict(args.head_option) or None, checkpoint_every=args.checkpoint_every,
-        resume=args.resume, device=args.device, seed=args.seed)
+        args.store, args.out, head=args.head, weight_decay=args.weight_decay,
+        embed_dim=args.embed_dim, head_kwargs=dict(args.head_option) or None,
+        checkpoint_every=args.checkpoint_every, resume=args.resume, device=args.device,
+        seed=args.seed, **settings)
     hist = model.history_
     print(f"{'slides':>8} {'skipped':>8} {'epochs':>7} {'first loss':>11} {'last loss':>10} "
           f"{'views/s':>9}")

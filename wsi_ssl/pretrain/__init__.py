@@ -28,6 +28,9 @@ __all__ = [
     "encode_slides",
     "EncodeResult",
     "mean_pool_embeddings",
+    "SlideSSLPreset",
+    "slide_ssl_preset",
+    "preset_for_store",
 ]
 
 _LAZY: dict[str, str] = {
@@ -48,6 +51,9 @@ _LAZY: dict[str, str] = {
     "encode_slides": "wsi_ssl.pretrain._slide_run",
     "EncodeResult": "wsi_ssl.pretrain._slide_run",
     "mean_pool_embeddings": "wsi_ssl.pretrain._slide_run",
+    "SlideSSLPreset": "wsi_ssl.pretrain._presets",
+    "slide_ssl_preset": "wsi_ssl.pretrain._presets",
+    "preset_for_store": "wsi_ssl.pretrain._presets",
 }
 
 
