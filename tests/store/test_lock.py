@@ -72,7 +72,7 @@ def _start_holder(tmp_path: Path, store: Path, lease: float | None = None):
     return proc, go
 
 
-def test_second_writer_fails_at_once_naming_the_holder_and_wait_queues(tmp_path):
+def test_second_writer_fails_at_once_naming_the_holder_and_wait_queues(tmp_path, capsys):
     path = tmp_path / "s.zarr"
     proc, go = _start_holder(tmp_path, path)
     try:
@@ -87,6 +87,12 @@ def test_second_writer_fails_at_once_naming_the_holder_and_wait_queues(tmp_path)
             store.write_slide("x", np.ones((2, 4)), np.zeros((2, 2)))
         with pytest.raises(StoreLockedError, match="rerun with --wait"):
             store.record_failure("x", "/x.svs", "err")
+        assert store.writer.pid == proc.pid and store.writer.command == "holder-run"
+        from wsi_ssl.cli import main
+
+        assert main(["info", str(path)]) == 0  # readers never wait for the lock
+        assert f"writer         host {socket.gethostname()}, PID {proc.pid}; command " \
+               "'holder-run'" in capsys.readouterr().out
         assert store.failures == {} and "x" not in store
         assert not any((path / ".tmp").glob("x.*"))
         go.touch()  # the holder writes its slide and releases; wait=True queues behind it
@@ -98,6 +104,7 @@ def test_second_writer_fails_at_once_naming_the_holder_and_wait_queues(tmp_path)
         proc.kill()
     assert TileStore(path, mode="r").slide_ids == ["late", "mine"]
     assert not (path / ".lock").exists() and not (path / ".lock.json").exists()
+    assert TileStore(path, mode="r").writer is None
 
 
 def test_stalled_holder_is_taken_over_after_its_lease_and_cannot_commit(tmp_path, monkeypatch,

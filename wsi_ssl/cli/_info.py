@@ -48,6 +48,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"size           {_size(s['bytes'])}  ({_size(s['bytes_per_slide'])}/slide, "
           f"{s['bytes_per_tile']:.0f} B/tile)")
     print(f"store id       {store.fingerprint}")
+    writer = store.writer
+    if writer is not None:
+        print(f"writer         {writer.describe()}")
     if args.slides:
         print(f"{'slide_id':<32} {'tiles':>7} {'views':>9} {'mpp':>6} {'tile':>5}  source")
         for sid in store.slide_ids:

@@ -47,7 +47,7 @@ from wsi_ssl.errors import (
     StoreFormatError,
 )
 from wsi_ssl.store._integrity import VerifyReport, array_checksum, expected_chunks, missing_chunks
-from wsi_ssl.store._lock import LOCK_NAME, StoreLock, StoreLockedError
+from wsi_ssl.store._lock import LOCK_NAME, LockHolder, StoreLock, StoreLockedError
 
 __all__ = ["TileStore", "SlideRecord", "STORE_FORMAT", "STORE_FORMAT_VERSION", "VerifyReport",
            "StoreLockedError"]
@@ -186,6 +186,11 @@ class TileStore:
             yield
         finally:
             lock.release()
+
+    @property
+    def writer(self) -> LockHolder | None:
+        """Who holds the writer lock right now (None when nobody writes); reading, no lock."""
+        return self._store_lock().holder() if (self.path / LOCK_NAME).exists() else None
 
     @contextmanager
     def _locked(self) -> Iterator[StoreLock]:
