@@ -147,3 +147,24 @@ def test_numpy_array_virtual_slide():
         assert np.array_equal(slide.read_region((50, 100), 0, (100, 100)), img[100:200, 50:150])
     with pytest.raises(ConfigError, match="uint8"):
         open_slide(np.zeros((10, 10), np.float32))
+
+
+def test_16bit_slide_regions_share_one_intensity_scale(tmp_path):
+    """Two regions of one 16-bit slide whose maxima differ map the same raw value to the same
+    8-bit value (the scale is the dtype's range, not each region's maximum)."""
+    import tifffile
+
+    img = np.full((256, 512, 3), 20000, np.uint16)
+    img[:, 256:] = 60000  # the right region is brighter
+    img[100:140, 100:140] = 30000  # the same raw value in both regions
+    img[100:140, 356:396] = 30000
+    path = tmp_path / "sixteen.tif"
+    tifffile.imwrite(path, img, tile=(128, 128), photometric="rgb")
+    with open_slide(path, mpp=0.5) as slide:
+        left = slide.read_level((0, 0), 0, (256, 256))
+        right = slide.read_level((256, 0), 0, (256, 256))
+    assert left.dtype == right.dtype == np.uint8
+    same = round(30000 * 255 / 65535)
+    assert (left[120, 120] == same).all() and (right[120, 120] == same).all()
+    assert (left[10, 10] == round(20000 * 255 / 65535)).all()
+    assert (right[10, 10] == round(60000 * 255 / 65535)).all()

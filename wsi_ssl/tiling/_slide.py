@@ -229,13 +229,20 @@ class _BaseSlide:
 
 
 def _to_rgb(arr: np.ndarray) -> np.ndarray:
-    """Any decoded array -> ``uint8 (h, w, 3)`` (grey expanded, alpha composited on white)."""
+    """Any decoded array -> ``uint8 (h, w, 3)`` (grey expanded, alpha composited on white).
+
+    Wider integer types (16-bit slides) are scaled by their dtype's range (``uint16``: x 255 /
+    65535), one fixed scale for every region of every slide: scaling each region by its own
+    maximum gave tiles of one slide different intensity scales. (Data using fewer bits than its
+    container, e.g. 12-bit in ``uint16``, comes out darker but on one scale.)
+    """
     a = np.asarray(arr)
     if a.ndim == 2:
         a = a[..., None]
     if a.dtype != np.uint8:
-        if np.issubdtype(a.dtype, np.integer) and a.max(initial=0) > 255:
-            a = (a.astype(np.float32) * (255.0 / max(1, int(a.max())))).astype(np.uint8)
+        if np.issubdtype(a.dtype, np.integer):
+            top = float(np.iinfo(a.dtype).max)
+            a = np.rint(np.clip(a, 0, None).astype(np.float32) * (255.0 / top)).astype(np.uint8)
         else:
             a = np.clip(a, 0, 255).astype(np.uint8)
     if a.shape[2] == 1:
