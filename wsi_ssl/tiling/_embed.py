@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+import socket
 import threading
 import time
 from collections.abc import Mapping
@@ -409,8 +410,6 @@ def _run(store: Any, enc: Any, jobs: list[dict[str, Any]], t_start: float, *, re
     done, failed = [], []
     n_tiles = n_view_tiles = 0
     for job in missing:
-        import socket
-
         err = (f"InputError: slide file '{job['path']}' does not exist (on {socket.gethostname()}); "
                "fix the path and rerun the same command.")
         logger.warning("slide '%s' failed: %s", job["path"], err)
@@ -444,7 +443,7 @@ def _run(store: Any, enc: Any, jobs: list[dict[str, Any]], t_start: float, *, re
             n_view_tiles += int(res["view_index"].size)
         elapsed = time.perf_counter() - t_start
         rate = (n_tiles + n_view_tiles) / elapsed if elapsed > 0 else 0.0
-        k = len(done) + len(failed)
+        k = len(done) + len(failed) - len(missing)
         eta = elapsed / k * (len(todo) - k) if k else float("nan")
         bar.update(1)
         bar.set_postfix(tiles_s=f"{rate:.0f}", failed=len(failed))
