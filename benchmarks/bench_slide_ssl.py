@@ -71,16 +71,23 @@ def subsets(y: np.ndarray, n_splits: int, labels: list[int], repeats: int, seed:
                 yield split, n_lab, r, sub, test
 
 
-def fit_slide_ssl(store, ids, head: str, args, out: Path):
+def hand_set(args) -> dict:
+    """The hand-set SlideSSL settings of the command line."""
+    return dict(batch_size=args.batch_size, epochs=args.epochs, lr=args.lr,
+                temperature=args.temperature, tiles_per_view=args.tiles_per_view)
+
+
+def fit_slide_ssl(store, ids, head: str, args, out: Path, settings: dict | None = None,
+                  tag: str = ""):
     """Train (or reload, when OUT holds a model with the same settings trained on the same
-    store and slides) one SlideSSL model."""
+    store and slides) one SlideSSL model; ``settings`` default to the hand-set ones."""
     from wsi_ssl.pretrain import SlideSSL
 
-    params = dict(head=head, batch_size=args.batch_size, epochs=args.epochs, lr=args.lr,
-                  temperature=args.temperature, tiles_per_view=args.tiles_per_view,
-                  warmup_epochs=max(1, args.epochs // 20), seed=args.seed,
+    settings = settings or hand_set(args)
+    params = dict(head=head, **settings, warmup_epochs=max(1, settings["epochs"] // 20),
+                  seed=args.seed,
                   head_kwargs=json.loads(args.head_kwargs) if args.head_kwargs else {})
-    model_dir = out / f"slide_model_{head}"
+    model_dir = out / f"slide_model_{head}{tag}"
     if (model_dir / "config.json").is_file():
         model = SlideSSL.load(model_dir)
         saved = {**model.get_params(), "head_kwargs": model.head_kwargs or {}}
@@ -89,7 +96,7 @@ def fit_slide_ssl(store, ids, head: str, args, out: Path):
                 and list(model.slide_ids_) == list(ids)):
             return model, float("nan")
     t = time.perf_counter()
-    model = SlideSSL(**params, device="cpu", checkpoint_every=args.epochs,
+    model = SlideSSL(**params, device="cpu", checkpoint_every=settings["epochs"],
                      checkpoint_dir=model_dir)
     model.fit(store, slide_ids=ids)
     fit_s = time.perf_counter() - t
@@ -145,6 +152,8 @@ def main(argv=None) -> int:
     ap.add_argument("--labels", type=int, nargs="+", default=[8, 16, 32])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-abmil", action="store_true")
+    ap.add_argument("--no-auto", action="store_true",
+                    help="skip the `--preset auto` row (trained with the first --heads entry)")
     args = ap.parse_args(argv)
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -161,6 +170,21 @@ def main(argv=None) -> int:
         emb = model.transform(store, ids, dtype="float16")
         feats[f"SlideSSL {head}"] = emb.embeddings.astype(np.float32)
         runs[head] = (model, fit_s, emb)
+    if not args.no_auto:  # what `wsi-ssl pretrain-slides --preset auto` would train
+        from wsi_ssl.pretrain import slide_ssl_preset
+
+        preset = slide_ssl_preset("auto", n_slides=len(ids), bank_tiles=args.view_tiles,
+                                  device="cpu")
+        print(preset.describe())
+        head = args.heads[0]
+        if preset.settings() == hand_set(args) and head in runs:
+            print(f"auto = the hand-set settings: the auto row is the {head!r} model")
+            feats[f"auto ({head})"] = feats[f"SlideSSL {head}"]
+        else:
+            model, _ = fit_slide_ssl(store, ids, head, args, args.out, preset.settings(),
+                                     tag="_auto")
+            feats[f"auto ({head})"] = model.transform(store, ids, dtype="float16") \
+                .embeddings.astype(np.float32)
     supervised = {} if args.skip_abmil else abmil_aucs(store, ids, y, args, args.out)
 
     auc: dict[str, dict[int, list[float]]] = {}
