@@ -5,8 +5,9 @@ It generates its own 20x slides (``wsi_ssl.datasets``), then measures, with publ
 1. encoder-alone tiles/s (``TileEncoder.embed`` on uint8 tiles: copy to the device, normalise,
    bf16 autocast, channels-last) for ResNet50 and a ViT-L/16 with UNI's architecture (random
    weights), at ``embed_slides``'s batch size;
-2. end-to-end ``embed_slides`` tiles/s without and with a view bank, the ratio to (1), GPU
-   utilisation (NVML when ``pynvml`` imports), peak GPU memory (torch) and peak host RSS;
+2. end-to-end ``embed_slides`` tiles/s without and with a view bank, the ratio to (1), the
+   fraction of the run spent inside ``TileEncoder.embed``, GPU utilisation (NVML when ``pynvml``
+   imports), peak GPU memory (torch) and peak host RSS;
 3. CPU float32 vs device features of the same real tiles: cosine similarity per tile;
 4. ``SlideSSL`` a few epochs on the CPU and on the device from the same seed: both loss curves,
    their largest relative gap, views/s on each;
@@ -105,10 +106,11 @@ def make_data(sizes: Sizes, workdir: Path) -> dict[str, Any]:
     def jobs(k: int) -> int:
         return sizes.data_jobs or max(1, min(k, os.cpu_count() or 1))
 
-    big = make_cohort(workdir / f"slides_{sizes.slide_px}", n_slides=n, seed=1,
+    big = make_cohort(workdir / f"slides_{n}x{sizes.slide_px}", n_slides=n, seed=1,
                       size=(sizes.slide_px, sizes.slide_px), tissue_fraction=(0.65, 0.75),
                       n_jobs=jobs(n))
-    small = make_cohort(workdir / f"ssl_{sizes.ssl_px}", n_slides=sizes.ssl_slides, seed=2,
+    small = make_cohort(workdir / f"ssl_{sizes.ssl_slides}x{sizes.ssl_px}",
+                        n_slides=sizes.ssl_slides, seed=2,
                         size=(sizes.ssl_px, sizes.ssl_px), n_jobs=jobs(sizes.ssl_slides))
     return {"slides_dir": big.slides_dir, "ssl_dir": small.slides_dir,
             "slides": sorted(str(p) for p in Path(big.slides_dir).glob("*.tif*")),
@@ -199,6 +201,36 @@ class GpuSampler:
             self.mean = float(np.mean(self._vals)) if self._vals else None
 
 
+class EmbedBusy:
+    """Fraction of a run's wall time spent inside ``TileEncoder.embed`` (which returns features on
+    the CPU, so it includes the device work): how busy the pipeline keeps the encoder. Works
+    without NVML and on the CPU; wraps the class method for the duration of the block."""
+
+    def __enter__(self) -> EmbedBusy:
+        from wsi_ssl.encoders import TileEncoder
+
+        self.inside = 0.0
+        self._orig = TileEncoder.embed
+        orig = self._orig
+
+        def timed(enc: Any, tiles: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return orig(enc, tiles)
+            finally:
+                self.inside += time.perf_counter() - t
+
+        TileEncoder.embed = timed
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        from wsi_ssl.encoders import TileEncoder
+
+        TileEncoder.embed = self._orig
+        self.fraction = self.inside / max(time.perf_counter() - self._t0, 1e-9)
+
+
 def end_to_end(enc: Any, slides: list[str], warm_slide: str, workdir: Path, *, batch_size: int,
                views: int, view_tiles: int, device: str) -> dict[str, Any]:
     """One ``embed_slides`` run in this process (``client="sync"``, what a single GPU gets),
@@ -213,14 +245,15 @@ def end_to_end(enc: Any, slides: list[str], warm_slide: str, workdir: Path, *, b
     cuda = device.startswith("cuda")
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    with PeakRSS() as rss, GpuSampler(device) as util:
+    with PeakRSS() as rss, GpuSampler(device) as util, EmbedBusy() as busy:
         rep = embed_slides(slides, enc, workdir / f"e2e_v{views}.zarr", views=views,
                            view_tiles=view_tiles, **kw)
     if rep.failed:
         raise RuntimeError(f"embed_slides failed on {rep.failed}")
     return {"tiles": rep.n_tiles, "view_tiles": rep.n_view_tiles, "seconds": rep.seconds,
             "tiles_per_s": rep.tiles_per_second, "warmup_s": warm.seconds,
-            "gpu_util_mean": util.mean, "gpu_util_source": "nvml" if util.mean is not None else None,
+            "encoder_busy": busy.fraction, "gpu_util_mean": util.mean,
+            "gpu_util_source": "nvml" if util.mean is not None else None,
             "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
             "peak_host_growth_mb": rss.growth_mb, "peak_host_mb": rss.peak / 2**20}
 
@@ -348,7 +381,7 @@ def report(res: dict[str, Any]) -> str:
              f"{res['torch']}, cuda {res['cuda']}, {res['cores']} cores, batch {res['batch_size']}, "
              f"{res['data']['slides']} slides of {res['data']['slide_px']} px",
              f"{'encoder':10s} {'model':9s} {'dtype':9s} {'alone/s':>9s} {'e2e/s':>8s} {'ratio':>6s} "
-             f"{'bank e2e/s':>10s} {'ratio':>6s} {'GPU util':>8s} {'GPU MB':>8s} {'host MB':>8s} "
+             f"{'bank e2e/s':>10s} {'ratio':>6s} {'busy':>5s} {'GPU util':>8s} {'GPU MB':>8s} {'host MB':>8s} "
              f"{'min cos':>8s}"]
     for key, r in res["encoders"].items():
         e, b = r["e2e"], r["e2e_bank"]
@@ -357,7 +390,7 @@ def report(res: dict[str, Any]) -> str:
         lines.append(
             f"{key:10s} {r['model']:9s} {r['dtype']:9s} {r['alone_tiles_per_s']:9.0f} "
             f"{e['tiles_per_s']:8.0f} {e['ratio_to_alone']:6.2f} {b['tiles_per_s']:10.0f} "
-            f"{b['ratio_to_alone']:6.2f} {util:>8s} {gmb:>8s} "
+            f"{b['ratio_to_alone']:6.2f} {e['encoder_busy']:5.2f} {util:>8s} {gmb:>8s} "
             f"{max(e['peak_host_mb'], b['peak_host_mb']):8.0f} {r['min_cosine']:8.5f}")
     s = res["slide_ssl"]
     lines.append(f"SlideSSL abmil, {s['slides']} slides, {s['epochs']} epochs: views/s CPU "

@@ -48,6 +48,7 @@ def test_cpu_twin_writes_every_field(gpu_check, tmp_path, capsys):
             assert math.isclose(e["ratio_to_alone"], e["tiles_per_s"] / r["alone_tiles_per_s"])
             assert e["peak_gpu_mb"] is None and e["gpu_util_mean"] is None  # no GPU here
             assert e["peak_host_mb"] > 100 and e["warmup_s"] > 0
+            assert 0 < e["encoder_busy"] < 1
     ssl = res["slide_ssl"]
     for dev in ("cpu", "device"):
         assert len(ssl[dev]["loss"]) == sizes.ssl_epochs
