@@ -4,9 +4,9 @@
 level region is at most ``region_size`` pixels on a side (full-width bands for files whose
 compressed chunks span the whole level, e.g. NDPI strips), a thread pool reads and decodes those
 regions (OpenSlide and imagecodecs release the GIL), each region is resized once with
-antialiasing when it comes from a finer level, and then cut into tiles. At most
-``num_workers + 1`` regions are in flight, so memory is bounded by the region size, not by the
-slide size.
+antialiasing at the grid's exact scale when it comes from a finer level (OpenCV when installed,
+else PIL), and then cut into tiles. At most ``num_workers + 1`` region reads are queued and one
+region is being cut, so memory is bounded by the region size, not by the slide size.
 
 Coordinates are level-0 pixels ``(x, y)``; sizes ``(w, h)``.
 """
