@@ -9,12 +9,13 @@ For each slide it prints tiles/s of
 - the physical limit: the raw decode rate of the compressed tiles the grid covers (bytes in memory,
   tifffile + imagecodecs, ``--workers`` threads), expressed in output tiles/s,
 
-and the ratios read_tiles/limit (target >= 0.6) and read_tiles/naive (target >= 2), both by wall
-time and per CPU-second of this process (the second is robust when other jobs share the cores;
-the naive loop is one thread, so its wall ratio is the one to compare). Then it reads
-a slide with 4x the area of ``--size`` and prints the peak RSS growth of both reads (it must not
-grow with slide size: it is bounded by the regions in flight). Generated slides are pyramidal JPEG TIFFs written tile by tile by a
-renderer (never held in memory) and cached in ``--workdir``.
+and the ratios read_tiles/limit (target >= 0.6 native, >= 0.5 resized) and read_tiles/naive
+(target >= 2), both by wall time and per CPU-second of this process (the second is robust when
+other jobs share the cores; the naive loop is one thread, so its wall ratio is the one to
+compare). Then it reads a slide with 4x the area of ``--size`` and prints the peak memory of both
+reads (it must not grow with slide size: it is bounded by the regions in flight). Generated
+slides are pyramidal JPEG TIFFs written tile by tile by a renderer (never held in memory) and
+cached in ``--workdir``.
 
     python benchmarks/bench_tiling.py                 # 20480 px slide + real NDPI, ~2-3 min
     python benchmarks/bench_tiling.py --size 10240 --no-rss --repeats 1   # quick look
@@ -222,7 +223,8 @@ def bench_slide(label: str, path: Path, *, min_tissue: float, workers: int, repe
     for k in names:
         print(f"  {k:24s} {wall[k]:15.0f} {cpu[k]:16.0f}")
     print(f"  read_tiles / decode limit : wall {wall['read_tiles'] / wall['limit']:.2f}, "
-          f"CPU {cpu['read_tiles'] / cpu['limit']:.2f}  (target >= 0.6)")
+          f"CPU {cpu['read_tiles'] / cpu['limit']:.2f}  "
+          f"(target >= {0.5 if grid.needs_resize else 0.6}{', resized' if grid.needs_resize else ''})")
     print(f"  read_tiles / naive loop   : wall {wall['read_tiles'] / wall['naive']:.2f}, "
           f"CPU {cpu['read_tiles'] / cpu['naive']:.2f}  (target >= 2)")
 
