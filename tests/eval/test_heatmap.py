@@ -140,3 +140,46 @@ def test_cluster_map_separates_tumour_from_normal_tissue(cohort_store, tmp_path)
     purity = max(tumour[res.clusters == c].mean() for c in range(4))
     assert purity > 2 * tumour.mean(), (purity, tumour.mean())
     assert pd.read_csv(res.csv)["cluster"].tolist() == res.clusters.tolist()
+
+
+@pytest.mark.parametrize("head", ["sparseconv", "gated_abmil"])
+def test_other_attention_heads_score_every_tile(cohort_store, head):
+    _, store = cohort_store
+    model = SlideSSL(head, tiles_per_view=8, epochs=2, batch_size=16, embed_dim=32,
+                     proj_dims=(32, 16), device="cpu").fit(store)
+    sid = store.slide_ids[1]
+    res = tile_scores(store, sid, model)
+    assert len(res) == len(store[sid].coords) and np.isfinite(res.scores).all()
+    assert res.scores.mean() == pytest.approx(1.0, rel=1e-4) and res.scores.std() > 0
+
+
+def test_mil_heads_without_attention_are_refused(cohort_store):
+    _, store = cohort_store
+    lab = cohort_store[0].labels
+    clf = MILClassifier("mean", epochs=1, device="cpu").fit(
+        store, lab["label"].to_numpy(), slide_ids=list(lab["slide_id"]))
+    with pytest.raises(ConfigError, match="MILClassifier head 'mean' has no attention"):
+        tile_scores(store, store.slide_ids[0], clf)
+    logodds = tile_scores(store, store.slide_ids[0], clf, kind="tile_logit")  # this one works
+    assert "log-odds of class 1" in logodds.meaning and np.isfinite(logodds.scores).all()
+    with pytest.raises(ConfigError, match="target_class=7"):
+        tile_scores(store, store.slide_ids[0], clf, kind="tile_logit", target_class=7)
+
+
+def test_heatmap_cli_on_a_saved_model(cohort_store, ssl_model, tmp_path, capsys):
+    from wsi_ssl.cli import main
+
+    cohort, store = cohort_store
+    ssl_model.save(tmp_path / "model")
+    sid = store.slide_ids[2]
+    rc = main(["heatmap", str(cohort.slides_dir / f"{sid}.tif"), "--store", str(store.path),
+               "--model", str(tmp_path / "model"), "--out", str(tmp_path / "hm")])
+    assert rc == 0
+    assert f"{sid}: {len(store[sid].coords)} tiles" in capsys.readouterr().out
+    df = pd.read_csv(tmp_path / "hm" / f"{sid}_attention.csv")
+    np.testing.assert_allclose(df["score"], tile_scores(store, sid, ssl_model).scores, rtol=1e-5)
+    assert (tmp_path / "hm" / f"{sid}_attention.png").stat().st_size > 10_000
+    # a slide that is not in the store: one line on stderr, exit code 1
+    rc = main(["heatmap", str(tmp_path / "other.tif"), "--store", str(store.path), "--model",
+               str(tmp_path / "model"), "--out", str(tmp_path / "hm")])
+    assert rc == 1 and "'other' is not a complete slide" in capsys.readouterr().err

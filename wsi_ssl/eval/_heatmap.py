@@ -162,7 +162,7 @@ def _model_scores(model: Any, feats: np.ndarray, grid: np.ndarray, kind: str,
         target = classes[-1] if target_class is None else target_class
         if target not in classes:
             raise ConfigError(f"target_class={target_class!r} is not one of the classifier's "
-                              f"classes {classes}.")
+                              f"classes: {', '.join(map(str, classes))}.")
         col = classes.index(target)
 
         def logodds(s: int, e: int) -> np.ndarray:
@@ -174,7 +174,7 @@ def _model_scores(model: Any, feats: np.ndarray, grid: np.ndarray, kind: str,
             return (p - rest).cpu().numpy()
 
         return _forward_chunks(logodds, n).astype(np.float32), (
-            f"tile log-odds of class {target!r}")
+            f"tile log-odds of class {target}")
     if hasattr(model, "net_") or hasattr(model, "head"):  # SlideSSL (fitted or not)
         if kind != "attention":
             raise ConfigError("kind='tile_logit' needs a fitted MILClassifier; a SlideSSL model "

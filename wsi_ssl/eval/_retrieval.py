@@ -324,7 +324,7 @@ def retrieval_report(embeddings: EmbeddingsLike, labels: TableLike, *, label_col
                 "label_col": label_col,
                 "source": str(emb.provenance.get("method") or emb.provenance.get("source", ""))}
     return RetrievalReport(metrics=metrics, per_query=pd.DataFrame(table), n_slides=len(df),
-                           n_patients=len(set(pats)), classes=tuple(classes),
+                           n_patients=len(set(pats)), classes=tuple(str(c) for c in classes),
                            chance=float(counts.max() / counts.sum()), settings=settings)
 
 
