@@ -153,7 +153,8 @@ def _frame_embeddings(df: pd.DataFrame, name: str, *, id_col: str | None,
     if values.shape[1] == 0:
         raise InputError(f"the embedding table {name} has no numeric feature columns.")
     return SlideEmbeddings(tuple(str(s) for s in df.index), values.to_numpy(np.float32),
-                           {"source": name, "feature_cols": [str(c) for c in values.columns]})
+                           {"source": name.strip("'"),
+                            "feature_cols": [str(c) for c in values.columns]})
 
 
 def as_embeddings(embeddings: EmbeddingsLike, *, id_col: str | None = None,
