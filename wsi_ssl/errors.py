@@ -23,6 +23,7 @@ __all__ = [
     "TissueWarning",
     "StoreError",
     "StoreFormatError",
+    "StoreLockedError",
     "EncoderMismatchError",
     "WeightsError",
     "InputError",
@@ -63,6 +64,10 @@ class StoreError(WsiSslError, OSError):
 
 class StoreFormatError(StoreError, ValueError):
     """A store, group or feature file does not follow the expected format."""
+
+
+class StoreLockedError(StoreError):
+    """Another writer holds the tile store's lock (or this writer lost it to a takeover)."""
 
 
 class EncoderMismatchError(StoreError, ValueError):

@@ -31,7 +31,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
-from wsi_ssl.errors import ConfigError, StoreError
+from wsi_ssl.errors import ConfigError, StoreLockedError
 
 __all__ = ["StoreLock", "LockHolder", "StoreLockedError", "LOCK_NAME", "lock_lease_seconds"]
 
@@ -40,10 +40,6 @@ logger = logging.getLogger(__name__)
 LOCK_NAME = ".lock"
 _INFO_SUFFIX = ".json"
 _DEFAULT_LEASE = 30.0
-
-
-class StoreLockedError(StoreError):
-    """Another writer holds the store's lock (or this writer lost it to a takeover)."""
 
 
 def lock_lease_seconds() -> float:
