@@ -23,5 +23,5 @@ def inspect_cohort(tmp_path_factory: Any) -> tuple[Any, Any]:
     cohort = make_cohort(root / "cohort", n_slides=N_SLIDES, size=SIZE, seed=3,
                          tumor_fraction=(0.1, 0.2), n_jobs=2)
     embed_slides(cohort.slides_dir, "tiny-cnn", root / "tiles.zarr", tile_size=TILE, views=4,
-                 view_tiles=16, device="cpu", n_workers=1, seed=0)
+                 view_tiles=16, device="cpu", client="sync", seed=0)
     return cohort, TileStore(root / "tiles.zarr", mode="r")
