@@ -68,7 +68,7 @@ def test_mil_scores_localise_the_tumour_on_held_out_slides(cohort_store, mil_spl
     clf, slides = mil_split
     prec, chance = np.mean([_precision_at_k(cohort, tile_scores(store, s, clf, kind=kind))
                             for s in slides], axis=0)
-    # measured: attention 0.8, tile log-odds 0.7 against a chance of ~0.12
+    # measured on the 4 held-out positives: attention 0.78, tile log-odds 0.64, chance 0.10
     assert chance < 0.25
     assert prec > 0.5 and prec > 3 * chance, (kind, prec, chance)
 
