@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from _inspect_cohort import inspect_cohort
 
-from wsi_ssl.errors import ConfigError, InputError
+from wsi_ssl.errors import ConfigError, InputError, NotFittedError
 from wsi_ssl.eval import cluster_map, heatmap, tile_scores
 from wsi_ssl.mil import MILClassifier
 from wsi_ssl.pretrain import SlideSSL
@@ -124,6 +124,8 @@ def test_bad_inputs_have_clear_errors(cohort_store, ssl_model):
         tile_scores(store, store.slide_ids[0], object())
     with pytest.raises(ConfigError, match="kind='x'"):
         tile_scores(store, store.slide_ids[0], ssl_model, kind="x")
+    with pytest.raises(NotFittedError, match="this MILClassifier is not fitted"):
+        tile_scores(store, store.slide_ids[0], MILClassifier("abmil"))
 
 
 def test_cluster_map_separates_tumour_from_normal_tissue(cohort_store, tmp_path):

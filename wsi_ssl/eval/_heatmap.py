@@ -145,8 +145,16 @@ def _model_scores(model: Any, feats: np.ndarray, grid: np.ndarray, kind: str,
     """Scores ``(N,)`` and their meaning for a SlideSSL or a fitted MILClassifier."""
     import torch
 
+    from wsi_ssl.errors import NotFittedError
+    from wsi_ssl.mil import MILClassifier
+    from wsi_ssl.pretrain import SlideSSL
+
     n = len(feats)
-    if hasattr(model, "head_") and hasattr(model, "classes_"):  # a fitted MILClassifier
+    if isinstance(model, (MILClassifier, SlideSSL)) and not (
+            hasattr(model, "head_") or hasattr(model, "net_")):
+        raise NotFittedError(f"this {type(model).__name__} is not fitted; call fit(...) first "
+                             "(or SlideSSL.load(model_dir)).")
+    if isinstance(model, MILClassifier):
         head, dev = model.head_, model.device_
         x = torch.from_numpy((feats - model.mean_) / model.scale_).to(dev)
         c = torch.from_numpy(grid.astype(np.float32)).to(dev)
@@ -175,15 +183,10 @@ def _model_scores(model: Any, feats: np.ndarray, grid: np.ndarray, kind: str,
 
         return _forward_chunks(logodds, n).astype(np.float32), (
             f"tile log-odds of class {target}")
-    if hasattr(model, "net_") or hasattr(model, "head"):  # SlideSSL (fitted or not)
+    if isinstance(model, SlideSSL):
         if kind != "attention":
             raise ConfigError("kind='tile_logit' needs a fitted MILClassifier; a SlideSSL model "
                               "has no classifier (use kind='attention').")
-        if not hasattr(model, "net_"):
-            from wsi_ssl.errors import NotFittedError
-
-            raise NotFittedError("this SlideSSL is not fitted; call fit(store) or "
-                                 "SlideSSL.load(model_dir) first.")
         net = model.net_
         _check_attention_head("SlideSSL", model.head, net.head)
         dev = next(net.parameters()).device
