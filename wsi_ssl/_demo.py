@@ -269,9 +269,11 @@ def _look_inside(out: Path, cohort: Any, store: Any, model: Any, embeddings: dic
             f"(chance {np.mean(chance):.2f}, {len(hits)} positive slides)")
         pos_id = str(pos["slide_id"].iloc[len(pos) // 2])  # the median tumour extent
         neg_id = str(neg["slide_id"].iloc[0])
+        both = np.concatenate([tile_scores(store, s, model).scores for s in (pos_id, neg_id)])
+        scale = (0.0, float(np.percentile(both, 99)))  # one colour scale for the two slides
         for sid, what in ((pos_id, "positive"), (neg_id, "negative")):
             path = cohort.paths[cohort.slide_ids.index(sid)]
-            hm = heatmap(path, store, model, out_dir=out / "heatmaps")
+            hm = heatmap(path, store, model, out_dir=out / "heatmaps", color_range=scale)
             res["heatmaps"].append((f"Attention of the slide encoder, {what} slide {sid}",
                                     hm.figure))
         cm = cluster_map(cohort.paths[cohort.slide_ids.index(pos_id)], store, n_clusters=6,

@@ -239,6 +239,7 @@ def tile_scores(store: Any, slide_id: str, model: Any, *, kind: ScoreKind = "att
 def plot_tile_values(slide: Any, coords: np.ndarray, values: np.ndarray, *, stride: float,
                      tissue: Any = None, title: str = "", label: str = "",
                      cmap: str = "inferno", categorical: bool = False,
+                     color_range: tuple[float, float] | None = None,
                      thumbnail_size: int = 1024) -> Any:
     """Per-tile values as a coloured layer over the slide thumbnail (tissue outline in green).
 
@@ -250,6 +251,8 @@ def plot_tile_values(slide: Any, coords: np.ndarray, values: np.ndarray, *, stri
         tissue: a :class:`~wsi_ssl.tiling.TissueMask` to outline, or None.
         title: figure title; label: colour bar label.
         cmap: matplotlib colour map; categorical: one colour per value with a legend-like bar.
+        color_range: ``(low, high)`` of the colour scale (default: the 1st and 99th percentiles
+            of ``values``); give several slides the same range to compare them.
         thumbnail_size: longer side of the thumbnail, pixels.
 
     Returns:
@@ -283,7 +286,10 @@ def plot_tile_values(slide: Any, coords: np.ndarray, values: np.ndarray, *, stri
                        interpolation="nearest", alpha=0.6)
         bar = fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02, ticks=np.arange(k))
     else:
-        lo, hi = np.percentile(values, [1, 99]) if len(values) else (0.0, 1.0)
+        if color_range is not None:
+            lo, hi = (float(v) for v in color_range)
+        else:
+            lo, hi = np.percentile(values, [1, 99]) if len(values) else (0.0, 1.0)
         im = ax.imshow(layer, extent=extent, cmap=cmap, vmin=lo, vmax=max(hi, lo + 1e-9),
                        interpolation="nearest", alpha=0.65)
         bar = fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02)
@@ -296,7 +302,8 @@ def plot_tile_values(slide: Any, coords: np.ndarray, values: np.ndarray, *, stri
 
 def save_tile_map(slide_path: str | os.PathLike, slide_id: str, frame: Any, values: np.ndarray,
                   *, stride: float, out_dir: str | os.PathLike, suffix: str, title: str,
-                  label: str, categorical: bool = False, mpp: float | None = None
+                  label: str, categorical: bool = False, mpp: float | None = None,
+                  color_range: tuple[float, float] | None = None
                   ) -> tuple[Path, Path]:
     """Write ``{slide_id}_{suffix}.csv`` (``frame``: slide_id, x, y, value) and the picture of
     ``values`` per tile over the slide (tissue outlined) as ``{slide_id}_{suffix}.png``."""
@@ -314,7 +321,7 @@ def save_tile_map(slide_path: str | os.PathLike, slide_id: str, frame: Any, valu
     with open_slide(slide_path, mpp=mpp) as slide:
         tissue = detect_tissue(slide)
         fig = plot_tile_values(slide, coords, values, stride=stride, tissue=tissue, title=title,
-                               label=label, categorical=categorical)
+                               label=label, categorical=categorical, color_range=color_range)
     fig.savefig(png, dpi=100, bbox_inches="tight")
     return png, csv
 
@@ -322,7 +329,8 @@ def save_tile_map(slide_path: str | os.PathLike, slide_id: str, frame: Any, valu
 def heatmap(slide_path: str | os.PathLike, store: Any, model: Any, *,
             slide_id: str | None = None, kind: ScoreKind = "attention",
             target_class: Any = None, out_dir: str | os.PathLike | None = None,
-            mpp: float | None = None) -> HeatmapResult:
+            mpp: float | None = None,
+            color_range: tuple[float, float] | None = None) -> HeatmapResult:
     """Per-tile scores of ``model`` over all tiles of one slide, drawn over its thumbnail.
 
     Args:
@@ -337,6 +345,8 @@ def heatmap(slide_path: str | os.PathLike, store: Any, model: Any, *,
         out_dir: where ``{slide_id}_{kind}.png`` and ``.csv`` (``slide_id, x, y, score``) go;
             None = nothing written.
         mpp: the slide's µm/px when its file has none (as given to ``embed``).
+        color_range: ``(low, high)`` of the colour scale (default: the slide's 1st-99th
+            percentiles); pass the same range to compare slides.
 
     Returns:
         A :class:`HeatmapResult` (``figure`` / ``csv`` set when ``out_dir`` is given).
@@ -354,6 +364,6 @@ def heatmap(slide_path: str | os.PathLike, store: Any, model: Any, *,
              "bright = high score; green line = tissue outline")
     png, csv = save_tile_map(slide_path, sid, res.to_frame(), res.scores,
                              stride=res.stride_level0, out_dir=out_dir, suffix=kind, title=title,
-                             label=res.meaning, mpp=mpp)
+                             label=res.meaning, mpp=mpp, color_range=color_range)
     logger.info("heatmap of %s (%s): %s", sid, kind, png)
     return replace(res, figure=png, csv=csv)
