@@ -21,9 +21,40 @@ def _small(name: str, n_classes: int = 0):
 
 
 def test_list_heads_has_the_spec_heads():
-    assert {"mean", "max", "abmil", "gated_abmil", "dsmil", "transmil", "sparseconv"} <= set(
-        list_heads()
-    )
+    assert {"mean", "max", "abmil", "gated_abmil", "dsmil", "transmil", "sparseconv",
+            "resmlp_mean"} <= set(list_heads())
+    assert type(create_head("resmlp-mean", D)).__name__ == "ResidualMLPMean"
+
+
+def test_register_head_refuses_an_existing_name_unless_overwrite():
+    from wsi_ssl.mil import MeanPool, register_head
+    from wsi_ssl.mil._base import _REGISTRY
+
+    class Other(MeanPool):
+        pass
+
+    with pytest.raises(ConfigError, match="'mean' is already registered.*overwrite=True"):
+        register_head("mean")(Other)
+    assert _REGISTRY["mean"] is MeanPool
+    try:
+        register_head("mean", overwrite=True)(Other)
+        assert type(create_head("mean", D)) is Other
+    finally:
+        register_head("mean", overwrite=True)(MeanPool)
+    register_head("mean")(MeanPool)  # the same class again is not a conflict
+
+
+def test_grid_units_from_attrs_or_coordinate_steps():
+    import numpy as np
+
+    from wsi_ssl.mil import grid_stride, to_grid_units
+
+    xy = np.array([[1000, 1000], [1448, 1000], [1224, 1672]])
+    assert grid_stride(xy, {"stride_level0": 100}) == 100
+    assert grid_stride(xy, {}) == 224 and grid_stride(xy[:1]) == 1.0
+    g = to_grid_units(xy, {"stride_level0": 224})
+    assert g.dtype == np.float32 and g.tolist() == (xy / 224).astype(np.float32).tolist()
+    assert to_grid_units(np.zeros((0, 2))).shape == (0, 2)
 
 
 @pytest.mark.parametrize("name", list_heads())

@@ -100,6 +100,14 @@ def test_coord_augment_is_a_similarity_and_non_negative():
     np.testing.assert_allclose(scaled, 2 * (xy - xy.min(0)), rtol=1e-5)
     with pytest.raises(ConfigError, match="scale"):
         CoordAugment(scale=(1.3, 0.7))
+    with pytest.raises(ConfigError, match="scale=.*two numbers"):
+        CoordAugment(scale=0.7)
+    with pytest.raises(ConfigError, match="translate=-1"):
+        CoordAugment(translate=-1)
+    with pytest.raises(ConfigError, match="rotate='yes'"):
+        CoordAugment(rotate="yes")
+    with pytest.raises(TypeError):
+        CoordAugment(True)  # keyword-only
 
 
 def test_grid_stride_from_attrs_or_coords():
@@ -366,3 +374,56 @@ def test_not_fitted_bad_config_and_unknown_ids(cohort, tmp_path):
     one, _ = write_store(tmp_path / "one.zarr", n=1)
     with pytest.raises(InputError, match="at least 2 slides"):
         small().fit(one)
+
+
+def test_mean_pool_embeddings_is_the_mean_of_the_clean_tiles(cohort):
+    from wsi_ssl.pretrain import mean_pool_embeddings
+
+    store, _ = cohort
+    ids = store.slide_ids[3:6]
+    emb = mean_pool_embeddings(store, ids)
+    assert emb.slide_ids == tuple(ids) and emb.embeddings.dtype == np.float32
+    np.testing.assert_allclose(emb.embeddings[1], store[ids[1]].features.mean(0), rtol=1e-6)
+    assert len(mean_pool_embeddings(store)) == len(store.slide_ids)
+
+
+def test_plot_loss_and_older_checkpoints_resume(cohort, tmp_path, monkeypatch):
+    """plot_loss draws a fitted model's curve; a slide checkpoint in the earlier layout (optimiser
+    metadata next to ``info``, no scheduler state) still resumes to the same result."""
+    import json as _json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from wsi_ssl.pretrain import plot_loss
+    from wsi_ssl.pretrain._slide_train import SlideCheckpoint
+
+    store, _ = cohort
+    kw = dict(head="abmil", epochs=4, checkpoint_dir=tmp_path / "run", checkpoint_every=2)
+    straight = small(**{**kw, "checkpoint_dir": None}).fit(store)
+    assert plot_loss(straight, tmp_path / "loss.png").stat().st_size > 1000
+
+    save = SlideCheckpoint.on_epoch_end
+
+    def crash_after_epoch_2(self, progress, trainer):
+        save(self, progress, trainer)
+        if progress.epoch == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(SlideCheckpoint, "on_epoch_end", crash_after_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        small(**kw).fit(store)
+    monkeypatch.undo()
+    ckpt = tmp_path / "run" / "checkpoint.safetensors"
+    with safe_open(str(ckpt), framework="pt") as fh:
+        meta = fh.metadata()
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
+    info = _json.loads(meta["info"])
+    opt_meta = info.pop("optim")
+    for g in opt_meta["param_groups"]:
+        g.pop("initial_lr")  # no scheduler wrote it then
+    save_file(tensors, str(ckpt), metadata={"format": meta["format"], "info": _json.dumps(info),
+                                            "optim": _json.dumps(opt_meta)})
+    resumed = small(**kw).fit(store, resume=True)
+    assert resumed.start_epoch_ == 2
+    np.testing.assert_allclose(resumed.history_, straight.history_, rtol=1e-5)

@@ -156,3 +156,26 @@ def test_bad_arguments(cmu, tmp_path):
 
     with pytest.raises(InputError, match="nope.svs"):
         pretrain_tile_encoder([tmp_path / "nope.svs"], out=tmp_path / "x.safetensors")
+
+
+def test_takes_its_config_and_refuses_pickled_checkpoints(cmu, tmp_path):
+    """The run is a TileSSLConfig (keyword overrides validated the same way); an epoch directory
+    with a pickled ``state.pt`` (older versions) is never unpickled: a clear CheckpointError."""
+    from wsi_ssl.pretrain import TileSSLConfig
+
+    cfg = TileSSLConfig(**{**TINY, "epochs": 1, "tiles_per_epoch": 8})
+    assert cfg.augment == TileSSLConfig(augment="histo").augment  # stored as the preset's fields
+    with pytest.raises(ConfigError, match="batch_size=1"):
+        pretrain_tile_encoder([cmu], cfg, batch_size=1, out=tmp_path / "x.safetensors")
+    with pytest.raises(ConfigError, match="TileSSLConfig"):
+        pretrain_tile_encoder([cmu], {"epochs": 1}, out=tmp_path / "x.safetensors")
+    old = tmp_path / "enc.ckpt" / "epoch-0001"
+    old.mkdir(parents=True)
+    (old / "method.safetensors").write_bytes(b"")
+    (old / "state.pt").write_bytes(b"\x80\x04pickle")
+    with pytest.raises(CheckpointError, match=r"pickled state.pt.*--no-resume"):
+        pretrain_tile_encoder([cmu], cfg, out=tmp_path / "enc.safetensors")
+    res = pretrain_tile_encoder([cmu], cfg, out=tmp_path / "enc.safetensors", resume=False)
+    assert res.config == cfg and res.epochs_done == 1
+    assert sorted(p.name for p in (tmp_path / "enc.ckpt" / "epoch-0001").iterdir()) == [
+        "method.safetensors", "state.safetensors"]
