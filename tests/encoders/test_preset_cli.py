@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from wsi_ssl.cli import main
-from wsi_ssl.encoders import create_encoder, get_preset
+from wsi_ssl.encoders import create_encoder, get_preset, spec_fingerprint
 from wsi_ssl.encoders._presets import _BY_NAME, _USER, build_trunk, register_preset
 from wsi_ssl.store import TileStore
 
@@ -74,7 +74,7 @@ def test_embed_a_real_slide_with_a_depth_reduced_vit_preset(uni_depth1, slides_d
     assert rec.features.shape[1] == 1024 and len(rec.features) >= 10
     # the worker rebuilt the same encoder from its spec: same features as here, tile by tile
     enc = create_encoder(preset.name, weights=folder, device="cpu")
-    assert ts.encoder_fingerprint == enc.fingerprint
+    assert ts.encoder_fingerprint == spec_fingerprint(enc.spec)  # spec + the weights' bytes
     with open_slide(slide) as s:
         grid = tile_grid(s, mpp=0.5, tile_size=256)
         tiles, idx = next(iter(read_tiles(s, grid, batch_size=8)))

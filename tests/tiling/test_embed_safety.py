@@ -191,11 +191,13 @@ def test_missing_path_among_several_is_that_slides_failure(cohort, tmp_path, cap
 
 
 def test_a_worker_that_cannot_see_the_slide_says_so(tmp_path):
-    from wsi_ssl.tiling._embed_worker import run_job
+    from wsi_ssl.tiling import EmbedConfig, SlideFailure
+    from wsi_ssl.tiling._embed_worker import EncoderPayload, run_job
 
     job = {"path": str(tmp_path / "only-on-the-driver.svs"), "slide_id": "x", "mpp": None}
-    res = run_job(job, {"fingerprint": "unused"}, {"backend": "auto"})
-    assert set(res) == {"slide_id", "error"}  # data, not an exception: the batch goes on
-    assert res["error"].startswith(f"InputError: slide file '{job['path']}' is not visible on "
-                                   f"the worker on host {socket.gethostname()}")
-    assert "same absolute path (a shared filesystem" in res["error"]
+    res = run_job(job, EncoderPayload(fingerprint="unused"), EmbedConfig())
+    assert isinstance(res, SlideFailure)  # data, not an exception: the batch goes on
+    assert res.slide_id == "x"
+    assert res.error.startswith(f"InputError: slide file '{job['path']}' is not visible on "
+                                f"the worker on host {socket.gethostname()}")
+    assert "same absolute path (a shared filesystem" in res.error

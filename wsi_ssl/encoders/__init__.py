@@ -8,6 +8,7 @@ float32 ``(B, D)`` features on the CPU. No network, ever: preset weights come fr
 """
 
 from wsi_ssl.encoders._encoder import TileEncoder, model_fingerprint
+from wsi_ssl.encoders._identity import EncoderIdentity, encoder_identity, spec_fingerprint
 from wsi_ssl.encoders._presets import EncoderPreset, get_preset, list_presets
 from wsi_ssl.encoders._registry import (
     EncoderEntry,
@@ -26,6 +27,9 @@ __all__ = [
     "TileEncoder",
     "EncoderEntry",
     "model_fingerprint",
+    "EncoderIdentity",
+    "encoder_identity",
+    "spec_fingerprint",
     "EncoderPreset",
     "get_preset",
     "list_presets",

@@ -208,11 +208,7 @@ def create_encoder(name: Any, *, weights: str | os.PathLike | None = None,
 
     from wsi_ssl.encoders._encoder import TileEncoder
     from wsi_ssl.encoders._presets import get_preset
-    from wsi_ssl.encoders._weights import (
-        CHECKPOINT_FORMAT,
-        load_weights_into,
-        read_checkpoint_metadata,
-    )
+    from wsi_ssl.encoders._weights import load_weights_into
 
     if isinstance(name, nn.Module):
         size = int(input_size or 224)
@@ -235,6 +231,27 @@ def create_encoder(name: Any, *, weights: str | os.PathLike | None = None,
     if random_weights or model_kwargs:
         raise ConfigError(f"random_weights/model_kwargs are for foundation-model presets "
                           f"({', '.join(list_presets_short())}); {name!r} is not one.")
+    spec = plain_spec(name, weights=weights, device=device, dtype=dtype, input_size=input_size,
+                      mean=mean, std=std)
+    name, weights, input_size = spec["name"], spec["weights"], spec["input_size"]
+    model, info = _build(name)
+    if weights is not None:
+        load_weights_into(model, weights)
+    size = int(input_size or info["input_size"])
+    arch = dict(info["arch"])  # weights enter the fingerprint through their values, not name
+    return TileEncoder(model, name=name, embed_dim=int(embed_dim or _embed_dim(model, size)),
+                       input_size=size, mean=tuple(mean or info["mean"]),
+                       std=tuple(std or info["std"]), device=device, dtype=dtype, spec=spec,
+                       arch=arch)
+
+
+def plain_spec(name: str, *, weights: str | os.PathLike | None, device: str, dtype: str,
+               input_size: int | None = None, mean: Sequence[float] | None = None,
+               std: Sequence[float] | None = None) -> dict[str, Any]:
+    """The spec of a registered/timm name or a ``.safetensors`` checkpoint of our tile
+    pretraining (its metadata names the architecture and the tile size), checked, unbuilt."""
+    from wsi_ssl.encoders._weights import CHECKPOINT_FORMAT, read_checkpoint_metadata
+
     meta: dict[str, str] = {}
     if name.endswith(".safetensors") and weights is None:
         if not Path(name).is_file():
@@ -249,19 +266,33 @@ def create_encoder(name: Any, *, weights: str | os.PathLike | None = None,
         if meta.get("format") == CHECKPOINT_FORMAT and meta.get("arch") not in (None, name):
             raise WeightsError(f"weights '{weights}' were written for arch {meta['arch']!r}, "
                                f"not {name!r}; use create_encoder({meta['arch']!r}, weights=...).")
-    model, info = _build(name)
-    if weights is not None:
-        load_weights_into(model, weights)
     if input_size is None and meta.get("format") == CHECKPOINT_FORMAT and meta.get("tile_size"):
         input_size = int(meta["tile_size"])  # our tile-SSL weights: the size they were trained at
-    size = int(input_size or info["input_size"])
-    arch = dict(info["arch"])  # weights enter the fingerprint through their values, not name
-    spec = {"name": name, "weights": None if weights is None else str(Path(weights).resolve()),
+    if name not in _REGISTRY:
+        import timm
+
+        if not timm.is_model(name):
+            raise _unknown(name)
+    return {"name": name, "weights": None if weights is None else str(Path(weights).resolve()),
             "device": device, "dtype": dtype, "input_size": input_size, "mean": mean, "std": std}
-    return TileEncoder(model, name=name, embed_dim=int(embed_dim or _embed_dim(model, size)),
-                       input_size=size, mean=tuple(mean or info["mean"]),
-                       std=tuple(std or info["std"]), device=device, dtype=dtype, spec=spec,
-                       arch=arch)
+
+
+def preset_spec(preset: Any, *, weights: Any, device: str, dtype: str, random_weights: bool,
+                model_kwargs: Mapping[str, Any] | None) -> tuple[dict[str, Any], Path | None]:
+    """(spec, weights file or None) of a preset, its weights located but not read."""
+    from wsi_ssl.encoders._hub import resolve_weights
+    from wsi_ssl.encoders._presets import is_builtin
+
+    overrides = dict(model_kwargs or {})
+    if random_weights and weights is not None:
+        raise ConfigError("pass weights= or random_weights=True, not both.")
+    path = None if random_weights else resolve_weights(preset, weights)
+    spec = {"name": preset.name, "weights": None if path is None else str(Path(path).absolute()),
+            "device": device, "dtype": dtype, "random_weights": bool(random_weights),
+            "model_kwargs": overrides or None}
+    if not is_builtin(preset):  # travels to dask workers that never registered it
+        spec["preset"] = preset.to_dict()
+    return spec, path
 
 
 def list_presets_short() -> list[str]:
@@ -274,22 +305,14 @@ def _create_preset(preset: Any, *, weights: Any, device: str, dtype: str, random
                    model_kwargs: Mapping[str, Any] | None):
     """A preset's :class:`TileEncoder` (architecture on the meta device, weights assigned)."""
     from wsi_ssl.encoders._encoder import TileEncoder
-    from wsi_ssl.encoders._hub import resolve_weights
     from wsi_ssl.encoders._loading import activation_bytes, build_preset_model
-    from wsi_ssl.encoders._presets import is_builtin
 
+    spec, path = preset_spec(preset, weights=weights, device=device, dtype=dtype,
+                             random_weights=random_weights, model_kwargs=model_kwargs)
     overrides = dict(model_kwargs or {})
-    if random_weights and weights is not None:
-        raise ConfigError("pass weights= or random_weights=True, not both.")
-    path = None if random_weights else resolve_weights(preset, weights)
     model = build_preset_model(preset, path, overrides=overrides, seed=INIT_SEED)
     logger.info("encoder %s: %s weights from %s", preset.name, preset.hub_repo,
                 path if path is not None else "a random initialisation")
-    spec = {"name": preset.name, "weights": None if path is None else str(Path(path).absolute()),
-            "device": device, "dtype": dtype, "random_weights": bool(random_weights),
-            "model_kwargs": overrides or None}
-    if not is_builtin(preset):  # travels to dask workers that never registered it
-        spec["preset"] = preset.to_dict()
     arch = {"preset": preset.name, "arch": preset.arch, "kwargs": dict(preset.kwargs),
             "overrides": overrides, "output": preset.output}
     return TileEncoder(model, name=preset.name, embed_dim=preset.embed_dim,

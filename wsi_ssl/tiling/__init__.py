@@ -39,13 +39,17 @@ __all__ = [
     "TilingRow",
     "embed_slides",
     "EmbedReport",
+    "EmbedConfig",
+    "SlideResult",
+    "SlideFailure",
 ]
 
-_LAZY = {"embed_slides": "wsi_ssl.tiling._embed", "EmbedReport": "wsi_ssl.tiling._embed"}
+_LAZY = {name: "wsi_ssl.tiling._embed"
+         for name in ("embed_slides", "EmbedReport", "EmbedConfig", "SlideResult", "SlideFailure")}
 
 
 def __getattr__(name: str) -> Any:
-    """``embed_slides`` / ``EmbedReport`` are imported on first use (they pull in torch/dask)."""
+    """``embed_slides`` and its types are imported on first use (they pull in torch/dask)."""
     if name in _LAZY:
         import importlib
 

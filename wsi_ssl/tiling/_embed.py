@@ -1,10 +1,16 @@
 """``embed_slides``: a cohort of slides -> tile embeddings (+ the Giga-SSL view bank) in a TileStore.
 
-Parallel with dask.distributed, one task per slide. Inside a task a reader thread reads, decodes
-and augments tiles ahead of the encoder (a bounded queue), so the encoder never waits for I/O.
-Workers (``_embed_worker``) return arrays; the driver (this process) writes each slide atomically into the store as
-it arrives, so the store has a single writer and a killed run loses at most the slides in
-flight. A rerun skips slides that are complete with the same settings and redoes the rest.
+The settings are an :class:`EmbedConfig`. Where the slides run is decided by
+:func:`~wsi_ssl.tiling._cluster.plan_cluster` and logged: in this process when a cluster cannot
+pay off (one slide, one worker, one GPU), else a local dask cluster (one worker per GPU, pinned by
+``CUDA_VISIBLE_DEVICES``), or the cluster given; one task per slide. Inside a task a reader
+thread reads, decodes and augments tiles ahead of the encoder (a bounded queue), so the encoder
+never waits for I/O; in this process the next slide is opened and gridded while the current one
+is encoded. The driver never builds the model: the store is bound to the encoder's spec
+fingerprint (its spec and the weights file's bytes). Workers (``_embed_worker``) return
+:class:`SlideResult` arrays; the driver writes each slide atomically into the store as it arrives
+(in a writer thread, so an in-process run encodes the next slide meanwhile), so the store has a
+single writer and a killed run loses at most the slides in flight. A rerun skips slides that are complete with the same settings and redoes the rest.
 The whole run holds the store's writer lock (a second run fails at once naming this one, or
 queues with ``wait=``). Slide paths are made absolute here, before they travel to workers.
 
@@ -21,15 +27,23 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from wsi_ssl.errors import ConfigError, InputError
-from wsi_ssl.tiling._embed_worker import run_job
+from wsi_ssl.tiling._embed_worker import (
+    EncoderPayload,
+    SlideFailure,
+    SlideResult,
+    run_job,
+    run_jobs,
+)
 
-__all__ = ["embed_slides", "EmbedReport", "read_manifest"]
+__all__ = ["embed_slides", "EmbedConfig", "EmbedReport", "read_manifest", "SlideResult",
+           "SlideFailure"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +59,9 @@ class EmbedReport:
         failed: ``(slide_id, path, error)`` of slides that failed (recorded in the store too).
         n_tiles: grid tiles embedded by this call; n_view_tiles: augmented view tiles embedded.
         seconds: wall-clock time of the call.
+        plan: where the slides ran and why (the line logged at the start).
+        workers: ``(slide_id, where)`` of each slide this call embedded or failed (host, pid,
+            ``CUDA_VISIBLE_DEVICES``, device).
     """
 
     store: Path
@@ -54,6 +71,8 @@ class EmbedReport:
     n_tiles: int
     n_view_tiles: int
     seconds: float
+    plan: str = ""
+    workers: tuple[tuple[str, str], ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -148,17 +167,155 @@ def _jobs(slides: Any, manifest: str | os.PathLike | None) -> list[dict[str, Any
     return jobs
 
 
+# ----------------------------------------------------------------------------------- config
+
+# the settings that decide the stored features (hashed per slide: a rerun with the same ones
+# skips complete slides); the names and values are those of the stores made before EmbedConfig
+_SETTINGS_KEYS = ("mpp", "tile_size", "overlap", "min_tissue", "views", "view_tiles",
+                  "augment_cfg", "seed", "dtype", "fingerprint", "backend")
+_DEFAULT_MPP, _DEFAULT_TILE_SIZE = 0.5, 224
+
+
+def _number(name: str, val: Any, lo: float, *, integer: bool = False, strict: bool = False
+            ) -> None:
+    ok = (not isinstance(val, bool) and isinstance(val, (int, float))
+          and (val > lo if strict else val >= lo) and (not integer or float(val).is_integer()))
+    if not ok:
+        kind = "an integer" if integer else "a number"
+        raise ConfigError(f"{name}={val!r} must be {kind} {'>' if strict else '>='} {lo}.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EmbedConfig:
+    """The settings of :func:`embed_slides` (validated on construction).
+
+    Attributes:
+        mpp: target resolution in µm/px (> 0).
+        tile_size: tile edge in px at that resolution (>= 8).
+        overlap: grid overlap in px; min_tissue: min tissue fraction per tile, in [0, 1].
+        views: ``V`` augmented versions per slide (Giga-SSL bank; 0 = none; paper: 50).
+        view_tiles: ``T`` tiles per version (sampled with replacement when the slide has fewer).
+        augment: augmentation preset name or :class:`~wsi_ssl.augment.AugmentConfig` (a dict
+            of its fields is turned into one).
+        seed: seeds the view sampling, per slide together with the slide id.
+        dtype: storage dtype of features/views.
+        assume_mpp: µm/px for slides without MPP metadata (recorded as assumed).
+        backend: slide reader backend (:func:`wsi_ssl.tiling.open_slide`).
+        batch_size: tiles per encoder call; read_threads: tile-reading threads per slide;
+        prefetch: tile batches read ahead of the encoder.
+        device: encoder device on each worker (``"auto"``: its GPU if any).
+        settings_from_preset: the encoder preset whose ``mpp`` / ``tile_size`` were used
+            because none were given (``None``: given, or the 0.5 / 224 defaults).
+    """
+
+    mpp: float = _DEFAULT_MPP
+    tile_size: int = _DEFAULT_TILE_SIZE
+    overlap: int = 0
+    min_tissue: float = 0.25
+    views: int = 0
+    view_tiles: int = 256
+    augment: Any = "histo"
+    seed: int = 0
+    dtype: Literal["float16", "float32"] = "float16"
+    assume_mpp: float | None = None
+    backend: str = "auto"
+    batch_size: int = 64
+    read_threads: int | None = None
+    prefetch: int = 4
+    device: str = "auto"
+    settings_from_preset: str | None = None
+
+    def __post_init__(self) -> None:
+        from wsi_ssl.augment import get_augment_config
+
+        _number("mpp", self.mpp, 0, strict=True)
+        for name, lo in (("tile_size", 8), ("batch_size", 1), ("view_tiles", 1), ("overlap", 0),
+                         ("seed", 0), ("prefetch", 1)):
+            _number(name, getattr(self, name), lo, integer=True)
+        if isinstance(self.views, bool) or not isinstance(self.views, int) or self.views < 0:
+            raise ConfigError(f"views={self.views!r} must be an integer >= 0 (0 = no "
+                              "augmentation bank).")
+        _number("min_tissue", self.min_tissue, 0)
+        if self.min_tissue > 1:
+            raise ConfigError(f"min_tissue={self.min_tissue!r} must be a fraction in [0, 1].")
+        if self.overlap >= self.tile_size:
+            raise ConfigError(f"overlap={self.overlap!r} must be smaller than "
+                              f"tile_size={self.tile_size}.")
+        if self.assume_mpp is not None:
+            _number("assume_mpp", self.assume_mpp, 0, strict=True)
+        if self.dtype not in ("float16", "float32"):
+            raise ConfigError(f"dtype={self.dtype!r} must be 'float16' or 'float32'.")
+        if self.read_threads is not None:
+            _number("read_threads", self.read_threads, 1, integer=True)
+        if not isinstance(self.device, str) or not isinstance(self.backend, str):
+            raise ConfigError(f"device={self.device!r} and backend={self.backend!r} must be "
+                              "strings.")
+        cfg = get_augment_config(self.augment)  # raises ConfigError for an unknown preset
+        for name, cast in (("mpp", float), ("tile_size", int), ("overlap", int),
+                           ("min_tissue", float), ("view_tiles", int), ("seed", int),
+                           ("batch_size", int), ("prefetch", int)):
+            object.__setattr__(self, name, cast(getattr(self, name)))
+        if not isinstance(self.augment, str):
+            object.__setattr__(self, "augment", cfg)
+        object.__setattr__(self, "_augment_cfg", cfg)
+
+    @property
+    def augment_config(self) -> Any:
+        """The :class:`~wsi_ssl.augment.AugmentConfig` of ``augment``."""
+        return self._augment_cfg  # type: ignore[attr-defined]
+
+    def hash_fields(self, fingerprint: str) -> dict[str, Any]:
+        """The settings that decide the stored features, with the encoder's fingerprint
+        (what a slide's ``settings_hash`` is computed from)."""
+        d = {k: getattr(self, k) for k in _SETTINGS_KEYS if hasattr(self, k) and k != "augment"}
+        d.update(augment_cfg=self.augment_config.to_dict(), fingerprint=fingerprint)
+        return {k: d[k] for k in _SETTINGS_KEYS}
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly settings; the store's slide attrs hold them as ``embed_settings``
+        (without the run-only ``batch_size``, ``read_threads``, ``prefetch``, ``device``)."""
+        d = {f: getattr(self, f) for f in self.__dataclass_fields__ if f != "augment"}
+        d.update(augment_cfg=self.augment_config.to_dict(),
+                 augment_preset=self.augment if isinstance(self.augment, str) else None)
+        return d
+
+    def stored_settings(self) -> dict[str, Any]:
+        """``to_dict()`` less the run-only settings (``embed_settings`` of the slide attrs)."""
+        d = self.to_dict()
+        for k in ("batch_size", "read_threads", "prefetch", "device", "assume_mpp"):
+            d.pop(k)
+        return d
+
+
+def _preset_defaults(encoder: Any, mpp: float | None, tile_size: int | None
+                     ) -> tuple[float, int, str | None]:
+    """``mpp`` / ``tile_size`` not given: the encoder preset's, else 0.5 µm/px and 224 px."""
+    if mpp is not None and tile_size is not None:
+        return mpp, tile_size, None
+    from wsi_ssl.encoders import get_preset
+
+    name = getattr(encoder, "name", encoder)
+    preset = get_preset(str(name)) if isinstance(name, (str, os.PathLike)) else None
+    if preset is None:
+        return (_DEFAULT_MPP if mpp is None else mpp,
+                _DEFAULT_TILE_SIZE if tile_size is None else tile_size, None)
+    out_mpp = preset.mpp if mpp is None else mpp
+    out_size = preset.tile_size if tile_size is None else tile_size
+    logger.info("embed_slides: %s from the %r preset (the resolution it was trained at)",
+                " and ".join(s for s, given in ((f"mpp={out_mpp} µm/px", mpp),
+                                                (f"tile_size={out_size} px", tile_size))
+                             if given is None), preset.name)
+    return out_mpp, out_size, preset.name
+
+
 # ----------------------------------------------------------------------------------- driver
 
 
-def _settings_hash(settings: dict[str, Any], job: dict[str, Any], source: dict[str, Any]) -> str:
-    blob = {k: settings.get(k) for k in _SETTINGS_KEYS}
+def _settings_hash(config: EmbedConfig, fingerprint: str, job: dict[str, Any],
+                   source: dict[str, Any] | None) -> str:
+    blob = config.hash_fields(fingerprint)
     blob.update(job_mpp=job.get("mpp"), path=str(Path(job["path"]).resolve()), source=source)
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-_SETTINGS_KEYS = ("mpp", "tile_size", "overlap", "min_tissue", "views", "view_tiles",
-                  "augment_cfg", "seed", "dtype", "fingerprint", "backend")
 
 
 def _repair_jobs(store: Any, jobs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], set[str]]:
@@ -214,41 +371,25 @@ def _watch_workers(client: Any, address: str, stop: threading.Event, every: floa
                            address, now - since, address)
 
 
-def _default_workers(n_jobs: int) -> tuple[int, int]:
-    """(worker processes, torch threads per worker) for a LocalCluster sized to the machine."""
-    import torch
+def _connect(client: Any) -> Any:
+    """A ``distributed.Client`` for ``client=`` an address or a Client (an existing cluster)."""
+    from distributed import Client
 
-    cores = os.cpu_count() or 1
-    if torch.cuda.is_available():
-        n = torch.cuda.device_count()
-        return max(1, min(n, n_jobs)), max(1, cores // max(1, n) - 2)
-    # CPU: torch parallelises a batch well over ~4 cores; more processes beyond that
-    n = max(1, min(n_jobs, cores // 4))
-    return n, max(1, cores // n)
-
-
-def _make_client(client: Any, n_workers: int | None, n_jobs: int):
-    """(client, cluster_to_close, torch_threads) for ``client=None | address | Client``."""
-    from distributed import Client, LocalCluster
-
-    if client is None:
-        n, threads = _default_workers(n_jobs)
-        if n_workers is not None:
-            n = int(n_workers)
-            threads = max(1, (os.cpu_count() or 1) // n)
-        cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
-                               dashboard_address=None)
-        return Client(cluster), cluster, threads
     if isinstance(client, str):
         try:
-            return Client(client, timeout="30s"), None, None
+            return Client(client, timeout="30s")
         except (OSError, ValueError, TimeoutError) as err:
             raise ConfigError(f"cannot connect to the dask scheduler at client={client!r}: {err}; "
                               "start it with `dask scheduler` or pass client=None.") from err
     if hasattr(client, "submit"):
-        return client, None, None
-    raise ConfigError(f"client={client!r} must be None (local cluster), 'sync' (in this process), "
+        return client
+    raise ConfigError(f"client={client!r} must be None (decide here), 'sync' (in this process), "
                       "a scheduler address 'tcp://host:port' or a distributed.Client.")
+
+
+_SETTING_NAMES = ("mpp", "tile_size", "overlap", "min_tissue", "views", "view_tiles", "augment",
+                  "seed", "dtype", "assume_mpp", "backend", "batch_size", "read_threads",
+                  "device")
 
 
 def embed_slides(
@@ -257,8 +398,8 @@ def embed_slides(
     store: Any,
     *,
     weights: str | os.PathLike | None = None,
-    mpp: float = 0.5,
-    tile_size: int = 224,
+    mpp: float | None = None,
+    tile_size: int | None = None,
     views: int = 0,
     view_tiles: int = 256,
     augment: Any = "histo",
@@ -268,7 +409,7 @@ def embed_slides(
     seed: int = 0,
     assume_mpp: float | None = None,
     manifest: str | os.PathLike | None = None,
-    dtype: str = "float16",
+    dtype: Literal["float16", "float32"] = "float16",
     device: str = "auto",
     client: Any = None,
     n_workers: int | None = None,
@@ -277,6 +418,7 @@ def embed_slides(
     overwrite: bool = False,
     wait: bool | float = False,
     repair: bool = False,
+    config: EmbedConfig | None = None,
 ) -> EmbedReport:
     """Embed every tissue tile of every slide (and ``views`` augmented versions) into a store.
 
@@ -284,12 +426,16 @@ def embed_slides(
         slides: files, folders, glob patterns, or dicts ``{"path", "slide_id"?, "mpp"?}``
             (``None`` with ``manifest=``).
         encoder: a :class:`~wsi_ssl.encoders.TileEncoder` or a name for
-            :func:`~wsi_ssl.encoders.create_encoder` (each worker builds it once, on its device).
+            :func:`~wsi_ssl.encoders.create_encoder`. Given by name it is never built here:
+            each worker builds it once, on its device, and keeps it across slides; the store
+            is bound to its spec fingerprint (spec + the weights file's bytes).
         store: a :class:`~wsi_ssl.store.TileStore` or its path (created if missing).
         mpp: target resolution in µm/px; tile_size: tile edge in px at that resolution.
+            ``None``: the encoder preset's (``get_preset(name).mpp`` / ``.tile_size``, logged
+            and recorded as ``settings_from_preset``), else 0.5 µm/px and 224 px.
         views: ``V`` augmented versions per slide (Giga-SSL bank; 0 = none; paper: 50).
         view_tiles: ``T`` tiles per version (sampled with replacement when the slide has fewer).
-        augment: augmentation preset or config (:func:`wsi_ssl.pretrain.augment.get_augment_config`).
+        augment: augmentation preset or config (:func:`wsi_ssl.augment.get_augment_config`).
         batch_size: tiles per encoder call.
         min_tissue, overlap: grid settings (:func:`wsi_ssl.tiling.tile_grid`).
         seed: seeds the view sampling, per slide together with the slide id.
@@ -297,9 +443,13 @@ def embed_slides(
         manifest: CSV with ``path`` and optional ``slide_id``, ``mpp`` columns.
         dtype: storage dtype of features/views (``"float16"`` or ``"float32"``).
         device: encoder device on each worker (``"auto"``: its GPU if any).
-        client: ``None`` starts a local dask cluster sized to the machine; a scheduler address
-            (``"tcp://host:port"``) or a ``distributed.Client`` uses an existing cluster;
-            ``"sync"`` runs in this process (debugging, benchmarks).
+        client: ``None`` decides and logs it (:func:`~wsi_ssl.tiling._cluster.plan_cluster`):
+            in this process for one slide, one worker or one GPU, else a local dask cluster
+            (one worker per GPU pinned by ``CUDA_VISIBLE_DEVICES``); a scheduler address
+            (``"tcp://host:port"``) or a ``distributed.Client`` uses an existing cluster (slide
+            tasks ask for ``resources={"GPU": 1}`` when its workers advertise it:
+            ``dask worker --resources GPU=1`` or ``dask cuda worker``); ``"sync"`` runs in this
+            process.
         n_workers: worker processes of the local cluster (``client=None`` only).
         read_threads: tile-reading threads per slide (``read_tiles(num_workers=)``).
         backend: slide reader backend (:func:`wsi_ssl.tiling.open_slide`).
@@ -310,63 +460,124 @@ def embed_slides(
         repair: also re-embed every slide that :meth:`TileStore.verify` finds damaged (missing
             or altered chunks), from its recorded source, with these settings (which must be the
             ones it was made with); ``slides`` may then be None.
+        config: all the settings above (``mpp`` ... ``device``) as one :class:`EmbedConfig`;
+            the matching keywords must then be left at their defaults.
 
     Returns:
         An :class:`EmbedReport`; failed slides are recorded in ``store.failures`` too.
     """
-    from wsi_ssl.encoders import TileEncoder, create_encoder
-    from wsi_ssl.pretrain.augment import get_augment_config
+    import inspect
+
+    from wsi_ssl.encoders import TileEncoder, encoder_identity, spec_fingerprint
     from wsi_ssl.store import TileStore
 
     t_start = time.perf_counter()
-    for name, val, lo in (("mpp", mpp, 0), ("tile_size", tile_size, 8),
-                          ("batch_size", batch_size, 1), ("view_tiles", view_tiles, 1)):
-        if isinstance(val, bool) or not isinstance(val, (int, float)) or val < lo or (
-                name == "mpp" and val <= 0):
-            raise ConfigError(f"{name}={val!r} must be a number >= {lo}" + (" (> 0)" if
-                              name == "mpp" else "") + ".")
-    if isinstance(views, bool) or not isinstance(views, int) or views < 0:
-        raise ConfigError(f"views={views!r} must be an integer >= 0 (0 = no augmentation bank).")
-    if assume_mpp is not None and assume_mpp <= 0:
-        raise ConfigError(f"assume_mpp={assume_mpp!r} must be > 0 µm/px.")
-    if dtype not in ("float16", "float32"):
-        raise ConfigError(f"dtype={dtype!r} must be 'float16' or 'float32'.")
-    aug_cfg = get_augment_config(augment)
-    jobs = _jobs(slides, manifest) if (slides is not None or manifest is not None
-                                       or not repair) else []
-    if not isinstance(store, TileStore):
-        store = TileStore(store, mode="a")
+    given = {k: v for k, v in locals().items() if k in _SETTING_NAMES}
+    if config is not None:
+        if not isinstance(config, EmbedConfig):
+            raise ConfigError(f"config={config!r} must be an EmbedConfig.")
+        defaults = inspect.signature(embed_slides).parameters
+        clash = sorted(k for k, v in given.items() if v != defaults[k].default)
+        if clash:
+            raise ConfigError(f"pass the settings either as config=EmbedConfig(...) or as "
+                              f"keywords, not both; got config= and {', '.join(clash)}.")
+    else:
+        mpp_v, size_v, from_preset = _preset_defaults(encoder, mpp, tile_size)
+        given.update(mpp=mpp_v, tile_size=size_v)
+        config = EmbedConfig(**given, settings_from_preset=from_preset)
     if isinstance(encoder, TileEncoder):
         if weights is not None:
             raise ConfigError("weights= is for an encoder given by name; this TileEncoder already "
                               "has its weights.")
         enc = encoder
+        if enc.spec is not None:
+            ident = (enc.name, spec_fingerprint(enc.spec), enc.embed_dim, enc.input_size)
+            payload = EncoderPayload(fingerprint=ident[1], spec=dict(enc.spec,
+                                                                     device=config.device),
+                                     device=config.device)
+        else:
+            import cloudpickle  # a dask dependency; handles modules defined in __main__
+
+            ident = (enc.name, enc.fingerprint, enc.embed_dim, enc.input_size)
+            payload = EncoderPayload(fingerprint=enc.fingerprint, kind="model",
+                                     pickled=cloudpickle.dumps(enc), device=config.device)
+
+        def model_fingerprint() -> str:
+            return enc.fingerprint
     elif isinstance(encoder, (str, os.PathLike)):
-        enc = create_encoder(str(encoder), weights=weights, device="cpu")
+        info = encoder_identity(encoder, weights=weights)  # builds nothing big
+        ident = (info.name, info.fingerprint, info.embed_dim, info.input_size)
+        payload = EncoderPayload(fingerprint=info.fingerprint,
+                                 spec=dict(info.spec, device=config.device), device=config.device)
+
+        def model_fingerprint() -> str:
+            from wsi_ssl.encoders import create_encoder
+
+            return create_encoder(str(encoder), weights=weights, device="cpu").fingerprint
     else:
         raise ConfigError(f"encoder={encoder!r} must be a TileEncoder or an encoder name.")
+    jobs = _jobs(slides, manifest) if (slides is not None or manifest is not None
+                                       or not repair) else []
+    if not isinstance(store, TileStore):
+        store = TileStore(store, mode="a")
     with store.lock(wait=wait):
-        return _run(store, enc, jobs, t_start, repair=repair, overwrite=overwrite, client=client,
-                    n_workers=n_workers, device=device,
-                    settings={"mpp": float(mpp), "tile_size": int(tile_size),
-                              "overlap": int(overlap), "min_tissue": float(min_tissue),
-                              "views": int(views), "view_tiles": int(view_tiles),
-                              "augment": aug_cfg, "augment_cfg": aug_cfg.to_dict(),
-                              "augment_preset": augment if isinstance(augment, str) else None,
-                              "seed": int(seed), "dtype": dtype, "fingerprint": enc.fingerprint,
-                              "assume_mpp": assume_mpp, "backend": backend,
-                              "batch_size": int(batch_size), "read_threads": read_threads,
-                              "prefetch": 4})
+        return _run(store, ident, payload, model_fingerprint, jobs, t_start, repair=repair,
+                    overwrite=overwrite, client=client, n_workers=n_workers, config=config)
 
 
-def _run(store: Any, enc: Any, jobs: list[dict[str, Any]], t_start: float, *, repair: bool,
-         overwrite: bool, client: Any, n_workers: int | None, device: str,
-         settings: dict[str, Any]) -> EmbedReport:
+def _legacy_payload(store: Any, ident: tuple[str, str, int, int], payload: EncoderPayload,
+                    model_fingerprint: Callable[[], str]) -> EncoderPayload:
+    """A store made before spec fingerprints is bound to the model's fingerprint: build the
+    model here once to compare; the same model keeps that fingerprint (and the slides'
+    settings hashes), so nothing is re-embedded."""
+    cur = store.encoder
+    if (payload.kind != "spec" or not cur or cur.get("fingerprint") == payload.fingerprint
+            or cur.get("name") != ident[0] or not store.slide_ids):
+        return payload
+    logger.info("embed_slides: store '%s' is bound to encoder %r by its model fingerprint (made "
+                "before spec fingerprints); building the encoder here once to compare",
+                store.path, ident[0])
+    fp = model_fingerprint()
+    if fp != cur.get("fingerprint"):
+        return payload  # a different encoder: bind_encoder refuses it
+    return EncoderPayload(fingerprint=fp, kind="model", spec=payload.spec, device=payload.device)
+
+
+class _Writer:
+    """Runs the driver's per-slide bookkeeping (store writes) in one background thread, in
+    order, so the store keeps a single writer and the next slide is encoded meanwhile."""
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="wsi-ssl-write")
+        self._futs: list[Future] = []
+
+    def submit(self, fn: Callable[..., None], *args: Any) -> None:
+        for f in [f for f in self._futs if f.done()]:
+            f.result()  # a failed write stops the run here
+            self._futs.remove(f)
+        self._futs.append(self._pool.submit(fn, *args))
+
+    def close(self) -> None:
+        try:
+            for f in self._futs:
+                f.result()
+        finally:
+            self._pool.shutdown(wait=True)
+
+
+def _run(store: Any, ident: tuple[str, str, int, int], payload: EncoderPayload,
+         model_fingerprint: Callable[[], str], jobs: list[dict[str, Any]], t_start: float, *,
+         repair: bool, overwrite: bool, client: Any, n_workers: int | None,
+         config: EmbedConfig) -> EmbedReport:
     """The body of :func:`embed_slides`, run while holding the store's lock."""
     from wsi_ssl._utils import file_fingerprint, progress
     from wsi_ssl._version import __version__
+    from wsi_ssl.tiling._cluster import plan_cluster, start_cluster, submit_options
 
-    store.bind_encoder(enc.name, enc.fingerprint, enc.embed_dim)  # refuses another encoder
+    name, _, embed_dim, input_size = ident
+    payload = _legacy_payload(store, ident, payload, model_fingerprint)
+    fingerprint = payload.fingerprint
+    store.bind_encoder(name, fingerprint, embed_dim)  # refuses another encoder
     store.cleanup()
     forced: set[str] = set()
     if repair:
@@ -374,7 +585,7 @@ def _run(store: Any, enc: Any, jobs: list[dict[str, Any]], t_start: float, *, re
     if not jobs:
         logger.info("embed_slides: nothing to do")
 
-    assume_mpp = settings["assume_mpp"]
+    assume_mpp = config.assume_mpp
     todo, skipped, hashes, missing = [], [], {}, []
     for job in jobs:
         try:
@@ -382,7 +593,7 @@ def _run(store: Any, enc: Any, jobs: list[dict[str, Any]], t_start: float, *, re
         except OSError:
             source = None
             missing.append(job)  # recorded as this slide's failure below; the others go on
-        hashes[job["slide_id"]] = h = _settings_hash(settings, job, source)
+        hashes[job["slide_id"]] = h = _settings_hash(config, fingerprint, job, source)
         attrs = store.slide_attrs(job["slide_id"])
         if job["slide_id"] in forced and source is not None:
             _check_repair_settings(job["slide_id"], attrs or {}, h, store)
@@ -400,14 +611,9 @@ def _run(store: Any, enc: Any, jobs: list[dict[str, Any]], t_start: float, *, re
     logger.info("embed_slides: %d slides, %d already complete, %d to do", len(jobs),
                 len(skipped), len(todo))
 
-    payload: dict[str, Any] = {"fingerprint": enc.fingerprint, "device": device}
-    if enc.spec is not None:
-        payload["spec"] = dict(enc.spec, device=device)
-    else:
-        import cloudpickle  # a dask dependency; handles modules defined in __main__
-
-        payload["pickled"] = cloudpickle.dumps(enc)
-    done, failed = [], []
+    done: list[str] = []
+    failed: list[tuple[str, str, str]] = []
+    where: list[tuple[str, str]] = []
     n_tiles = n_view_tiles = 0
     for job in missing:
         err = (f"InputError: slide file '{job['path']}' does not exist (on {socket.gethostname()}); "
@@ -416,31 +622,30 @@ def _run(store: Any, enc: Any, jobs: list[dict[str, Any]], t_start: float, *, re
         failed.append((job["slide_id"], job["path"], err))
         store.record_failure(job["slide_id"], job["path"], err)
     bar = progress(total=len(todo), desc="embed", unit="slide")
+    stored_settings = config.stored_settings()
 
-    def handle(job: dict[str, Any], res: dict[str, Any]) -> None:
+    def handle(job: dict[str, Any], res: SlideResult | SlideFailure) -> None:
         nonlocal n_tiles, n_view_tiles
         sid = job["slide_id"]
-        if "error" in res:
-            failed.append((sid, job["path"], res["error"]))
-            store.record_failure(sid, job["path"], res["error"])
+        where.append((sid, res.worker))
+        if isinstance(res, SlideFailure):
+            failed.append((sid, job["path"], res.error))
+            store.record_failure(sid, job["path"], res.error)
         else:
-            attrs = dict(res["info"])
+            attrs = dict(res.info)
             attrs.update(source=str(Path(job["path"]).resolve()),
-                         source_file=file_fingerprint(job["path"]), mpp=settings["mpp"],
-                         manifest_mpp=job.get("mpp"),
-                         embed_settings={k: settings.get(k) for k in
-                                         (*_SETTINGS_KEYS, "augment_preset")},
-                         tile_size=settings["tile_size"], overlap=settings["overlap"],
-                         tissue={"min_tissue": settings["min_tissue"]},
-                         augment=settings["augment_cfg"], seed=settings["seed"],
-                         views_requested=settings["views"], wsi_ssl_version=__version__,
-                         settings_hash=hashes[sid], encoder_input_size=enc.input_size)
-            attrs["embed_settings"].pop("fingerprint")
-            store.write_slide(sid, res["features"], res["coords"], views=res["views"],
-                              view_index=res["view_index"], attrs=attrs, dtype=settings["dtype"])
+                         source_file=file_fingerprint(job["path"]), mpp=config.mpp,
+                         manifest_mpp=job.get("mpp"), embed_settings=dict(stored_settings),
+                         tile_size=config.tile_size, overlap=config.overlap,
+                         tissue={"min_tissue": config.min_tissue},
+                         augment=stored_settings["augment_cfg"], seed=config.seed,
+                         views_requested=config.views, wsi_ssl_version=__version__,
+                         settings_hash=hashes[sid], encoder_input_size=input_size)
+            store.write_slide(sid, res.features, res.coords, views=res.views,
+                              view_index=res.view_index, attrs=attrs, dtype=config.dtype)
             done.append(sid)
-            n_tiles += len(res["features"])
-            n_view_tiles += int(res["view_index"].size)
+            n_tiles += len(res.features)
+            n_view_tiles += int(res.view_index.size)
         elapsed = time.perf_counter() - t_start
         rate = (n_tiles + n_view_tiles) / elapsed if elapsed > 0 else 0.0
         k = len(done) + len(failed) - len(missing)
@@ -448,47 +653,73 @@ def _run(store: Any, enc: Any, jobs: list[dict[str, Any]], t_start: float, *, re
         bar.update(1)
         bar.set_postfix(tiles_s=f"{rate:.0f}", failed=len(failed))
         logger.info("%d/%d slides (%s%s), %.0f tiles/s, ETA %.0f s", k, len(todo), sid,
-                    " FAILED" if "error" in res else "", rate, eta)
+                    " FAILED" if isinstance(res, SlideFailure) else "", rate, eta)
 
+    plan = plan_cluster(len(todo), client=client, n_workers=n_workers) if todo else None
+    if plan is not None:
+        logger.info("embed_slides: %s", plan.reason)
+    writer = _Writer()
     try:
-        if todo and client == "sync":
-            payload["torch_threads"] = None
-            for job in todo:
-                handle(job, run_job(job, payload, settings))
-        elif todo:
-            from distributed import as_completed
-
-            cl, cluster, threads = _make_client(client, n_workers, len(todo))
-            payload["torch_threads"] = threads
-            stop = threading.Event()
-            if cluster is None:  # an existing scheduler: say so when it has no workers
-                address = getattr(getattr(cl, "scheduler", None), "address", None) or str(client)
-                every = float(os.environ.get("WSI_SSL_NO_WORKERS_WARN_S", "60"))
-                threading.Thread(target=_watch_workers, args=(cl, address, stop, every),
-                                 name="wsi-ssl-watch-workers", daemon=True).start()
-            try:
-                futs = {}
-                for job in todo:
-                    f = cl.submit(run_job, job, payload, settings, pure=False,
-                                  key=f"embed-{job['slide_id']}-{os.urandom(4).hex()}")
-                    futs[f] = job
-                for f in as_completed(futs):
-                    job = futs[f]
-                    try:
-                        res = f.result()
-                    except Exception as err:  # noqa: BLE001 - a worker died (KilledWorker...)
-                        res = {"slide_id": job["slide_id"],
-                               "error": f"{type(err).__name__}: {err}"}
-                    handle(job, res)
-                    f.release()
-            finally:
-                stop.set()
-                if cl is not client:  # we made it: a local cluster or a connection by address
-                    cl.close()
-                if cluster is not None:
-                    cluster.close()
+        if plan is not None and plan.kind == "sync":
+            for job, res in run_jobs(todo, payload, config):
+                writer.submit(handle, job, res)
+        elif plan is not None:
+            _run_on_cluster(plan, todo, payload, config, client, writer, handle,
+                            start_cluster, submit_options)
     finally:
-        bar.close()
+        try:
+            writer.close()
+        finally:
+            bar.close()
     return EmbedReport(store=store.path, done=tuple(done), skipped=tuple(skipped),
                        failed=tuple(failed), n_tiles=n_tiles, n_view_tiles=n_view_tiles,
-                       seconds=time.perf_counter() - t_start)
+                       seconds=time.perf_counter() - t_start,
+                       plan=plan.reason if plan is not None else "", workers=tuple(where))
+
+
+def _run_on_cluster(plan: Any, todo: list[dict[str, Any]], payload: EncoderPayload,
+                    config: EmbedConfig, client: Any, writer: _Writer,
+                    handle: Callable[..., None], start_cluster: Callable[..., Any],
+                    submit_options: Callable[[Any], dict[str, Any]]) -> None:
+    """Submit one task per slide to a local (GPU) cluster or the given one; hand each result
+    to ``handle`` (in ``writer``'s thread) as it arrives."""
+    import dataclasses
+
+    from distributed import as_completed
+
+    if plan.kind in ("local", "local-gpu"):
+        cl, cluster = start_cluster(plan)
+    else:
+        cl, cluster = _connect(client), None
+    payload = dataclasses.replace(payload, torch_threads=plan.torch_threads)
+    stop = threading.Event()
+    if cluster is None:  # an existing scheduler: say so when it has no workers
+        address = getattr(getattr(cl, "scheduler", None), "address", None) or str(client)
+        every = float(os.environ.get("WSI_SSL_NO_WORKERS_WARN_S", "60"))
+        threading.Thread(target=_watch_workers, args=(cl, address, stop, every),
+                         name="wsi-ssl-watch-workers", daemon=True).start()
+    try:
+        opts = submit_options(cl)
+        if opts:
+            logger.info("embed_slides: the cluster's workers advertise GPU resources; each "
+                        "slide task holds one GPU")
+        futs = {}
+        for job in todo:
+            f = cl.submit(run_job, job, payload, config, pure=False,
+                          key=f"embed-{job['slide_id']}-{os.urandom(4).hex()}", **opts)
+            futs[f] = job
+        for f in as_completed(futs):
+            job = futs[f]
+            try:
+                res = f.result()
+            except Exception as err:  # noqa: BLE001 - a worker died (KilledWorker...)
+                res = SlideFailure(slide_id=job["slide_id"],
+                                   error=f"{type(err).__name__}: {err}")
+            writer.submit(handle, job, res)
+            f.release()
+    finally:
+        stop.set()
+        if cl is not client:  # we made it: a local cluster or a connection by address
+            cl.close()
+        if cluster is not None:
+            cluster.close()
