@@ -53,15 +53,14 @@ def _tensors(module: nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
 
 
 def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path,
-                        metadata: dict[str, str]) -> None:
-    from safetensors.torch import save_file
+                            metadata: dict[str, str]) -> None:
+    """A safetensors file written with the package's one atomic writer
+    (:func:`wsi_ssl._utils.atomic_write_bytes`: temporary sibling, fsync, ``os.replace``)."""
+    from safetensors.torch import save
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(tensors, str(tmp), metadata=metadata)
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    from wsi_ssl._utils import atomic_write_bytes
+
+    atomic_write_bytes(path, save(tensors, metadata=metadata))
 
 
 def save_state(path: str | os.PathLike, tensors: dict[str, torch.Tensor], info: dict[str, Any],
