@@ -160,3 +160,24 @@ def test_not_fitted_and_bad_input():
     clf.fit(bags, y)
     with pytest.raises(InputError, match="feature dim 3, expected 8"):
         clf.predict([np.ones((2, 3))])
+
+
+def test_save_load_round_trip_with_string_labels(tmp_path):
+    from wsi_ssl.errors import WeightsError
+
+    bags, y, _ = make_bags(30, seed=6)
+    labels = np.where(y == 1, "tumour", "normal")
+    clf = MILClassifier("gated_abmil", **dict(FAST, epochs=3), early_stopping=2).fit(bags, labels)
+    out = clf.save(tmp_path / "clf")
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    loaded = MILClassifier.load(out)
+    assert loaded.get_params() == clf.get_params() and loaded.classes_.tolist() == [
+        "normal", "tumour"]
+    np.testing.assert_array_equal(loaded.predict_proba(bags), clf.predict_proba(bags))
+    assert (loaded.predict(bags) == clf.predict(bags)).all()
+    np.testing.assert_array_equal(loaded.validation_indices_, clf.validation_indices_)
+    assert loaded.history_ == clf.history_ and loaded.best_epoch_ == clf.best_epoch_
+    with pytest.raises(WeightsError, match="not a MILClassifier directory"):
+        MILClassifier.load(tmp_path)
+    with pytest.raises(NotFittedError):
+        MILClassifier().save(tmp_path / "nothing")

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -17,6 +19,10 @@ from wsi_ssl.mil._coords import to_grid_units
 __all__ = ["MILClassifier"]
 
 logger = logging.getLogger(__name__)
+
+_MODEL_FILE = "model.safetensors"
+_CONFIG_FILE = "config.json"
+_FORMAT = "wsi-ssl-mil-classifier"
 
 
 class MILClassifier(ClassifierMixin, BaseEstimator):
@@ -53,6 +59,9 @@ class MILClassifier(ClassifierMixin, BaseEstimator):
         (and ``val_loss`` with early stopping). n_epochs_: epochs actually run.
         best_epoch_: the epoch whose weights were kept (``n_epochs_`` without early stopping).
         validation_indices_: indices of the bags held out for early stopping (empty without).
+
+    ``save(dir)`` / ``MILClassifier.load(dir)`` write and read the fitted classifier
+    (safetensors weights + JSON config, like ``SlideSSL``).
     """
 
     def __init__(self, head: str = "abmil", *, embed_dim: int = 128, dropout: float = 0.0,
@@ -404,3 +413,86 @@ class MILClassifier(ClassifierMixin, BaseEstimator):
         if att is None:
             raise ConfigError(f"head {self.head!r} has no attention weights.")
         return att[0].cpu().numpy().astype(np.float32)
+
+    # -- persistence ----------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write ``model.safetensors`` (head weights, standardisation) and ``config.json``
+        (parameters, classes, history) into directory ``path``; :meth:`load` reads them back."""
+        import json
+
+        from safetensors.torch import save as to_bytes
+
+        from wsi_ssl._utils import atomic_write_bytes
+        from wsi_ssl._version import __version__
+
+        self._check_fitted()
+        path = Path(path)
+        tensors = {f"head.{k}": v.detach().cpu().contiguous()
+                   for k, v in self.head_.state_dict().items()}
+        tensors |= {"mean_": _as_tensor(self.mean_), "scale_": _as_tensor(self.scale_)}
+        atomic_write_bytes(path / _MODEL_FILE, to_bytes(tensors, metadata={"format": _FORMAT}))
+        cfg = {"format": _FORMAT, "version": __version__, "params": self.get_params(deep=False),
+               "classes": self.classes_.tolist(), "classes_dtype": self.classes_.dtype.str,
+               "n_features_in": self.n_features_in_, "history": self.history_,
+               "best_epoch": self.best_epoch_,
+               "validation_indices": self.validation_indices_.tolist()}
+        try:
+            text = json.dumps(cfg, indent=2)
+        except TypeError as err:
+            raise ConfigError(f"MILClassifier.save: a parameter or class label is not JSON "
+                              f"serialisable ({err}); use plain numbers/strings.") from err
+        atomic_write_bytes(path / _CONFIG_FILE, text.encode())
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, device: str | None = None) -> MILClassifier:
+        """Load a classifier written by :meth:`save` (``device`` overrides the saved one)."""
+        import json
+
+        from safetensors.torch import load_file
+
+        from wsi_ssl._utils import resolve_device
+        from wsi_ssl.errors import WeightsError
+        from wsi_ssl.mil._base import create_head
+
+        path = Path(path)
+        if not (path / _CONFIG_FILE).is_file() or not (path / _MODEL_FILE).is_file():
+            raise WeightsError(f"'{path}' is not a MILClassifier directory (needs {_CONFIG_FILE} "
+                               f"and {_MODEL_FILE}); write one with MILClassifier.save().")
+        try:
+            cfg = json.loads((path / _CONFIG_FILE).read_text())
+            if cfg.get("format") != _FORMAT:
+                raise ValueError(f"format={cfg.get('format')!r}")
+            tensors = load_file(str(path / _MODEL_FILE))
+        except Exception as err:
+            raise WeightsError(f"cannot read the MILClassifier in '{path}': {err}") from err
+        params = dict(cfg["params"])
+        if device is not None:
+            params["device"] = device
+        model = cls(**params)
+        model.classes_ = np.array(cfg["classes"], dtype=np.dtype(cfg["classes_dtype"]))
+        model.n_features_in_ = int(cfg["n_features_in"])
+        model.mean_ = tensors.pop("mean_").numpy()
+        model.scale_ = tensors.pop("scale_").numpy()
+        model.device_ = resolve_device(model.device)
+        embed_dim = model.embed_dim if model.hidden is None else model.hidden
+        head = create_head(model.head, model.n_features_in_, n_classes=len(model.classes_),
+                           embed_dim=embed_dim, dropout=model.dropout,
+                           **(model.head_kwargs or {}))
+        try:
+            head.load_state_dict({k[len("head."):]: v for k, v in tensors.items()}, strict=True)
+        except RuntimeError as err:
+            raise WeightsError(f"weights in '{path / _MODEL_FILE}' do not fit the configured "
+                               f"head: {err}") from err
+        model.head_ = head.to(model.device_).eval()
+        model.history_ = list(cfg["history"])
+        model.n_epochs_ = len(model.history_)
+        model.best_epoch_ = int(cfg["best_epoch"])
+        model.validation_indices_ = np.asarray(cfg["validation_indices"], dtype=np.int64)
+        return model
+
+
+def _as_tensor(a: np.ndarray) -> Any:
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
