@@ -80,10 +80,15 @@ def test_unknown_name_suggests_closest():
         create_encoder("tiny-cnnn")
     with pytest.raises(ConfigError, match="dtype='float8'"):
         create_encoder("tiny-cnn", dtype="float8")
-    with pytest.raises(ConfigError, match="device='cuda'"):
-        if torch.cuda.is_available():
-            raise ConfigError("device='cuda' available: nothing to check here")
+
+
+def test_cuda_asked_for_without_cuda_is_a_config_error(monkeypatch):
+    # simulate a machine without CUDA (also on a GPU machine, where this must still fail)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"device='cuda' was asked for but CUDA is not "
+                                          r"available on this machine; use device='auto' or 'cpu'"):
         create_encoder("tiny-cnn", device="cuda")
+    assert create_encoder("tiny-cnn", device="auto").device.type in ("cpu", "mps")
 
 
 def test_timm_name_without_download():

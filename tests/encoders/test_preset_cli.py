@@ -84,6 +84,38 @@ def test_embed_a_real_slide_with_a_depth_reduced_vit_preset(uni_depth1, slides_d
     np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3)
 
 
+def test_embed_takes_mpp_and_tile_size_from_the_preset_unless_given(uni_depth1, tmp_path,
+                                                                   caplog, monkeypatch):
+    """``--encoder`` a preset without ``--mpp`` / ``--tile-size``: the preset's resolution and
+    tile size (here 1.0 µm/px, 128 px: not the 0.5 / 224 fallbacks), logged and recorded."""
+    import sys
+    from pathlib import Path
+
+    from wsi_ssl.datasets import write_pyramidal_tiff
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from _synthetic import tissue_image
+
+    preset, folder = uni_depth1
+    moved = register_preset(dataclasses.replace(preset, mpp=1.0, tile_size=128), overwrite=True)
+    slide = write_pyramidal_tiff(tmp_path / "s.svs", tissue_image(1024, 768, seed=5), mpp=0.5,
+                                 n_levels=1)
+    store = tmp_path / "p.zarr"
+    with caplog.at_level(logging.INFO, logger="wsi_ssl.tiling._embed"):
+        rc = main(["embed", str(slide), "--store", str(store), "--encoder", moved.name,
+                   "--weights", str(folder), "--batch-size", "16", "--scheduler", "sync"])
+    assert rc == 0
+    assert ("embed_slides: mpp=1.0 µm/px and tile_size=128 px from the 'test-uni-depth1' "
+            "preset") in caplog.text
+    a = TileStore(store, mode="r")["s"].attrs
+    assert (a["mpp"], a["tile_size"], a["tile_size_level0"]) == (1.0, 128, 256)
+    assert a["embed_settings"]["settings_from_preset"] == "test-uni-depth1"
+    rc = main(["embed", str(slide), "--store", str(tmp_path / "q.zarr"), "--encoder", moved.name,
+               "--weights", str(folder), "--tile-size", "96", "--scheduler", "sync"])
+    a = TileStore(tmp_path / "q.zarr", mode="r")["s"].attrs
+    assert rc == 0 and (a["mpp"], a["tile_size"]) == (1.0, 96)  # given wins, per setting
+
+
 @pytest.mark.slow
 def test_real_size_vit_l_forward_on_the_cpu(data_dir, caplog):
     """The UNI architecture at full size (303 M parameters), two real tiles, on the CPU."""

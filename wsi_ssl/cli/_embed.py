@@ -25,8 +25,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", default=None, help="local weights (.safetensors or .pth)")
     p.add_argument("--manifest", default=None,
                    help="CSV with a 'path' column and optional 'slide_id', 'mpp' columns")
-    p.add_argument("--mpp", type=float, default=0.5, help="target resolution, µm/px")
-    p.add_argument("--tile-size", type=int, default=224, help="tile edge in pixels at --mpp")
+    p.add_argument("--mpp", type=float, default=None,
+                   help="target resolution, µm/px (default: the encoder preset's, else 0.5)")
+    p.add_argument("--tile-size", type=int, default=None,
+                   help="tile edge in pixels at --mpp (default: the encoder preset's, else 224)")
     p.add_argument("--min-tissue", type=float, default=0.25, help="min tissue fraction per tile")
     p.add_argument("--views", type=int, default=0,
                    help="augmented versions per slide (Giga-SSL bank; paper: 50; 0 = none)")

@@ -142,8 +142,8 @@ def encoder_identity(name: str | os.PathLike, *, weights: str | os.PathLike | No
                      dtype: str = "auto", random_weights: bool = False,
                      model_kwargs: dict[str, Any] | None = None) -> EncoderIdentity:
     """Name, spec fingerprint, ``embed_dim`` and input size of ``create_encoder(name, ...)``
-    without loading its weights (presets: nothing is built; registered/timm names: built on the
-    meta device only to read ``embed_dim``).
+    without loading its weights (presets and encoders registered with ``embed_dim``: nothing is
+    built; other registered/timm names: built on the meta device only to read ``embed_dim``).
 
     Args:
         name, weights, dtype, random_weights, model_kwargs: as for
@@ -166,7 +166,13 @@ def encoder_identity(name: str | os.PathLike, *, weights: str | os.PathLike | No
     if random_weights or model_kwargs:
         raise ConfigError(f"random_weights/model_kwargs are for foundation-model presets; "
                           f"{name!r} is not one.")
+    from wsi_ssl.encoders._registry import _REGISTRY
+
     spec = plain_spec(name, weights=weights, device="auto", dtype=dtype)
-    dim, info = _dims_without_weights(spec["name"])
+    entry = _REGISTRY.get(spec["name"])
+    if entry is not None and entry.embed_dim is not None:  # nothing to build
+        dim, info = entry.embed_dim, {"input_size": entry.input_size}
+    else:
+        dim, info = _dims_without_weights(spec["name"])
     return EncoderIdentity(name=spec["name"], fingerprint=spec_fingerprint(spec), embed_dim=dim,
                            input_size=int(spec["input_size"] or info["input_size"]), spec=spec)

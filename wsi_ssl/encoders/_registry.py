@@ -41,6 +41,7 @@ class EncoderEntry:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     description: str = ""
+    embed_dim: int | None = None  # known up front: ``embed_slides`` need not build the model
 
 
 _REGISTRY: dict[str, EncoderEntry] = {}
@@ -48,7 +49,8 @@ _REGISTRY: dict[str, EncoderEntry] = {}
 
 def register_encoder(name: str, builder: Callable[[], Any] | None = None, *, input_size: int = 224,
                      mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-                     description: str = "", overwrite: bool = False):
+                     description: str = "", overwrite: bool = False,
+                     embed_dim: int | None = None):
     """Register ``builder`` under ``name`` (usable as a decorator when ``builder`` is omitted).
 
     Args:
@@ -59,6 +61,9 @@ def register_encoder(name: str, builder: Callable[[], Any] | None = None, *, inp
         mean, std: RGB normalisation on the [0, 1] scale.
         description: one line shown by ``list_encoders(verbose=True)`` and ``wsi-ssl info``.
         overwrite: replace an existing registration instead of raising.
+        embed_dim: the feature length ``D`` when known: ``embed_slides`` then never calls
+            ``builder`` in the driver process (otherwise it builds it once on the meta device,
+            without memory for weights, to read ``D``).
     """
     def _register(fn: Callable[[], Any]) -> Callable[[], Any]:
         if not callable(fn):
@@ -67,8 +72,12 @@ def register_encoder(name: str, builder: Callable[[], Any] | None = None, *, inp
         if name in _REGISTRY and not overwrite:
             raise ConfigError(f"an encoder named {name!r} is already registered; pass "
                               "overwrite=True to replace it.")
+        if embed_dim is not None and (isinstance(embed_dim, bool) or not isinstance(embed_dim, int)
+                                      or embed_dim < 1):
+            raise ConfigError(f"register_encoder({name!r}, embed_dim={embed_dim!r}): embed_dim "
+                              "must be a positive integer (or None).")
         _REGISTRY[name] = EncoderEntry(name, fn, int(input_size), tuple(mean), tuple(std),
-                                       description)
+                                       description, embed_dim)
         return fn
 
     if builder is None:
@@ -347,10 +356,10 @@ def encoder_from_spec(spec: dict[str, Any], fingerprint: str | None = None, *,
 def _register_builtins() -> None:
     from wsi_ssl.encoders import _tiny
 
-    register_encoder("tiny-cnn", _tiny.build_tiny_cnn, input_size=64, overwrite=True,
+    register_encoder("tiny-cnn", _tiny.build_tiny_cnn, input_size=64, overwrite=True, embed_dim=64,
                      description="4-block CNN, 64-d, 64 px; random deterministic weights "
                      "(tests/demo)")
-    register_encoder("tiny-vit", _tiny.build_tiny_vit, input_size=64, overwrite=True,
+    register_encoder("tiny-vit", _tiny.build_tiny_vit, input_size=64, overwrite=True, embed_dim=64,
                      description="2-block ViT (timm), 64-d, 64 px; random deterministic weights "
                      "(tests/demo)")
 

@@ -277,7 +277,7 @@ class EmbedConfig:
         d = {f: getattr(self, f) for f in self.__dataclass_fields__ if f != "augment"}
         d.update(augment_cfg=self.augment_config.to_dict(),
                  augment_preset=self.augment if isinstance(self.augment, str) else None)
-        return d
+        return json.loads(json.dumps(d))  # plain JSON types (lists, not tuples)
 
     def stored_settings(self) -> dict[str, Any]:
         """``to_dict()`` less the run-only settings (``embed_settings`` of the slide attrs)."""
@@ -504,6 +504,8 @@ def embed_slides(
 
         def model_fingerprint() -> str:
             return enc.fingerprint
+
+        given_enc: TileEncoder | None = enc
     elif isinstance(encoder, (str, os.PathLike)):
         info = encoder_identity(encoder, weights=weights)  # builds nothing big
         ident = (info.name, info.fingerprint, info.embed_dim, info.input_size)
@@ -514,6 +516,8 @@ def embed_slides(
             from wsi_ssl.encoders import create_encoder
 
             return create_encoder(str(encoder), weights=weights, device="cpu").fingerprint
+
+        given_enc = None
     else:
         raise ConfigError(f"encoder={encoder!r} must be a TileEncoder or an encoder name.")
     jobs = _jobs(slides, manifest) if (slides is not None or manifest is not None
@@ -522,7 +526,8 @@ def embed_slides(
         store = TileStore(store, mode="a")
     with store.lock(wait=wait):
         return _run(store, ident, payload, model_fingerprint, jobs, t_start, repair=repair,
-                    overwrite=overwrite, client=client, n_workers=n_workers, config=config)
+                    overwrite=overwrite, client=client, n_workers=n_workers, config=config,
+                    encoder=given_enc)
 
 
 def _legacy_payload(store: Any, ident: tuple[str, str, int, int], payload: EncoderPayload,
@@ -568,7 +573,7 @@ class _Writer:
 def _run(store: Any, ident: tuple[str, str, int, int], payload: EncoderPayload,
          model_fingerprint: Callable[[], str], jobs: list[dict[str, Any]], t_start: float, *,
          repair: bool, overwrite: bool, client: Any, n_workers: int | None,
-         config: EmbedConfig) -> EmbedReport:
+         config: EmbedConfig, encoder: Any = None) -> EmbedReport:
     """The body of :func:`embed_slides`, run while holding the store's lock."""
     from wsi_ssl._utils import file_fingerprint, progress
     from wsi_ssl._version import __version__
@@ -661,7 +666,7 @@ def _run(store: Any, ident: tuple[str, str, int, int], payload: EncoderPayload,
     writer = _Writer()
     try:
         if plan is not None and plan.kind == "sync":
-            for job, res in run_jobs(todo, payload, config):
+            for job, res in run_jobs(todo, payload, config, encoder=encoder):
                 writer.submit(handle, job, res)
         elif plan is not None:
             _run_on_cluster(plan, todo, payload, config, client, writer, handle,

@@ -319,12 +319,18 @@ def _producer(prep: PreparedSlide, config: EmbedConfig, out_size: int, on_device
         q.put(("error", err, None))
 
 
+def _augment_on_device(enc: Any) -> bool:
+    """Whether the view-bank augmentations run on the encoder's device (a GPU) instead of in
+    the reader thread (on the CPU the reader thread augments while the encoder runs)."""
+    return enc.device.type != "cpu"
+
+
 def encode_slide(prep: PreparedSlide, enc: Any, config: EmbedConfig) -> SlideResult:
     """Encode a prepared slide's tiles and view bank (closes the slide)."""
     from wsi_ssl.augment import apply_params
 
     job, slide, grid = prep.job, prep.slide, prep.grid
-    on_device = enc.device.type != "cpu"
+    on_device = _augment_on_device(enc)
     with slide:
         n, d = len(grid), enc.embed_dim
         features = np.zeros((n, d), np.float32)
@@ -384,10 +390,10 @@ def encode_slide(prep: PreparedSlide, enc: Any, config: EmbedConfig) -> SlideRes
                        seconds=time.perf_counter() - prep.t0, worker=_where(enc.device))
 
 
-def _encode_prepared(prep: PreparedSlide, payload: EncoderPayload, config: EmbedConfig
-                     ) -> SlideResult:
+def _encode_prepared(prep: PreparedSlide, payload: EncoderPayload, config: EmbedConfig,
+                     encoder: Any = None) -> SlideResult:
     try:
-        enc = _worker_encoder(payload)
+        enc = encoder if encoder is not None else _worker_encoder(payload)
     except BaseException:
         prep.slide.close()
         raise
@@ -409,11 +415,21 @@ def run_job(job: dict[str, Any], payload: EncoderPayload, config: EmbedConfig
         return _failure(job, err)
 
 
-def run_jobs(jobs: Iterable[dict[str, Any]], payload: EncoderPayload, config: EmbedConfig
-             ) -> Iterator[tuple[dict[str, Any], SlideResult | SlideFailure]]:
+def run_jobs(jobs: Iterable[dict[str, Any]], payload: EncoderPayload, config: EmbedConfig, *,
+             encoder: Any = None) -> Iterator[tuple[dict[str, Any], SlideResult | SlideFailure]]:
     """In-process: the slides in order, the next one opened and gridded in a thread while the
-    current one is encoded. Yields ``(job, result)``."""
+    current one is encoded. Yields ``(job, result)``.
+
+    Args:
+        encoder: a ``TileEncoder`` given to ``embed_slides``: used as it is when it already
+            sits on the device ``config.device`` resolves to (else built from ``payload``).
+    """
+    from wsi_ssl._utils import resolve_device
+    from wsi_ssl.tiling._cluster import worker_device
+
     jobs = list(jobs)
+    if encoder is not None and encoder.device != resolve_device(worker_device(config.device)):
+        encoder = None
     if not jobs:
         return
     with ThreadPoolExecutor(1, thread_name_prefix="wsi-ssl-prepare") as pool:
@@ -424,8 +440,8 @@ def run_jobs(jobs: Iterable[dict[str, Any]], payload: EncoderPayload, config: Em
                 if i + 1 < len(jobs):
                     nxt = pool.submit(prepare_slide, jobs[i + 1], config)
                 try:
-                    res: SlideResult | SlideFailure = _encode_prepared(cur.result(), payload,
-                                                                       config)
+                    res: SlideResult | SlideFailure = _encode_prepared(
+                        cur.result(), payload, config, encoder)
                 except Exception as err:  # noqa: BLE001 - recorded per slide
                     res = _failure(job, err)
                 yield job, res
