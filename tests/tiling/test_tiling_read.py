@@ -59,9 +59,13 @@ def test_memory_is_bounded_by_regions_in_flight_not_by_slide_size(synthetic_slid
             peaks[name] = tracemalloc.get_traced_memory()[1]
             tracemalloc.stop()
             assert n == len(idx)
-        # 4x the tiles, same peak (~11 MB: (num_workers + 2) regions of 672^2 px, batches, buffers)
+        # 4x the tiles, no more memory: the peak (~8-12 MB, depending on thread timing) is
+        # (num_workers + 2) regions of 672^2 px, batches and buffers, far below the decoded
+        # tiles of the quarter (>= 7.5 MB) or of the whole grid (>= 30 MB)
         assert len(grid) >= 200
-        assert peaks["all"] < 1.15 * peaks["quarter"] and peaks["all"] < 16e6, peaks
+        tiles_bytes = len(grid) * 224 * 224 * 3
+        assert peaks["all"] < 16e6 < tiles_bytes / 2, (peaks, tiles_bytes)
+        assert peaks["all"] - peaks["quarter"] < tiles_bytes * 3 / 4 / 6, (peaks, tiles_bytes)
 
 
 def test_indices_subset_and_backends_agree(synthetic_slide):
@@ -223,3 +227,19 @@ def test_plot_grid_returns_figure(slides_dir, tmp_path):
         assert (tmp_path / "qc.png").stat().st_size > 10_000
         empty = grid.subset([])
         assert isinstance(plot_grid(slide, empty), Figure)
+
+
+@pytest.mark.parametrize("mpp", [0.6, 1.0])
+def test_a_tile_does_not_depend_on_the_batch_it_is_read_with(slides_dir, mpp):
+    # resized reads (f = 1.2: bilinear; f = 2.0: 2x2 blocks): tile i read alone, or with the whole
+    # grid in other regions, gives the same pixels (the view bank reads subsets of the grid)
+    with open_slide(slides_dir / "cmu-1-small-region.svs") as slide:
+        grid = tile_grid(slide, mpp=mpp, tile_size=32, min_tissue=0.0)
+        assert grid.needs_resize
+        every = np.zeros((len(grid), 32, 32, 3), np.uint8)
+        for b in read_tiles(slide, grid, batch_size=256):
+            every[b.indices] = b.tiles
+        for i in range(0, len(grid), max(1, len(grid) // 25)):
+            alone = next(read_tiles(slide, grid, indices=np.array([i]))).tiles[0]
+            d = np.abs(alone.astype(int) - every[i].astype(int))
+            assert d.mean() < 0.05 and d.max() <= 2, (i, d.mean(), d.max())
