@@ -155,6 +155,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-auto", action="store_true",
                     help="skip the `--preset auto` row (trained with the first --heads entry)")
     args = ap.parse_args(argv)
+    from wsi_ssl.pretrain import mean_pool_embeddings
 
     args.out.mkdir(parents=True, exist_ok=True)
     cohort, store, embed_s = build(args.out, args.n_slides, args.seed, args.views,
@@ -163,7 +164,7 @@ def main(argv=None) -> int:
     ids = [s for s in store.slide_ids if s in labels.index]
     y = labels.loc[ids, "label"].to_numpy().astype(int)
 
-    feats = {"mean pool": np.stack([store[s].features.astype(np.float32).mean(0) for s in ids])}
+    feats = {"mean pool": mean_pool_embeddings(store, ids).embeddings}
     runs = {}
     for head in args.heads:
         model, fit_s = fit_slide_ssl(store, ids, head, args, args.out)

@@ -112,13 +112,11 @@ print("tiles per cluster:", np.bincount(cm.clusters).tolist(), "->", cm.figure)
 # mAP@5; a query never retrieves its own patient's slides).
 
 # %%
-from wsi_ssl.eval import retrieval_report, similar  # noqa: E402
-from wsi_ssl.eval._retrieval import plot_retrieval  # noqa: E402
-from wsi_ssl.store import SlideEmbeddings  # noqa: E402
+from wsi_ssl.eval import plot_retrieval, retrieval_report, similar  # noqa: E402
+from wsi_ssl.pretrain import mean_pool_embeddings  # noqa: E402
 
 print(similar(ssl_emb, pos[0], k=3, patients=cohort.labels_csv).to_frame().to_string(index=False))
-mean_emb = SlideEmbeddings(tuple(store.slide_ids), np.stack(
-    [np.asarray(store[s].features, np.float32).mean(0) for s in store.slide_ids]))
+mean_emb = mean_pool_embeddings(store)
 reports = {"slide-ssl": retrieval_report(ssl_emb, labels, n_bootstrap=200),
            "mean-pool": retrieval_report(mean_emb, labels, n_bootstrap=200)}
 for name, rep in reports.items():

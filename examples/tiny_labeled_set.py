@@ -56,6 +56,7 @@ N_SLIDES = int(os.environ.get("WSI_SSL_EXAMPLE_N_SLIDES", "24"))
 # times shorten with the tumour extent. Embedding and slide SSL run in this process (small).
 
 # %%
+from wsi_ssl.pretrain import mean_pool_embeddings  # noqa: E402
 from wsi_ssl.store import SlideEmbeddings, TileStore  # noqa: E402
 
 if STORE is None or EMBEDDINGS is None or LABELS is None:
@@ -81,8 +82,7 @@ print(f"{len(labels)} labelled slides ({int(labels['label'].sum())} positive), "
 
 # the baseline: the mean of each slide's tile features
 ids = labels["slide_id"].tolist()
-mean_emb = SlideEmbeddings(tuple(ids), np.stack([store[s].features.astype(np.float32).mean(0)
-                                                  for s in ids]), {"method": "mean pooling"})
+mean_emb = mean_pool_embeddings(store, ids)
 
 # %% [markdown]
 # ## Few-shot linear probes
@@ -127,7 +127,7 @@ for n in N_LABELED:
         for cls in (0, 1):
             side = [s for s in train_side if y_of[s] == cls]
             pick += list(rng.choice(side, size=min(n // 2, len(side)), replace=False))
-        clf = MILClassifier("abmil", hidden=64, epochs=20, device="cpu", seed=0)
+        clf = MILClassifier("abmil", embed_dim=64, epochs=20, device="cpu", seed=0)
         clf.fit(store, [y_of[s] for s in pick], slide_ids=pick)
         proba = clf.predict_proba(store, slide_ids=heldout)[:, list(clf.classes_).index(1)]
         aucs.append(roc_auc_score(y_test, proba))

@@ -16,6 +16,20 @@ def _data_dir() -> Path:
     return Path(env) if env else (REPO.parent / "shared" / "data")
 
 
+@pytest.fixture(scope="module")
+def single_thread_torch():
+    """Run torch single-threaded for a whole test module: on the shared 2-core CI machine, OpenMP
+    threads spinning against other processes made tiny models ~100x slower. Opt in with
+    ``pytestmark = pytest.mark.usefixtures("single_thread_torch")`` (module-scoped, so the
+    module's own module-scoped fixtures that train models run single-threaded too)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     """``$WSI_SSL_TEST_DATA`` or ``../shared/data`` (the real slides, tiles, MIL sets, features)."""

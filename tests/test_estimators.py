@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import inspect
 import pickle
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,22 +17,15 @@ from typing import Any
 import numpy as np
 import pytest
 from sklearn.base import BaseEstimator, clone
+from sklearn.exceptions import NotFittedError as SklearnNotFittedError
 
 from wsi_ssl.errors import NotFittedError
 from wsi_ssl.mil import MILClassifier
 from wsi_ssl.pretrain import SlideSSL
 
+pytestmark = pytest.mark.usefixtures("single_thread_torch")
+
 D = 8
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @dataclass(frozen=True)
@@ -141,6 +136,19 @@ def test_get_set_params_round_trip_and_clone(spec):
 def test_not_fitted_error_before_fit(spec, data):
     with pytest.raises(NotFittedError, match="not fitted"):
         spec.output(spec.make(), data)
+    # also scikit-learn's own NotFittedError, as code written for sklearn estimators catches
+    with pytest.raises(SklearnNotFittedError, match="not fitted"):
+        spec.output(spec.make(), data)
+
+
+def test_errors_import_without_scikit_learn_and_pickle():
+    """``wsi_ssl.errors`` makes its sklearn-derived NotFittedError on first use, not at import."""
+    code = ("import sys, wsi_ssl.errors; assert 'sklearn' not in sys.modules; "
+            "from wsi_ssl.errors import NotFittedError, WsiSslError; "
+            "assert 'sklearn' in sys.modules and issubclass(NotFittedError, WsiSslError)")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    err = pickle.loads(pickle.dumps(NotFittedError("x")))
+    assert type(err) is NotFittedError and str(err) == "x"
 
 
 def test_fit_returns_self_adds_only_learned_attributes(spec, data):

@@ -85,16 +85,6 @@ def _step(name: str, say: Callable[[str], None], timings: dict[str, float]):
     return _Timer()
 
 
-def mean_pooled(store: Any, slide_ids: list[str] | None = None):
-    """The baseline slide embedding: the mean of each slide's clean tile features."""
-    from wsi_ssl.store import SlideEmbeddings
-
-    ids = list(slide_ids) if slide_ids is not None else list(store.slide_ids)
-    mat = np.stack([np.asarray(store[s].features, np.float32).mean(0) for s in ids])
-    return SlideEmbeddings(tuple(ids), mat, {"method": "mean-pooled tile features",
-                                             "store": str(getattr(store, "path", ""))})
-
-
 def run_demo(out_dir: str | os.PathLike = "wsi-ssl-demo", config: DemoConfig | None = None,
              *, say: Callable[[str], None] | None = None) -> DemoResult:
     """Run the whole pipeline into ``out_dir`` and return the summary (also in ``summary.json``).
@@ -159,7 +149,7 @@ def run_demo(out_dir: str | os.PathLike = "wsi-ssl-demo", config: DemoConfig | N
     store = TileStore(store_path, mode="r")
 
     # 4. slide SSL --------------------------------------------------------------------------
-    from wsi_ssl.pretrain import SlideSSL
+    from wsi_ssl.pretrain import SlideSSL, mean_pool_embeddings
 
     model_dir = out / "slide_model"
     with _step(f"slide-level contrastive pretraining (Giga-SSL, {cfg.slide_epochs} epochs)",
@@ -183,7 +173,7 @@ def run_demo(out_dir: str | os.PathLike = "wsi-ssl-demo", config: DemoConfig | N
         else:
             ssl_emb = model.transform(store)
             ssl_emb.save(emb_path)
-        mean_emb = mean_pooled(store, list(ssl_emb.slide_ids))
+        mean_emb = mean_pool_embeddings(store, list(ssl_emb.slide_ids))
         say(f"    {len(ssl_emb)} slides x {ssl_emb.dim} floats, "
             f"{ssl_emb.nbytes_per_slide:.0f} bytes per slide ({emb_path.name})")
 
@@ -227,8 +217,7 @@ def _look_inside(out: Path, cohort: Any, store: Any, model: Any, embeddings: dic
     """Heatmaps of one positive and one negative slide, a cluster map, the localisation of the
     tumour by the attention over every positive slide, and slide retrieval for each embedding."""
     from wsi_ssl.errors import ConfigError
-    from wsi_ssl.eval import cluster_map, heatmap, retrieval_report, tile_scores
-    from wsi_ssl.eval._retrieval import plot_retrieval
+    from wsi_ssl.eval import cluster_map, heatmap, plot_retrieval, retrieval_report, tile_scores
 
     labels = cohort.labels
     reports = {}

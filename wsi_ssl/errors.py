@@ -29,7 +29,7 @@ __all__ = [
     "InputError",
     "LabelError",
     "ConfigError",
-    "NotFittedError",
+    "NotFittedError",  # noqa: F822 (made on first use, see __getattr__)
     "CheckpointError",
 ]
 
@@ -90,9 +90,31 @@ class ConfigError(WsiSslError, ValueError):
     """A parameter has an invalid value (the message names it and the allowed range)."""
 
 
-class NotFittedError(WsiSslError, AttributeError):
-    """A learning component was used before ``fit`` (scikit-learn convention)."""
-
-
 class CheckpointError(WsiSslError, OSError):
     """A training checkpoint cannot be read, or belongs to a different run configuration."""
+
+
+def _make_not_fitted_error() -> type:
+    from sklearn.exceptions import NotFittedError as SklearnNotFittedError
+
+    class NotFittedError(WsiSslError, SklearnNotFittedError):
+        """A learning component was used before ``fit`` (scikit-learn convention).
+
+        Also scikit-learn's ``NotFittedError`` (hence ``ValueError`` and ``AttributeError``), so
+        ``sklearn.utils.validation.check_is_fitted`` callers and ``except`` clauses written for
+        scikit-learn estimators catch it.
+        """
+
+    NotFittedError.__module__ = __name__
+    NotFittedError.__qualname__ = "NotFittedError"
+    return NotFittedError
+
+
+def __getattr__(name: str) -> type:
+    # NotFittedError subclasses scikit-learn's; it is made on first use so that importing
+    # wsi_ssl (and its error hierarchy) does not import scikit-learn (~1.5 s).
+    if name == "NotFittedError":
+        cls = _make_not_fitted_error()
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -13,18 +13,7 @@ from wsi_ssl.eval import cluster_map, heatmap, tile_scores
 from wsi_ssl.mil import MILClassifier
 from wsi_ssl.pretrain import SlideSSL
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models: one torch thread is faster than two on a shared CPU."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_thread_torch")]
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,9 @@ import importlib.util
 from pathlib import Path
 
 import numpy as np
+import pytest
+
+pytestmark = pytest.mark.usefixtures("single_thread_torch")
 
 REPO = Path(__file__).resolve().parents[2]
 

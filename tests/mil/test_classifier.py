@@ -8,6 +8,8 @@ import pytest
 from wsi_ssl.errors import ConfigError, InputError, LabelError, NotFittedError
 from wsi_ssl.mil import MILClassifier
 
+pytestmark = pytest.mark.usefixtures("single_thread_torch")
+
 D = 8
 
 

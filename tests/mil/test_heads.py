@@ -9,6 +9,8 @@ from torch.nn import functional as F
 from wsi_ssl.errors import ConfigError, InputError
 from wsi_ssl.mil import MILOutput, SparseConv2d, SparseGrid, create_head, list_heads
 
+pytestmark = pytest.mark.usefixtures("single_thread_torch")
+
 D = 12
 
 

@@ -27,9 +27,11 @@ def test_tile_slides_records_failures_and_goes_on(slides_dir, tmp_path):
     assert by_id["tcga-cr-7395-01a-01-ts1"].status == "failed"
     assert "MissingMPPError" in by_id["tcga-cr-7395-01a-01-ts1"].error
     assert report.n_failed == 2 and not report.ok
-    meta, coords = load_grid(tmp_path / "out" / "cmu-1-small-region")
-    assert coords.shape == (by_id["cmu-1-small-region"].n_tiles, 2) and coords.dtype == np.int64
-    assert meta["backend"] == "tiffslide" and meta["level"] == 0 and meta["read_size"] == 224
+    g = load_grid(tmp_path / "out" / "cmu-1-small-region")
+    assert g.coords.shape == (by_id["cmu-1-small-region"].n_tiles, 2)
+    assert g.coords.dtype == np.int64
+    assert g.meta["backend"] == "tiffslide" and g.meta["level"] == 0
+    assert g.meta["read_size"] == 224
     assert (tmp_path / "out" / "tiling_report.csv").read_text().count("\n") == 4
     with pytest.raises(ConfigError, match="assume_mpp=-2"):
         tile_slides(slides[:1], tmp_path / "o2", assume_mpp=-2)
@@ -61,5 +63,5 @@ def test_cli_subprocess_glob_and_spaces(spaced_slide, tmp_path):
         capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr
     assert "1 slides" in res.stdout and "0 failed" in res.stdout
-    _, coords = load_grid(out / "my_slide_copy_2")
-    assert len(coords) > 10
+    g = load_grid(out / "my_slide_copy_2")
+    assert len(g.coords) > 10

@@ -10,7 +10,13 @@ from wsi_ssl.eval._export import GeoJSONExport, export_geojson
 from wsi_ssl.eval._heatmap import HeatmapResult, heatmap, tile_scores
 from wsi_ssl.eval._probe import linear_probe
 from wsi_ssl.eval._probe_report import ProbeReport, ProbeResult, RocCurve
-from wsi_ssl.eval._retrieval import RetrievalReport, SimilarResult, retrieval_report, similar
+from wsi_ssl.eval._retrieval import (
+    RetrievalReport,
+    SimilarResult,
+    plot_retrieval,
+    retrieval_report,
+    similar,
+)
 from wsi_ssl.eval._survival import SurvivalFold, SurvivalReport, survival
 
 __all__ = [
@@ -31,6 +37,7 @@ __all__ = [
     "SimilarResult",
     "retrieval_report",
     "RetrievalReport",
+    "plot_retrieval",
     "export_geojson",
     "GeoJSONExport",
 ]
