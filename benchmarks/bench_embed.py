@@ -130,8 +130,8 @@ def main() -> None:
             rss = json.loads(child.stdout.strip().splitlines()[-1])["rss_mb"]
             row = {"slide_px": size, "tiles": len(grid), "encoder_tiles_s": best_enc,
                    "e2e_tiles_s": best_e2e, "ratio": best_e2e / best_enc, "peak_rss_mb": rss,
-                   "store_bytes_per_tile": summ["bytes_per_tile"],
-                   "store_bytes_per_slide": summ["bytes_per_slide"]}
+                   "store_bytes_per_tile": summ.bytes_per_tile,
+                   "store_bytes_per_slide": summ.bytes_per_slide}
             rows.append(row)
             print(f"{size:>6}x{size:<5} {len(grid):>6} {best_enc:>12.1f} {best_e2e:>15.1f} "
                   f"{row['ratio']:>6.2f} {rss:>12.0f} {row['store_bytes_per_tile']:>13.0f} "

@@ -10,7 +10,7 @@ import pytest
 import zarr
 
 from wsi_ssl.errors import EncoderMismatchError, InputError, StoreError, StoreFormatError
-from wsi_ssl.store import STORE_FORMAT_VERSION, SlideRecord, TileStore
+from wsi_ssl.store import STORE_FORMAT_VERSION, SlideRecord, StoreSummary, TileStore
 
 STAMP_H5 = "features/TCGA-AD-6964-01Z-00-DX1/features.h5"
 
@@ -190,5 +190,9 @@ def test_summary_sizes(store):
         feats, coords, views, vidx = _slide(rng, n=100)
         store.write_slide(f"s{i}", feats, coords, views=views, view_index=vidx)
     s = store.summary()
-    assert s["slides"] == 3 and s["tiles"] == 300 and s["views"] == 9
-    assert 0 < s["bytes_per_tile"] < s["bytes_per_slide"] <= s["bytes"]
+    assert isinstance(s, StoreSummary)
+    assert s.slides == 3 and s.tiles == 300 and s.views == 9
+    assert 0 < s.bytes_per_tile < s.bytes_per_slide <= s.bytes
+    assert json.loads(json.dumps(s.to_dict()))["tiles"] == 300
+    with pytest.warns(DeprecationWarning, match=r"\(\.slides\) instead"):
+        assert s["slides"] == 3  # the former dict return keeps working, with a warning

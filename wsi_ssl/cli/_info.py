@@ -41,12 +41,11 @@ def run(args: argparse.Namespace) -> int:
 
     store = TileStore(args.store, mode="r")
     s = store.summary()
-    print(f"store          {s['path']} (format v{s['format_version']})")
-    print(f"encoder        {s['encoder']} (fingerprint {s['encoder_fingerprint']}, "
-          f"dim {s['embed_dim']})")
-    print(f"slides         {s['slides']}  tiles {s['tiles']}  views {s['views']}")
-    print(f"size           {_size(s['bytes'])}  ({_size(s['bytes_per_slide'])}/slide, "
-          f"{s['bytes_per_tile']:.0f} B/tile)")
+    print(f"store          {s.path} (format v{s.format_version})")
+    print(f"encoder        {s.encoder} (fingerprint {s.encoder_fingerprint}, dim {s.embed_dim})")
+    print(f"slides         {s.slides}  tiles {s.tiles}  views {s.views}")
+    print(f"size           {_size(s.bytes)}  ({_size(s.bytes_per_slide)}/slide, "
+          f"{s.bytes_per_tile:.0f} B/tile)")
     print(f"store id       {store.fingerprint}")
     writer = store.writer
     if writer is not None:

@@ -48,6 +48,7 @@ from wsi_ssl.errors import (
 )
 from wsi_ssl.store._integrity import VerifyReport, array_checksum, expected_chunks, missing_chunks
 from wsi_ssl.store._lock import LOCK_NAME, LockHolder, StoreLock, StoreLockedError
+from wsi_ssl.store._summary import StoreSummary
 
 __all__ = ["TileStore", "SlideRecord", "STORE_FORMAT", "STORE_FORMAT_VERSION", "VerifyReport",
            "StoreLockedError"]
@@ -570,7 +571,7 @@ class TileStore:
 
         return export_h5(self, out_dir, slide_ids, layout=layout)
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> StoreSummary:
         """Counts and sizes: slides, tiles, views, bytes on disk, bytes per tile/slide."""
         ids = self.slide_ids
         n_tiles = n_views = 0
@@ -582,12 +583,12 @@ class TileStore:
                    and ".tmp" not in f.relative_to(self.path).parts
                    and not f.name.startswith(LOCK_NAME))
         enc = self.encoder or {}
-        return {"path": str(self.path), "format_version": self.root_attrs.get("format_version"),
-                "encoder": enc.get("name"), "encoder_fingerprint": enc.get("fingerprint"),
-                "embed_dim": enc.get("embed_dim"), "slides": len(ids), "tiles": n_tiles,
-                "views": n_views, "failures": len(self.failures), "bytes": size,
-                "unreadable": len(self.unreadable),
-                "bytes_per_slide": size / max(1, len(ids)), "bytes_per_tile": size / max(1, n_tiles)}
+        return StoreSummary(
+            path=str(self.path), format_version=self.root_attrs.get("format_version"),
+            encoder=enc.get("name"), encoder_fingerprint=enc.get("fingerprint"),
+            embed_dim=enc.get("embed_dim"), slides=len(ids), tiles=n_tiles, views=n_views,
+            failures=len(self.failures), bytes=size, unreadable=len(self.unreadable),
+            bytes_per_slide=size / max(1, len(ids)), bytes_per_tile=size / max(1, n_tiles))
 
 
 def _put(group: Any, name: str, data: np.ndarray, chunks: tuple[int, ...]) -> None:
