@@ -168,6 +168,27 @@ def test_a_worker_with_other_weights_bytes_refuses_to_embed(cohort, tmp_path):
                                 "expected 0123456789abcdef")
 
 
+def test_weights_that_do_not_fit_stop_an_in_process_run_with_one_error(cohort, tmp_path):
+    from wsi_ssl.errors import WeightsError
+    from wsi_ssl.tiling._embed_worker import EncoderPayload, run_job
+
+    bad = tmp_path / "bad.pth"
+    torch.save({"features.0.weight": torch.zeros(5, 5)}, bad)
+    with pytest.raises(WeightsError, match=re.escape(str(bad))):
+        embed_slides(cohort[:2], "tiny-cnn", tmp_path / "bad.zarr", weights=bad, client="sync",
+                     **KW)
+    assert TileStore(tmp_path / "bad.zarr", mode="r").failures == {}  # not N copies of it
+    # on a worker it is each slide's failure, found once: the weights are not reloaded per slide
+    ident = encoder_identity("tiny-cnn", weights=bad)
+    payload = EncoderPayload(fingerprint=ident.fingerprint, spec=ident.spec, device="cpu")
+    job = {"path": str(cohort[0]), "slide_id": "p0", "mpp": None}
+    first = run_job(job, payload, EmbedConfig(**KW))
+    bad.unlink()  # a second attempt to load it would now say "cannot be read"
+    second = run_job(job, payload, EmbedConfig(**KW))
+    assert isinstance(first, SlideFailure) and first.error.startswith("WeightsError")
+    assert second.error == first.error
+
+
 def _old_settings_hash(path: Path, fingerprint: str) -> str:
     """The settings hash exactly as embed_slides computed it before EmbedConfig (tile_size=64,
     other settings at their defaults)."""

@@ -9,7 +9,9 @@ DESCRIPTION = (
     "Tile every slide at --mpp, embed the tiles with --encoder (a registered name, any timm "
     "architecture with --weights, or a .safetensors checkpoint of `wsi-ssl pretrain-tiles`), and "
     "optionally --views augmented versions of --view-tiles tiles each (the Giga-SSL bank used by "
-    "`wsi-ssl pretrain-slides`). One dask task per slide on a local cluster or --scheduler. "
+    "`wsi-ssl pretrain-slides`). --mpp / --tile-size default to the encoder preset's. One task "
+    "per slide: in this process when a cluster cannot pay off (one slide, one worker, one GPU), "
+    "else on a local dask cluster (one worker per GPU) or --scheduler. "
     "Rerunning the same command skips complete slides and redoes interrupted ones. The run holds "
     "the store's writer lock: a second writer fails at once naming this one (or queues with "
     "--wait). --repair re-embeds the slides that `wsi-ssl info STORE --verify` finds damaged. "
@@ -79,6 +81,8 @@ def run(args: argparse.Namespace) -> int:
           f"{report.n_view_tiles} view tiles in {report.seconds:.1f} s "
           f"({report.tiles_per_second:.0f} tiles/s)")
     print(f"skipped   {len(report.skipped)} slides already complete")
+    if report.plan:
+        print(f"ran       {report.plan}")
     if report.failed:
         print(f"FAILED    {len(report.failed)} slides:")
         for sid, path, err in report.failed:

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from wsi_ssl.errors import EncoderMismatchError, InputError, MissingMPPError
+from wsi_ssl.errors import EncoderMismatchError, InputError, MissingMPPError, WsiSslError
 
 if TYPE_CHECKING:
     from wsi_ssl.tiling._embed import EmbedConfig
@@ -44,6 +44,7 @@ __all__ = ["run_job", "run_jobs", "seed_for", "prepare_slide", "encode_slide", "
 logger = logging.getLogger(__name__)
 
 _WORKER_ENCODERS: dict[str, Any] = {}  # fingerprint -> TileEncoder, one per worker process
+_WORKER_ERRORS: dict[str, Exception] = {}  # fingerprint -> why it cannot be built here
 _WORKER_LOCK = threading.Lock()
 
 
@@ -128,37 +129,20 @@ def _where(device: Any = None) -> str:
 
 
 def _worker_encoder(payload: EncoderPayload):
-    """This process's encoder for ``payload``: built once, kept across slides."""
-    from wsi_ssl.tiling._cluster import worker_device
-
+    """This process's encoder for ``payload``: built once, kept across slides (an encoder
+    that cannot be built here fails every later slide at once, without loading it again)."""
     fp = payload.fingerprint
     with _WORKER_LOCK:
         enc = _WORKER_ENCODERS.get(fp)
+        if enc is None and fp in _WORKER_ERRORS:  # tried once: do not reload big weights per slide
+            raise _WORKER_ERRORS[fp]
         if enc is None:
-            device = worker_device(payload.device)
-            if payload.spec is not None:
-                from wsi_ssl.encoders._registry import encoder_from_spec
-
-                if payload.kind == "spec":
-                    from wsi_ssl.encoders import spec_fingerprint
-
-                    here = spec_fingerprint(payload.spec)  # hashes the weights file seen here
-                    if here != fp:
-                        raise EncoderMismatchError(
-                            f"encoder {payload.spec.get('name')!r} on host "
-                            f"{socket.gethostname()} has fingerprint {here}, expected {fp}: the "
-                            f"weights file '{payload.spec.get('weights')}' differs here (or the "
-                            "timm version); use the same files and versions everywhere.")
-                    enc = encoder_from_spec(payload.spec, None, device=device)
-                else:
-                    enc = encoder_from_spec(payload.spec, fp, device=device)
-            elif payload.pickled is not None:
-                import pickle
-
-                enc = pickle.loads(payload.pickled)
-                enc.to_device(device)
-            else:
-                raise EncoderMismatchError(f"no encoder was sent for fingerprint {fp}.")
+            try:
+                enc = _build_encoder(payload)
+            except WsiSslError as err:
+                _WORKER_ERRORS.clear()
+                _WORKER_ERRORS[fp] = err
+                raise
             _WORKER_ENCODERS.clear()  # one encoder per worker process at a time
             _WORKER_ENCODERS[fp] = enc
         threads = payload.torch_threads
@@ -168,6 +152,35 @@ def _worker_encoder(payload: EncoderPayload):
             if torch.get_num_threads() != threads:
                 torch.set_num_threads(int(threads))
     return enc
+
+
+def _build_encoder(payload: EncoderPayload):
+    """Build the encoder of ``payload`` on this process's device, checking its fingerprint."""
+    from wsi_ssl.tiling._cluster import worker_device
+
+    fp = payload.fingerprint
+    device = worker_device(payload.device)
+    if payload.spec is not None:
+        from wsi_ssl.encoders._registry import encoder_from_spec
+
+        if payload.kind == "model":
+            return encoder_from_spec(payload.spec, fp, device=device)
+        from wsi_ssl.encoders import spec_fingerprint
+
+        here = spec_fingerprint(payload.spec)  # hashes the weights file seen here
+        if here != fp:
+            raise EncoderMismatchError(
+                f"encoder {payload.spec.get('name')!r} on host {socket.gethostname()} has "
+                f"fingerprint {here}, expected {fp}: the weights file "
+                f"'{payload.spec.get('weights')}' differs here (or the timm version); use the "
+                "same files and versions everywhere.")
+        return encoder_from_spec(payload.spec, None, device=device)
+    if payload.pickled is not None:
+        import pickle
+
+        enc = pickle.loads(payload.pickled)
+        return enc.to_device(device)
+    raise EncoderMismatchError(f"no encoder was sent for fingerprint {fp}.")
 
 
 def _require_visible(path: str) -> None:
@@ -423,22 +436,28 @@ def run_jobs(jobs: Iterable[dict[str, Any]], payload: EncoderPayload, config: Em
     Args:
         encoder: a ``TileEncoder`` given to ``embed_slides``: used as it is when it already
             sits on the device ``config.device`` resolves to (else built from ``payload``).
+
+    Raises:
+        WsiSslError: the encoder cannot be built (bad weights...): the run stops with that
+            one error instead of recording it for every slide.
     """
     from wsi_ssl._utils import resolve_device
     from wsi_ssl.tiling._cluster import worker_device
 
     jobs = list(jobs)
-    if encoder is not None and encoder.device != resolve_device(worker_device(config.device)):
-        encoder = None
     if not jobs:
         return
     with ThreadPoolExecutor(1, thread_name_prefix="wsi-ssl-prepare") as pool:
-        nxt: Future = pool.submit(prepare_slide, jobs[0], config)
+        pending: Future | None = pool.submit(prepare_slide, jobs[0], config)
         try:
+            if encoder is None or encoder.device != resolve_device(worker_device(config.device)):
+                # built while the first slide is prepared; in this process a bad encoder
+                # stops the run with its one error
+                encoder = _worker_encoder(payload)
             for i, job in enumerate(jobs):
-                cur = nxt
-                if i + 1 < len(jobs):
-                    nxt = pool.submit(prepare_slide, jobs[i + 1], config)
+                cur = pending
+                pending = (pool.submit(prepare_slide, jobs[i + 1], config)
+                           if i + 1 < len(jobs) else None)
                 try:
                     res: SlideResult | SlideFailure = _encode_prepared(
                         cur.result(), payload, config, encoder)
@@ -446,5 +465,5 @@ def run_jobs(jobs: Iterable[dict[str, Any]], payload: EncoderPayload, config: Em
                     res = _failure(job, err)
                 yield job, res
         finally:  # stopped early: close the slide prepared ahead
-            if nxt is not cur and not nxt.cancel() and nxt.exception() is None:
-                nxt.result().slide.close()
+            if pending is not None and not pending.cancel() and pending.exception() is None:
+                pending.result().slide.close()
