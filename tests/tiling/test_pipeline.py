@@ -70,6 +70,15 @@ def test_one_slide_runs_in_process_and_says_why(cohort, tmp_path, caplog):
     assert rep.workers[0][1].startswith(f"{os.uname().nodename} pid={os.getpid()}")
 
 
+def test_n_workers_starts_a_local_cpu_cluster_that_builds_the_encoder_itself(
+        cohort, tmp_path, monkeypatch):
+    _no_model_in_this_process(monkeypatch)
+    rep = embed_slides(cohort[:2], "tiny-cnn", tmp_path / "cpu.zarr", n_workers=2, **KW)
+    assert rep.ok and sorted(rep.done) == ["p0", "p1"]
+    assert rep.plan.startswith("local cluster: 2 CPU workers x ")
+    assert all(f"pid={os.getpid()} " not in where for _, where in rep.workers)
+
+
 def test_two_fake_gpus_get_one_pinned_worker_each_and_the_driver_builds_nothing(
         cohort, tmp_path, monkeypatch, caplog):
     """A real local cluster planned for 2 GPUs (faked: this machine has none): one worker per
