@@ -12,7 +12,9 @@ import os
 import random
 import re
 import sys
-from collections.abc import Iterable, Sequence
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -31,6 +33,7 @@ __all__ = [
     "sanitize_id",
     "SLIDE_EXTENSIONS",
     "file_fingerprint",
+    "atomic_path",
     "atomic_write_bytes",
 ]
 
@@ -155,13 +158,32 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write a file via a temporary sibling and ``os.replace`` so readers never see half of it."""
+@contextmanager
+def atomic_path(path: str | os.PathLike, *, fsync: bool = True) -> Iterator[Path]:
+    """Yield a temporary sibling of ``path`` to write; on success it is fsynced and moved onto
+    ``path`` with ``os.replace`` (readers never see half a file), on error it is removed.
+    ``fsync=False`` for small files that need not survive a power cut (the store lock's info,
+    written on every locked write).
+
+    The one home of atomic file writes: :func:`atomic_write_bytes` for bytes in memory, this for
+    writers that need a path (``tifffile``, ``write_text``). The temporary name is unique per
+    process and call, so concurrent writers of the same file never share it.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        yield tmp
+        if fsync:
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, fsync: bool = True) -> None:
+    """Write a file via a temporary sibling and ``os.replace`` so readers never see half of it
+    (see :func:`atomic_path`)."""
+    with atomic_path(path, fsync=fsync) as tmp, open(tmp, "wb") as fh:
         fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)

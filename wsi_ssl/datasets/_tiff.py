@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from wsi_ssl._utils import atomic_path
 from wsi_ssl.errors import ConfigError
 
 __all__ = ["write_pyramidal_tiff", "Renderer"]
@@ -108,9 +109,7 @@ def write_pyramidal_tiff(
                 yield t
 
     mag = magnification if magnification is not None else (10.0 / mpp if mpp else 20.0)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tifffile.TiffWriter(tmp, bigtiff=w0 * h0 * 3 > 2**31) as tif:
+    with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=w0 * h0 * 3 > 2**31) as tif:
         for lv, (lw, lh, ds) in enumerate(dims):
             desc = (
                 f"Aperio Image Library v12.0.0 wsi-ssl\r\n{w0}x{h0} [0,0 {w0}x{h0}] "
@@ -144,5 +143,4 @@ def write_pyramidal_tiff(
                 tif.write(thumb, photometric="rgb", compression="jpeg",
                           compressionargs={"level": quality}, rowsperstrip=16,
                           description=desc.split("\r\n")[0], subfiletype=0, metadata=None)
-    os.replace(tmp, path)
     return path

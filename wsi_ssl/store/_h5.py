@@ -20,7 +20,7 @@ import numpy as np
 from wsi_ssl.errors import ConfigError, InputError, StoreFormatError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from wsi_ssl.store._tilestore import TileStore
+    from wsi_ssl.store._tilestore import FeatureDtype, TileStore
 
 __all__ = ["import_h5", "export_h5", "external_fingerprint"]
 
@@ -78,7 +78,7 @@ def _read_h5(path: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
 
 def import_h5(store: TileStore, paths: str | os.PathLike | Sequence[str | os.PathLike], *,
               encoder: str = "external", slide_ids: Sequence[str] | None = None,
-              overwrite: bool = False, dtype: str = "float16",
+              overwrite: bool = False, dtype: FeatureDtype = "float16",
               wait: bool | float = False) -> list[str]:
     """Ingest per-slide ``.h5`` feature files (CLAM/TRIDENT ``features`` or STAMP ``feats``),
     holding the store's writer lock for the whole import.
@@ -105,7 +105,7 @@ def import_h5(store: TileStore, paths: str | os.PathLike | Sequence[str | os.Pat
 
 def _import_h5(store: TileStore, paths: str | os.PathLike | Sequence[str | os.PathLike], *,
                encoder: str, slide_ids: Sequence[str] | None, overwrite: bool,
-               dtype: str) -> list[str]:
+               dtype: FeatureDtype) -> list[str]:
     from wsi_ssl._utils import file_fingerprint, sanitize_id
 
     if isinstance(paths, (str, os.PathLike)):

@@ -25,12 +25,12 @@ import os
 import socket
 import sys
 import time
-import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
+from wsi_ssl._utils import atomic_write_bytes
 from wsi_ssl.errors import ConfigError, StoreLockedError
 
 __all__ = ["StoreLock", "LockHolder", "StoreLockedError", "LOCK_NAME", "lock_lease_seconds"]
@@ -230,9 +230,7 @@ class StoreLock:
                 "command": command if command is not None else " ".join(sys.argv),
                 "since": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "scope": scope, "token": self._lease.token, "lease_seconds": self.lease}
-        tmp = self.info_path.with_name(f"{self.info_path.name}.{uuid.uuid4().hex[:8]}.tmp")
-        tmp.write_text(json.dumps(info))
-        os.replace(tmp, self.info_path)
+        atomic_write_bytes(self.info_path, json.dumps(info).encode(), fsync=False)
 
     def release(self) -> None:
         """Give one hold back; the last one removes ``.lock.json`` and the marker."""

@@ -58,7 +58,9 @@ logger = logging.getLogger(__name__)
 STORE_FORMAT = "wsi-ssl-tile-store"
 STORE_FORMAT_VERSION = 1
 _ARRAYS = ("features", "coords", "views", "view_index")
-_FEATURE_DTYPES = ("float16", "float32", "bfloat16")
+#: storage dtypes of the tile features
+FeatureDtype = Literal["float16", "float32", "bfloat16"]
+_FEATURE_DTYPES: tuple[str, ...] = ("float16", "float32", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -404,7 +406,8 @@ class TileStore:
 
     def write_slide(self, slide_id: str, features: np.ndarray, coords: np.ndarray, *,
                     views: np.ndarray | None = None, view_index: np.ndarray | None = None,
-                    attrs: Mapping[str, Any] | None = None, dtype: str = "float16") -> None:
+                    attrs: Mapping[str, Any] | None = None,
+                    dtype: FeatureDtype = "float16") -> None:
         """Write (or replace) one slide atomically; ``complete`` is written last.
 
         Args:
@@ -552,7 +555,7 @@ class TileStore:
     # -- ecosystem files -----------------------------------------------------------------------
     def import_h5(self, paths: str | os.PathLike | Sequence[str | os.PathLike], *,
                   encoder: str = "external", slide_ids: Sequence[str] | None = None,
-                  overwrite: bool = False, dtype: str = "float16",
+                  overwrite: bool = False, dtype: FeatureDtype = "float16",
                   wait: bool | float = False) -> list[str]:
         """Ingest per-slide feature files of CLAM/TRIDENT (``features``) or STAMP (``feats``),
         holding the store's lock for the whole import (``wait`` as in :meth:`lock`).

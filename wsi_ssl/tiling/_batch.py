@@ -29,6 +29,7 @@ import numpy as np
 from wsi_ssl._utils import atomic_write_bytes, expand_slide_paths, file_fingerprint, progress
 from wsi_ssl.errors import ConfigError, TissueWarning, WsiSslError
 from wsi_ssl.tiling._grid import TileGrid
+from wsi_ssl.tiling._slide import BackendName
 
 __all__ = ["TilingRow", "TilingReport", "tile_slides", "load_grid", "SavedGrid"]
 
@@ -225,7 +226,7 @@ def _already_done(path: Path, out_dir: Path, params: dict[str, Any]) -> TilingRo
 
 def tile_slides(slides: str | os.PathLike | Sequence[str | os.PathLike], out_dir: str | os.PathLike,
                 *, mpp: float = 0.5, tile_size: int = 224, min_tissue: float = 0.25,
-                assume_mpp: float | None = None, backend: str = "auto", overlap: int = 0,
+                assume_mpp: float | None = None, backend: BackendName = "auto", overlap: int = 0,
                 plot: bool = True, overwrite: bool = False) -> TilingReport:
     """Tile every slide: grid + QC picture per slide, failures recorded, the others go on.
 

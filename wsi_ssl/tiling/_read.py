@@ -19,11 +19,17 @@ import threading
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import numpy as np
 
 from wsi_ssl.errors import ConfigError, SlideOpenError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import dask.array
+
+    from wsi_ssl.tiling._grid import TileGrid
+    from wsi_ssl.tiling._slide import Slide
 
 __all__ = ["TileBatch", "read_tiles", "tiles_as_dask", "plan_regions"]
 
@@ -213,7 +219,7 @@ def _check(slide: Any, grid: Any, batch_size: int, num_workers: int | None) -> i
     return int(num_workers)
 
 
-def read_tiles(slide: Any, grid: Any, *, batch_size: int = 64, num_workers: int | None = None,
+def read_tiles(slide: Slide, grid: TileGrid, *, batch_size: int = 64, num_workers: int | None = None,
                indices: Any = None, region_size: int = REGION_SIZE) -> Iterator[TileBatch]:
     """Read the grid's tiles in batches, fast and with bounded memory.
 
@@ -334,7 +340,7 @@ def _read_block(ref: _SlideRef, grid: Any, start: int, stop: int) -> np.ndarray:
     return out
 
 
-def tiles_as_dask(slide: Any, grid: Any, *, chunk_size: int = 256) -> Any:
+def tiles_as_dask(slide: Slide, grid: TileGrid, *, chunk_size: int = 256) -> dask.array.Array:
     """The grid's tiles as a lazy dask array (for notebooks); nothing is read until computed.
 
     Args:

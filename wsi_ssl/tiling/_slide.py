@@ -273,7 +273,7 @@ def _reason(err: BaseException) -> str:
 
 
 def open_slide(path: str | os.PathLike | np.ndarray, *, backend: BackendName = "auto",
-               mpp: float | None = None) -> _BaseSlide:
+               mpp: float | None = None) -> Slide:
     """Open a whole-slide image (or wrap an in-memory RGB array) as a :class:`Slide`.
 
     Args:

@@ -18,11 +18,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
 from wsi_ssl.errors import ConfigError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from wsi_ssl.tiling._slide import Slide
 
 __all__ = ["TissueMask", "detect_tissue", "tissue_mask_from_rgb"]
 
@@ -189,7 +192,7 @@ def tissue_mask_from_rgb(rgb: np.ndarray, *, method: TissueMethod = "otsu",
                       threshold=t)
 
 
-def detect_tissue(slide: Any, *, method: TissueMethod = "otsu", thumbnail_size: int = 1024,
+def detect_tissue(slide: Slide | np.ndarray, *, method: TissueMethod = "otsu", thumbnail_size: int = 1024,
                   min_area_fraction: float = 1e-4, remove_pen: bool = True) -> TissueMask:
     """Find tissue on a thumbnail of ``slide``.
 
