@@ -35,7 +35,7 @@ def build(out: Path, n_slides: int, seed: int, views: int, view_tiles: int, tile
     from wsi_ssl.store import TileStore
     from wsi_ssl.tiling import embed_slides
 
-    cohort = make_cohort(out / "cohort", n_slides=n_slides, seed=seed, n_jobs=2)
+    cohort = make_cohort(out / "cohort", n_slides=n_slides, seed=seed, n_workers=2)
     t = time.perf_counter()
     embed_slides(cohort.slides_dir, "tiny-cnn", out / "store.zarr", tile_size=tile_size,
                  views=views, view_tiles=view_tiles, device="cpu", n_workers=2, seed=seed)

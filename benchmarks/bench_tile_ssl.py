@@ -95,7 +95,7 @@ def tissue_bg_sets(slides: list[Path], size: int, mpp: float, n_per_class: int, 
             idx = np.concatenate([rng.choice(tis, k, replace=False),
                                   rng.choice(bg, k, replace=False)])
             tiles, got = [], []
-            for b in read_tiles(s, grid, indices=idx, num_workers=1):
+            for b in read_tiles(s, grid, indices=idx, read_threads=1):
                 tiles.append(b.tiles)
                 got.append(b.indices)
             tiles, got = np.concatenate(tiles), np.concatenate(got)

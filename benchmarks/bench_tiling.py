@@ -127,7 +127,7 @@ def _rate_read_tiles(path: Path, grid_args: dict, backend: str, workers: int) ->
         grid = tile_grid(slide, **grid_args)
         t, c = time.perf_counter(), time.process_time()
         n = 0
-        for batch in read_tiles(slide, grid, batch_size=64, num_workers=workers):
+        for batch in read_tiles(slide, grid, batch_size=64, read_threads=workers):
             n += len(batch.indices)
         return n / (time.perf_counter() - t), n / (time.process_time() - c)
 
@@ -240,9 +240,9 @@ def bench_rss(small: Path, big: Path, workers: int) -> None:
         with open_slide(path) as slide:
             grid = tile_grid(slide, mpp=0.5, tile_size=224, min_tissue=0.0)
             with PeakRSS() as m:
-                n = sum(len(b.indices) for b in read_tiles(slide, grid, num_workers=workers))
+                n = sum(len(b.indices) for b in read_tiles(slide, grid, read_threads=workers))
             tracemalloc.start()  # exact peak of numpy/Python allocations (RSS is noisier)
-            sum(len(b.indices) for b in read_tiles(slide, grid, num_workers=workers))
+            sum(len(b.indices) for b in read_tiles(slide, grid, read_threads=workers))
             traced = tracemalloc.get_traced_memory()[1] / 2**20
             tracemalloc.stop()
         print(f"  {path.name:28s} {slide.dimensions[0]:>6d} px  {n:7d} tiles  "

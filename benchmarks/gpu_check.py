@@ -108,10 +108,10 @@ def make_data(sizes: Sizes, workdir: Path) -> dict[str, Any]:
 
     big = make_cohort(workdir / f"slides_{n}x{sizes.slide_px}", n_slides=n, seed=1,
                       size=(sizes.slide_px, sizes.slide_px), tissue_fraction=(0.65, 0.75),
-                      n_jobs=jobs(n))
+                      n_workers=jobs(n))
     small = make_cohort(workdir / f"ssl_{sizes.ssl_slides}x{sizes.ssl_px}",
                         n_slides=sizes.ssl_slides, seed=2,
-                        size=(sizes.ssl_px, sizes.ssl_px), n_jobs=jobs(sizes.ssl_slides))
+                        size=(sizes.ssl_px, sizes.ssl_px), n_workers=jobs(sizes.ssl_slides))
     return {"slides_dir": big.slides_dir, "ssl_dir": small.slides_dir,
             "slides": sorted(str(p) for p in Path(big.slides_dir).glob("*.tif*")),
             "seconds": time.perf_counter() - t}

@@ -21,7 +21,7 @@ def inspect_cohort(tmp_path_factory: Any) -> tuple[Any, Any]:
 
     root = Path(tmp_path_factory.getbasetemp()) / "inspect-cohort"
     cohort = make_cohort(root / "cohort", n_slides=N_SLIDES, size=SIZE, seed=3,
-                         tumor_fraction=(0.1, 0.2), n_jobs=2)
+                         tumor_fraction=(0.1, 0.2), n_workers=2)
     embed_slides(cohort.slides_dir, "tiny-cnn", root / "tiles.zarr", tile_size=TILE, views=4,
                  view_tiles=16, device="cpu", client="sync", seed=0)
     return cohort, TileStore(root / "tiles.zarr", mode="r")

@@ -111,7 +111,7 @@ def run_demo(out_dir: str | os.PathLike = "wsi-ssl-demo", config: DemoConfig | N
 
     with _step(f"generate a cohort of {cfg.n_slides} slides", say, timings):
         cohort = make_cohort(out / "cohort", n_slides=cfg.n_slides, seed=cfg.seed,
-                             mpp=cfg.mpp, n_jobs=cfg.n_workers or min(2, os.cpu_count() or 1))
+                             mpp=cfg.mpp, n_workers=cfg.n_workers or min(2, os.cpu_count() or 1))
         say(f"    {len(cohort)} pyramidal TIFFs in {cohort.slides_dir}, labels in "
             f"{cohort.labels_csv.name}")
 

@@ -13,6 +13,7 @@ import random
 import re
 import sys
 import uuid
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,6 +35,7 @@ __all__ = [
     "SLIDE_EXTENSIONS",
     "file_fingerprint",
     "atomic_path",
+    "renamed_argument",
     "atomic_write_bytes",
 ]
 
@@ -187,3 +189,21 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, fsync: bool = Tr
     (see :func:`atomic_path`)."""
     with atomic_path(path, fsync=fsync) as tmp, open(tmp, "wb") as fh:
         fh.write(data)
+
+
+def renamed_argument(func: str, old: str, old_value: Any, new: str, new_value: Any,
+                     *, default: Any = None) -> Any:
+    """The value of a renamed keyword argument: ``new_value``, or the deprecated ``old_value``
+    (given when not ``None``) with a ``DeprecationWarning`` pointing at the caller of ``func``.
+
+    Raises:
+        ConfigError: both names were given with different values.
+    """
+    if old_value is None:
+        return new_value
+    warnings.warn(f"{func}({old}=...) is deprecated; use {new}=... (same meaning).",
+                  DeprecationWarning, stacklevel=3)
+    if new_value is not default and new_value != old_value:
+        raise ConfigError(f"{func}() got {new}={new_value!r} and its deprecated name "
+                          f"{old}={old_value!r}; give {new}= only.")
+    return old_value

@@ -22,7 +22,7 @@ def cohort_store(tmp_path_factory):
     from wsi_ssl.tiling import embed_slides
 
     root = tmp_path_factory.mktemp("ssl-cohort")
-    cohort = make_cohort(root / "cohort", n_slides=40, size=(2048, 2048), seed=0, n_jobs=2)
+    cohort = make_cohort(root / "cohort", n_slides=40, size=(2048, 2048), seed=0, n_workers=2)
     embed_slides(cohort.slides_dir, "tiny-cnn", root / "tiles.zarr", tile_size=112, views=8,
                  view_tiles=32, device="cpu", n_workers=1, seed=0)
     return TileStore(root / "tiles.zarr", mode="r"), cohort.labels

@@ -81,7 +81,7 @@ def test_tiles_match_read_tiles(synthetic_slide):
         grid = tile_grid(slide, mpp=1.0, tile_size=32, min_tissue=0.5)
         idx = np.array([5, 2, 5, 0])
         got = ds._read(slide, grid, idx)
-        ref = {int(i): t for b in read_tiles(slide, grid, indices=[0, 2, 5], num_workers=1)
+        ref = {int(i): t for b in read_tiles(slide, grid, indices=[0, 2, 5], read_threads=1)
                for i, t in zip(b.indices, b.tiles, strict=True)}
     assert got.shape == (4, 32, 32, 3)
     for k, i in enumerate(idx):

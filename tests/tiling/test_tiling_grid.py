@@ -39,7 +39,7 @@ def test_tile_at_05_from_025_slide_equals_downsampled_level0(slide_025):
         assert grid.level == 0 and grid.read_size == 256 and grid.stride_level0 == 256.0
         assert len(grid) > 5
         got = {}
-        for tiles, idx in read_tiles(slide, grid, batch_size=7, num_workers=2):
+        for tiles, idx in read_tiles(slide, grid, batch_size=7, read_threads=2):
             got.update(zip(idx.tolist(), tiles, strict=False))
         for k in (0, len(grid) // 2, len(grid) - 1):
             x, y = grid.coords[k]

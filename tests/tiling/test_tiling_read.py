@@ -16,7 +16,7 @@ def test_every_index_exactly_once(synthetic_slide, batch_size, region_size):
         grid = tile_grid(slide, mpp=0.5, tile_size=224, min_tissue=0.1)
         assert len(grid) > 20
         seen = []
-        for batch in read_tiles(slide, grid, batch_size=batch_size, num_workers=2,
+        for batch in read_tiles(slide, grid, batch_size=batch_size, read_threads=2,
                                 region_size=region_size):
             assert isinstance(batch, TileBatch)
             assert batch.tiles.dtype == np.uint8 and batch.tiles.shape[1:] == (224, 224, 3)
@@ -24,6 +24,22 @@ def test_every_index_exactly_once(synthetic_slide, batch_size, region_size):
             seen.append(batch.indices)
         seen = np.concatenate(seen)
         assert len(seen) == len(grid) and np.array_equal(np.sort(seen), np.arange(len(grid)))
+
+
+def test_num_workers_is_a_deprecated_name_of_read_threads(synthetic_slide):
+    with open_slide(synthetic_slide) as slide:
+        grid = tile_grid(slide, mpp=0.5, tile_size=224, min_tissue=0.1)
+        idx = [0, 3, 7]
+        with pytest.warns(DeprecationWarning, match=r"read_tiles\(num_workers=...\) is deprecated"):
+            old = list(read_tiles(slide, grid, num_workers=2, indices=idx))
+        new = list(read_tiles(slide, grid, read_threads=2, indices=idx))
+        assert np.array_equal(np.concatenate([b.indices for b in old]),
+                              np.concatenate([b.indices for b in new]))
+        assert np.array_equal(np.concatenate([b.tiles for b in old]),
+                              np.concatenate([b.tiles for b in new]))
+        with pytest.raises(ConfigError, match="give read_threads= only"), \
+                pytest.warns(DeprecationWarning):
+            read_tiles(slide, grid, num_workers=2, read_threads=3)
 
 
 def test_region_tiles_equal_single_tile_reads(synthetic_slide):
@@ -54,13 +70,13 @@ def test_memory_is_bounded_by_regions_in_flight_not_by_slide_size(synthetic_slid
         peaks = {}
         for name, idx in (("quarter", np.arange(len(grid) // 4)), ("all", np.arange(len(grid)))):
             tracemalloc.start()
-            n = sum(len(b.indices) for b in read_tiles(slide, grid, batch_size=16, num_workers=2,
+            n = sum(len(b.indices) for b in read_tiles(slide, grid, batch_size=16, read_threads=2,
                                                        indices=idx, region_size=672))
             peaks[name] = tracemalloc.get_traced_memory()[1]
             tracemalloc.stop()
             assert n == len(idx)
         # 4x the tiles, no more memory: the peak (~8-12 MB, depending on thread timing) is
-        # (num_workers + 2) regions of 672^2 px, batches and buffers, far below the decoded
+        # (read_threads + 2) regions of 672^2 px, batches and buffers, far below the decoded
         # tiles of the quarter (>= 7.5 MB) or of the whole grid (>= 30 MB)
         assert len(grid) >= 200
         tiles_bytes = len(grid) * 224 * 224 * 3

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from wsi_ssl._utils import renamed_argument
 from wsi_ssl.datasets._render import REGION_CODES
 from wsi_ssl.errors import ConfigError, InputError
 
@@ -269,8 +270,9 @@ def make_cohort(
     survival_effect: float = 2.0,
     censoring: tuple[float, float] = (24.0, 120.0),
     quality: int = 90,
-    n_jobs: int = 1,
+    n_workers: int = 1,
     overwrite: bool = False,
+    n_jobs: int | None = None,
 ) -> CohortInfo:
     """Generate a labelled cohort of slides (see the module docstring for the layout).
 
@@ -292,8 +294,9 @@ def make_cohort(
         survival_effect: log hazard ratio per 10 % of tumour (``time`` depends on the extent).
         censoring: ``(low, high)`` uniform censoring times in months.
         quality: JPEG quality of the slides.
-        n_jobs: worker processes for writing slides (1 = in this process).
+        n_workers: worker processes for writing slides (1 = in this process).
         overwrite: rewrite even when ``out_dir`` holds a cohort made with the same settings.
+        n_jobs: deprecated name of ``n_workers`` (a ``DeprecationWarning``).
 
     Returns:
         A :class:`CohortInfo`; ``labels.csv`` and ``cohort.json`` are written next to the slides.
@@ -308,8 +311,9 @@ def make_cohort(
         raise ConfigError(f"decoy_probability={decoy_probability!r} must be in [0, 1].")
     if not median_survival > 0:
         raise ConfigError(f"median_survival={median_survival!r} must be a positive number of months.")
-    if int(n_jobs) < 1:
-        raise ConfigError(f"n_jobs={n_jobs!r} must be at least 1.")
+    n_workers = renamed_argument("make_cohort", "n_jobs", n_jobs, "n_workers", n_workers, default=1)
+    if int(n_workers) < 1:
+        raise ConfigError(f"n_workers={n_workers!r} must be at least 1.")
     _check_size_mpp(size, mpp)
     tum = _check_range("tumor_fraction", tumor_fraction, 0.0, 0.6)
     dec = _check_range("decoy_fraction", decoy_fraction, 0.0, 0.3)
@@ -366,8 +370,8 @@ def make_cohort(
     config_json.unlink(missing_ok=True)  # written last: its presence means "complete"
     from wsi_ssl._utils import progress
 
-    if n_jobs > 1 and n > 1:
-        with ProcessPoolExecutor(max_workers=min(int(n_jobs), n)) as pool:
+    if n_workers > 1 and n > 1:
+        with ProcessPoolExecutor(max_workers=min(int(n_workers), n)) as pool:
             infos = list(progress(pool.map(_make_one, jobs), total=n, desc="slides", unit="slide"))
     else:
         infos = [_make_one(j) for j in progress(jobs, desc="slides", unit="slide")]

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from wsi_ssl.encoders._weights import CHECKPOINT_FORMAT
 from wsi_ssl.errors import CheckpointError
 
 __all__ = ["save_state", "load_state", "save_safetensors_atomic", "optimizer_tensors", "restore_optimizer",
@@ -40,7 +41,7 @@ __all__ = ["save_state", "load_state", "save_safetensors_atomic", "optimizer_ten
 logger = logging.getLogger(__name__)
 
 #: ``format`` metadata of the tile-encoder weights (see docs/architecture.md).
-ENCODER_FORMAT = "wsi-ssl-tile-encoder"
+ENCODER_FORMAT = CHECKPOINT_FORMAT  # the reader (create_encoder(weights=)) owns the name
 _TILE_STATE_FORMAT = "wsi-ssl-tile-ssl-state"
 
 _EPOCH_DIR = re.compile(r"^epoch-(\d{4,})$")

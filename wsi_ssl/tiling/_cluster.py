@@ -79,12 +79,12 @@ def visible_gpus(n_gpus: int | None = None) -> tuple[str, ...]:
     return tuple(str(i) for i in range(n_gpus))
 
 
-def plan_cluster(n_jobs: int, *, client: Any = None, n_workers: int | None = None,
+def plan_cluster(n_tasks: int, *, client: Any = None, n_workers: int | None = None,
                  n_gpus: int | None = None, cores: int | None = None) -> ClusterPlan:
-    """Pick in-process, a local (GPU) cluster, or the given cluster for ``n_jobs`` slide tasks.
+    """Pick in-process, a local (GPU) cluster, or the given cluster for ``n_tasks`` slide tasks.
 
     Args:
-        n_jobs: slides to embed (tasks).
+        n_tasks: slides to embed (tasks).
         client: ``embed_slides``'s ``client=``: ``None`` (decide here), ``"sync"``, a scheduler
             address or a ``distributed.Client`` (``"existing"``).
         n_workers: worker processes asked for (``None``: one per GPU, else one per 4 cores).
@@ -94,8 +94,8 @@ def plan_cluster(n_jobs: int, *, client: Any = None, n_workers: int | None = Non
     Returns:
         A :class:`ClusterPlan`; log its ``reason``.
     """
-    if isinstance(n_jobs, bool) or not isinstance(n_jobs, int) or n_jobs < 0:
-        raise ConfigError(f"n_jobs={n_jobs!r} must be an integer >= 0.")
+    if isinstance(n_tasks, bool) or not isinstance(n_tasks, int) or n_tasks < 0:
+        raise ConfigError(f"n_tasks={n_tasks!r} must be an integer >= 0.")
     if n_workers is not None and (isinstance(n_workers, bool) or not isinstance(n_workers, int)
                                   or n_workers < 1):
         raise ConfigError(f"n_workers={n_workers!r} must be an integer >= 1 (or None).")
@@ -108,14 +108,14 @@ def plan_cluster(n_jobs: int, *, client: Any = None, n_workers: int | None = Non
                            reason=f"on the given cluster ({_describe(client)})")
     gpus = visible_gpus(n_gpus)
     if gpus:
-        n = min(len(gpus), n_jobs) if n_workers is None else min(n_workers, len(gpus))
+        n = min(len(gpus), n_tasks) if n_workers is None else min(n_workers, len(gpus))
         threads = max(1, cores // max(1, n) - 2)
     else:
-        n = max(1, min(n_jobs, cores // 4)) if n_workers is None else n_workers
+        n = max(1, min(n_tasks, cores // 4)) if n_workers is None else n_workers
         threads = max(1, cores // max(1, n))
-    n = max(1, min(n, max(1, n_jobs)))
-    if n_jobs <= 1 or n == 1:
-        why = "one slide" if n_jobs <= 1 else (
+    n = max(1, min(n, max(1, n_tasks)))
+    if n_tasks <= 1 or n == 1:
+        why = "one slide" if n_tasks <= 1 else (
             "one GPU" if len(gpus) == 1 else "n_workers=1" if n_workers == 1
             else f"one worker fits {cores} cores")
         return ClusterPlan(kind="sync", n_workers=1, torch_threads=None,
@@ -128,7 +128,7 @@ def plan_cluster(n_jobs: int, *, client: Any = None, n_workers: int | None = Non
                                   f"{threads} torch threads each")
     return ClusterPlan(kind="local", n_workers=n, torch_threads=threads,
                        reason=f"local cluster: {n} CPU workers x {threads} torch threads "
-                              f"for {n_jobs} slides")
+                              f"for {n_tasks} slides")
 
 
 def _describe(client: Any) -> str:

@@ -5,7 +5,7 @@ level region is at most ``region_size`` pixels on a side (full-width bands for f
 compressed chunks span the whole level, e.g. NDPI strips), a thread pool reads and decodes those
 regions (OpenSlide and imagecodecs release the GIL), each region is resized once with
 antialiasing at the grid's exact scale when it comes from a finer level (OpenCV when installed,
-else PIL), and then cut into tiles. At most ``num_workers + 1`` region reads are queued and one
+else PIL), and then cut into tiles. At most ``read_threads + 1`` region reads are queued and one
 region is being cut, so memory is bounded by the region size, not by the slide size.
 
 Coordinates are level-0 pixels ``(x, y)``; sizes ``(w, h)``.
@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import numpy as np
 
+from wsi_ssl._utils import renamed_argument
 from wsi_ssl.errors import ConfigError, SlideOpenError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -206,37 +207,41 @@ def _resize_cv2(cv2: Any, slide: Any, grid: Any, reg: _Region, f: float, ox0: in
                           borderMode=cv2.BORDER_REPLICATE)
 
 
-def _check(slide: Any, grid: Any, batch_size: int, num_workers: int | None) -> int:
+def _check(slide: Any, grid: Any, batch_size: int, read_threads: int | None) -> int:
     if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ConfigError(f"batch_size={batch_size!r} must be an integer >= 1.")
-    if num_workers is None:
-        num_workers = min(8, os.cpu_count() or 1)
-    if not isinstance(num_workers, (int, np.integer)) or num_workers < 1:
-        raise ConfigError(f"num_workers={num_workers!r} must be an integer >= 1 (or None).")
+    if read_threads is None:
+        read_threads = min(8, os.cpu_count() or 1)
+    if not isinstance(read_threads, (int, np.integer)) or read_threads < 1:
+        raise ConfigError(f"read_threads={read_threads!r} must be an integer >= 1 (or None).")
     if grid.level >= slide.level_count:
         raise ConfigError(f"the grid reads level {grid.level} but '{slide.slide_id}' has "
                           f"{slide.level_count} levels; build the grid from this slide.")
-    return int(num_workers)
+    return int(read_threads)
 
 
-def read_tiles(slide: Slide, grid: TileGrid, *, batch_size: int = 64, num_workers: int | None = None,
-               indices: Any = None, region_size: int = REGION_SIZE) -> Iterator[TileBatch]:
+def read_tiles(slide: Slide, grid: TileGrid, *, batch_size: int = 64, read_threads: int | None = None,
+               indices: Any = None, region_size: int = REGION_SIZE,
+               num_workers: int | None = None) -> Iterator[TileBatch]:
     """Read the grid's tiles in batches, fast and with bounded memory.
 
     Args:
         slide: the open :class:`Slide` the grid was built from.
         grid: a :class:`TileGrid`.
         batch_size: tiles per batch (the last batch may be smaller).
-        num_workers: reader threads (default ``min(8, cpu_count)``).
+        read_threads: reader threads (default ``min(8, cpu_count)``).
         indices: only these grid positions (any order; each read once).
         region_size: longest side in level pixels of one region read (memory per worker is about
             ``3 * region_size**2`` bytes).
+        num_workers: deprecated name of ``read_threads`` (a ``DeprecationWarning``).
 
     Yields:
         :class:`TileBatch` ``(tiles uint8 (B, T, T, 3), indices int64 (B,))``. Tiles come block by
         block (not necessarily in grid order); every requested index appears exactly once.
     """
-    num_workers = _check(slide, grid, batch_size, num_workers)
+    read_threads = renamed_argument("read_tiles", "num_workers", num_workers, "read_threads",
+                                    read_threads)
+    threads = _check(slide, grid, batch_size, read_threads)
     if indices is None:
         sel = np.arange(len(grid), dtype=np.int64)
     else:
@@ -246,14 +251,14 @@ def read_tiles(slide: Slide, grid: TileGrid, *, batch_size: int = 64, num_worker
     # small jobs: shrink regions so that every worker gets at least one
     level_px = (grid.tile_size - grid.overlap) * grid.scale0 / grid.level_downsample
     area = len(sel) * level_px * level_px
-    fair = int(math.sqrt(area / num_workers)) if len(sel) else region_size
+    fair = int(math.sqrt(area / threads)) if len(sel) else region_size
     region_size = max(min(int(region_size), fair), int(2 * grid.tile_size * grid.scale0 / grid.level_downsample))
     regions = plan_regions(slide, grid, sel, region_size=region_size)
-    return _iterate(slide, grid, regions, int(batch_size), num_workers)
+    return _iterate(slide, grid, regions, int(batch_size), threads)
 
 
 def _iterate(slide: Any, grid: Any, regions: list[_Region], batch_size: int,
-             num_workers: int) -> Iterator[TileBatch]:
+             threads: int) -> Iterator[TileBatch]:
     t = grid.tile_size
     stride = t - grid.overlap
     if not regions:
@@ -261,13 +266,13 @@ def _iterate(slide: Any, grid: Any, regions: list[_Region], batch_size: int,
     buf = np.empty((batch_size, t, t, 3), np.uint8)
     ibuf = np.empty(batch_size, np.int64)
     fill = 0
-    pool = ThreadPoolExecutor(max_workers=num_workers, thread_name_prefix="wsi-ssl-read")
+    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="wsi-ssl-read")
     pending: deque[tuple[_Region, Future]] = deque()
     it = iter(regions)
     try:
         for reg in it:
             pending.append((reg, pool.submit(_read_region_tiles, slide, grid, reg)))
-            if len(pending) >= num_workers + 1:
+            if len(pending) >= threads + 1:
                 break
         while pending:
             reg, fut = pending.popleft()
@@ -334,7 +339,7 @@ class _SlideRef:
 def _read_block(ref: _SlideRef, grid: Any, start: int, stop: int) -> np.ndarray:
     slide = ref.get()
     out = np.empty((stop - start, grid.tile_size, grid.tile_size, 3), np.uint8)
-    for batch in read_tiles(slide, grid, batch_size=max(1, stop - start), num_workers=1,
+    for batch in read_tiles(slide, grid, batch_size=max(1, stop - start), read_threads=1,
                             indices=np.arange(start, stop)):
         out[batch.indices - start] = batch.tiles
     return out
