@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from wsi_ssl._demo import QUICK, run_demo, summary_table
 from wsi_ssl.cli import main
+from wsi_ssl.demo import QUICK, DemoConfig, run_demo, summary_table
+from wsi_ssl.errors import ConfigError
 
 pytestmark = pytest.mark.slow
 
@@ -109,6 +110,26 @@ def test_demo_cli_runs_every_stage_quietly_and_resumes(tmp_path):
     assert "0 embedded, 10 reused" in text and "reusing the trained model" in text
     assert res2.summary["n_slides"] == 10
     assert Path(res2.report_html).stat().st_size > 2000
+
+
+def test_demo_cli_bad_device_is_a_one_line_error_before_any_work(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--device", "tpu", "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "device='tpu'" in err and "--device" in err
+    assert not out.exists()  # refused before the cohort is generated
+
+
+def test_demo_config_is_keyword_only_and_validated():
+    with pytest.raises(TypeError):
+        DemoConfig(10)  # the positional form is refused
+    assert DemoConfig(n_slides=10, n_labeled=[4, 8]).n_labeled == (4, 8)  # stored as a tuple
+    for bad, match in (({"n_slides": 2}, "n_slides=2"), ({"test_size": 1.0}, "test_size=1.0"),
+                       ({"n_labeled": ()}, "n_labeled=()"), ({"n_labeled": (1,)}, "n_labeled=1"),
+                       ({"mpp": 0}, "mpp=0"), ({"n_workers": 0}, "n_workers=0"),
+                       ({"slide_epochs": 2.5}, "slide_epochs=2.5"), ({"device": "gpu"}, "gpu")):
+        with pytest.raises(ConfigError, match=match):
+            DemoConfig(**bad)
 
 
 def test_demo_cli_help(capsys):

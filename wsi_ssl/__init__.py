@@ -9,6 +9,7 @@ The pipeline, one subpackage per stage::
     wsi_ssl.pretrain   tile-level SSL and slide-level contrastive pretraining (Giga-SSL)
     wsi_ssl.eval       few-shot linear probes and survival models
     wsi_ssl.datasets   generated slide cohorts for demos and tests
+    wsi_ssl.demo       the whole pipeline on a generated cohort (``wsi-ssl demo``)
     wsi_ssl.cli        the ``wsi-ssl`` command
 
 Importing ``wsi_ssl`` is cheap: subpackages (and torch, dask, zarr) load on first use.
@@ -33,9 +34,11 @@ __all__ = [
     "pretrain",
     "eval",
     "datasets",
+    "demo",
 ]
 
-_SUBPACKAGES = {"tiling", "encoders", "store", "mil", "pretrain", "eval", "datasets", "cli"}
+_SUBPACKAGES = {"tiling", "encoders", "store", "mil", "pretrain", "eval", "datasets", "cli",
+                "demo"}
 
 
 def __getattr__(name: str) -> Any:

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import re
 import time
 import warnings
 from collections.abc import Callable
@@ -29,14 +31,34 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["DemoConfig", "DemoResult", "run_demo", "QUICK"]
+__all__ = ["DemoConfig", "DemoResult", "run_demo", "QUICK", "summary_table"]
 
 logger = logging.getLogger(__name__)
 
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, kw_only=True)
 class DemoConfig:
-    """Sizes of the demo run (defaults: ~3-5 minutes on 2 CPU cores)."""
+    """Sizes of the demo run (defaults: ~3-5 minutes on 2 CPU cores).
+
+    Attributes:
+        n_slides: generated slides (one patient each).
+        seed: seeds the cohort, the embedding, the training and the probes.
+        tile_size: tile side in pixels at ``mpp``.
+        mpp: µm/px of the tiles (and of the generated slides' level 0).
+        encoder: registered tile encoder (``list_encoders()``).
+        views: augmented versions of each slide in the store's augmentation bank.
+        view_tiles: tiles per augmented version.
+        slide_head: MIL head of the slide encoder (``list_heads()``).
+        tiles_per_view: tiles sampled per view in slide-level pretraining.
+        slide_epochs: slide-level pretraining epochs.
+        n_labeled: labelled-slide counts of the few-shot probes (each >= 2).
+        test_size: held-out share of the patients, in (0, 1).
+        repeats: few-shot subsets drawn per count.
+        device: ``"auto"``, ``"cpu"``, ``"mps"``, ``"cuda"`` or ``"cuda:N"``.
+        n_workers: worker processes for writing and embedding slides (``None``: automatic).
+    """
 
     n_slides: int = 48
     seed: int = 0
@@ -53,6 +75,36 @@ class DemoConfig:
     repeats: int = 10
     device: str = "auto"
     n_workers: int | None = None
+
+    def __post_init__(self) -> None:
+        from wsi_ssl.errors import ConfigError
+
+        def integer(name: str, v: Any, lo: int) -> None:
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
+                raise ConfigError(f"DemoConfig {name}={v!r} must be an integer >= {lo}.")
+
+        for name, lo in (("n_slides", 4), ("seed", 0), ("tile_size", 16), ("views", 1),
+                         ("view_tiles", 1), ("tiles_per_view", 1), ("slide_epochs", 1),
+                         ("repeats", 1)):
+            integer(name, getattr(self, name), lo)
+        if self.n_workers is not None:
+            integer("n_workers", self.n_workers, 1)
+        if not (isinstance(self.mpp, (int, float)) and math.isfinite(self.mpp) and self.mpp > 0):
+            raise ConfigError(f"DemoConfig mpp={self.mpp!r} must be a positive number of µm/px.")
+        if not (isinstance(self.test_size, (int, float)) and 0 < self.test_size < 1):
+            raise ConfigError(f"DemoConfig test_size={self.test_size!r} must be a fraction in "
+                              "(0, 1).")
+        object.__setattr__(self, "n_labeled", tuple(self.n_labeled))
+        if not self.n_labeled:
+            raise ConfigError("DemoConfig n_labeled=() is empty; give at least one count >= 2.")
+        for n in self.n_labeled:
+            integer("n_labeled", n, 2)
+        for name in ("encoder", "slide_head"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ConfigError(f"DemoConfig {name}={getattr(self, name)!r} must be a name.")
+        if not isinstance(self.device, str) or not _DEVICE.fullmatch(self.device):
+            raise ConfigError(f"DemoConfig device={self.device!r} is not a device; use 'auto', "
+                              "'cpu', 'mps', 'cuda' or 'cuda:N' (--device).")
 
 
 #: a smoke run of every step in about a minute (``wsi-ssl demo --quick``; the demo test)
