@@ -37,7 +37,7 @@ def _tiles(cmu: Path, n: int = 16) -> np.ndarray:
     with open_slide(cmu) as s:
         grid = tile_grid(s, mpp=1.0, tile_size=32)
         return next(iter(read_tiles(s, grid, batch_size=n, indices=np.arange(n),
-                                    num_workers=1))).tiles
+                                    read_threads=1))).tiles
 
 
 def test_resnet18_weights_load_as_tile_encoder(cmu, tmp_path):

@@ -140,7 +140,7 @@ class TileSSLDataset(IterableDataset):
 
         uniq = np.unique(idx)
         tiles, got = [], []
-        for b in read_tiles(slide, grid, batch_size=len(uniq), num_workers=1, indices=uniq):
+        for b in read_tiles(slide, grid, batch_size=len(uniq), read_threads=1, indices=uniq):
             tiles.append(b.tiles)
             got.append(np.asarray(b.indices))
         all_tiles = np.concatenate(tiles)
