@@ -229,5 +229,5 @@ def test_cli_embed_and_info(cohort, slides_dir, client, tmp_path, capsys):
                "--encoder", "tiny-vit", "--scheduler", "sync"])
     err = capsys.readouterr().err
     assert rc == 1 and "refusing to add features from 'tiny-vit'" in err
-    summary = json.dumps(TileStore(store).summary())
-    assert '"slides": 2' in summary
+    summary = TileStore(store).summary()
+    assert summary.slides == 2 and '"slides": 2' in json.dumps(summary.to_dict())

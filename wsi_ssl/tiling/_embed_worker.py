@@ -294,7 +294,7 @@ def _producer(prep: PreparedSlide, config: EmbedConfig, out_size: int, on_device
     batches = _ViewBatches(config.batch_size)
     try:
         for batch in read_tiles(prep.slide, prep.grid, batch_size=config.batch_size,
-                                num_workers=config.read_threads):
+                                read_threads=config.read_threads):
             if stop.is_set():
                 return
             idx = np.asarray(batch.indices, np.int64)
