@@ -103,6 +103,28 @@ def test_demo_cli_runs_every_stage_quietly_and_resumes(tmp_path):
         assert (out / img["src"]).is_file(), img["src"]
         assert img["alt"] and int(img["width"]) <= 1000
 
+    # the tables hold what the steps computed: each probe row is what linear_probe gives on the
+    # saved slide-SSL embeddings and on the mean-pooled tile features of the store
+    import pandas as pd
+
+    from wsi_ssl.eval import linear_probe
+    from wsi_ssl.pretrain import mean_pool_embeddings
+    from wsi_ssl.store import SlideEmbeddings, TileStore
+
+    ssl = SlideEmbeddings.load(out / "slide_embeddings.npz")
+    labels = pd.read_csv(out / "cohort" / "labels.csv", dtype={"slide_id": str})
+    store = TileStore(out / "tiles.zarr", mode="r")
+    for name, emb in (("slide-ssl", ssl), ("mean-pool", mean_pool_embeddings(store, ssl.slide_ids))):
+        rep = linear_probe(emb, labels, n_labeled=(*QUICK.n_labeled, None), repeats=QUICK.repeats,
+                           test_size=QUICK.test_size, seed=QUICK.seed).to_frame().set_index("name")
+        assert set(s["probe"][name]) == set(rep.index)
+        for row, vals in s["probe"][name].items():
+            assert vals["auc_mean"] == pytest.approx(rep.loc[row, "auc_mean"], abs=1e-9), (name, row)
+    for name in ("slide-ssl", "mean-pool"):
+        saved = json.loads((out / "retrieval" / name / "retrieval.json").read_text())["metrics"]
+        assert {m: v["value"] for m, v in saved.items()} == pytest.approx(
+            s["retrieval"]["value"][name])
+
     # a rerun reuses every finished step: nothing is embedded or trained again
     again: list[str] = []
     res2 = run_demo(out, QUICK, say=again.append)

@@ -54,12 +54,20 @@ def test_compress_a_cohort(tmp_path: Path, data_dir: Path) -> None:
 def test_tiny_labeled_set(tmp_path: Path, data_dir: Path) -> None:
     out = _run("tiny_labeled_set", tmp_path, data_dir)
     s = json.loads((out / "summary.json").read_text())
+    auc = {}
     for name in ("slide-ssl", "mean-pool"):
         rows = s["probe"][name]
         assert [r["name"] for r in rows] == ["n=8", "n=16"]
-        assert all(0.0 <= r["auc_mean"] <= 1.0 for r in rows)
+        auc[name] = np.array([r["auc_mean"] for r in rows])
+    # measured on the seeded 24-slide cohort: slide SSL 1.00 / 0.91 at 8 / 16 labels, mean
+    # pooling 0.80 / 0.76, supervised ABMIL 1.00 / 1.00
+    assert auc["slide-ssl"].min() > 0.75
+    assert auc["slide-ssl"].mean() > auc["mean-pool"].mean() + 0.05
     assert set(s["abmil"]) == {"8", "16"}
-    assert 0.0 <= s["c_index"] <= 1.0
+    assert all(mean > 0.75 for mean, _ in s["abmil"].values())
+    saved = json.loads((out / "survival" / "survival.json").read_text())
+    assert s["c_index"] == saved["c_index_mean"]  # the printed C-index is the saved model's
+    assert saved["n_rows"] == 24 and saved["failed_fits"] == 0
     assert any((out / "survival").glob("*.png"))
 
 

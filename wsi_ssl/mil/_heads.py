@@ -26,8 +26,19 @@ from wsi_ssl.mil._base import (
 __all__ = ["MeanPool", "MaxPool", "ABMIL", "GatedABMIL", "DSMIL"]
 
 
+class _ProjectedPool(MILHead):
+    """A pooling of the tile features after an optional per-tile ``Linear -> ReLU`` projection
+    (mean and max pooling share it)."""
+
+    def __init__(self, in_dim: int, n_classes: int = 0, *, embed_dim: int | None = None,
+                 dropout: float = 0.0) -> None:
+        super().__init__(in_dim, n_classes)
+        self.proj, self.embed_dim = projection(self.in_dim, embed_dim, _check_prob("dropout", dropout))
+        self._build_classifier()
+
+
 @register_head("mean")
-class MeanPool(MILHead):
+class MeanPool(_ProjectedPool):
     """Mean of the (optionally projected) tile features: the baseline.
 
     Cost: O(N * D * E) time, O(N * E) memory.
@@ -43,12 +54,6 @@ class MeanPool(MILHead):
         x ``(B, N, D)`` -> embedding ``(B, E)``; attention ``(B, N)`` = ``1 / n`` on real tiles.
     """
 
-    def __init__(self, in_dim: int, n_classes: int = 0, *, embed_dim: int | None = None,
-                 dropout: float = 0.0) -> None:
-        super().__init__(in_dim, n_classes)
-        self.proj, self.embed_dim = projection(self.in_dim, embed_dim, _check_prob("dropout", dropout))
-        self._build_classifier()
-
     def _pool(self, x, mask, coords):
         h = self.proj(x)
         att = mask.to(h.dtype) / mask.sum(dim=1, keepdim=True).to(h.dtype)
@@ -56,7 +61,7 @@ class MeanPool(MILHead):
 
 
 @register_head("max")
-class MaxPool(MILHead):
+class MaxPool(_ProjectedPool):
     """Feature-wise max of the (optionally projected) tile features.
 
     Cost: O(N * D * E) time, O(N * E) memory. ``attention`` is the share of embedding dimensions
@@ -71,12 +76,6 @@ class MaxPool(MILHead):
     Shape:
         x ``(B, N, D)`` -> embedding ``(B, E)``, attention ``(B, N)``.
     """
-
-    def __init__(self, in_dim: int, n_classes: int = 0, *, embed_dim: int | None = None,
-                 dropout: float = 0.0) -> None:
-        super().__init__(in_dim, n_classes)
-        self.proj, self.embed_dim = projection(self.in_dim, embed_dim, _check_prob("dropout", dropout))
-        self._build_classifier()
 
     def _pool(self, x, mask, coords):
         h = self.proj(x).masked_fill(~mask.unsqueeze(-1), float("-inf"))
