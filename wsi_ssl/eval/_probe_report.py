@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from wsi_ssl.eval._report_io import dumps, write_report
+from wsi_ssl.eval._report_io import RowCounts, dumps, write_report
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -75,7 +75,7 @@ class RocCurve:
 
 
 @dataclass(frozen=True)
-class ProbeReport:
+class ProbeReport(RowCounts):
     """What :func:`~wsi_ssl.eval.linear_probe` measured.
 
     Attributes:
@@ -106,19 +106,6 @@ class ProbeReport:
     level: Literal["slide", "patient"] = "slide"
     n_input_slides: int = -1
     config: dict[str, Any] = field(default_factory=dict, compare=False)
-
-    @property
-    def n_rows(self) -> int:
-        """Rows the probe saw: slides, or patients at ``level="patient"``."""
-        return len(self.slide_ids)
-
-    @property
-    def n_slides(self) -> int:
-        return self.n_input_slides if self.n_input_slides >= 0 else len(self.slide_ids)
-
-    @property
-    def n_patients(self) -> int:
-        return len(set(self.patients))
 
     @property
     def cv(self) -> ProbeResult | None:

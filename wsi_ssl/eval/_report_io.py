@@ -19,8 +19,31 @@ if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
     from matplotlib.figure import Figure
 
-__all__ = ["json_clean", "dumps", "write_report", "ReportSection", "html_table",
+__all__ = ["RowCounts", "json_clean", "dumps", "write_report", "ReportSection", "html_table",
            "write_html_report"]
+
+
+class RowCounts:
+    """``n_rows`` / ``n_slides`` / ``n_patients`` of a report with ``slide_ids``, ``patients`` and
+    ``n_input_slides`` fields (the probe and survival reports)."""
+
+    slide_ids: tuple[str, ...]
+    patients: tuple[str, ...]
+    n_input_slides: int
+
+    @property
+    def n_rows(self) -> int:
+        """Rows the model saw: slides, or patients at ``level="patient"``."""
+        return len(self.slide_ids)
+
+    @property
+    def n_slides(self) -> int:
+        """Slides given (before patient-level aggregation)."""
+        return self.n_input_slides if self.n_input_slides >= 0 else len(self.slide_ids)
+
+    @property
+    def n_patients(self) -> int:
+        return len(set(self.patients))
 
 
 def json_clean(obj: Any) -> Any:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from wsi_ssl.eval._report_io import dumps, write_report
+from wsi_ssl.eval._report_io import RowCounts, dumps, write_report
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -46,7 +46,7 @@ class SurvivalFold:
 
 
 @dataclass(frozen=True)
-class SurvivalReport:
+class SurvivalReport(RowCounts):
     """What :func:`~wsi_ssl.eval.survival` measured.
 
     Attributes:
@@ -79,19 +79,6 @@ class SurvivalReport:
     level: Literal["slide", "patient"] = "slide"
     n_input_slides: int = -1
     config: dict[str, Any] = field(default_factory=dict, compare=False)
-
-    @property
-    def n_rows(self) -> int:
-        """Rows the model saw: slides, or patients at ``level="patient"``."""
-        return len(self.slide_ids)
-
-    @property
-    def n_slides(self) -> int:
-        return self.n_input_slides if self.n_input_slides >= 0 else len(self.slide_ids)
-
-    @property
-    def n_patients(self) -> int:
-        return len(set(self.patients))
 
     @property
     def n_events(self) -> int:
