@@ -349,10 +349,10 @@ def test_mpp_and_tile_size_default_to_the_preset_else_half_micron_224():
 
 # --------------------------------------------------------------------------- GPU (CUDA only)
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-@needs_cuda
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_embedding_with_views_agrees_with_the_cpu(cohort, tmp_path):
     kw = KW | {"views": 2, "view_tiles": 16, "client": "sync"}
     cpu = embed_slides(cohort[:1], "tiny-cnn", tmp_path / "cpu.zarr", device="cpu", **kw)
@@ -366,7 +366,8 @@ def test_gpu_embedding_with_views_agrees_with_the_cpu(cohort, tmp_path):
         assert cos.min() > 0.99
 
 
-@needs_cuda
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_tiles_travel_in_pinned_memory(cohort, monkeypatch):
     import wsi_ssl.tiling._embed_worker as worker
 

@@ -181,7 +181,7 @@ def _pinned_cluster(gpus: tuple[str, ...]) -> Any:
     workers = {
         f"gpu-{dev}": {"cls": Nanny, "options": {
             "nthreads": 1, "env": {"CUDA_VISIBLE_DEVICES": dev}, "resources": {"GPU": 1},
-            "name": f"gpu-{dev}"}}
+            "name": f"gpu-{dev}", "dashboard": False}}
         for dev in gpus}
     scheduler = {"cls": Scheduler, "options": {"dashboard_address": None}}
     return SpecCluster(workers=workers, scheduler=scheduler, name="wsi-ssl-gpu")
