@@ -18,15 +18,21 @@ D1 = {"depth": 1}
 REV = "0123456789abcdef0123456789abcdef01234567"
 
 
-def _state_dict(name: str, seed: int = 7) -> dict[str, torch.Tensor]:
-    """A depth-1 checkpoint of ``name`` with weights unlike the default random instance."""
+def perturbed_trunk(name: str, overrides=D1, seed: int = 7) -> torch.nn.Module:
+    """A reduced instance of preset ``name`` with weights unlike its default random instance
+    (also used by test_transformers_presets)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        trunk = build_trunk(get_preset(name), D1)
-    with torch.no_grad():
-        for t in trunk.parameters():
-            t.add_(0.05 * torch.randn_like(t))
-    return {k: v.contiguous() for k, v in trunk.state_dict().items()}
+        trunk = build_trunk(get_preset(name), overrides)
+        with torch.no_grad():
+            for t in trunk.parameters():
+                t.add_(0.05 * torch.randn_like(t))
+    return trunk.eval()
+
+
+def _state_dict(name: str, seed: int = 7) -> dict[str, torch.Tensor]:
+    """A depth-1 checkpoint of ``name``."""
+    return {k: v.contiguous() for k, v in perturbed_trunk(name, seed=seed).state_dict().items()}
 
 
 def _hf_cache(root, repo: str, filename: str, payload) -> None:

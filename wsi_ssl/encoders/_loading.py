@@ -123,22 +123,20 @@ def build_preset_model(preset: EncoderPreset, path: str | os.PathLike | None, *,
         trunk = _random_trunk(preset, overrides, seed)
         return PresetModel(trunk, family=preset.family, output=preset.output).eval()
     path = Path(path)
+    if preset.family == "transformers":  # transformers converts hub (v4) key names itself
+        from wsi_ssl.encoders._hf_models import load_transformers_trunk
+
+        trunk, problems = load_transformers_trunk(preset, path, overrides)
+        if problems:
+            _raise_misfit(preset, path, problems, read_weights(path), overrides)
+        return PresetModel(trunk, family=preset.family, output=preset.output).eval()
     raw = read_weights(path)
     trunk = _meta_trunk(preset, overrides)
     own = trunk.state_dict()
-    src = _strip_hf(raw, own) if preset.family == "transformers" else raw
-    sd, problems = match_state_dict(src, own, ignore=_ignore(preset))
+    sd, problems = match_state_dict(raw, own, ignore=_ignore(preset))
     if problems:
-        other = identify_weights(raw, exclude=preset.name, overrides=overrides)
-        cause = (f"this looks like {other!r} weights, not {preset.name!r}: use "
-                 f"create_encoder({other!r}, ...) / --encoder {other}" if other else
-                 f"check that the file is {preset.hub_repo}'s "
-                 f"{' or '.join(preset.weight_files)}")
-        if overrides:
-            cause += f" (architecture overrides in use: {dict(overrides)})"
-        raise WeightsError(f"weights '{path}' do not fit encoder {preset.name!r}: "
-                           + "; ".join(problems) + f". Likely cause: {cause}.")
-    del raw, src
+        _raise_misfit(preset, path, problems, raw, overrides)
+    del raw
     # assign the file's tensors as the parameters (float32 for CPU compute; autocast on CUDA)
     sd = {k: (v.float() if v.is_floating_point() and v.dtype != torch.float32 else v)
           for k, v in sd.items()}
@@ -150,6 +148,19 @@ def build_preset_model(preset: EncoderPreset, path: str | os.PathLike | None, *,
                            f"'{path}'; this architecture cannot be loaded lazily.")
     logger.debug("loaded %d tensors from %s into %s", len(sd), path, preset.name)
     return PresetModel(trunk, family=preset.family, output=preset.output).eval()
+
+
+def _raise_misfit(preset: EncoderPreset, path: Path, problems: list[str],
+                  raw: Mapping[str, torch.Tensor], overrides: Mapping[str, Any] | None) -> None:
+    """Raise the one error for a weights file that does not fit ``preset``."""
+    other = identify_weights(raw, exclude=preset.name, overrides=overrides)
+    cause = (f"this looks like {other!r} weights, not {preset.name!r}: use "
+             f"create_encoder({other!r}, ...) / --encoder {other}" if other else
+             f"check that the file is {preset.hub_repo}'s {' or '.join(preset.weight_files)}")
+    if overrides:
+        cause += f" (architecture overrides in use: {dict(overrides)})"
+    raise WeightsError(f"weights '{path}' do not fit encoder {preset.name!r}: "
+                       + "; ".join(problems) + f". Likely cause: {cause}.")
 
 
 def _random_trunk(preset: EncoderPreset, overrides: Mapping[str, Any] | None, seed: int

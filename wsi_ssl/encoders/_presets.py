@@ -28,7 +28,7 @@ import torch.nn as nn
 from wsi_ssl.errors import BackendUnavailableError, ConfigError
 
 __all__ = ["EncoderPreset", "PresetModel", "get_preset", "list_presets", "register_preset",
-           "build_trunk",
+           "build_trunk", "transformers_config",
            "IMAGENET", "BIOPTIMUS", "HIBOU", "HALF"]
 
 Norm = tuple[tuple[float, float, float], tuple[float, float, float]]
@@ -327,19 +327,32 @@ def build_trunk(preset: EncoderPreset, overrides: Mapping[str, Any] | None = Non
         import timm
 
         return timm.create_model(preset.arch, pretrained=False, **kwargs)
+    model_cls, config, init_kwargs = transformers_config(preset, kwargs)
+    return model_cls(config, **init_kwargs)
+
+
+def transformers_config(preset: EncoderPreset, kwargs: Mapping[str, Any]
+                        ) -> tuple[type, Any, dict[str, Any]]:
+    """``(model class, config, constructor keyword arguments)`` of a ``transformers`` preset
+    with architecture keyword arguments ``kwargs`` (the preset's, overrides applied).
+
+    Raises:
+        BackendUnavailableError: ``transformers`` is not installed.
+    """
     try:
         import transformers
     except ImportError as err:
         raise BackendUnavailableError(
             f"preset {preset.name!r} is a transformers model; install it with "
             "`pip install \"wsi-ssl[transformers]\"`.") from err
+    kwargs = dict(kwargs)
     if "depth" in kwargs:  # the timm spelling, accepted for every family
         kwargs["num_hidden_layers"] = kwargs.pop("depth")
     model_cls = getattr(transformers, preset.arch)
     config = getattr(transformers, preset.arch.replace("Model", "Config"))(**kwargs)
-    if preset.arch == "ViTModel":
-        return model_cls(config, add_pooling_layer=False)
-    return model_cls(config)
+    # the CLS rule never uses ViT's pooler; checkpoints holding one load with it ignored
+    init_kwargs = {"add_pooling_layer": False} if preset.arch == "ViTModel" else {}
+    return model_cls, config, init_kwargs
 
 
 def _prefix_tokens(trunk: nn.Module) -> int:
