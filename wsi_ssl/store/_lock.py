@@ -64,7 +64,8 @@ class LockHolder:
         host, pid: where the holding process runs.
         command: its command line (or what the caller said it is); "" when unknown.
         since: ISO-8601 UTC time it took the lock; "" when unknown.
-        scope: ``"run"`` (a whole embed/import/cleanup) or ``"call"`` (one write).
+        scope: ``"run"`` (a whole embed/import/cleanup), ``"call"`` (one write), or
+            ``"unknown"`` (``.lock.json`` not written yet or left by an earlier holder).
         heartbeat_age: seconds since the marker was last refreshed (by this host's clock).
     """
 
@@ -147,7 +148,7 @@ class StoreLock:
         return LockHolder(host=fields.get("host", info.get("host", "?")), pid=pid,
                           command=str(info.get("command", "")) if same else "",
                           since=str(info.get("since", "")) if same else "",
-                          scope=str(info.get("scope", "run")) if same else "run",
+                          scope=str(info.get("scope", "unknown")) if same else "unknown",
                           heartbeat_age=max(0.0, time.time() - mtime))
 
     def _read_info(self) -> dict[str, Any] | None:
@@ -213,6 +214,8 @@ class StoreLock:
                 self.acquire(wait=min(1.0, max(0.0, deadline - time.monotonic())), scope="call")
                 return
             except StoreLockedError:
+                # fail at once only behind a known run; a holder whose .lock.json is not
+                # written yet (it just took the lock) is waited for like a single write
                 holder = self.holder()
                 if holder is not None and holder.scope == "run" or time.monotonic() >= deadline:
                     raise

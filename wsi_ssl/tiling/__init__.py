@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from wsi_ssl.tiling._batch import TilingReport, TilingRow, tile_slides
+from wsi_ssl.tiling._batch import SavedGrid, TilingReport, TilingRow, load_grid, tile_slides
 from wsi_ssl.tiling._grid import TileGrid, tile_grid
 from wsi_ssl.tiling._plot import plot_grid
 from wsi_ssl.tiling._read import TileBatch, read_tiles, tiles_as_dask
@@ -37,6 +37,8 @@ __all__ = [
     "tile_slides",
     "TilingReport",
     "TilingRow",
+    "load_grid",
+    "SavedGrid",
     "embed_slides",
     "EmbedReport",
     "EmbedConfig",

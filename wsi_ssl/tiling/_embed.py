@@ -201,7 +201,8 @@ class EmbedConfig:
         dtype: storage dtype of features/views.
         assume_mpp: µm/px for slides without MPP metadata (recorded as assumed).
         backend: slide reader backend (:func:`wsi_ssl.tiling.open_slide`).
-        batch_size: tiles per encoder call; read_threads: tile-reading threads per slide;
+        batch_size: tiles per encoder call; read_threads: tile-reading threads per slide
+            (``read_tiles(read_threads=)``);
         prefetch: tile batches read ahead of the encoder.
         device: encoder device on each worker (``"auto"``: its GPU if any).
         settings_from_preset: the encoder preset whose ``mpp`` / ``tile_size`` were used
