@@ -24,6 +24,7 @@ from typing import Any
 import torch.nn as nn
 
 from wsi_ssl.encoders._presets import EncoderPreset, _resolve_kwargs, transformers_config
+from wsi_ssl.encoders._weights import describe_key_problems
 from wsi_ssl.errors import WeightsError
 
 __all__ = ["load_transformers_trunk"]
@@ -65,13 +66,7 @@ def _problems(info: Mapping[str, Any]) -> list[str]:
                         if not k.startswith(_IGNORE_UNEXPECTED))
     shapes = sorted(f"{k} {tuple(got)} vs {tuple(want)}"
                     for k, got, want in info.get("mismatched_keys") or ())
-    out = []
-    if missing:
-        out.append(f"{len(missing)} missing keys (e.g. {missing[:4]})")
-    if unexpected:
-        out.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[:4]})")
-    if shapes:
-        out.append(f"{len(shapes)} shape mismatches (e.g. {shapes[:3]})")
+    out = describe_key_problems(missing, unexpected, shapes)
     for msg in info.get("error_msgs") or ():
         out.append(str(msg).splitlines()[0][:200])
     return out

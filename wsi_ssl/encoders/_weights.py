@@ -129,6 +129,13 @@ def match_state_dict(sd: dict[str, torch.Tensor], own: dict[str, Any], *,
     missing = [k for k in own if k not in sd]
     shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(_shape(own[k]))}"
               for k in own if k in sd and tuple(sd[k].shape) != tuple(_shape(own[k]))]
+    return {k: sd[k] for k in own if k in sd}, describe_key_problems(missing, unexpected, shapes)
+
+
+def describe_key_problems(missing: list[str], unexpected: list[str],
+                          shapes: list[str]) -> list[str]:
+    """One human-readable line per kind of mismatch between a weights file and a model (empty
+    when it matches): counts and the first few keys."""
     problems = []
     if missing:
         problems.append(f"{len(missing)} missing keys (e.g. {missing[:4]})")
@@ -136,7 +143,7 @@ def match_state_dict(sd: dict[str, torch.Tensor], own: dict[str, Any], *,
         problems.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[:4]})")
     if shapes:
         problems.append(f"{len(shapes)} shape mismatches (e.g. {shapes[:3]})")
-    return {k: sd[k] for k in own if k in sd}, problems
+    return problems
 
 
 def _shape(v: Any) -> tuple[int, ...]:
