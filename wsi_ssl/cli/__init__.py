@@ -34,6 +34,9 @@ SUBCOMMANDS: dict[str, str] = {
     "similar": "wsi_ssl.cli._similar",
     "retrieval-report": "wsi_ssl.cli._retrieval_report",
     "export-geojson": "wsi_ssl.cli._export_geojson",
+    "store": "wsi_ssl.cli._store",
+    "cluster-check": "wsi_ssl.cli._cluster_check",
+    "compare": "wsi_ssl.cli._compare",
 }
 
 
