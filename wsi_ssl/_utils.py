@@ -6,14 +6,12 @@ Nothing here imports torch at module import time.
 from __future__ import annotations
 
 import glob
-import hashlib
 import logging
 import os
 import random
 import re
 import sys
 import uuid
-import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,7 +33,6 @@ __all__ = [
     "SLIDE_EXTENSIONS",
     "file_fingerprint",
     "atomic_path",
-    "renamed_argument",
     "atomic_write_bytes",
 ]
 
@@ -156,10 +153,6 @@ def file_fingerprint(path: str | os.PathLike) -> dict[str, Any]:
     return {"size": int(st.st_size), "mtime": float(st.st_mtime)}
 
 
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 @contextmanager
 def atomic_path(path: str | os.PathLike, *, fsync: bool = True) -> Iterator[Path]:
     """Yield a temporary sibling of ``path`` to write; on success it is fsynced and moved onto
@@ -189,21 +182,3 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, fsync: bool = Tr
     (see :func:`atomic_path`)."""
     with atomic_path(path, fsync=fsync) as tmp, open(tmp, "wb") as fh:
         fh.write(data)
-
-
-def renamed_argument(func: str, old: str, old_value: Any, new: str, new_value: Any,
-                     *, default: Any = None) -> Any:
-    """The value of a renamed keyword argument: ``new_value``, or the deprecated ``old_value``
-    (given when not ``None``) with a ``DeprecationWarning`` pointing at the caller of ``func``.
-
-    Raises:
-        ConfigError: both names were given with different values.
-    """
-    if old_value is None:
-        return new_value
-    warnings.warn(f"{func}({old}=...) is deprecated; use {new}=... (same meaning).",
-                  DeprecationWarning, stacklevel=3)
-    if new_value is not default and new_value != old_value:
-        raise ConfigError(f"{func}() got {new}={new_value!r} and its deprecated name "
-                          f"{old}={old_value!r}; give {new}= only.")
-    return old_value

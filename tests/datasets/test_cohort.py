@@ -85,9 +85,6 @@ def test_parallel_writing_is_identical_and_rerun_reuses(tmp_path: Path) -> None:
     serial = make_cohort(tmp_path / "serial", **kw)
     parallel = make_cohort(tmp_path / "parallel", n_workers=2, **kw)
     assert [_sha(p) for p in serial.paths] == [_sha(p) for p in parallel.paths]
-    with pytest.warns(DeprecationWarning, match=r"make_cohort\(n_jobs=...\) is deprecated"):
-        old_name = make_cohort(tmp_path / "old-name", n_jobs=2, **kw)
-    assert [_sha(p) for p in old_name.paths] == [_sha(p) for p in serial.paths]
     pd.testing.assert_frame_equal(serial.labels, parallel.labels)
     mtimes = [p.stat().st_mtime_ns for p in serial.paths]
     again = make_cohort(tmp_path / "serial", **kw)  # same settings: reused, not rewritten

@@ -105,17 +105,6 @@ def test_without_early_stopping_every_epoch_runs():
     assert all("val_loss" not in h for h in clf.history_)
 
 
-def test_hidden_is_a_deprecated_alias_of_embed_dim():
-    bags, y, _ = make_bags(20, seed=3)
-    kw = dict(FAST, epochs=2)
-    kw.pop("embed_dim")
-    with pytest.warns(DeprecationWarning, match="embed_dim"):
-        old = MILClassifier(hidden=12, **kw).fit(bags, y)
-    new = MILClassifier(embed_dim=12, **kw).fit(bags, y)
-    assert old.head_.embed_dim == 12
-    np.testing.assert_array_equal(old.predict_proba(bags), new.predict_proba(bags))
-
-
 def test_tilestore_and_coordinate_aware_head(tmp_path):
     """A real zarr TileStore (level-0 coords -> grid units) with the sparseconv head."""
     from wsi_ssl.store import TileStore

@@ -117,6 +117,5 @@ def test_load_grid_reads_back_the_tile_grid(slides_dir, tmp_path):
     for name in ("mpp", "tile_size", "level", "read_size", "stride_level0", "overlap",
                  "grid_shape", "backend"):
         assert getattr(saved.grid, name) == getattr(grid, name), name
-    with pytest.warns(DeprecationWarning, match="unpacking load_grid"):
-        meta, coords = saved  # the former (meta, coords) tuple still unpacks
-    assert meta is saved.meta and coords is saved.coords
+    with pytest.raises(TypeError):
+        meta, coords = saved  # a SavedGrid, no longer the 0.1 (meta, coords) tuple

@@ -26,22 +26,6 @@ def test_every_index_exactly_once(synthetic_slide, batch_size, region_size):
         assert len(seen) == len(grid) and np.array_equal(np.sort(seen), np.arange(len(grid)))
 
 
-def test_num_workers_is_a_deprecated_name_of_read_threads(synthetic_slide):
-    with open_slide(synthetic_slide) as slide:
-        grid = tile_grid(slide, mpp=0.5, tile_size=224, min_tissue=0.1)
-        idx = [0, 3, 7]
-        with pytest.warns(DeprecationWarning, match=r"read_tiles\(num_workers=...\) is deprecated"):
-            old = list(read_tiles(slide, grid, num_workers=2, indices=idx))
-        new = list(read_tiles(slide, grid, read_threads=2, indices=idx))
-        assert np.array_equal(np.concatenate([b.indices for b in old]),
-                              np.concatenate([b.indices for b in new]))
-        assert np.array_equal(np.concatenate([b.tiles for b in old]),
-                              np.concatenate([b.tiles for b in new]))
-        with pytest.raises(ConfigError, match="give read_threads= only"), \
-                pytest.warns(DeprecationWarning):
-            read_tiles(slide, grid, num_workers=2, read_threads=3)
-
-
 def test_region_tiles_equal_single_tile_reads(synthetic_slide):
     with open_slide(synthetic_slide) as slide:
         grid = tile_grid(slide, mpp=0.5, tile_size=224, min_tissue=0.1)

@@ -33,7 +33,6 @@ from typing import Any
 
 import numpy as np
 
-from wsi_ssl._utils import renamed_argument
 from wsi_ssl.datasets._render import REGION_CODES
 from wsi_ssl.errors import ConfigError, InputError
 
@@ -272,7 +271,6 @@ def make_cohort(
     quality: int = 90,
     n_workers: int = 1,
     overwrite: bool = False,
-    n_jobs: int | None = None,
 ) -> CohortInfo:
     """Generate a labelled cohort of slides (see the module docstring for the layout).
 
@@ -296,7 +294,6 @@ def make_cohort(
         quality: JPEG quality of the slides.
         n_workers: worker processes for writing slides (1 = in this process).
         overwrite: rewrite even when ``out_dir`` holds a cohort made with the same settings.
-        n_jobs: deprecated name of ``n_workers`` (a ``DeprecationWarning``).
 
     Returns:
         A :class:`CohortInfo`; ``labels.csv`` and ``cohort.json`` are written next to the slides.
@@ -311,7 +308,6 @@ def make_cohort(
         raise ConfigError(f"decoy_probability={decoy_probability!r} must be in [0, 1].")
     if not median_survival > 0:
         raise ConfigError(f"median_survival={median_survival!r} must be a positive number of months.")
-    n_workers = renamed_argument("make_cohort", "n_jobs", n_jobs, "n_workers", n_workers, default=1)
     if int(n_workers) < 1:
         raise ConfigError(f"n_workers={n_workers!r} must be at least 1.")
     _check_size_mpp(size, mpp)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import logging
 import os
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -51,7 +50,6 @@ class MILClassifier(ClassifierMixin, BaseEstimator):
         head_kwargs: extra options for the head (``attn_dim=``, ``attention="full"``, ...).
         device: ``"auto"``, ``"cpu"``, ``"cuda"``...
         seed: seeds initialisation, shuffling, dropout and the validation split.
-        hidden: deprecated name of ``embed_dim`` (a ``DeprecationWarning`` at ``fit``).
 
     Attributes:
         classes_: sorted class labels. n_features_in_: ``D``. head_: the trained head (eval mode).
@@ -69,7 +67,7 @@ class MILClassifier(ClassifierMixin, BaseEstimator):
                  batch_size: int = 8, class_weight: Literal["balanced"] | None = "balanced",
                  early_stopping: int | None = None, validation_fraction: float = 0.2,
                  standardize: bool = True, head_kwargs: dict[str, Any] | None = None,
-                 device: str = "auto", seed: int = 0, hidden: int | None = None) -> None:
+                 device: str = "auto", seed: int = 0) -> None:
         self.head = head
         self.embed_dim = embed_dim
         self.dropout = dropout
@@ -84,22 +82,11 @@ class MILClassifier(ClassifierMixin, BaseEstimator):
         self.head_kwargs = head_kwargs
         self.device = device
         self.seed = seed
-        self.hidden = hidden
 
     # -- inputs ---------------------------------------------------------------------------------
-    def _embed_dim(self) -> int:
-        """``embed_dim``, or the deprecated ``hidden`` when given (with a warning)."""
-        if self.hidden is None:
-            return self.embed_dim
-        warnings.warn("MILClassifier(hidden=...) is deprecated; use embed_dim=... (the name "
-                      "every head and SlideSSL use).", DeprecationWarning, stacklevel=3)
-        return self.hidden
-
     def _check_params(self) -> None:
-        for name in ("embed_dim", "hidden", "epochs", "batch_size"):
+        for name in ("embed_dim", "epochs", "batch_size"):
             v = getattr(self, name)
-            if name == "hidden" and v is None:
-                continue
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"MILClassifier({name}={v!r}): must be an integer >= 1.")
         for name in ("lr", "weight_decay"):
@@ -222,7 +209,7 @@ class MILClassifier(ClassifierMixin, BaseEstimator):
         from wsi_ssl.mil._base import create_head
 
         self._check_params()
-        embed_dim = self._embed_dim()
+        embed_dim = self.embed_dim
         xs, cs = self._load(bags, coords, slide_ids, None)
         y_idx = self._encode_labels(y, len(xs))
         dev = resolve_device(self.device)
@@ -475,7 +462,7 @@ class MILClassifier(ClassifierMixin, BaseEstimator):
         model.mean_ = tensors.pop("mean_").numpy()
         model.scale_ = tensors.pop("scale_").numpy()
         model.device_ = resolve_device(model.device)
-        embed_dim = model.embed_dim if model.hidden is None else model.hidden
+        embed_dim = model.embed_dim
         head = create_head(model.head, model.n_features_in_, n_classes=len(model.classes_),
                            embed_dim=embed_dim, dropout=model.dropout,
                            **(model.head_kwargs or {}))

@@ -126,12 +126,6 @@ class SavedGrid:
         """``int64 (N, 2)`` level-0 ``(x, y)`` of each tile."""
         return self.grid.coords
 
-    def __iter__(self):
-        """Deprecated: ``meta, coords = load_grid(...)`` (the former tuple return)."""
-        warnings.warn("unpacking load_grid(...) as (meta, coords) is deprecated; use its .meta "
-                      "and .coords (or .grid)", DeprecationWarning, stacklevel=2)
-        return iter((self.meta, self.grid.coords))
-
 
 def load_grid(slide_dir: str | os.PathLike) -> SavedGrid:
     """Read back ``grid.json`` and ``coords.csv`` of one tiled slide.

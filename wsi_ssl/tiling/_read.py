@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import numpy as np
 
-from wsi_ssl._utils import renamed_argument
 from wsi_ssl.errors import ConfigError, SlideOpenError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -221,8 +220,7 @@ def _check(slide: Any, grid: Any, batch_size: int, read_threads: int | None) -> 
 
 
 def read_tiles(slide: Slide, grid: TileGrid, *, batch_size: int = 64, read_threads: int | None = None,
-               indices: Any = None, region_size: int = REGION_SIZE,
-               num_workers: int | None = None) -> Iterator[TileBatch]:
+               indices: Any = None, region_size: int = REGION_SIZE) -> Iterator[TileBatch]:
     """Read the grid's tiles in batches, fast and with bounded memory.
 
     Args:
@@ -233,14 +231,11 @@ def read_tiles(slide: Slide, grid: TileGrid, *, batch_size: int = 64, read_threa
         indices: only these grid positions (any order; each read once).
         region_size: longest side in level pixels of one region read (memory per worker is about
             ``3 * region_size**2`` bytes).
-        num_workers: deprecated name of ``read_threads`` (a ``DeprecationWarning``).
 
     Yields:
         :class:`TileBatch` ``(tiles uint8 (B, T, T, 3), indices int64 (B,))``. Tiles come block by
         block (not necessarily in grid order); every requested index appears exactly once.
     """
-    read_threads = renamed_argument("read_tiles", "num_workers", num_workers, "read_threads",
-                                    read_threads)
     threads = _check(slide, grid, batch_size, read_threads)
     if indices is None:
         sel = np.arange(len(grid), dtype=np.int64)
