@@ -108,8 +108,8 @@ class DemoConfig:
 
 
 #: a smoke run of every step in about a minute (``wsi-ssl demo --quick``; the demo test)
-QUICK = DemoConfig(n_slides=10, slide_epochs=3, views=4, view_tiles=16, tiles_per_view=16, repeats=2, test_size=0.3,
-                   n_labeled=(4,), n_workers=1, device="cpu")
+QUICK = DemoConfig(n_slides=10, slide_epochs=3, views=4, view_tiles=16, tiles_per_view=16,
+                   repeats=2, test_size=0.3, n_labeled=(4,), n_workers=1, device="cpu")
 
 
 @dataclass(frozen=True)
