@@ -5,6 +5,9 @@ from local weights, any timm architecture, or a registered small model.
 ``embed(tiles)`` takes uint8 ``(B, H, W, 3)`` tiles (or float ``(B, 3, H, W)`` in [0, 1]) and returns
 float32 ``(B, D)`` features on the CPU. No network, ever: preset weights come from a file, a
 ``huggingface-cli download --local-dir`` folder or the local Hugging Face cache.
+
+Slide encoders (TITAN, Prov-GigaPath's slide encoder, PRISM, FEATHER) live in
+:mod:`wsi_ssl.encoders.slide`: ``create_slide_encoder(name, weights=...)``.
 """
 
 from wsi_ssl.encoders._encoder import TileEncoder, model_fingerprint
@@ -18,6 +21,13 @@ from wsi_ssl.encoders._registry import (
     register_encoder,
 )
 from wsi_ssl.encoders._table import EncoderInfo, encoder_infos, encoder_table
+from wsi_ssl.encoders.slide import (
+    SlideEncoder,
+    SlideEncoderPreset,
+    create_slide_encoder,
+    get_slide_preset,
+    list_slide_encoders,
+)
 
 __all__ = [
     "create_encoder",
@@ -36,4 +46,9 @@ __all__ = [
     "EncoderInfo",
     "encoder_infos",
     "encoder_table",
+    "create_slide_encoder",
+    "list_slide_encoders",
+    "get_slide_preset",
+    "SlideEncoder",
+    "SlideEncoderPreset",
 ]

@@ -1,5 +1,6 @@
 """Where a preset's weights are on this machine: a file, a ``--local-dir`` folder, or the local
-Hugging Face cache. Never the network: the cache is searched with ``huggingface_hub``'s own
+Hugging Face cache (tile presets and slide presets alike: anything with ``name``, ``hub_repo``,
+``weight_files``, ``gated``, ``download_command`` and ``local_dir_name``). Never the network: the cache is searched with ``huggingface_hub``'s own
 offline lookup (``try_to_load_from_cache``), and a missing model gives the command that fetches
 it on a connected machine.
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from wsi_ssl.encoders._presets import EncoderPreset
 from wsi_ssl.errors import WeightsError
@@ -40,26 +42,34 @@ def find_in_cache(preset: EncoderPreset) -> Path | None:
     cache = hf_cache_dir()
     if not cache.is_dir():
         return None
-    for filename in _preferred(preset.weight_files):
+    for filename in _preferred(preset.weight_files, _standard(preset)):
         found = try_to_load_from_cache(preset.hub_repo, filename, cache_dir=str(cache))
         if isinstance(found, str) and Path(found).is_file():
             return Path(found)
     return None
 
 
-def _preferred(names: tuple[str, ...]) -> list[str]:
-    """The preset's files plus the two standard hub names, safetensors first (no pickle at
-    all), then the others in the preset's order."""
-    names = tuple(dict.fromkeys((*names, "model.safetensors", "pytorch_model.bin")))
+def _preferred(names: tuple[str, ...], standard: bool = True) -> list[str]:
+    """The preset's files plus (``standard``) the two standard hub names, safetensors first (no
+    pickle at all), then the others in the preset's order."""
+    extra = ("model.safetensors", "pytorch_model.bin") if standard else ()
+    names = tuple(dict.fromkeys((*names, *extra)))
     return sorted(names, key=lambda n: not n.endswith(".safetensors"))
 
 
+def _standard(preset: Any) -> bool:
+    """False for presets whose hub repo holds another model under the standard names (e.g.
+    Prov-GigaPath's repo: the tile encoder is ``pytorch_model.bin``, the slide encoder
+    ``slide_encoder.pth``)."""
+    return bool(getattr(preset, "standard_files", True))
+
+
 def _from_dir(preset: EncoderPreset, folder: Path) -> Path:
-    for filename in _preferred(preset.weight_files):
+    for filename in _preferred(preset.weight_files, _standard(preset)):
         if (folder / filename).is_file():
             return folder / filename
     candidates = sorted(p.name for p in folder.iterdir() if p.suffix in _WEIGHT_SUFFIXES)
-    if len(candidates) == 1:
+    if len(candidates) == 1 and _standard(preset):
         return folder / candidates[0]
     held = ", ".join(sorted(p.name for p in folder.iterdir())[:8]) or "nothing"
     raise WeightsError(

@@ -27,7 +27,8 @@ from wsi_ssl.encoders._presets import (
 )
 from wsi_ssl.errors import WeightsError
 
-__all__ = ["build_preset_model", "expected_shapes", "identify_weights", "activation_bytes"]
+__all__ = ["build_preset_model", "expected_shapes", "identify_weights", "activation_bytes",
+           "assign_state_dict", "misfit_error"]
 
 logger = logging.getLogger(__name__)
 
@@ -137,30 +138,48 @@ def build_preset_model(preset: EncoderPreset, path: str | os.PathLike | None, *,
     if problems:
         _raise_misfit(preset, path, problems, raw, overrides)
     del raw
-    # assign the file's tensors as the parameters (float32 for CPU compute; autocast on CUDA)
+    assign_state_dict(trunk, sd, path=path, name=preset.name)
+    return PresetModel(trunk, family=preset.family, output=preset.output).eval()
+
+
+def assign_state_dict(module: nn.Module, sd: Mapping[str, torch.Tensor], *, path: Path,
+                      name: str, kind: str = "encoder") -> None:
+    """Assign the (matched) tensors of ``sd`` as the parameters of a meta-device ``module``
+    (float32 for CPU compute; autocast on CUDA), strictly; any tensor left on the meta device is
+    an error."""
     sd = {k: (v.float() if v.is_floating_point() and v.dtype != torch.float32 else v)
           for k, v in sd.items()}
-    trunk.load_state_dict(sd, strict=True, assign=True)
-    left = [n for n, t in list(trunk.named_parameters()) + list(trunk.named_buffers())
+    module.load_state_dict(sd, strict=True, assign=True)
+    left = [n for n, t in list(module.named_parameters()) + list(module.named_buffers())
             if t.is_meta]
     if left:  # non-persistent buffers are not in any file
-        raise WeightsError(f"encoder {preset.name!r}: {left[:3]} were not initialised by "
+        raise WeightsError(f"{kind} {name!r}: {left[:3]} were not initialised by "
                            f"'{path}'; this architecture cannot be loaded lazily.")
-    logger.debug("loaded %d tensors from %s into %s", len(sd), path, preset.name)
-    return PresetModel(trunk, family=preset.family, output=preset.output).eval()
+    logger.debug("loaded %d tensors from %s into %s", len(sd), path, name)
 
 
 def _raise_misfit(preset: EncoderPreset, path: Path, problems: list[str],
                   raw: Mapping[str, torch.Tensor], overrides: Mapping[str, Any] | None) -> None:
     """Raise the one error for a weights file that does not fit ``preset``."""
     other = identify_weights(raw, exclude=preset.name, overrides=overrides)
-    cause = (f"this looks like {other!r} weights, not {preset.name!r}: use "
-             f"create_encoder({other!r}, ...) / --encoder {other}" if other else
-             f"check that the file is {preset.hub_repo}'s {' or '.join(preset.weight_files)}")
+    raise misfit_error(path=path, name=preset.name, problems=problems, other=other,
+                       expected=f"{preset.hub_repo}'s {' or '.join(preset.weight_files)}",
+                       overrides=overrides)
+
+
+def misfit_error(*, path: Path, name: str, problems: list[str], other: str | None,
+                 expected: str, overrides: Mapping[str, Any] | None, kind: str = "encoder",
+                 factory: str = "create_encoder", flag: str = "--encoder") -> WeightsError:
+    """The one-line error for a weights file that does not fit the preset ``name``: the
+    problems (first offending keys), and the likely cause: the preset ``other`` whose
+    architecture the file matches, or the file it should be (``expected``)."""
+    cause = (f"this looks like {other!r} weights, not {name!r}: use "
+             f"{factory}({other!r}, ...) / {flag} {other}" if other else
+             f"check that the file is {expected}")
     if overrides:
         cause += f" (architecture overrides in use: {dict(overrides)})"
-    raise WeightsError(f"weights '{path}' do not fit encoder {preset.name!r}: "
-                       + "; ".join(problems) + f". Likely cause: {cause}.")
+    return WeightsError(f"weights '{path}' do not fit {kind} {name!r}: "
+                        + "; ".join(problems) + f". Likely cause: {cause}.")
 
 
 def _random_trunk(preset: EncoderPreset, overrides: Mapping[str, Any] | None, seed: int
