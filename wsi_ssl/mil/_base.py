@@ -232,14 +232,8 @@ def register_head(name: str, *, overwrite: bool = False
     return deco
 
 
-def _ensure_registered() -> None:
-    # the modules register their heads on import
-    from wsi_ssl.mil import _heads, _resmlp, _sparseconv, _transmil  # noqa: F401
-
-
 def list_heads() -> list[str]:
     """Names accepted by :func:`create_head`, sorted."""
-    _ensure_registered()
     return sorted(_REGISTRY)
 
 
@@ -255,7 +249,6 @@ def create_head(name: str, in_dim: int, *, n_classes: int = 0, **kwargs: Any) ->
     Raises:
         ConfigError: unknown name (the message lists the closest matches) or bad options.
     """
-    _ensure_registered()
     key = str(name).lower().replace("-", "_")
     if key not in _REGISTRY:
         close = difflib.get_close_matches(key, list(_REGISTRY), n=3, cutoff=0.4)

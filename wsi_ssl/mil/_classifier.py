@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 from collections.abc import Sequence
@@ -10,9 +11,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import torch
 from sklearn.base import BaseEstimator, ClassifierMixin
 
-from wsi_ssl.errors import ConfigError, InputError, LabelError, NotFittedError
+from wsi_ssl._utils import atomic_write_bytes, resolve_device
+from wsi_ssl._version import __version__
+from wsi_ssl.errors import ConfigError, InputError, LabelError, NotFittedError, WeightsError
+from wsi_ssl.mil._base import create_head
 from wsi_ssl.mil._coords import to_grid_units
 
 __all__ = ["MILClassifier"]
@@ -170,7 +175,6 @@ class MILClassifier(ClassifierMixin, BaseEstimator):
         return out, crd_out
 
     def _collate(self, bags, coords, idx, device):
-        import torch
 
         n = max(bags[i].shape[0] for i in idx)
         d = bags[idx[0]].shape[1]
@@ -203,10 +207,7 @@ class MILClassifier(ClassifierMixin, BaseEstimator):
         Returns:
             self.
         """
-        import torch
 
-        from wsi_ssl._utils import resolve_device
-        from wsi_ssl.mil._base import create_head
 
         self._check_params()
         embed_dim = self.embed_dim
@@ -275,7 +276,6 @@ class MILClassifier(ClassifierMixin, BaseEstimator):
         return np.setdiff1d(train, val), val
 
     def _class_weight_tensor(self, y_train: np.ndarray, dev: Any) -> Any:
-        import torch
 
         if self.class_weight != "balanced":
             return None
@@ -289,7 +289,6 @@ class MILClassifier(ClassifierMixin, BaseEstimator):
                dev: Any) -> tuple[list[dict[str, float]], int]:
         """The epoch loop; with a validation split, stop after ``early_stopping`` epochs without
         a better validation loss and restore the best weights. Returns (history, best epoch)."""
-        import torch
         from torch.nn.functional import cross_entropy
 
         weight = self._class_weight_tensor(y_idx[train], dev)
@@ -332,7 +331,6 @@ class MILClassifier(ClassifierMixin, BaseEstimator):
 
     def _forward(self, head, xs, cs, idx, dev):
         """Class probabilities of bags ``idx`` (batched by similar size), as a torch tensor."""
-        import torch
 
         idx = np.asarray(idx)
         sizes = np.array([xs[i].shape[0] for i in idx])
@@ -358,7 +356,6 @@ class MILClassifier(ClassifierMixin, BaseEstimator):
         Shape:
             returns ``(n_bags, n_classes)`` float32.
         """
-        import torch
 
         self._check_fitted()
         xs, cs = self._load(bags, coords, slide_ids, self.n_features_in_)
@@ -387,7 +384,6 @@ class MILClassifier(ClassifierMixin, BaseEstimator):
         Raises:
             ConfigError: the head produces no attention (e.g. ``sparseconv`` with max pooling).
         """
-        import torch
 
         self._check_fitted()
         xs, cs = self._load([bag], None if coords is None else [coords], None,
@@ -405,12 +401,9 @@ class MILClassifier(ClassifierMixin, BaseEstimator):
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``model.safetensors`` (head weights, standardisation) and ``config.json``
         (parameters, classes, history) into directory ``path``; :meth:`load` reads them back."""
-        import json
 
         from safetensors.torch import save as to_bytes
 
-        from wsi_ssl._utils import atomic_write_bytes
-        from wsi_ssl._version import __version__
 
         self._check_fitted()
         path = Path(path)
@@ -434,13 +427,9 @@ class MILClassifier(ClassifierMixin, BaseEstimator):
     @classmethod
     def load(cls, path: str | os.PathLike, *, device: str | None = None) -> MILClassifier:
         """Load a classifier written by :meth:`save` (``device`` overrides the saved one)."""
-        import json
 
         from safetensors.torch import load_file
 
-        from wsi_ssl._utils import resolve_device
-        from wsi_ssl.errors import WeightsError
-        from wsi_ssl.mil._base import create_head
 
         path = Path(path)
         if not (path / _CONFIG_FILE).is_file() or not (path / _MODEL_FILE).is_file():
@@ -480,6 +469,5 @@ class MILClassifier(ClassifierMixin, BaseEstimator):
 
 
 def _as_tensor(a: np.ndarray) -> Any:
-    import torch
 
     return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))

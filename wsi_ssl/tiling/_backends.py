@@ -1,4 +1,4 @@
-"""Slide backends behind :class:`~wsi_ssl.tiling._slide._BaseSlide` (see ``_slide`` for the
+"""Slide backends behind :class:`~wsi_ssl.tiling._slide_base._BaseSlide` (see ``_slide`` for the
 protocol and :func:`open_slide`). Level-0 ``(x, y)``, sizes ``(w, h)``, µm/px.
 
 - ``_TiffSlideSlide``: tiffslide metadata; pixels decoded straight from the TIFF tile index with
@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from wsi_ssl._utils import sanitize_id
-from wsi_ssl.tiling._slide import _BaseSlide, _to_rgb
+from wsi_ssl.tiling._slide_base import _BaseSlide, _to_rgb
 
 __all__: list[str] = []
 
