@@ -23,6 +23,7 @@ Coordinates are level-0 pixels ``(x, y)``; sizes ``(w, h)``; MPP in µm/px.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -33,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from wsi_ssl._utils import progress
 from wsi_ssl.datasets._render import REGION_CODES
 from wsi_ssl.errors import ConfigError, InputError
 
@@ -249,7 +251,7 @@ def _one_blas_thread():
 
 
 def _make_one(kwargs: dict[str, Any]) -> SlideInfo:
-    return make_slide(**kwargs)
+    return make_slide(**{k: v for k, v in kwargs.items() if k != "label"})
 
 
 def make_cohort(
@@ -298,8 +300,50 @@ def make_cohort(
     Returns:
         A :class:`CohortInfo`; ``labels.csv`` and ``cohort.json`` are written next to the slides.
     """
-    import pandas as pd
+    if int(n_workers) < 1:
+        raise ConfigError(f"n_workers={n_workers!r} must be at least 1.")
+    config = _cohort_config(
+        n_slides=n_slides, seed=seed, size=size, mpp=mpp, positive_fraction=positive_fraction,
+        tumor_fraction=tumor_fraction, decoy_fraction=decoy_fraction,
+        decoy_probability=decoy_probability, tissue_fraction=tissue_fraction,
+        stain_jitter=stain_jitter, median_survival=median_survival,
+        survival_effect=survival_effect, censoring=censoring, quality=quality)
+    n = config["n_slides"]
+    out_dir = Path(out_dir)
+    width = max(3, len(str(n - 1)))
+    ids = [f"slide_{i:0{width}d}" for i in range(n)]
+    info = CohortInfo(out_dir, tuple(out_dir / "slides" / f"{s}.tif" for s in ids), None,
+                      out_dir / "labels.csv", out_dir / "slides", out_dir / "masks", config)
+    if not overwrite:
+        reused = _reuse_cohort(info)
+        if reused is not None:
+            return reused
 
+    rng = np.random.default_rng(seed)
+    jobs = _slide_jobs(info, rng)
+    info.slides_dir.mkdir(parents=True, exist_ok=True)
+    config_json = out_dir / "cohort.json"
+    config_json.unlink(missing_ok=True)  # written last: its presence means "complete"
+    if n_workers > 1 and n > 1:
+        with ProcessPoolExecutor(max_workers=min(int(n_workers), n)) as pool:
+            infos = list(progress(pool.map(_make_one, jobs), total=n, desc="slides", unit="slide"))
+    else:
+        infos = [_make_one(j) for j in progress(jobs, desc="slides", unit="slide")]
+    labels = _labels_table(ids, [j["label"] for j in jobs], infos, rng, config, width)
+    labels.to_csv(info.labels_csv, index=False)
+    config_json.write_text(json.dumps(config, indent=2))
+    logger.info("wrote %d slides (%d positive) to '%s'", n, int(labels["label"].sum()),
+                info.slides_dir)
+    return dataclasses.replace(info, labels=labels)
+
+
+def _cohort_config(*, n_slides: int, seed: int, size: tuple[int, int], mpp: float,
+                   positive_fraction: float, tumor_fraction: tuple[float, float],
+                   decoy_fraction: tuple[float, float], decoy_probability: float,
+                   tissue_fraction: tuple[float, float], stain_jitter: float,
+                   median_survival: float, survival_effect: float,
+                   censoring: tuple[float, float], quality: int) -> dict[str, Any]:
+    """The validated settings of a cohort, as stored in ``cohort.json``."""
     if int(n_slides) < 1:
         raise ConfigError(f"n_slides={n_slides!r} must be at least 1.")
     if not 0.0 <= positive_fraction <= 1.0:
@@ -308,90 +352,95 @@ def make_cohort(
         raise ConfigError(f"decoy_probability={decoy_probability!r} must be in [0, 1].")
     if not median_survival > 0:
         raise ConfigError(f"median_survival={median_survival!r} must be a positive number of months.")
-    if int(n_workers) < 1:
-        raise ConfigError(f"n_workers={n_workers!r} must be at least 1.")
     _check_size_mpp(size, mpp)
-    tum = _check_range("tumor_fraction", tumor_fraction, 0.0, 0.6)
-    dec = _check_range("decoy_fraction", decoy_fraction, 0.0, 0.3)
-    tis = _check_range("tissue_fraction", tissue_fraction, 0.05, 0.95)
-    cen = _check_range("censoring", censoring, 0.0, 1e6)
-    n = int(n_slides)
-    config = {
-        "format": _FORMAT, "n_slides": n, "seed": int(seed), "size": [int(size[0]), int(size[1])],
-        "mpp": float(mpp), "positive_fraction": float(positive_fraction),
-        "tumor_fraction": list(tum), "decoy_fraction": list(dec),
-        "decoy_probability": float(decoy_probability), "tissue_fraction": list(tis),
+    return {
+        "format": _FORMAT, "n_slides": int(n_slides), "seed": int(seed),
+        "size": [int(size[0]), int(size[1])], "mpp": float(mpp),
+        "positive_fraction": float(positive_fraction),
+        "tumor_fraction": list(_check_range("tumor_fraction", tumor_fraction, 0.0, 0.6)),
+        "decoy_fraction": list(_check_range("decoy_fraction", decoy_fraction, 0.0, 0.3)),
+        "decoy_probability": float(decoy_probability),
+        "tissue_fraction": list(_check_range("tissue_fraction", tissue_fraction, 0.05, 0.95)),
         "stain_jitter": float(stain_jitter), "median_survival": float(median_survival),
-        "survival_effect": float(survival_effect), "censoring": list(cen), "quality": int(quality),
+        "survival_effect": float(survival_effect),
+        "censoring": list(_check_range("censoring", censoring, 0.0, 1e6)), "quality": int(quality),
         "mask_downsample": MASK_DOWNSAMPLE,
     }
-    out_dir = Path(out_dir)
-    slides_dir, masks_dir = out_dir / "slides", out_dir / "masks"
-    labels_csv, config_json = out_dir / "labels.csv", out_dir / "cohort.json"
-    width = max(3, len(str(n - 1)))
-    ids = [f"slide_{i:0{width}d}" for i in range(n)]
-    paths = tuple(slides_dir / f"{s}.tif" for s in ids)
 
-    if config_json.is_file() and not overwrite:
-        try:
-            old = json.loads(config_json.read_text())
-        except (OSError, ValueError):
-            old = None
-        if old == config and labels_csv.is_file() and all(p.is_file() for p in paths):
-            logger.info("reusing the cohort in '%s' (same settings)", out_dir)
-            labels = pd.read_csv(labels_csv, dtype={"slide_id": str, "patient_id": str})
-            return CohortInfo(out_dir, paths, labels, labels_csv, slides_dir, masks_dir, config)
-        if old is not None and old != config:
-            diff = sorted(k for k in set(config) | set(old) if config.get(k) != old.get(k))
-            raise ConfigError(
-                f"'{out_dir}' already holds a cohort made with other settings ({', '.join(diff)}); "
-                "pass overwrite=True (--overwrite) or choose another out_dir."
-            )
 
-    rng = np.random.default_rng(seed)
-    n_pos = int(round(n * positive_fraction))
+def _reuse_cohort(info: CohortInfo) -> CohortInfo | None:
+    """The cohort already in ``info.out_dir`` when it was made with the same settings; None when
+    there is none (or it is incomplete); a :class:`ConfigError` when it has other settings."""
+    import pandas as pd
+
+    config_json = info.out_dir / "cohort.json"
+    if not config_json.is_file():
+        return None
+    try:
+        old = json.loads(config_json.read_text())
+    except (OSError, ValueError):
+        return None
+    if old == info.config and info.labels_csv.is_file() and all(p.is_file() for p in info.paths):
+        logger.info("reusing the cohort in '%s' (same settings)", info.out_dir)
+        labels = pd.read_csv(info.labels_csv, dtype={"slide_id": str, "patient_id": str})
+        return dataclasses.replace(info, labels=labels)
+    if old != info.config:
+        diff = sorted(k for k in set(info.config) | set(old)
+                      if info.config.get(k) != old.get(k))
+        raise ConfigError(
+            f"'{info.out_dir}' already holds a cohort made with other settings "
+            f"({', '.join(diff)}); pass overwrite=True (--overwrite) or choose another out_dir."
+        )
+    return None
+
+
+def _slide_jobs(info: CohortInfo, rng: np.random.Generator) -> list[dict[str, Any]]:
+    """Per slide: its label and the keyword arguments of :func:`make_slide` (drawn from ``rng``
+    in a fixed order, so a seed gives the same cohort)."""
+    cfg = info.config
+    n = cfg["n_slides"]
+    tum, dec, tis = cfg["tumor_fraction"], cfg["decoy_fraction"], cfg["tissue_fraction"]
+    n_pos = int(round(n * cfg["positive_fraction"]))
     label = rng.permutation(np.r_[np.ones(n_pos, int), np.zeros(n - n_pos, int)])
     tumor = np.where(label == 1, rng.uniform(tum[0], tum[1], n), 0.0)
-    has_decoy = rng.uniform(size=n) < decoy_probability
+    has_decoy = rng.uniform(size=n) < cfg["decoy_probability"]
     decoy = np.where(has_decoy, rng.uniform(dec[0], dec[1], n), 0.0)
     tissue = rng.uniform(tis[0], tis[1], n)
-    slide_seeds = [int(s.generate_state(1)[0]) for s in np.random.SeedSequence(seed).spawn(n)]
-    jobs = [
-        dict(path=p, seed=sd, size=tuple(config["size"]), mpp=mpp, tumor_fraction=float(t),
-             decoy_fraction=float(d), tissue_fraction=float(ti), stain_jitter=stain_jitter,
-             quality=quality, mask_path=masks_dir / f"{p.stem}.png")
-        for p, sd, t, d, ti in zip(paths, slide_seeds, tumor, decoy, tissue, strict=True)
+    slide_seeds = [int(s.generate_state(1)[0])
+                   for s in np.random.SeedSequence(cfg["seed"]).spawn(n)]
+    return [
+        dict(path=p, seed=sd, size=tuple(cfg["size"]), mpp=cfg["mpp"], tumor_fraction=float(t),
+             decoy_fraction=float(d), tissue_fraction=float(ti),
+             stain_jitter=cfg["stain_jitter"], quality=cfg["quality"],
+             mask_path=info.masks_dir / f"{p.stem}.png", label=int(lab))
+        for p, sd, t, d, ti, lab in zip(info.paths, slide_seeds, tumor, decoy, tissue, label,
+                                        strict=True)
     ]
-    slides_dir.mkdir(parents=True, exist_ok=True)
-    config_json.unlink(missing_ok=True)  # written last: its presence means "complete"
-    from wsi_ssl._utils import progress
 
-    if n_workers > 1 and n > 1:
-        with ProcessPoolExecutor(max_workers=min(int(n_workers), n)) as pool:
-            infos = list(progress(pool.map(_make_one, jobs), total=n, desc="slides", unit="slide"))
-    else:
-        infos = [_make_one(j) for j in progress(jobs, desc="slides", unit="slide")]
 
-    # survival: exponential times, log-hazard linear in the measured tumour extent, plus noise
+def _labels_table(ids: list[str], label: list[int], infos: list[SlideInfo],
+                  rng: np.random.Generator, cfg: dict[str, Any], width: int):
+    """``labels.csv``: label, survival (exponential times, log-hazard linear in the measured
+    tumour extent, plus noise; uniform censoring) and the measured fractions of each slide."""
+    import pandas as pd
+
+    n = len(ids)
+    cen = cfg["censoring"]
     t_frac = np.array([i.tumor_fraction for i in infos])
-    log_hazard = survival_effect * t_frac / 0.1 + rng.normal(0.0, 0.25, n)
-    rate = np.log(2.0) / median_survival * np.exp(log_hazard)
+    log_hazard = cfg["survival_effect"] * t_frac / 0.1 + rng.normal(0.0, 0.25, n)
+    rate = np.log(2.0) / cfg["median_survival"] * np.exp(log_hazard)
     t_true = rng.exponential(1.0 / rate)
     t_cens = rng.uniform(cen[0], cen[1], n) if cen[1] > 0 else np.full(n, np.inf)
     event = (t_true <= t_cens).astype(int)
     times = np.round(np.maximum(np.minimum(t_true, t_cens), 0.1), 2)
-    labels = pd.DataFrame({
+    return pd.DataFrame({
         "slide_id": ids,
         "patient_id": [f"patient_{i:0{width}d}" for i in range(n)],
-        "label": label.astype(int),
+        "label": np.asarray(label, dtype=int),
         "time": times,
         "event": event,
         "tumor_fraction": np.round(t_frac, 5),
         "decoy_fraction": np.round([i.decoy_fraction for i in infos], 5),
         "tissue_fraction": np.round([i.tissue_fraction for i in infos], 5),
     })
-    labels.to_csv(labels_csv, index=False)
-    config_json.write_text(json.dumps(config, indent=2))
-    logger.info("wrote %d slides (%d positive) to '%s'", n, n_pos, slides_dir)
-    return CohortInfo(out_dir, paths, labels, labels_csv, slides_dir, masks_dir, config)
 
