@@ -8,11 +8,13 @@ from typing import Any
 from wsi_ssl.store._anndata import embeddings_to_anndata, tiles_to_anndata
 from wsi_ssl.store._embeddings import SlideEmbeddings, load_embeddings
 from wsi_ssl.store._lock import LockHolder
+from wsi_ssl.store._stats import SlideStats
 from wsi_ssl.store._summary import StoreSummary
 
 __all__ = ["TileStore", "SlideRecord", "SlideEmbeddings", "load_embeddings",
            "STORE_FORMAT", "STORE_FORMAT_VERSION", "VerifyReport", "StoreLockedError",
-           "tiles_to_anndata", "embeddings_to_anndata", "StoreSummary", "LockHolder"]
+           "tiles_to_anndata", "embeddings_to_anndata", "StoreSummary", "LockHolder",
+           "SlideStats"]
 
 _LAZY = {"TileStore", "SlideRecord", "STORE_FORMAT", "STORE_FORMAT_VERSION", "VerifyReport",
          "StoreLockedError"}

@@ -1,76 +1,54 @@
 """Integrity of tile-store slides: what ``write_slide`` records and what ``verify`` checks.
 
-Every slide written by this version records, in its ``checksums`` attribute, for each array the
-SHA-256 of its bytes as stored (C order, the stored dtype) and the number of chunk files written
-(``write_empty_chunks`` is on, so every chunk has a file). Counting the chunk files of an array is
-cheap and is done on every read; hashing the bytes is what :meth:`TileStore.verify` adds.
+Every slide records, in its ``checksums`` attribute, the SHA-256 of each logical array
+(``features``, ``coords``, ``views``, ``view_index``) as stored (C order, the stored dtype), and in
+``shards`` the size of each shard file. Checking the shard sizes is one ``stat`` per shard and is
+done on every read; hashing the bytes is what :meth:`TileStore.verify` adds.
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
-import os
 import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-__all__ = ["VerifyReport", "array_checksum", "expected_chunks", "count_chunk_files",
-           "missing_chunks", "check_slide", "repair_command"]
+if TYPE_CHECKING:  # pragma: no cover
+    from wsi_ssl.store._tilestore import TileStore
+
+__all__ = ["VerifyReport", "array_checksum", "check_slide", "repair_command"]
 
 
 def array_checksum(data: np.ndarray) -> str:
     """SHA-256 (hex) of an array's bytes in C order."""
-    return hashlib.sha256(np.ascontiguousarray(data).tobytes()).hexdigest()
+    data = np.ascontiguousarray(data)
+    return hashlib.sha256(memoryview(data.reshape(-1)).cast("B") if data.size
+                          else b"").hexdigest()
 
 
-def expected_chunks(shape: tuple[int, ...], chunks: tuple[int, ...]) -> int:
-    """Chunks of a regular grid; 0 for an empty array."""
-    if not shape or 0 in shape:
-        return 0 if shape else 1
-    return int(math.prod(math.ceil(s / c) for s, c in zip(shape, chunks, strict=True)))
+def check_slide(store: TileStore, slide_id: str, attrs: Mapping[str, Any]) -> list[str]:
+    """Everything wrong with one complete slide: missing or truncated shard files, chunks that
+    cannot be decoded, bytes that differ from the recorded checksum. Empty list = intact."""
+    from wsi_ssl.errors import StoreFormatError
+    from wsi_ssl.store._layout import shard_problems
 
-
-def count_chunk_files(array_dir: Path) -> int:
-    """Chunk files of a zarr v3 array with the default chunk key encoding (``c/i/j/...``)."""
-    n = 0
-    for _, _, files in os.walk(array_dir / "c"):
-        n += len(files)
-    return n
-
-
-def missing_chunks(slide_dir: Path, attrs: Mapping[str, Any]) -> list[str]:
-    """``"features: 1 of 3 chunk files missing"``-style problems of a slide, from the recorded
-    chunk counts (empty when nothing was recorded: slides of older versions)."""
-    out = []
-    for name, rec in (attrs.get("checksums") or {}).items():
-        want = int(rec.get("chunks", 0))
-        have = count_chunk_files(slide_dir / name)
-        if have < want:
-            out.append(f"{name}: {want - have} of {want} chunk files missing")
-    return out
-
-
-def check_slide(slide_dir: Path, attrs: Mapping[str, Any]) -> list[str]:
-    """Everything wrong with one complete slide: missing chunk files, chunks that cannot be
-    decoded, bytes that differ from the recorded checksum. Empty list = intact."""
-    import zarr
-
-    problems = missing_chunks(slide_dir, attrs)
+    problems = shard_problems(store._slide_dir(slide_id), attrs.get("shards") or {})
     bad = {p.split(":")[0] for p in problems}
-    for name, rec in (attrs.get("checksums") or {}).items():
-        if name in bad:
+    for name, want in (attrs.get("checksums") or {}).items():
+        stored = "index" if name in ("coords", "view_index") else name
+        if stored in bad:
             continue
         try:
-            data = zarr.open_array(str(slide_dir / name), mode="r", zarr_format=3)[...]
-        except Exception as err:  # noqa: BLE001 - any codec/IO error means "unreadable"
-            problems.append(f"{name}: unreadable chunk ({type(err).__name__}: {err})")
+            data = store._read_logical(slide_id, name)
+        except (StoreFormatError, KeyError) as err:
+            cause = err.__cause__ or err
+            problems.append(f"{name}: unreadable chunk ({type(cause).__name__}: {cause})")
             continue
-        if array_checksum(np.asarray(data)) != rec.get("sha256"):
+        if array_checksum(data) != want.get("sha256"):
             problems.append(f"{name}: bytes differ from the recorded checksum (altered)")
     return problems
 
@@ -82,9 +60,9 @@ class VerifyReport:
     Attributes:
         store: the store path.
         checked: ids of complete slides whose arrays were re-read and hashed.
-        damaged: ``{slide_id: "features: 1 of 3 chunk files missing; ..."}``.
+        damaged: ``{slide_id: "views: shard file views/c.0.0.0 missing; ..."}``.
         unreadable: ``{slide_id: reason}`` of slide groups whose metadata cannot be read.
-        unchecked: complete slides without recorded checksums (written by an older wsi-ssl).
+        unchecked: complete slides without recorded checksums.
         repair: the command that re-embeds exactly the damaged slides ("" when none).
     """
 

@@ -7,8 +7,10 @@ and are reached through :meth:`TileStore.cleanup` / :meth:`TileStore.verify`.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from wsi_ssl.store._integrity import VerifyReport, check_slide, repair_command
@@ -16,7 +18,7 @@ from wsi_ssl.store._integrity import VerifyReport, check_slide, repair_command
 if TYPE_CHECKING:  # pragma: no cover
     from wsi_ssl.store._tilestore import TileStore
 
-__all__ = ["cleanup_store", "verify_store"]
+__all__ = ["cleanup_store", "verify_store", "find_damaged"]
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +37,7 @@ def cleanup_store(store: TileStore) -> int:
                 else:
                     d.unlink(missing_ok=True)
                 removed += 1
-        _, unreadable, incomplete = store._scan()
+        complete, unreadable, incomplete, agreed = store._listing()
         for sid in incomplete:
             logger.info("cleanup: removing incomplete slide group '%s'", sid)
             shutil.rmtree(store._slide_dir(sid), ignore_errors=True)
@@ -43,28 +45,76 @@ def cleanup_store(store: TileStore) -> int:
         for sid, why in unreadable.items():
             logger.warning("cleanup: slide '%s' of '%s' is unreadable (%s); left in place.",
                            sid, store.path, why)
+        if not agreed:
+            logger.info("cleanup: slide index of '%s' rebuilt (%d slides)", store.path,
+                        len(complete))
+            store._index.rewrite(complete)
     return removed
 
 
-def verify_store(store: TileStore, slide_ids: Sequence[str] | None = None) -> VerifyReport:
-    """See :meth:`TileStore.verify`; reads only, never locks."""
-    ids, unreadable, _ = store._scan()
+def _threads(threads: int | None) -> int:
+    if threads is None:
+        return max(1, min(4, os.cpu_count() or 1))
+    return max(1, int(threads))
+
+
+def verify_store(store: TileStore, slide_ids: Sequence[str] | None = None, *,
+                 threads: int | None = None, progress: bool | None = None) -> VerifyReport:
+    """See :meth:`TileStore.verify`; reads only, never locks. Slides are hashed in ``threads``
+    threads (zarr decoding and SHA-256 release the GIL)."""
+    from wsi_ssl._utils import progress as bar_of
+
+    complete, unreadable, _, _ = store._listing(full=slide_ids is None)
+    ids = list(complete)
     if slide_ids is not None:
-        want = set(slide_ids)
-        ids = [s for s in ids if s in want]
-        unreadable = {s: r for s, r in unreadable.items() if s in want}
-    damaged, checked, unchecked = {}, [], []
-    first_attrs: dict[str, Any] | None = None
-    for sid in ids:
-        attrs = store.slide_attrs(sid) or {}
+        want = list(dict.fromkeys(str(s) for s in slide_ids))
+        known = set(ids)
+        for sid in want:  # asked for, outside the index: read it like the scan does
+            if sid not in known and sid not in unreadable:
+                state, info = store._probe(sid) if store._slide_dir(sid).is_dir() else ("", "")
+                if state == "complete":
+                    known.add(sid)
+                elif state == "unreadable":
+                    unreadable[sid] = str(info)
+        ids = [s for s in want if s in known]
+        unreadable = {s: r for s, r in unreadable.items() if s in set(want)}
+
+    def one(sid: str) -> tuple[str, dict[str, Any] | None, list[str] | None]:
+        attrs = store.slide_attrs(sid)
+        if attrs is None:
+            return sid, None, None
         if not attrs.get("checksums"):
-            unchecked.append(sid)
-            continue
-        problems = check_slide(store._slide_dir(sid), attrs)
-        checked.append(sid)
-        if problems:
-            damaged[sid] = "; ".join(problems)
-            first_attrs = first_attrs or attrs
+            return sid, attrs, None
+        return sid, attrs, check_slide(store, sid, attrs)
+
+    damaged: dict[str, str] = {}
+    checked, unchecked = [], []
+    first_attrs: dict[str, Any] | None = None
+    bar = bar_of(total=len(ids), desc="verify", unit="slide",
+                 disable=None if progress is None else not progress)
+    try:
+        with ThreadPoolExecutor(_threads(threads)) as pool:
+            for sid, attrs, problems in pool.map(one, ids):
+                bar.update(1)
+                if attrs is None:
+                    unreadable[sid] = "zarr.json cannot be read"
+                elif problems is None:
+                    unchecked.append(sid)
+                else:
+                    checked.append(sid)
+                    if problems:
+                        damaged[sid] = "; ".join(problems)
+                        first_attrs = first_attrs or attrs
+    finally:
+        bar.close()
     cmd = repair_command(store.path, first_attrs) if first_attrs is not None else ""
     return VerifyReport(store=store.path, checked=tuple(checked), damaged=damaged,
                         unreadable=unreadable, unchecked=tuple(unchecked), repair=cmd)
+
+
+def find_damaged(store: TileStore, slide_ids: Sequence[str] | None = None, *,
+                 threads: int | None = None) -> VerifyReport:
+    """The damaged slides among ``slide_ids`` (all when None), found without the writer lock:
+    what ``embed --repair`` calls before it takes the lock to re-embed them. Same as
+    :meth:`TileStore.verify`; a slide damaged again meanwhile is found by the next verify."""
+    return verify_store(store, slide_ids, threads=threads, progress=None)

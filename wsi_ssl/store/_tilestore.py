@@ -1,26 +1,26 @@
 """``TileStore``: tile embeddings of many slides in one zarr v3 directory (``docs/store-format.md``).
 
-Layout::
+Layout (format 2)::
 
     STORE.zarr/
-      zarr.json                 root group; attrs: format, format_version, encoder, failures
-      slides/<slide_id>/        one group per slide (complete slides only)
+      zarr.json                 root group; attrs: format, format_version (2), encoder, failures
+      slides.index              the slide index (``_index``): complete slides, one file read
+      slides/<slide_id>/        one group per complete slide, three sharded arrays (``_layout``)
         features   (N, D)       float16 (default) tile embeddings, grid order
-        coords     (N, 2)       int64 level-0 (x, y) of each tile's top-left corner
-        views      (V, T, D)    Giga-SSL shared-augmentation bank (V may be 0)
-        view_index (V, T)       int64 rows of features/coords that each view tile comes from
+        views      (V, T, D)    Giga-SSL shared-augmentation bank, one version per inner chunk
+        index      (L,) int64   coords (N, 2) and view_index (V, T), flattened
       .tmp/                     slides being written (never read)
 
 Atomicity: a slide is written under ``.tmp/<id>.<pid>.<token>``, its ``complete`` attr is written
-last, then the directory is renamed into ``slides/`` (one ``rename``). Readers only see groups
-whose ``complete`` attr is true, so a crash at any moment leaves either the old slide, no slide,
-or the new slide, never half of one.
+last, then the directory is renamed into ``slides/`` (one ``rename``, the commit point), then its
+line is appended to the index. Readers reconcile the index with a listing of ``slides/``, so a
+crash at any moment leaves either the old slide, no slide, or the new slide, never half of one.
 
 One writer at a time: every write takes the store's lock (``_lock.StoreLock``; a whole run holds
-it through :meth:`TileStore.lock`), so root attributes are read-modified-written under it and
-``.tmp`` leftovers found by a lock holder are provably abandoned. Readers never lock. Each array's
-checksum and chunk count are recorded (``_integrity``); a slide with missing chunk files is an
-error when read, not zeros.
+it through :meth:`TileStore.lock`), so root attributes and the index are read-modified-written
+under it and ``.tmp`` leftovers found by a lock holder are provably abandoned. Readers never lock.
+Each logical array's checksum and each shard file's size are recorded (``_integrity``); a slide
+with a missing or truncated shard is an error when read, not zeros.
 """
 
 from __future__ import annotations
@@ -30,8 +30,12 @@ import json
 import logging
 import os
 import shutil
+import signal
+import threading
 import uuid
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,18 +50,26 @@ from wsi_ssl.errors import (
     StoreError,
     StoreFormatError,
 )
-from wsi_ssl.store._integrity import VerifyReport, array_checksum, expected_chunks, missing_chunks
+from wsi_ssl.store._index import INDEX_NAME, SlideIndex
+from wsi_ssl.store._integrity import VerifyReport, array_checksum
+from wsi_ssl.store._layout import plan_layout, shard_problems, write_arrays
 from wsi_ssl.store._lock import LOCK_NAME, LockHolder, StoreLock, StoreLockedError
+from wsi_ssl.store._stats import SlideStats, compute_stats, stats_from_json, stats_to_json
 from wsi_ssl.store._summary import StoreSummary
 
-__all__ = ["TileStore", "SlideRecord", "STORE_FORMAT", "STORE_FORMAT_VERSION", "VerifyReport",
-           "StoreLockedError"]
+__all__ = ["TileStore", "SlideRecord", "SlideStats", "STORE_FORMAT", "STORE_FORMAT_VERSION",
+           "VerifyReport", "StoreLockedError"]
 
 logger = logging.getLogger(__name__)
 
 STORE_FORMAT = "wsi-ssl-tile-store"
-STORE_FORMAT_VERSION = 1
-_ARRAYS = ("features", "coords", "views", "view_index")
+STORE_FORMAT_VERSION = 2
+_ARRAYS = ("features", "coords", "views", "view_index")  # the logical arrays of a slide
+_STORED = {"features": "features", "views": "views", "coords": "index", "view_index": "index"}
+_CACHE_SLIDES = 64  # open slides kept per TileStore (metadata and zarr arrays, a few KB each)
+#: test hook: ``WSI_SSL_STORE_CRASH_AT=after-commit`` SIGKILLs a writer between the rename that
+#: commits a slide and its index line (the window the index must survive)
+_CRASH_ENV = "WSI_SSL_STORE_CRASH_AT"
 #: storage dtypes of the tile features
 FeatureDtype = Literal["float16", "float32", "bfloat16"]
 _FEATURE_DTYPES: tuple[str, ...] = ("float16", "float32", "bfloat16")
@@ -137,6 +149,9 @@ class TileStore:
         self.lock_timeout = float(lock_timeout)
         self._lock: StoreLock | None = None
         self._warned: set[str] = set()
+        self._index = SlideIndex(self.path)
+        self._handles: OrderedDict[str, _Handle] = OrderedDict()
+        self._handles_mutex = threading.Lock()
         root = self.path / "zarr.json"
         if mode == "w" and self.path.exists():
             if not (self.path.is_dir() and (root.exists() or _only_lock_files(self.path))):
@@ -214,6 +229,7 @@ class TileStore:
         root.attrs.update({"format": STORE_FORMAT, "format_version": STORE_FORMAT_VERSION,
                            "encoder": None, "failures": {}})
         root.require_group("slides")
+        self._index.rewrite({})
 
     def _root_meta(self) -> dict[str, Any]:
         meta = _read_json(self.path / "zarr.json")
@@ -235,7 +251,14 @@ class TileStore:
         ver = attrs.get("format_version")
         if not isinstance(ver, int) or ver > STORE_FORMAT_VERSION:
             raise StoreFormatError(f"tile store '{self.path}' has format_version={ver!r}; this "
-                                   f"wsi-ssl reads up to {STORE_FORMAT_VERSION}: upgrade wsi-ssl.")
+                                   f"wsi-ssl reads format {STORE_FORMAT_VERSION}: upgrade wsi-ssl.")
+        if ver < STORE_FORMAT_VERSION or attrs.get("upgrading_to") is not None:
+            what = ("an interrupted upgrade to format 2" if attrs.get("upgrading_to") is not None
+                    else f"format {ver}")
+            raise StoreFormatError(
+                f"tile store '{self.path}' is {what}; this wsi-ssl reads and writes format "
+                f"{STORE_FORMAT_VERSION} only: run `wsi-ssl store upgrade {self.path}` (rewrites "
+                "it in place, slide by slide, resumable).")
 
     def _update_root(self, **changes: Any) -> None:
         """Write root attributes (the caller holds the lock and read what it modifies under it)."""
@@ -270,7 +293,7 @@ class TileStore:
             cur = self.encoder
             if cur == new:
                 return
-            n = len(self._scan()[0])
+            n = len(self.slide_ids)
             if cur is not None and cur.get("fingerprint") != new["fingerprint"] and n:
                 raise EncoderMismatchError(
                     f"tile store '{self.path}' holds {n} slides embedded with encoder "
@@ -278,7 +301,7 @@ class TileStore:
                     f"features from {name!r} (fingerprint {fingerprint}). Use a new store path.")
             self._update_root(encoder=new)
 
-    # -- slides --------------------------------------------------------------------------------
+    # -- slides: listing -----------------------------------------------------------------------
     def _slide_dir(self, slide_id: str) -> Path:
         return self.path / "slides" / slide_id
 
@@ -287,44 +310,96 @@ class TileStore:
         meta = _read_json(self._slide_dir(slide_id) / "zarr.json")
         return None if meta is None else dict(meta.get("attributes", {}))
 
-    def _scan(self) -> tuple[list[str], dict[str, str], list[str]]:
-        """(complete ids, {unreadable id: reason}, incomplete ids) of the groups under slides/."""
+    def _dir_names(self) -> set[str]:
         base = self.path / "slides"
-        complete, unreadable, incomplete = [], {}, []
         try:
-            entries = sorted(base.iterdir()) if base.is_dir() else []
+            with os.scandir(base) as it:
+                return {e.name for e in it if not e.name.startswith(".") and e.is_dir()}
+        except FileNotFoundError:
+            return set()
         except OSError as err:
             raise StoreError(f"cannot list '{base}': {err}") from err
-        for d in entries:
-            if not d.is_dir() or d.name.startswith("."):
-                continue
-            meta, why = _read_meta(d / "zarr.json")
-            if meta is None:
-                unreadable[d.name] = why or "unreadable"
-            elif (meta.get("attributes") or {}).get("complete") is True:
-                complete.append(d.name)
+
+    def _probe(self, slide_id: str) -> tuple[str, dict[str, Any] | str]:
+        """("complete", index entry) / ("unreadable", reason) / ("incomplete", "") of one group."""
+        d = self._slide_dir(slide_id)
+        meta, why = _read_meta(d / "zarr.json")
+        if meta is None:
+            return "unreadable", why or "unreadable"
+        attrs = meta.get("attributes") or {}
+        if attrs.get("complete") is not True:
+            return "incomplete", ""
+        return "complete", _entry(d, attrs)
+
+    def _listing(self, full: bool = False) -> tuple[dict[str, dict[str, Any]], dict[str, str],
+                                                    list[str], bool]:
+        """({complete id: entry}, {unreadable id: reason}, incomplete ids, index agreed).
+
+        The index reconciled with one listing of ``slides/``: entries without a folder are
+        dropped, folders without an entry are read (``full=True`` reads every folder: the
+        directory scan)."""
+        names = self._dir_names()
+        loaded = None if full else self._index.load()
+        entries = loaded[0] if loaded is not None else {}
+        complete = {sid: e for sid, e in entries.items() if sid in names}
+        agreed = loaded is not None and len(complete) == len(entries)
+        unreadable: dict[str, str] = {}
+        incomplete: list[str] = []
+        for sid in sorted(names - complete.keys()):
+            agreed = False
+            state, info = self._probe(sid)
+            if state == "complete":
+                complete[sid] = info  # type: ignore[assignment]
+            elif state == "unreadable":
+                unreadable[sid] = str(info)
             else:
-                incomplete.append(d.name)
-        return complete, unreadable, incomplete
+                incomplete.append(sid)
+        return dict(sorted(complete.items())), unreadable, incomplete, agreed
+
+    def _scan(self) -> tuple[list[str], dict[str, str], list[str]]:
+        """(complete ids, {unreadable id: reason}, incomplete ids), index reconciled."""
+        complete, unreadable, incomplete, _ = self._listing()
+        return list(complete), unreadable, incomplete
 
     @property
     def slide_ids(self) -> list[str]:
-        """Ids of the complete slides, sorted. Slides whose metadata cannot be read are left out
-        with a logged warning (once per slide) and listed by :attr:`unreadable`."""
-        ids, unreadable, _ = self._scan()
+        """Ids of the complete slides, sorted: one read of the slide index and one listing of
+        ``slides/`` (see ``_index``). Slide folders outside the index whose metadata cannot be
+        read are left out with a logged warning (once per slide)."""
+        complete, unreadable, _, _ = self._listing()
         for sid, why in unreadable.items():
             if sid not in self._warned:
                 self._warned.add(sid)
                 logger.warning("slide '%s' of tile store '%s' is left out: %s. Its arrays are kept; "
                                "restore slides/%s/zarr.json (or re-embed the slide).", sid,
                                self.path, why, sid)
-        return ids
+        return list(complete)
+
+    def slide_entries(self) -> dict[str, dict[str, Any]]:
+        """``{slide_id: {"n_tiles", "n_views", "view_tiles", "dim", "bytes"}}`` of the complete
+        slides, from the index (no per-slide reads for indexed slides)."""
+        return self._listing()[0]
 
     @property
     def unreadable(self) -> dict[str, str]:
-        """``{slide_id: reason}`` of slide groups whose ``zarr.json`` cannot be read. They are
-        never deleted (an NFS hiccup or a permission change is not proof of garbage)."""
-        return self._scan()[1]
+        """``{slide_id: reason}`` of slide groups whose ``zarr.json`` cannot be read (a directory
+        scan: reads every slide's metadata). They are never deleted (an NFS hiccup or a
+        permission change is not proof of garbage)."""
+        return self._listing(full=True)[1]
+
+    def rescan(self) -> list[str]:
+        """Rebuild the slide index from a scan of every slide folder (``wsi-ssl info --rescan``);
+        returns the complete slide ids. On a read-only store the index is left as it is."""
+        complete, unreadable, _, _ = self._listing(full=True)
+        if self.mode != "r":
+            with self._locked() as lock:
+                lock.check()
+                complete = self._listing(full=True)[0]
+                self._index.rewrite(complete)
+        for sid, why in unreadable.items():
+            logger.warning("rescan: slide '%s' of '%s' is unreadable (%s); left out.", sid,
+                           self.path, why)
+        return list(complete)
 
     def __len__(self) -> int:
         return len(self.slide_ids)
@@ -343,57 +418,217 @@ class TileStore:
         return (f"TileStore('{self.path}', slides={len(self)}, encoder={enc.get('name')!r}, "
                 f"failures={len(self.failures)})")
 
-    def array(self, slide_id: str, name: str):
-        """A lazy ``zarr.Array`` (``features``, ``coords``, ``views`` or ``view_index``)."""
-        import zarr
+    # -- slides: reading -----------------------------------------------------------------------
+    def _not_found(self, slide_id: str, why: str | None = None) -> KeyError:
+        if why is not None:
+            return KeyError(f"slide {slide_id!r} of '{self.path}' is unreadable: {why}; restore "
+                            "it or re-embed the slide.")
+        import difflib
 
-        if name not in _ARRAYS:
-            raise ConfigError(f"array name {name!r} must be one of {_ARRAYS}.")
-        self._require(slide_id)
-        self._check_chunks(slide_id, (name,))
-        return zarr.open_array(str(self._slide_dir(slide_id) / name), mode="r", zarr_format=3)
+        ids = self.slide_ids
+        close = difflib.get_close_matches(str(slide_id), ids, n=3)
+        return KeyError(f"slide {slide_id!r} is not a complete slide of '{self.path}' "
+                        f"({len(ids)} slides{'; closest: ' + str(close) if close else ''}).")
+
+    def _handle(self, slide_id: str) -> _Handle:
+        """The open slide (metadata, lazily opened arrays), cached while its folder is the same."""
+        if not isinstance(slide_id, str) or not slide_id or "/" in slide_id \
+                or slide_id.startswith("."):
+            raise self._not_found(str(slide_id))
+        d = self._slide_dir(slide_id)
+        try:
+            st = os.stat(d)
+        except OSError:
+            raise self._not_found(slide_id) from None
+        key = (st.st_ino, st.st_ctime_ns)
+        with self._handles_mutex:
+            h = self._handles.get(slide_id)
+            if h is not None and h.key == key:
+                self._handles.move_to_end(slide_id)
+                return h
+        meta, why = _read_meta(d / "zarr.json")
+        if meta is None:
+            raise self._not_found(slide_id, why)
+        attrs = dict(meta.get("attributes") or {})
+        if attrs.get("complete") is not True:
+            raise self._not_found(slide_id)
+        if attrs.get("format_version") != STORE_FORMAT_VERSION:
+            raise StoreFormatError(
+                f"slide '{slide_id}' of '{self.path}' is in format "
+                f"{attrs.get('format_version', 1)}; run `wsi-ssl store upgrade {self.path}`.")
+        h = _Handle(slide_id, d, key, attrs)
+        with self._handles_mutex:
+            self._handles[slide_id] = h
+            self._handles.move_to_end(slide_id)
+            while len(self._handles) > _CACHE_SLIDES:
+                self._handles.popitem(last=False)
+        return h
 
     def _require(self, slide_id: str) -> dict[str, Any]:
-        attrs = self.slide_attrs(slide_id) if isinstance(slide_id, str) else None
-        if not (attrs and attrs.get("complete") is True):
-            ids, unreadable, _ = self._scan()
-            if slide_id in unreadable:
-                raise KeyError(f"slide {slide_id!r} of '{self.path}' is unreadable: "
-                               f"{unreadable[slide_id]}; restore it or re-embed the slide.")
-            import difflib
+        return self._handle(slide_id).attrs
 
-            close = difflib.get_close_matches(str(slide_id), ids, n=3)
-            raise KeyError(f"slide {slide_id!r} is not a complete slide of '{self.path}' "
-                           f"({len(ids)} slides{'; closest: ' + str(close) if close else ''}).")
-        return attrs
+    def _damaged(self, slide_id: str, problems: Sequence[str]) -> StoreFormatError:
+        return StoreFormatError(
+            f"slide '{slide_id}' of '{self.path}' is damaged ({'; '.join(problems)}); list the "
+            f"damaged slides with `wsi-ssl info {self.path} --verify` and re-embed them with "
+            "`wsi-ssl embed ... --repair`.")
 
     def _check_chunks(self, slide_id: str, names: Sequence[str] = _ARRAYS,
                       attrs: Mapping[str, Any] | None = None) -> None:
-        attrs = attrs if attrs is not None else (self.slide_attrs(slide_id) or {})
-        sums = attrs.get("checksums") or {}
-        lost = missing_chunks(self._slide_dir(slide_id),
-                              {"checksums": {k: v for k, v in sums.items() if k in names}})
+        """Raise unless the shard files of ``names`` (logical arrays) have their written sizes
+        (one ``stat`` per shard; zarr would return zeros for a missing or emptied shard)."""
+        attrs = attrs if attrs is not None else self._require(slide_id)
+        stored = {_STORED[n] for n in names}
+        shards = {k: v for k, v in (attrs.get("shards") or {}).items()
+                  if k.split("/")[0] in stored}
+        lost = shard_problems(self._slide_dir(slide_id), shards)
         if lost:
+            raise self._damaged(slide_id, lost)
+
+    def _read(self, h: _Handle, name: str, selection: Any = Ellipsis, *,
+              oindex: bool = False) -> np.ndarray:
+        self._check_chunks(h.slide_id, [n for n, s in _STORED.items() if s == name], h.attrs)
+        try:
+            arr = h.array(name)
+            out = arr.oindex[selection] if oindex else arr[selection]
+        except Exception as err:  # noqa: BLE001 - corrupted shards, undecodable chunks
             raise StoreFormatError(
-                f"slide '{slide_id}' of '{self.path}' is damaged ({'; '.join(lost)}); list the "
-                f"damaged slides with `wsi-ssl info {self.path} --verify` and re-embed them with "
-                "`wsi-ssl embed ... --repair`.")
+                f"slide '{h.slide_id}' of '{self.path}' is unreadable ({name}: "
+                f"{type(err).__name__}: {err}); check it with `wsi-ssl info {self.path} "
+                "--verify` and re-embed it with `wsi-ssl embed ... --repair`.") from err
+        return np.asarray(out)
+
+    def array(self, slide_id: str, name: str):
+        """A lazy ``zarr.Array`` of ``features`` or ``views``; ``coords`` and ``view_index`` (kept
+        together in the ``index`` array in format 2) come back as numpy arrays."""
+        if name not in _ARRAYS:
+            raise ConfigError(f"array name {name!r} must be one of {_ARRAYS}.")
+        h = self._handle(slide_id)
+        self._check_chunks(slide_id, (name,), h.attrs)
+        if name == "coords":
+            return self.read_coords(slide_id)
+        if name == "view_index":
+            return self._read_view_index(h, None)
+        return h.array(name)
+
+    def read_features(self, slide_id: str, rows: np.ndarray | None = None) -> np.ndarray:
+        """Clean tile features (``rows`` of them, in that order, or all) without the view bank.
+
+        Shape:
+            returns ``(N, D)`` or ``(len(rows), D)`` in the stored dtype.
+        """
+        h = self._handle(slide_id)
+        if rows is None:
+            return self._read(h, "features")
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        n = int(h.attrs.get("n_tiles", 0))
+        if rows.size and (rows.min() < 0 or rows.max() >= n):
+            raise InputError(f"slide {slide_id!r}: rows must be in [0, {n}); got "
+                             f"[{rows.min()}, {rows.max()}].")
+        if not rows.size:
+            return np.zeros((0, int(h.attrs.get("dim", 0))), h.array("features").dtype)
+        uniq, inv = np.unique(rows, return_inverse=True)
+        return self._read(h, "features", uniq, oindex=True)[inv]
+
+    def read_coords(self, slide_id: str) -> np.ndarray:
+        """``(N, 2)`` int64 level-0 ``(x, y)`` of a slide's tiles (reads the coords part of its
+        ``index`` array only)."""
+        h = self._handle(slide_id)
+        n = int(h.attrs.get("n_tiles", 0))
+        if n == 0:
+            return np.zeros((0, 2), np.int64)
+        return self._read(h, "index", slice(0, 2 * n)).astype(np.int64).reshape(n, 2)
+
+    def _read_view_index(self, h: _Handle, versions: np.ndarray | None) -> np.ndarray:
+        v, t = int(h.attrs.get("n_views", 0)), int(h.attrs.get("view_tiles", 0))
+        off = int(h.attrs["layout"]["index_view_offset"])
+        if versions is None:
+            if v * t == 0:
+                return np.zeros((0, 0), np.int64)
+            return self._read(h, "index", slice(off, off + v * t)).astype(np.int64).reshape(v, t)
+        if versions.size == 0 or t == 0:
+            return np.zeros((len(versions), t), np.int64)
+        pos = (off + versions[:, None] * t + np.arange(t)[None, :]).reshape(-1)
+        return self._read(h, "index", pos, oindex=True).astype(np.int64).reshape(-1, t)
+
+    def read_views(self, slide_id: str, versions: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Bank versions of a slide: reads only those versions' inner chunks (one each in
+        ``views``, one each in ``index``), never the clean features or other versions.
+
+        Shape:
+            returns views ``(len(versions), T, D)`` (stored dtype) and view_index
+            ``(len(versions), T)`` int64, in the order of ``versions`` (repeats allowed).
+        """
+        h = self._handle(slide_id)
+        vers = np.asarray(versions, dtype=np.int64).reshape(-1)
+        v, t = int(h.attrs.get("n_views", 0)), int(h.attrs.get("view_tiles", 0))
+        if vers.size and (vers.min() < 0 or vers.max() >= v):
+            raise InputError(f"slide {slide_id!r} has {v} bank versions; versions must be in "
+                             f"[0, {v}), got {vers.tolist()[:8]}.")
+        dim = int(h.attrs.get("dim", 0))
+        if vers.size == 0:
+            return (np.zeros((0, t, dim), h.array("views").dtype), np.zeros((0, t), np.int64))
+        uniq, inv = np.unique(vers, return_inverse=True)
+        views = self._read(h, "views", uniq, oindex=True)
+        vidx = self._read_view_index(h, uniq)
+        return views[inv], vidx[inv]
+
+    def slide_stats(self, slide_id: str) -> SlideStats:
+        """The slide's :class:`SlideStats`, from its metadata (one small JSON read, cached).
+
+        A slide without stored statistics has them computed once from its arrays and cached in
+        its ``features`` attributes under the writer lock; on a read-only store (or filesystem),
+        or while another process holds the lock, they are computed in memory only.
+        """
+        h = self._handle(slide_id)
+        if h.stats is not None:
+            return h.stats
+        meta = _read_json(h.dir / "features" / "zarr.json") or {}
+        stats = stats_from_json((meta.get("attributes") or {}).get("stats") or {})
+        if stats is None:
+            rec = self[slide_id]
+            stats = compute_stats(rec.features, rec.views)
+            self._cache_stats(h, stats)
+        h.stats = stats
+        return stats
+
+    def _cache_stats(self, h: _Handle, stats: SlideStats) -> None:
+        from wsi_ssl._utils import atomic_write_bytes
+
+        if self.mode == "r":
+            return
+        try:
+            with self._locked() as lock:
+                lock.check()
+                st = os.stat(h.dir)
+                if (st.st_ino, st.st_ctime_ns) != h.key:
+                    return  # replaced meanwhile: its writer stored its own stats
+                path = h.dir / "features" / "zarr.json"
+                meta = json.loads(path.read_text())
+                meta.setdefault("attributes", {})["stats"] = stats_to_json(stats)
+                atomic_write_bytes(path, json.dumps(meta, indent=2).encode(), fsync=False)
+        except (OSError, StoreError, ValueError) as err:
+            logger.info("slide '%s': statistics computed in memory, not cached (%s)", h.slide_id,
+                        err)
+
+    def _read_logical(self, slide_id: str, name: str) -> np.ndarray:
+        """One logical array (``features``, ``coords``, ``views``, ``view_index``) in full."""
+        h = self._handle(slide_id)
+        if name == "features":
+            return self._read(h, "features")
+        if name == "coords":
+            return self.read_coords(slide_id)
+        if name == "view_index":
+            return self._read_view_index(h, None)
+        views = self._read(h, "views")
+        return views if views.size else np.zeros((0, 0, int(h.attrs["dim"])), views.dtype)
 
     def __getitem__(self, slide_id: str) -> SlideRecord:
-        import zarr
-
-        attrs = self._require(slide_id)
-        self._check_chunks(slide_id, attrs=attrs)
-        try:
-            group = zarr.open_group(str(self._slide_dir(slide_id)), mode="r", zarr_format=3)
-            arrays = {name: np.asarray(group[name][...]) for name in _ARRAYS}
-        except Exception as err:  # noqa: BLE001 - corrupted chunks, missing arrays
-            raise StoreFormatError(f"slide '{slide_id}' of '{self.path}' is unreadable ({err}); "
-                                   f"check it with `wsi-ssl info {self.path} --verify` and "
-                                   "re-embed it with `wsi-ssl embed ... --repair`.") from err
-        return SlideRecord(slide_id, arrays["features"], arrays["coords"].astype(np.int64),
-                           arrays["views"], arrays["view_index"].astype(np.int64),
-                           dict(group.attrs))
+        h = self._handle(slide_id)
+        self._check_chunks(slide_id, attrs=h.attrs)
+        arrays = {name: self._read_logical(slide_id, name) for name in _ARRAYS}
+        return SlideRecord(slide_id, arrays["features"], arrays["coords"], arrays["views"],
+                           arrays["view_index"], dict(h.attrs))
 
     @property
     def fingerprint(self) -> str:
@@ -404,11 +639,14 @@ class TileStore:
             h.update(b"\0" + sid.encode())
         return h.hexdigest()[:16]
 
+    # -- slides: writing -----------------------------------------------------------------------
     def write_slide(self, slide_id: str, features: np.ndarray, coords: np.ndarray, *,
                     views: np.ndarray | None = None, view_index: np.ndarray | None = None,
                     attrs: Mapping[str, Any] | None = None,
                     dtype: FeatureDtype = "float16") -> None:
         """Write (or replace) one slide atomically; ``complete`` is written last.
+
+        Also records the slide's :class:`SlideStats` and checksums, and its index line.
 
         Args:
             slide_id: group name (``[A-Za-z0-9._-]``).
@@ -426,8 +664,6 @@ class TileStore:
     def _write_slide(self, lock: StoreLock, slide_id: str, features: np.ndarray,
                      coords: np.ndarray, views: np.ndarray | None, view_index: np.ndarray | None,
                      attrs: Mapping[str, Any] | None, dtype: str) -> None:
-        import zarr
-
         enc = self.encoder
         if enc is None:
             raise StoreError(f"tile store '{self.path}' has no encoder bound; call "
@@ -458,26 +694,40 @@ class TileStore:
         if view_index.size and (view_index.min() < 0 or view_index.max() >= len(features)):
             raise InputError(f"slide {slide_id!r}: view_index has rows outside [0, "
                              f"{len(features)}).")
-        data = {"features": features.astype(dtype), "coords": coords.astype(np.int64),
-                "views": views.astype(dtype), "view_index": view_index}
-        n, t = max(1, features.shape[0]), max(1, views.shape[1])
-        chunks = {"features": (min(n, 8192), dim), "coords": (min(n, 65536), 2),
-                  "views": (1, t, dim), "view_index": (1, t)}
+        data = {"features": np.ascontiguousarray(features, dtype=dtype),
+                "coords": np.ascontiguousarray(coords, dtype=np.int64),
+                "views": np.ascontiguousarray(views, dtype=dtype),
+                "view_index": np.ascontiguousarray(view_index)}
         meta = dict(attrs or {})
+        for key in ("stats", "shards", "layout", "checksums", "complete"):
+            meta.pop(key, None)  # ours, recomputed (a record read back and written again)
+        # hashing (hashlib releases the GIL) runs beside the statistics (numpy)
+        with ThreadPoolExecutor(2) as pool:
+            sums = {k: pool.submit(array_checksum, v) for k, v in data.items()}
+            stats = compute_stats(data["features"], data["views"])
+            checksums = {k: {"sha256": f.result()} for k, f in sums.items()}
+        n, (v, t) = int(features.shape[0]), views.shape[:2]
+        plan = plan_layout(n, dim, int(v), int(t), data["features"].dtype.itemsize)
         meta.update(encoder=enc["name"], encoder_fingerprint=enc["fingerprint"],
-                    n_tiles=int(features.shape[0]), n_views=int(views.shape[0]),
-                    view_tiles=int(views.shape[1]), features_dtype=dtype,
-                    checksums={k: {"sha256": array_checksum(v),
-                                   "chunks": expected_chunks(v.shape, chunks[k])}
-                               for k, v in data.items()})
+                    format_version=STORE_FORMAT_VERSION, n_tiles=n, n_views=int(v),
+                    view_tiles=int(t), dim=dim, all_finite=stats.all_finite,
+                    features_dtype=dtype, checksums=checksums,
+                    layout={"features_chunk_rows": int(plan["features"]["chunks"][0]),
+                            "index_view_offset": int(plan["view_offset"])})
         json.dumps(meta)  # fail before writing anything if attrs are not JSON-serialisable
+        self._commit(lock, slide_id, data, plan, meta, stats)
+
+    def _commit(self, lock: StoreLock, slide_id: str, data: Mapping[str, np.ndarray],
+                plan: Mapping[str, Any], meta: dict[str, Any], stats: SlideStats) -> None:
+        """Write the arrays under ``.tmp``, the attributes (``complete`` last), rename the group
+        into ``slides/`` (the commit point), then append its index line."""
+        import zarr
 
         tmp = self.path / ".tmp" / f"{slide_id}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
         tmp.parent.mkdir(parents=True, exist_ok=True)
         try:
-            g = zarr.open_group(str(tmp), mode="w", zarr_format=3)
-            for name in _ARRAYS:
-                _put(g, name, data[name], chunks[name])
+            meta["shards"] = write_arrays(tmp, data, plan, stats_to_json(stats))
+            g = zarr.open_group(str(tmp), mode="r+", zarr_format=3)
             g.attrs.update(meta)
             g.attrs.update({"complete": True})  # last
             final = self._slide_dir(slide_id)
@@ -488,11 +738,14 @@ class TileStore:
                 trash = self.path / ".tmp" / f"{slide_id}.old.{uuid.uuid4().hex[:8]}"
                 os.rename(final, trash)
             os.rename(tmp, final)  # the commit point
-            if trash is not None:
-                shutil.rmtree(trash, ignore_errors=True)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        if os.environ.get(_CRASH_ENV) == "after-commit":
+            os.kill(os.getpid(), signal.SIGKILL)
+        self._index.append(added={slide_id: _entry(final, meta)})
+        if trash is not None:
+            shutil.rmtree(trash, ignore_errors=True)
         self.clear_failure(slide_id)
 
     def delete_slide(self, slide_id: str) -> None:
@@ -505,6 +758,7 @@ class TileStore:
                 trash = self.path / ".tmp" / f"{slide_id}.old.{uuid.uuid4().hex[:8]}"
                 trash.parent.mkdir(parents=True, exist_ok=True)
                 os.rename(d, trash)
+                self._index.append(removed=[slide_id])
                 shutil.rmtree(trash, ignore_errors=True)
 
     def cleanup(self) -> int:
@@ -514,6 +768,7 @@ class TileStore:
         (writers only create them while holding the lock), so all are removed. Slide groups whose
         ``zarr.json`` is readable and does not say ``complete: true`` are removed. Slide groups
         whose ``zarr.json`` cannot be read are left alone and reported (:attr:`unreadable`).
+        The slide index is rebuilt when it is missing or disagrees with the folders.
         """
         from wsi_ssl.store._maintenance import cleanup_store
 
@@ -544,13 +799,16 @@ class TileStore:
                 self._update_root(failures=fails)
 
     # -- integrity -----------------------------------------------------------------------------
-    def verify(self, slide_ids: Sequence[str] | None = None) -> VerifyReport:
+    def verify(self, slide_ids: Sequence[str] | None = None, *, threads: int | None = None,
+               progress: bool | None = None) -> VerifyReport:
         """Re-read every slide (or ``slide_ids``) and compare it with what was recorded at write
-        time: missing chunk files, undecodable chunks, altered bytes. Slides whose metadata cannot
-        be read are listed too. Slow (reads everything); reading never needs the lock."""
+        time: missing or truncated shard files, undecodable chunks, altered bytes. Slides whose
+        metadata cannot be read are listed too. Reads everything, in ``threads`` threads
+        (default: up to 4); never takes the lock (so repair can verify before locking).
+        ``progress`` shows a bar (``None``: on a terminal)."""
         from wsi_ssl.store._maintenance import verify_store
 
-        return verify_store(self, slide_ids)
+        return verify_store(self, slide_ids, threads=threads, progress=progress)
 
     # -- ecosystem files -----------------------------------------------------------------------
     def import_h5(self, paths: str | os.PathLike | Sequence[str | os.PathLike], *,
@@ -575,28 +833,63 @@ class TileStore:
         return export_h5(self, out_dir, slide_ids, layout=layout)
 
     def summary(self) -> StoreSummary:
-        """Counts and sizes: slides, tiles, views, bytes on disk, bytes per tile/slide."""
-        ids = self.slide_ids
-        n_tiles = n_views = 0
-        for sid in ids:
-            a = self.slide_attrs(sid) or {}
-            n_tiles += int(a.get("n_tiles", 0))
-            n_views += int(a.get("n_views", 0))
-        size = sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file()
-                   and ".tmp" not in f.relative_to(self.path).parts
-                   and not f.name.startswith(LOCK_NAME))
+        """Counts and sizes: slides, tiles, views, bytes on disk, bytes per tile/slide, from the
+        slide index (no per-slide reads for indexed slides)."""
+        entries = self.slide_entries()
+        n_tiles = sum(int(e.get("n_tiles") or 0) for e in entries.values())
+        n_views = sum(int(e.get("n_views") or 0) for e in entries.values())
+        size = sum(int(e.get("bytes") or 0) for e in entries.values())
+        for name in ("zarr.json", INDEX_NAME, "slides/zarr.json"):
+            try:
+                size += (self.path / name).stat().st_size
+            except OSError:
+                pass
         enc = self.encoder or {}
         return StoreSummary(
             path=str(self.path), format_version=self.root_attrs.get("format_version"),
             encoder=enc.get("name"), encoder_fingerprint=enc.get("fingerprint"),
-            embed_dim=enc.get("embed_dim"), slides=len(ids), tiles=n_tiles, views=n_views,
-            failures=len(self.failures), bytes=size, unreadable=len(self.unreadable),
-            bytes_per_slide=size / max(1, len(ids)), bytes_per_tile=size / max(1, n_tiles))
+            embed_dim=enc.get("embed_dim"), slides=len(entries), tiles=n_tiles, views=n_views,
+            failures=len(self.failures), bytes=size, unreadable=len(self._listing()[1]),
+            bytes_per_slide=size / max(1, len(entries)), bytes_per_tile=size / max(1, n_tiles))
 
 
-def _put(group: Any, name: str, data: np.ndarray, chunks: tuple[int, ...]) -> None:
-    # every chunk gets a file (even all-zero ones), so a missing file is always damage
-    arr = group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=chunks,
-                             config={"write_empty_chunks": True})
-    if data.size:
-        arr[...] = data
+class _Handle:
+    """One open slide: its attributes, lazily opened zarr arrays and statistics (thread-safe:
+    the worst race opens an array twice)."""
+
+    def __init__(self, slide_id: str, d: Path, key: tuple[int, int],
+                 attrs: dict[str, Any]) -> None:
+        self.slide_id = slide_id
+        self.dir = d
+        self.key = key
+        self.attrs = attrs
+        self.stats: SlideStats | None = None
+        self._arrays: dict[str, Any] = {}
+
+    def array(self, name: str) -> Any:
+        arr = self._arrays.get(name)
+        if arr is None:
+            import zarr
+
+            arr = zarr.open_array(str(self.dir / name), mode="r", zarr_format=3)
+            self._arrays[name] = arr
+        return arr
+
+
+def _dir_bytes(d: Path) -> int:
+    total = 0
+    for root, _, files in os.walk(d):
+        for f in files:
+            try:
+                total += os.stat(os.path.join(root, f)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def _entry(d: Path, attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """The index line of a complete slide."""
+    return {"n_tiles": int(attrs.get("n_tiles", 0)), "n_views": int(attrs.get("n_views", 0)),
+            "view_tiles": int(attrs.get("view_tiles", 0)),
+            "dim": int(attrs["dim"]) if attrs.get("dim") is not None else None,
+            "bytes": _dir_bytes(d)}

@@ -1,0 +1,202 @@
+"""Format 2: sharded arrays (a handful of files per slide), statistics at write time and the
+partial reads slide SSL and transform are built on (read_views / read_features / read_coords)."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import zarr
+
+from wsi_ssl.errors import InputError
+from wsi_ssl.store import SlideStats, TileStore
+
+
+def _bank(rng, n=30, d=8, v=5, t=6, dtype=np.float32):
+    feats = rng.normal(size=(n, d)).astype(dtype)
+    coords = rng.integers(0, 50_000, (n, 2))
+    vidx = rng.integers(0, n, (v, t))
+    views = (feats[vidx] + 0.1 * rng.normal(size=(v, t, d))).astype(dtype)
+    return feats, coords, views, vidx
+
+
+@pytest.fixture()
+def store(tmp_path) -> TileStore:
+    s = TileStore(tmp_path / "s.zarr")
+    s.bind_encoder("enc", "fp", 8)
+    return s
+
+
+def _entries(path) -> int:
+    return 1 + sum(len(d) + len(f) for _, d, f in os.walk(path))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_round_trip_every_array_and_empty_cases_plain_zarr_reads_it(store, dtype):
+    rng = np.random.default_rng(0)
+    feats, coords, views, vidx = _bank(rng)
+    store.write_slide("full", feats, coords, views=views, view_index=vidx, dtype=dtype)
+    store.write_slide("noviews", feats[:7], coords[:7], dtype=dtype)
+    store.write_slide("empty", np.zeros((0, 8)), np.zeros((0, 2)), dtype=dtype)
+    for sid, n, v in (("full", 30, 5), ("noviews", 7, 0), ("empty", 0, 0)):
+        rec = store[sid]
+        assert rec.features.dtype == np.dtype(dtype) and rec.features.shape == (n, 8)
+        np.testing.assert_array_equal(rec.features, feats[:n].astype(dtype))
+        np.testing.assert_array_equal(rec.coords, coords[:n])
+        assert rec.coords.dtype == rec.view_index.dtype == np.int64
+        assert rec.views.shape == ((5, 6, 8) if v else (0, 0, 8))
+        assert rec.view_index.shape == ((5, 6) if v else (0, 0))
+    np.testing.assert_array_equal(store["full"].views, views.astype(dtype))
+    np.testing.assert_array_equal(store["full"].view_index, vidx)
+    # <= 12 files and folders per slide, the group folder and every zarr.json included
+    assert _entries(store.path / "slides" / "full") == 11
+    assert _entries(store.path / "slides" / "empty") <= 8
+    # plain zarr reads everything, as documented in docs/store-format.md
+    root = zarr.open_group(str(store.path), mode="r")
+    g = root["slides/full"]
+    assert g.attrs["complete"] is True and g.attrs["format_version"] == 2
+    np.testing.assert_array_equal(g["features"][:], feats.astype(dtype))
+    np.testing.assert_array_equal(g["views"][:], views.astype(dtype))
+    assert g["views"].chunks == (1, 6, 8) and g["views"].shards == (5, 6, 8)
+    idx = g["index"][:]
+    n, (a, b, shape) = g.attrs["n_tiles"], g["index"].attrs["view_index"]
+    np.testing.assert_array_equal(idx[: 2 * n].reshape(n, 2), coords)
+    np.testing.assert_array_equal(idx[a:b].reshape(shape), vidx)
+    assert sorted(k for k, _ in root["slides"].groups()) == ["empty", "full", "noviews"]
+
+
+def test_partial_reads(store):
+    rng = np.random.default_rng(1)
+    feats, coords, views, vidx = _bank(rng)
+    store.write_slide("s", feats, coords, views=views, view_index=vidx, dtype="float32")
+    got, gidx = store.read_views("s", [4, 0, 4])
+    np.testing.assert_array_equal(got, views[[4, 0, 4]])
+    np.testing.assert_array_equal(gidx, vidx[[4, 0, 4]])
+    assert gidx.dtype == np.int64
+    e, ei = store.read_views("s", [])
+    assert e.shape == (0, 6, 8) and ei.shape == (0, 6)
+    np.testing.assert_array_equal(store.read_features("s"), feats)
+    np.testing.assert_array_equal(store.read_features("s", np.array([29, 3, 3])), feats[[29, 3, 3]])
+    np.testing.assert_array_equal(store.read_coords("s"), coords)
+    with pytest.raises(InputError, match=r"has 5 bank versions; versions must be in \[0, 5\)"):
+        store.read_views("s", [5])
+    with pytest.raises(InputError, match=r"rows must be in \[0, 30\)"):
+        store.read_features("s", [30])
+    with pytest.raises(KeyError, match="'nope' is not a complete slide"):
+        store.read_views("nope", [0])
+
+
+def test_read_views_touches_only_its_inner_chunks(store):
+    """A planted slide: clean features and the other versions are garbage on disk, so any read
+    of them fails; read_views of versions 1 and 3 must still work."""
+    rng = np.random.default_rng(2)
+    feats, coords, views, vidx = _bank(rng, n=12, v=5, t=4)
+    store.write_slide("s", feats, coords, views=views, view_index=vidx, dtype="float32")
+    d = store.path / "slides" / "s"
+    # zero every byte of the views shard except the inner chunks of versions 1 and 3 and the
+    # shard index (the last 16 * 5 + 4 bytes); overwrite the features shard with garbage
+    raw = bytearray((d / "views" / "c.0.0.0").read_bytes())
+    chunk = 4 * 8 * 4
+    keep = {1, 3}
+    for v in range(5):
+        if v not in keep:
+            raw[v * chunk:(v + 1) * chunk] = b"\xff" * chunk  # NaN patterns, same size
+    (d / "views" / "c.0.0.0").write_bytes(bytes(raw))
+    size = (d / "features" / "c.0.0").stat().st_size
+    (d / "features" / "c.0.0").write_bytes(b"\x00" * size)
+    got, gidx = store.read_views("s", [3, 1])
+    np.testing.assert_array_equal(got, views[[3, 1]])
+    np.testing.assert_array_equal(gidx, vidx[[3, 1]])
+    assert np.isnan(store.array("s", "views")[0]).all()  # the rest really is garbage
+    with pytest.raises(Exception, match="unreadable"):
+        store.read_features("s")
+
+
+def test_stats_recorded_at_write_time(store):
+    rng = np.random.default_rng(3)
+    feats, coords, views, vidx = _bank(rng, dtype=np.float16)
+    store.write_slide("s", feats, coords, views=views, view_index=vidx)
+    st = store.slide_stats("s")
+    assert isinstance(st, SlideStats) and st.all_finite
+    assert (st.n_tiles, st.n_views, st.view_tiles, st.dim) == (30, 5, 6, 8)
+    f64, v64 = feats.astype(np.float64), views.reshape(-1, 8).astype(np.float64)
+    for got, want in ((st.features_sum, f64.sum(0)), (st.features_sumsq, (f64 ** 2).sum(0)),
+                      (st.views_sum, v64.sum(0)), (st.views_sumsq, (v64 ** 2).sum(0))):
+        assert got.dtype == np.float64 and got.shape == (8,)
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    # metadata only: the stats survive the arrays being unreadable
+    (store.path / "slides" / "s" / "views" / "c.0.0.0").write_bytes(b"x")
+    assert TileStore(store.path, mode="r").slide_stats("s") == st
+    # stats are small: the JSON read by a run's setup
+    assert (store.path / "slides" / "s" / "features" / "zarr.json").stat().st_size < 8000
+    bad = feats.copy()
+    bad[3, 2] = np.nan
+    store.write_slide("nan", bad, coords)
+    assert not store.slide_stats("nan").all_finite
+    assert store.slide_attrs("nan")["all_finite"] is False
+
+
+def test_stats_of_a_slide_without_them_computed_once_and_cached(store, tmp_path):
+    rng = np.random.default_rng(4)
+    feats, coords, views, vidx = _bank(rng)
+    store.write_slide("s", feats, coords, views=views, view_index=vidx)
+    want = store.slide_stats("s")
+    meta_path = store.path / "slides" / "s" / "features" / "zarr.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["attributes"]["stats"]
+    meta_path.write_text(json.dumps(meta))
+    # read-only store: computed in memory, nothing written
+    ro = TileStore(store.path, mode="r")
+    got = ro.slide_stats("s")
+    np.testing.assert_array_equal(got.views_sumsq, want.views_sumsq)
+    assert "stats" not in json.loads(meta_path.read_text())["attributes"]
+    # read-only filesystem, store opened for writing: computed in memory, never fails
+    os.chmod(meta_path.parent, stat.S_IRUSR | stat.S_IXUSR)
+    try:
+        if os.access(meta_path.parent, os.W_OK):  # root ignores permissions
+            pytest.skip("running as root: cannot make a read-only directory")
+        np.testing.assert_array_equal(TileStore(store.path).slide_stats("s").features_sum,
+                                      want.features_sum)
+    finally:
+        os.chmod(meta_path.parent, stat.S_IRWXU)
+    assert "stats" not in json.loads(meta_path.read_text())["attributes"]
+
+
+def test_stats_cached_under_the_lock_when_writable(store):
+    rng = np.random.default_rng(5)
+    feats, coords, views, vidx = _bank(rng)
+    store.write_slide("s", feats, coords, views=views, view_index=vidx)
+    want = store.slide_stats("s")
+    meta_path = store.path / "slides" / "s" / "features" / "zarr.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["attributes"]["stats"]
+    meta_path.write_text(json.dumps(meta))
+    got = TileStore(store.path).slide_stats("s")
+    np.testing.assert_array_equal(got.features_sumsq, want.features_sumsq)
+    assert json.loads(meta_path.read_text())["attributes"]["stats"]["n_tiles"] == 30
+    assert not (store.path / ".lock").exists()
+
+
+def test_reads_from_many_threads(store):
+    rng = np.random.default_rng(6)
+    data = {}
+    for i in range(80):  # more slides than the open-slide cache holds
+        feats, coords, views, vidx = _bank(rng, n=10, v=3, t=4)
+        store.write_slide(f"s{i}", feats, coords, views=views, view_index=vidx, dtype="float32")
+        data[f"s{i}"] = (views, vidx)
+    reader = TileStore(store.path, mode="r")
+
+    def work(k):
+        sid = f"s{k % 80}"
+        v, i = reader.read_views(sid, [k % 3])
+        st = reader.slide_stats(sid)
+        return (np.array_equal(v[0], data[sid][0][k % 3]) and np.array_equal(i[0], data[sid][1][k % 3])
+                and st.n_tiles == 10)
+
+    with ThreadPoolExecutor(8) as pool:
+        assert all(pool.map(work, range(400)))
+    assert len(reader._handles) <= 64
