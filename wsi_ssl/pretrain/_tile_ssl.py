@@ -21,8 +21,25 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import torch
 
+from wsi_ssl._utils import atomic_write_bytes, expand_slide_paths, progress, resolve_device
+from wsi_ssl._version import __version__
+from wsi_ssl.augment import get_augment_config, random_augment
+from wsi_ssl.encoders import create_encoder
 from wsi_ssl.errors import CheckpointError, ConfigError, InputError
+from wsi_ssl.pretrain._checkpoint import (
+    clear_checkpoints,
+    latest_checkpoint,
+    load_checkpoint,
+    optimizer_tensors,
+    restore_optimizer,
+    save_checkpoint,
+    save_encoder_weights,
+)
+from wsi_ssl.pretrain._methods import METHODS
+from wsi_ssl.pretrain._optim import warmup_cosine
+from wsi_ssl.pretrain._tile_data import TileSSLDataset, make_tile_loader, steps_for
 
 __all__ = ["TileSSLConfig", "TileSSLResult", "pretrain_tile_encoder"]
 
@@ -66,13 +83,9 @@ class TileSSLConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        from wsi_ssl.pretrain._methods import METHODS
-
         if self.method not in METHODS:
             raise ConfigError(f"method={self.method!r} is not a tile-SSL method; use one of "
                               f"{sorted(METHODS)}.")
-        from wsi_ssl.augment import get_augment_config
-
         object.__setattr__(self, "augment", get_augment_config(self.augment).to_dict())
         for name, lo in (("tile_size", 16), ("epochs", 1), ("tiles_per_epoch", 2),
                          ("batch_size", 2), ("hidden_dim", 1), ("tiles_per_slide", 1),
@@ -124,11 +137,6 @@ class TileSSLResult:
 
 
 def _build_method(cfg: TileSSLConfig):
-    import torch
-
-    from wsi_ssl.encoders import create_encoder
-    from wsi_ssl.pretrain._methods import METHODS
-
     enc = create_encoder(cfg.arch, device="cpu", dtype="float32")
     backbone = enc.model
     torch.manual_seed(cfg.seed)
@@ -200,8 +208,6 @@ def pretrain_tile_encoder(
         ConfigError: bad parameter values; InputError: no usable slide;
         CheckpointError: a checkpoint from a run with other settings (or unreadable).
     """
-    from wsi_ssl._utils import expand_slide_paths
-
     known = {f.name for f in dataclasses.fields(TileSSLConfig)}
     bad = sorted(set(options) - known)
     if bad:
@@ -218,145 +224,185 @@ def pretrain_tile_encoder(
     return _run(cfg, expand_slide_paths(slides), out, resume=resume, callback=callback)
 
 
+@dataclass
+class _TileRun:
+    """The live state of one tile-SSL run (model, optimiser, schedule, scaler, random streams)."""
+
+    cfg: TileSSLConfig
+    cfg_now: dict[str, Any]
+    dev: torch.device
+    method: Any
+    opt: torch.optim.Optimizer
+    sched: Any
+    scaler: Any
+    aug_rng: np.random.Generator
+    mean: Any
+    std: Any
+    steps: int
+    ckpt_dir: Path
+    start_epoch: int = 0
+    losses: list[float] = dataclasses.field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return self.steps * self.cfg.epochs
+
+    @property
+    def warmup(self) -> int:
+        return int(round(self.total * self.cfg.warmup_frac))
+
+    @property
+    def amp_dtype(self) -> torch.dtype:
+        if self.dev.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float16
+
+
+def _setup(cfg: TileSSLConfig, paths: list[Path], out: Path) -> _TileRun:
+    """Build the method, its optimiser, the warm-up + cosine schedule and the AMP scaler."""
+    dev = resolve_device(cfg.device)
+    cfg_now = json.loads(json.dumps(cfg.to_dict() | {"slides": [str(p) for p in paths]}))
+    method, mean, std = _build_method(cfg)
+    method.to(dev)
+    if dev.type == "cuda":
+        method.to(memory_format=torch.channels_last)
+    params = [p for p in method.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    run = _TileRun(cfg=cfg, cfg_now=cfg_now, dev=dev, method=method, opt=opt, sched=None,
+                   scaler=None, aug_rng=np.random.default_rng([cfg.seed, 1]),
+                   mean=torch.tensor(mean, device=dev).view(1, 3, 1, 1),
+                   std=torch.tensor(std, device=dev).view(1, 3, 1, 1),
+                   steps=steps_for(cfg.tiles_per_epoch, cfg.batch_size),
+                   ckpt_dir=out.with_name(out.stem + ".ckpt"))
+    run.sched = warmup_cosine(opt, base_lr=cfg.lr, total_steps=run.total,
+                              warmup_steps=run.warmup)
+    use_amp = dev.type == "cuda"
+    run.scaler = torch.amp.GradScaler("cuda", enabled=use_amp and run.amp_dtype == torch.float16)
+    return run
+
+
+def _restore(run: _TileRun, *, resume: bool) -> None:
+    """Continue from the last checkpoint (``resume=True``) or clear the old ones."""
+    last = latest_checkpoint(run.ckpt_dir) if resume else None
+    if not resume:
+        clear_checkpoints(run.ckpt_dir)
+    if last is None:
+        return
+    tensors, state = load_checkpoint(last, run.method)
+    _compatible(state["config"], run.cfg_now, last)
+    restore_optimizer(run.opt, tensors, state["optimizer"])
+    run.start_epoch, run.losses = int(state["epoch"]), list(state["losses"])
+    run.sched = warmup_cosine(run.opt, base_lr=run.cfg.lr, total_steps=run.total,
+                              warmup_steps=run.warmup,
+                              start_step=run.start_epoch * run.steps)  # epochs may have grown
+    run.scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(tensors["rng.torch"])
+    if run.dev.type == "cuda" and "rng.cuda" in tensors:
+        torch.cuda.set_rng_state(tensors["rng.cuda"], run.dev)
+    run.aug_rng.bit_generator.state = state["aug_rng"]
+    logger.info("resuming tile SSL from '%s' (epoch %d of %d)", last, run.start_epoch,
+                run.cfg.epochs)
+    run.method.to(run.dev)
+
+
+def _view(run: _TileRun, tiles: torch.Tensor, aug_cfg: Any) -> torch.Tensor:
+    """One augmented, normalised view of a batch of tiles."""
+    x = random_augment(tiles, run.aug_rng, aug_cfg, out_size=run.cfg.tile_size)
+    x = (x - run.mean) / run.std
+    if run.dev.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def _train_epoch(run: _TileRun, loader: Any, epoch: int,
+                 callback: Callable[[int, int, float], None] | None) -> tuple[float, int]:
+    """One pass over the loader; returns the mean loss and the number of tiles seen."""
+    cfg, dev = run.cfg, run.dev
+    aug_cfg = get_augment_config(cfg.augment)
+    use_amp = dev.type == "cuda"
+    run.method.train()
+    running, n_steps, n_tiles = 0.0, 0, 0
+    bar = progress(loader, total=run.steps, desc=f"tile-ssl {epoch + 1}/{cfg.epochs}",
+                   unit="step")
+    for tiles in bar:
+        tiles = tiles.to(dev, non_blocking=True)
+        x_a, x_b = _view(run, tiles, aug_cfg), _view(run, tiles, aug_cfg)
+        with torch.autocast(dev.type, dtype=run.amp_dtype, enabled=use_amp):
+            loss = run.method(x_a, x_b)
+        if not torch.isfinite(loss):
+            raise ConfigError(
+                f"the {cfg.method} loss became {float(loss)} at epoch {epoch + 1} step "
+                f"{n_steps + 1}; lower lr (now {cfg.lr}) or use a larger batch_size."
+            )
+        run.opt.zero_grad(set_to_none=True)
+        run.scaler.scale(loss).backward()
+        run.scaler.step(run.opt)
+        run.scaler.update()
+        run.sched.step()
+        run.method.after_step(epoch * run.steps + n_steps + 1, run.total)
+        value = float(loss.detach())
+        running += value
+        n_steps += 1
+        n_tiles += tiles.shape[0]
+        bar.set_postfix(loss=f"{running / n_steps:.4f}")
+        if callback is not None:
+            callback(epoch + 1, n_steps, value)
+    bar.close()
+    return running / max(1, n_steps), n_tiles
+
+
+def _save_epoch(run: _TileRun, out: Path, epoch: int) -> None:
+    """The epoch's atomic checkpoint (model, optimiser, random streams) and the weights file."""
+    opt_tensors, opt_meta = optimizer_tensors(run.opt)
+    rng_tensors = {"rng.torch": torch.get_rng_state()}
+    if run.dev.type == "cuda":
+        rng_tensors["rng.cuda"] = torch.cuda.get_rng_state(run.dev)
+    save_checkpoint(run.ckpt_dir, epoch, run.method, opt_tensors | rng_tensors, {
+        "epoch": epoch, "losses": run.losses, "config": run.cfg_now,
+        "optimizer": opt_meta, "scaler": run.scaler.state_dict(),
+        "aug_rng": run.aug_rng.bit_generator.state,
+    })
+    _write_outputs(out, run.method.backbone, run.cfg, run.cfg_now, epoch, run.losses)
+
+
 def _run(cfg: TileSSLConfig, paths: list[Path], out: Path, *, resume: bool,
          callback: Callable[[int, int, float], None] | None) -> TileSSLResult:
-    import torch
-
-    from wsi_ssl._utils import progress, resolve_device
-    from wsi_ssl.augment import get_augment_config, random_augment
-    from wsi_ssl.pretrain._checkpoint import (
-        clear_checkpoints,
-        latest_checkpoint,
-        load_checkpoint,
-        optimizer_tensors,
-        restore_optimizer,
-        save_checkpoint,
-    )
-    from wsi_ssl.pretrain._optim import warmup_cosine
-    from wsi_ssl.pretrain._tile_data import TileSSLDataset, make_tile_loader, steps_for
-
-    aug_cfg = get_augment_config(cfg.augment)
-    dev = resolve_device(cfg.device)
-    ckpt_dir = out.with_name(out.stem + ".ckpt")
-    cfg_now = json.loads(json.dumps(cfg.to_dict() | {"slides": [str(p) for p in paths]}))
-
-    method_mod, mean, std = _build_method(cfg)
-    method_mod.to(dev)
-    if dev.type == "cuda":
-        method_mod.to(memory_format=torch.channels_last)
-    params = [p for p in method_mod.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps = steps_for(cfg.tiles_per_epoch, cfg.batch_size)
-    total = steps * cfg.epochs
-    warmup = int(round(total * cfg.warmup_frac))
-    sched = warmup_cosine(opt, base_lr=cfg.lr, total_steps=total, warmup_steps=warmup)
-    use_amp = dev.type == "cuda"
-    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
-    aug_rng = np.random.default_rng([cfg.seed, 1])
-
-    start_epoch, losses = 0, []
-    last = latest_checkpoint(ckpt_dir) if resume else None
-    if not resume:
-        clear_checkpoints(ckpt_dir)
-    if last is not None:
-        tensors, state = load_checkpoint(last, method_mod)
-        _compatible(state["config"], cfg_now, last)
-        restore_optimizer(opt, tensors, state["optimizer"])
-        start_epoch, losses = int(state["epoch"]), list(state["losses"])
-        sched = warmup_cosine(opt, base_lr=cfg.lr, total_steps=total, warmup_steps=warmup,
-                              start_step=start_epoch * steps)  # epochs may have grown
-        scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(tensors["rng.torch"])
-        if dev.type == "cuda" and "rng.cuda" in tensors:
-            torch.cuda.set_rng_state(tensors["rng.cuda"], dev)
-        aug_rng.bit_generator.state = state["aug_rng"]
-        logger.info("resuming tile SSL from '%s' (epoch %d of %d)", last, start_epoch, cfg.epochs)
-        method_mod.to(dev)
-
-    mean_t = torch.tensor(mean, device=dev).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, device=dev).view(1, 3, 1, 1)
+    run = _setup(cfg, paths, out)
+    _restore(run, resume=resume)
     dataset = TileSSLDataset(paths, tile_size=cfg.tile_size, mpp=cfg.mpp,
-                             batch_size=cfg.batch_size, batches_per_epoch=steps,
+                             batch_size=cfg.batch_size, batches_per_epoch=run.steps,
                              tiles_per_slide=cfg.tiles_per_slide, min_tissue=cfg.min_tissue,
                              assume_mpp=cfg.assume_mpp, max_open_slides=cfg.max_open_slides,
                              seed=cfg.seed)
     loader = make_tile_loader(dataset, num_workers=cfg.num_workers,
-                              pin_memory=dev.type == "cuda")
-
-    def view(tiles: torch.Tensor) -> torch.Tensor:
-        x = random_augment(tiles, aug_rng, aug_cfg, out_size=cfg.tile_size)
-        x = (x - mean_t) / std_t
-        if dev.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x
-
+                              pin_memory=run.dev.type == "cuda")
     n_tiles, t_train = 0, 0.0
     try:
-        for epoch in range(start_epoch, cfg.epochs):
+        for epoch in range(run.start_epoch, cfg.epochs):
             dataset.set_epoch(epoch)
-            method_mod.train()
-            running, n_steps = 0.0, 0
             t0 = time.perf_counter()
-            bar = progress(loader, total=steps, desc=f"tile-ssl {epoch + 1}/{cfg.epochs}",
-                           unit="step")
-            for tiles in bar:
-                tiles = tiles.to(dev, non_blocking=True)
-                x_a, x_b = view(tiles), view(tiles)
-                with torch.autocast(dev.type, dtype=amp_dtype, enabled=use_amp):
-                    loss = method_mod(x_a, x_b)
-                if not torch.isfinite(loss):
-                    raise ConfigError(
-                        f"the {cfg.method} loss became {float(loss)} at epoch {epoch + 1} step "
-                        f"{n_steps + 1}; lower lr (now {cfg.lr}) or use a larger batch_size."
-                    )
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-                sched.step()
-                method_mod.after_step(epoch * steps + n_steps + 1, total)
-                value = float(loss.detach())
-                running += value
-                n_steps += 1
-                n_tiles += tiles.shape[0]
-                bar.set_postfix(loss=f"{running / n_steps:.4f}")
-                if callback is not None:
-                    callback(epoch + 1, n_steps, value)
-            bar.close()
+            loss, seen = _train_epoch(run, loader, epoch, callback)
             t_train += time.perf_counter() - t0
-            losses.append(running / max(1, n_steps))
-            opt_tensors, opt_meta = optimizer_tensors(opt)
-            rng_tensors = {"rng.torch": torch.get_rng_state()}
-            if dev.type == "cuda":
-                rng_tensors["rng.cuda"] = torch.cuda.get_rng_state(dev)
-            save_checkpoint(ckpt_dir, epoch + 1, method_mod, opt_tensors | rng_tensors, {
-                "epoch": epoch + 1, "losses": losses, "config": cfg_now,
-                "optimizer": opt_meta, "scaler": scaler.state_dict(),
-                "aug_rng": aug_rng.bit_generator.state,
-            })
-            _write_outputs(out, method_mod.backbone, cfg, cfg_now, epoch + 1, losses)
-            logger.info("tile SSL epoch %d/%d: loss %.4f", epoch + 1, cfg.epochs, losses[-1])
+            n_tiles += seen
+            run.losses.append(loss)
+            _save_epoch(run, out, epoch + 1)
+            logger.info("tile SSL epoch %d/%d: loss %.4f", epoch + 1, cfg.epochs, loss)
     finally:
         dataset.close()
-    if start_epoch >= cfg.epochs and not out.is_file():
-        _write_outputs(out, method_mod.backbone, cfg, cfg_now, start_epoch, losses)
-    if not losses:
+    if run.start_epoch >= cfg.epochs and not out.is_file():
+        _write_outputs(out, run.method.backbone, cfg, run.cfg_now, run.start_epoch, run.losses)
+    if not run.losses:
         raise InputError("tile SSL ran no epoch; check epochs= and the slides.")
     return TileSSLResult(
-        weights=out, checkpoint_dir=ckpt_dir, config=cfg, epochs_done=len(losses),
-        resumed_from=start_epoch, losses=tuple(float(v) for v in losses),
+        weights=out, checkpoint_dir=run.ckpt_dir, config=cfg, epochs_done=len(run.losses),
+        resumed_from=run.start_epoch, losses=tuple(float(v) for v in run.losses),
         tiles_per_s=n_tiles / t_train if t_train > 0 else 0.0, n_slides=len(paths),
-        device=str(dev),
+        device=str(run.dev),
     )
 
 
 def _write_outputs(out: Path, backbone: Any, cfg: TileSSLConfig, cfg_now: dict[str, Any],
                    epoch: int, losses: list[float]) -> None:
-    from wsi_ssl._utils import atomic_write_bytes
-    from wsi_ssl._version import __version__
-    from wsi_ssl.pretrain._checkpoint import save_encoder_weights
-
     save_encoder_weights(backbone, out, arch=cfg.arch, extra={
         "method": cfg.method, "epoch": str(epoch), "tile_size": str(cfg.tile_size),
         "mpp": str(cfg.mpp), "wsi_ssl_version": __version__,
