@@ -31,6 +31,22 @@ from typing import Any
 
 import numpy as np
 
+from wsi_ssl.datasets import make_cohort
+from wsi_ssl.encoders import create_encoder
+from wsi_ssl.errors import ConfigError
+from wsi_ssl.eval import (
+    cluster_map,
+    heatmap,
+    linear_probe,
+    plot_retrieval,
+    retrieval_report,
+    survival,
+    tile_scores,
+)
+from wsi_ssl.pretrain import SlideSSL, mean_pool_embeddings
+from wsi_ssl.store import SlideEmbeddings, TileStore
+from wsi_ssl.tiling import detect_tissue, embed_slides, open_slide, plot_grid, tile_grid
+
 __all__ = ["DemoConfig", "DemoResult", "run_demo", "QUICK", "summary_table"]
 
 logger = logging.getLogger(__name__)
@@ -77,8 +93,6 @@ class DemoConfig:
     n_workers: int | None = None
 
     def __post_init__(self) -> None:
-        from wsi_ssl.errors import ConfigError
-
         def integer(name: str, v: Any, lo: int) -> None:
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
                 raise ConfigError(f"DemoConfig {name}={v!r} must be an integer >= {lo}.")
@@ -144,132 +158,133 @@ def run_demo(out_dir: str | os.PathLike = "wsi-ssl-demo", config: DemoConfig | N
     ``say`` receives one line per step (the CLI passes ``print``); the library itself only logs.
     Every step whose output exists is reused, so an interrupted demo resumes where it stopped.
     """
-    import matplotlib
+    import matplotlib  # plotting backend chosen before pyplot is first imported
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     cfg = config or DemoConfig()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    (out / "figures").mkdir(parents=True, exist_ok=True)
+    (out / "demo_config.json").write_text(json.dumps(asdict(cfg), indent=2))
     say = say or logger.info
     timings: dict[str, float] = {}
-    figs = out / "figures"
-    figs.mkdir(exist_ok=True)
-    (out / "demo_config.json").write_text(json.dumps(asdict(cfg), indent=2))
-
-    # 1. cohort ---------------------------------------------------------------------------
-    from wsi_ssl.datasets import make_cohort
 
     with _step(f"generate a cohort of {cfg.n_slides} slides", say, timings):
-        cohort = make_cohort(out / "cohort", n_slides=cfg.n_slides, seed=cfg.seed,
-                             mpp=cfg.mpp, n_workers=cfg.n_workers or min(2, os.cpu_count() or 1))
-        say(f"    {len(cohort)} pyramidal TIFFs in {cohort.slides_dir}, labels in "
-            f"{cohort.labels_csv.name}")
-
-    # 2. tiling QC --------------------------------------------------------------------------
-    from wsi_ssl.tiling import detect_tissue, open_slide, plot_grid, tile_grid
-
-    qc_png = figs / "tiling_qc.png"
+        cohort = _make_cohort(out, cfg, say)
     with _step("tissue detection and tile grid (QC picture)", say, timings):
-        pos = cohort.labels.index[cohort.labels["label"] == 1]
-        first = cohort.paths[int(pos[0]) if len(pos) else 0]
-        with open_slide(first) as slide:
-            tissue = detect_tissue(slide)
-            grid = tile_grid(slide, mpp=cfg.mpp, tile_size=cfg.tile_size, tissue=tissue)
-            if not qc_png.exists():
-                fig = plot_grid(slide, grid, tissue)
-                fig.savefig(qc_png, dpi=110, bbox_inches="tight")
-                plt.close(fig)
-        say(f"    {slide.slide_id}: {len(grid)} tiles of {cfg.tile_size} px at {cfg.mpp} µm/px "
-            f"(level {grid.level}) -> {qc_png.relative_to(out)}")
-
-    # 3. embed ------------------------------------------------------------------------------
-    from wsi_ssl.encoders import create_encoder
-    from wsi_ssl.store import TileStore
-    from wsi_ssl.tiling import embed_slides
-
-    store_path = out / "tiles.zarr"
+        qc_png = _tiling_qc(out, cfg, cohort, say)
     with _step(f"embed tiles ({cfg.encoder}) + {cfg.views} augmented versions per slide",
                say, timings):
-        encoder = create_encoder(cfg.encoder, device=cfg.device)
-        rep = embed_slides(list(cohort.paths), encoder, store_path, mpp=cfg.mpp,
-                           tile_size=cfg.tile_size, views=cfg.views, view_tiles=cfg.view_tiles,
-                           seed=cfg.seed, device=cfg.device, n_workers=cfg.n_workers)
-        say(f"    {len(rep.done)} embedded, {len(rep.skipped)} reused, {len(rep.failed)} failed; "
-            f"{rep.n_tiles + rep.n_view_tiles} tiles at {rep.tiles_per_second:.0f} tiles/s")
-    store = TileStore(store_path, mode="r")
-
-    # 4. slide SSL --------------------------------------------------------------------------
-    from wsi_ssl.pretrain import SlideSSL, mean_pool_embeddings
-
-    model_dir = out / "slide_model"
+        rep = _embed(out, cfg, cohort, say)
+    store = TileStore(out / "tiles.zarr", mode="r")
     with _step(f"slide-level contrastive pretraining (Giga-SSL, {cfg.slide_epochs} epochs)",
                say, timings):
-        if (model_dir / "config.json").exists():
-            model = SlideSSL.load(model_dir)
-            say("    reusing the trained model in slide_model/")
-        else:
-            model = SlideSSL(**_slide_ssl_kwargs(cfg), checkpoint_dir=out / "slide_ckpt")
-            model.fit(store, resume=(out / "slide_ckpt" / "checkpoint.safetensors").exists())
-            model.save(model_dir)
+        model = _pretrain_slides(out, cfg, store, say)
         loss_png = _find_loss_curve(out)
-
-    # 5. encode -----------------------------------------------------------------------------
-    from wsi_ssl.store import SlideEmbeddings
-
-    emb_path = out / "slide_embeddings.npz"
     with _step("encode slides -> compact embeddings", say, timings):
-        if emb_path.exists():
-            ssl_emb = SlideEmbeddings.load(emb_path)
-        else:
-            ssl_emb = model.transform(store)
-            ssl_emb.save(emb_path)
-        mean_emb = mean_pool_embeddings(store, list(ssl_emb.slide_ids))
-        say(f"    {len(ssl_emb)} slides x {ssl_emb.dim} floats, "
-            f"{ssl_emb.nbytes_per_slide:.0f} bytes per slide ({emb_path.name})")
-
-    # 6. probes + survival ------------------------------------------------------------------
-    from wsi_ssl.eval import linear_probe, survival
-
-    labels = cohort.labels
+        ssl_emb, mean_emb = _encode(out, store, model, say)
     with _step("few-shot linear probes (slide SSL vs mean pooling) and a Cox model", say,
                timings):
-        probes = {}
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            for name, emb in (("slide-ssl", ssl_emb), ("mean-pool", mean_emb)):
-                probes[name] = linear_probe(emb, labels, n_labeled=(*cfg.n_labeled, None),
-                                            repeats=cfg.repeats, test_size=cfg.test_size,
-                                            seed=cfg.seed)
-                probes[name].save(out / "probe" / name)
-            surv = survival(ssl_emb, labels, seed=cfg.seed)
-            surv.save(out / "survival")
-        for msg in dict.fromkeys(str(w.message) for w in caught):
-            say(f"    note: {msg}")
-
-    # 7. look inside -----------------------------------------------------------------------
+        probes, surv = _probes(out, cfg, cohort.labels, ssl_emb, mean_emb, say)
     with _step("look inside: attention heatmaps, tile clusters, slide retrieval", say, timings):
         inspect = _look_inside(out, cohort, store, model, {"slide-ssl": ssl_emb,
                                                            "mean-pool": mean_emb}, cfg, say)
-
-    # 8. report -----------------------------------------------------------------------------
     with _step("report", say, timings):
         summary = _summarise(cfg, probes, surv, ssl_emb, rep, timings)
         summary.update(retrieval=inspect["retrieval"], localisation=inspect["localisation"])
-        _plot_learning_curves(summary, figs / "learning_curve.png")
+        _plot_learning_curves(summary, out / "figures" / "learning_curve.png")
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
         md, html = _write_report(out, cfg, summary, qc_png, loss_png, inspect)
         say(f"    {html.relative_to(out)} (and {md.name})")
     return DemoResult(out, summary, md, html, dict(timings))
 
 
+def _make_cohort(out: Path, cfg: DemoConfig, say: Callable[[str], None]) -> Any:
+    """Step 1: the generated slides and their labels (reused when present)."""
+    cohort = make_cohort(out / "cohort", n_slides=cfg.n_slides, seed=cfg.seed, mpp=cfg.mpp,
+                         n_workers=cfg.n_workers or min(2, os.cpu_count() or 1))
+    say(f"    {len(cohort)} pyramidal TIFFs in {cohort.slides_dir}, labels in "
+        f"{cohort.labels_csv.name}")
+    return cohort
+
+
+def _tiling_qc(out: Path, cfg: DemoConfig, cohort: Any, say: Callable[[str], None]) -> Path:
+    """Step 2: tissue mask and tile grid of one positive slide, as a picture."""
+    import matplotlib.pyplot as plt  # heavy; only the plotting steps need it
+
+    qc_png = out / "figures" / "tiling_qc.png"
+    pos = cohort.labels.index[cohort.labels["label"] == 1]
+    first = cohort.paths[int(pos[0]) if len(pos) else 0]
+    with open_slide(first) as slide:
+        tissue = detect_tissue(slide)
+        grid = tile_grid(slide, mpp=cfg.mpp, tile_size=cfg.tile_size, tissue=tissue)
+        if not qc_png.exists():
+            fig = plot_grid(slide, grid, tissue)
+            fig.savefig(qc_png, dpi=110, bbox_inches="tight")
+            plt.close(fig)
+    say(f"    {slide.slide_id}: {len(grid)} tiles of {cfg.tile_size} px at {cfg.mpp} µm/px "
+        f"(level {grid.level}) -> {qc_png.relative_to(out)}")
+    return qc_png
+
+
+def _embed(out: Path, cfg: DemoConfig, cohort: Any, say: Callable[[str], None]) -> Any:
+    """Step 3: tile embeddings and the augmentation bank in ``tiles.zarr`` (resumable)."""
+    encoder = create_encoder(cfg.encoder, device=cfg.device)
+    rep = embed_slides(list(cohort.paths), encoder, out / "tiles.zarr", mpp=cfg.mpp,
+                       tile_size=cfg.tile_size, views=cfg.views, view_tiles=cfg.view_tiles,
+                       seed=cfg.seed, device=cfg.device, n_workers=cfg.n_workers)
+    say(f"    {len(rep.done)} embedded, {len(rep.skipped)} reused, {len(rep.failed)} failed; "
+        f"{rep.n_tiles + rep.n_view_tiles} tiles at {rep.tiles_per_second:.0f} tiles/s")
+    return rep
+
+
+def _pretrain_slides(out: Path, cfg: DemoConfig, store: Any, say: Callable[[str], None]) -> Any:
+    """Step 4: the slide encoder (Giga-SSL), reused from ``slide_model/`` or resumed."""
+    model_dir = out / "slide_model"
+    if (model_dir / "config.json").exists():
+        say("    reusing the trained model in slide_model/")
+        return SlideSSL.load(model_dir)
+    model = SlideSSL(**_slide_ssl_kwargs(cfg), checkpoint_dir=out / "slide_ckpt")
+    model.fit(store, resume=(out / "slide_ckpt" / "checkpoint.safetensors").exists())
+    model.save(model_dir)
+    return model
+
+
+def _encode(out: Path, store: Any, model: Any, say: Callable[[str], None]) -> tuple[Any, Any]:
+    """Step 5: slide embeddings of the trained encoder, and the mean-pool baseline."""
+    emb_path = out / "slide_embeddings.npz"
+    if emb_path.exists():
+        ssl_emb = SlideEmbeddings.load(emb_path)
+    else:
+        ssl_emb = model.transform(store)
+        ssl_emb.save(emb_path)
+    mean_emb = mean_pool_embeddings(store, list(ssl_emb.slide_ids))
+    say(f"    {len(ssl_emb)} slides x {ssl_emb.dim} floats, "
+        f"{ssl_emb.nbytes_per_slide:.0f} bytes per slide ({emb_path.name})")
+    return ssl_emb, mean_emb
+
+
+def _probes(out: Path, cfg: DemoConfig, labels: Any, ssl_emb: Any, mean_emb: Any,
+            say: Callable[[str], None]) -> tuple[dict[str, Any], Any]:
+    """Step 6: few-shot linear probes of both embeddings and a Cox model of slide SSL."""
+    probes = {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for name, emb in (("slide-ssl", ssl_emb), ("mean-pool", mean_emb)):
+            probes[name] = linear_probe(emb, labels, n_labeled=(*cfg.n_labeled, None),
+                                        repeats=cfg.repeats, test_size=cfg.test_size,
+                                        seed=cfg.seed)
+            probes[name].save(out / "probe" / name)
+        surv = survival(ssl_emb, labels, seed=cfg.seed)
+        surv.save(out / "survival")
+    for msg in dict.fromkeys(str(w.message) for w in caught):
+        say(f"    note: {msg}")
+    return probes, surv
+
+
 def _look_inside(out: Path, cohort: Any, store: Any, model: Any, embeddings: dict[str, Any],
                  cfg: DemoConfig, say: Callable[[str], None]) -> dict[str, Any]:
     """Heatmaps of one positive and one negative slide, a cluster map, the localisation of the
     tumour by the attention over every positive slide, and slide retrieval for each embedding."""
-    from wsi_ssl.errors import ConfigError
-    from wsi_ssl.eval import cluster_map, heatmap, plot_retrieval, retrieval_report, tile_scores
 
     labels = cohort.labels
     reports = {}
