@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -71,43 +72,13 @@ def write_pyramidal_tiff(
         quality: JPEG quality.
         magnification: ``AppMag`` to record; default ``10 / mpp``.
     """
-    import tifffile
+    import tifffile  # the writer only; readers never import it from here
 
     path = Path(path)
     if tile_size % 16:
         raise ConfigError(f"tile_size={tile_size} must be a multiple of 16 (a TIFF requirement).")
-    if isinstance(source, np.ndarray):
-        if source.ndim != 3 or source.shape[2] != 3 or source.dtype != np.uint8:
-            raise ConfigError(f"source must be uint8 (H, W, 3); got {source.dtype} {source.shape}.")
-        size = (source.shape[1], source.shape[0])
-        render = _array_renderer(source)
-    else:
-        if size is None:
-            raise ConfigError("size=(w, h) is required when source is a renderer.")
-        render = source
-    w0, h0 = int(size[0]), int(size[1])
-    if n_levels is None:
-        n_levels = 1
-        while max(w0, h0) / downsample ** n_levels >= 1024:
-            n_levels += 1
-    dims = []
-    for lv in range(n_levels):
-        ds = downsample**lv
-        dims.append((max(1, int(np.ceil(w0 / ds))), max(1, int(np.ceil(h0 / ds))), ds))
-
-    def tiles(lw: int, lh: int, ds: int) -> Iterator[np.ndarray]:
-        for ty in range(0, lh, tile_size):
-            for tx in range(0, lw, tile_size):
-                tw, th = min(tile_size, lw - tx), min(tile_size, lh - ty)
-                t = np.asarray(render(tx * ds, ty * ds, tw, th, float(ds)), dtype=np.uint8)
-                if t.shape != (th, tw, 3):
-                    raise ConfigError(f"renderer returned {t.shape}, expected {(th, tw, 3)}.")
-                if (tw, th) != (tile_size, tile_size):
-                    pad = np.full((tile_size, tile_size, 3), 255, np.uint8)
-                    pad[:th, :tw] = t
-                    t = pad
-                yield t
-
+    render, (w0, h0) = _renderer_and_size(source, size)
+    dims = _level_dims(w0, h0, n_levels, downsample)
     mag = magnification if magnification is not None else (10.0 / mpp if mpp else 20.0)
     with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=w0 * h0 * 3 > 2**31) as tif:
         for lv, (lw, lh, ds) in enumerate(dims):
@@ -115,14 +86,13 @@ def write_pyramidal_tiff(
                 f"Aperio Image Library v12.0.0 wsi-ssl\r\n{w0}x{h0} [0,0 {w0}x{h0}] "
                 f"({tile_size}x{tile_size}) JPEG/RGB Q={quality}|AppMag = {mag:g}"
             )
-            if mpp is not None:
-                desc += f"|MPP = {mpp * ds:.6f}"
             kw = {}
             if mpp is not None:
+                desc += f"|MPP = {mpp * ds:.6f}"
                 ppcm = 1e4 / (mpp * ds)
                 kw = {"resolution": (ppcm, ppcm), "resolutionunit": "CENTIMETER"}
             tif.write(
-                tiles(lw, lh, ds),
+                _level_tiles(render, lw, lh, ds, tile_size),
                 shape=(lh, lw, 3),
                 dtype=np.uint8,
                 tile=(tile_size, tile_size),
@@ -135,12 +105,58 @@ def write_pyramidal_tiff(
                 **kw,
             )
             if lv == 0:
-                # Aperio layout: page 1 is a small stripped thumbnail (tiffslide and OpenSlide
-                # both expect it; without it tiffslide would take level 1 for the thumbnail).
-                tw = max(1, min(w0, 768))
-                th = max(1, int(round(h0 * tw / w0)))
-                thumb = np.asarray(render(0, 0, tw, th, w0 / tw), dtype=np.uint8)
-                tif.write(thumb, photometric="rgb", compression="jpeg",
-                          compressionargs={"level": quality}, rowsperstrip=16,
-                          description=desc.split("\r\n")[0], subfiletype=0, metadata=None)
+                _write_thumbnail(tif, render, w0, h0, quality, desc.split("\r\n")[0])
     return path
+
+
+def _renderer_and_size(source: np.ndarray | Renderer,
+                       size: tuple[int, int] | None) -> tuple[Renderer, tuple[int, int]]:
+    """A renderer for ``source`` and the level-0 ``(w, h)`` it covers."""
+    if isinstance(source, np.ndarray):
+        if source.ndim != 3 or source.shape[2] != 3 or source.dtype != np.uint8:
+            raise ConfigError(f"source must be uint8 (H, W, 3); got {source.dtype} {source.shape}.")
+        return _array_renderer(source), (source.shape[1], source.shape[0])
+    if size is None:
+        raise ConfigError("size=(w, h) is required when source is a renderer.")
+    return source, (int(size[0]), int(size[1]))
+
+
+def _level_dims(w0: int, h0: int, n_levels: int | None,
+                downsample: int) -> list[tuple[int, int, int]]:
+    """``(w, h, downsample)`` of each pyramid level; by default until a level is under 1024 px."""
+    if n_levels is None:
+        n_levels = 1
+        while max(w0, h0) / downsample ** n_levels >= 1024:
+            n_levels += 1
+    dims = []
+    for lv in range(n_levels):
+        ds = downsample**lv
+        dims.append((max(1, int(np.ceil(w0 / ds))), max(1, int(np.ceil(h0 / ds))), ds))
+    return dims
+
+
+def _level_tiles(render: Renderer, lw: int, lh: int, ds: int,
+                 tile_size: int) -> Iterator[np.ndarray]:
+    """The tiles of one level in TIFF order, edge tiles padded with white."""
+    for ty in range(0, lh, tile_size):
+        for tx in range(0, lw, tile_size):
+            tw, th = min(tile_size, lw - tx), min(tile_size, lh - ty)
+            t = np.asarray(render(tx * ds, ty * ds, tw, th, float(ds)), dtype=np.uint8)
+            if t.shape != (th, tw, 3):
+                raise ConfigError(f"renderer returned {t.shape}, expected {(th, tw, 3)}.")
+            if (tw, th) != (tile_size, tile_size):
+                pad = np.full((tile_size, tile_size, 3), 255, np.uint8)
+                pad[:th, :tw] = t
+                t = pad
+            yield t
+
+
+def _write_thumbnail(tif: Any, render: Renderer, w0: int, h0: int, quality: int,
+                     desc: str) -> None:
+    """Aperio layout: page 1 is a small stripped thumbnail (tiffslide and OpenSlide both expect
+    it; without it tiffslide would take level 1 for the thumbnail)."""
+    tw = max(1, min(w0, 768))
+    th = max(1, int(round(h0 * tw / w0)))
+    thumb = np.asarray(render(0, 0, tw, th, w0 / tw), dtype=np.uint8)
+    tif.write(thumb, photometric="rgb", compression="jpeg", compressionargs={"level": quality},
+              rowsperstrip=16, description=desc, subfiletype=0, metadata=None)
