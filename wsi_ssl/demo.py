@@ -437,18 +437,30 @@ def _retrieval_frame(retrieval: dict[str, Any]):
 
 def _write_report(out: Path, cfg: DemoConfig, summary: dict[str, Any], qc_png: Path,
                   loss_png: Path | None, inspect: dict[str, Any]) -> tuple[Path, Path]:
+    """``report.html`` and ``report.md``: the settings, the tables and the pictures."""
+    from wsi_ssl.eval._report_io import write_html_report
+
+    settings = _report_settings(cfg, summary)
+    sections = _report_sections(out, summary, qc_png, loss_png, inspect)
+    html_path = write_html_report(
+        out / "report.html", title="wsi-ssl demo report", settings=settings, sections=sections,
+        intro="The whole pipeline on a generated cohort: tiles, tile embeddings, slide-level "
+              "self-supervised pretraining, then what a few labels buy.")
+    md = ["# wsi-ssl demo report", ""]
+    md += [f"- {k}: {v}" for k, v in settings.items()] + ["", summary_table(summary), ""]
+    for sec in sections:
+        md += [f"## {sec.title}", "", sec.text, ""]
+        md += [f"![{c}]({p.relative_to(out).as_posix()})" for c, p in sec.figures] + [""]
+    md_path = out / "report.md"
+    md_path.write_text("\n".join(md))
+    return md_path, html_path
+
+
+def _report_settings(cfg: DemoConfig, summary: dict[str, Any]) -> dict[str, str]:
     from wsi_ssl._version import __version__
-    from wsi_ssl.eval._report_io import ReportSection, write_html_report
 
-    def found(pattern: str) -> tuple[Path, ...]:
-        return tuple(sorted(out.glob(pattern)))
-
-    s = summary["survival"]
-    cidx = s.get("c_index_mean", float("nan"))
-    cstd = s.get("c_index_std", float("nan"))
-    loc = summary.get("localisation") or {}
     secs = ", ".join(f"{k}: {v:.0f} s" for k, v in summary["seconds"].items())
-    settings = {
+    return {
         "slides": f"{summary['n_slides']} generated (label in 3-15 % of the tissue, decoys in "
                   "both classes)",
         "tiles": f"{cfg.tile_size} px at {cfg.mpp} µm/px, encoder {cfg.encoder}",
@@ -462,6 +474,19 @@ def _write_report(out: Path, cfg: DemoConfig, summary: dict[str, Any], qc_png: P
         "time per step": secs,
         "wsi-ssl": __version__,
     }
+
+
+def _report_sections(out: Path, summary: dict[str, Any], qc_png: Path, loss_png: Path | None,
+                     inspect: dict[str, Any]) -> list[Any]:
+    from wsi_ssl.eval._report_io import ReportSection
+
+    def found(pattern: str) -> tuple[Path, ...]:
+        return tuple(sorted(out.glob(pattern)))
+
+    s = summary["survival"]
+    cidx = s.get("c_index_mean", float("nan"))
+    cstd = s.get("c_index_std", float("nan"))
+    loc = summary.get("localisation") or {}
     sections = [
         ReportSection(
             title="Few-shot classification: slide SSL vs mean pooling",
@@ -501,18 +526,7 @@ def _write_report(out: Path, cfg: DemoConfig, summary: dict[str, Any], qc_png: P
     qc += [(f"Few-shot details, {m}", p) for m in ("slide-ssl", "mean-pool")
            for p in found(f"probe/{m}/*.png")]
     sections.append(ReportSection(title="Quality control and details", figures=tuple(qc)))
-    html_path = write_html_report(
-        out / "report.html", title="wsi-ssl demo report", settings=settings, sections=sections,
-        intro="The whole pipeline on a generated cohort: tiles, tile embeddings, slide-level "
-              "self-supervised pretraining, then what a few labels buy.")
-    md = ["# wsi-ssl demo report", ""]
-    md += [f"- {k}: {v}" for k, v in settings.items()] + ["", summary_table(summary), ""]
-    for sec in sections:
-        md += [f"## {sec.title}", "", sec.text, ""]
-        md += [f"![{c}]({p.relative_to(out).as_posix()})" for c, p in sec.figures] + [""]
-    md_path = out / "report.md"
-    md_path.write_text("\n".join(md))
-    return md_path, html_path
+    return sections
 
 
 def _plot_learning_curves(summary: dict[str, Any], path: Path) -> None:
