@@ -44,14 +44,21 @@ __all__ = [
     "EmbedConfig",
     "SlideResult",
     "SlideFailure",
+    "JobQueueSpec",
+    "SlurmSpec",
+    "check_cluster",
+    "ClusterCheckReport",
 ]
 
 _LAZY = {name: "wsi_ssl.tiling._embed"
          for name in ("embed_slides", "EmbedReport", "EmbedConfig", "SlideResult", "SlideFailure")}
+_LAZY.update({name: "wsi_ssl.tiling._jobqueue"
+              for name in ("JobQueueSpec", "SlurmSpec", "check_cluster", "ClusterCheckReport")})
 
 
 def __getattr__(name: str) -> Any:
-    """``embed_slides`` and its types are imported on first use (they pull in torch/dask)."""
+    """``embed_slides``, the batch-cluster specs and their types are imported on first use
+    (they pull in torch/dask)."""
     if name in _LAZY:
         import importlib
 

@@ -34,8 +34,10 @@ class ClusterPlan:
 
     Attributes:
         kind: ``"sync"`` (in this process), ``"local"`` (a local CPU cluster), ``"local-gpu"``
-            (a local cluster with one worker per GPU) or ``"existing"`` (the client given).
-        n_workers: worker processes (1 for ``"sync"``; 0 when unknown for ``"existing"``).
+            (a local cluster with one worker per GPU), ``"existing"`` (the client given) or
+            ``"batch"`` (workers in batch jobs: :mod:`~wsi_ssl.tiling._jobqueue`).
+        n_workers: worker processes (1 for ``"sync"``; 0 when unknown for ``"existing"``; the
+            most for ``"batch"``).
         torch_threads: torch threads per worker (``None``: leave torch's default, always so in
             this process).
         gpus: ``CUDA_VISIBLE_DEVICES`` value of each worker of a ``"local-gpu"`` plan (empty
@@ -43,7 +45,7 @@ class ClusterPlan:
         reason: one line for the log saying why this plan was picked.
     """
 
-    kind: Literal["sync", "local", "local-gpu", "existing"]
+    kind: Literal["sync", "local", "local-gpu", "existing", "batch"]
     n_workers: int
     torch_threads: int | None
     gpus: tuple[str, ...] = ()
@@ -80,7 +82,8 @@ def visible_gpus(n_gpus: int | None = None) -> tuple[str, ...]:
 
 
 def plan_cluster(n_tasks: int, *, client: Any = None, n_workers: int | None = None,
-                 n_gpus: int | None = None, cores: int | None = None) -> ClusterPlan:
+                 n_gpus: int | None = None, cores: int | None = None,
+                 cluster: Any = None) -> ClusterPlan:
     """Pick in-process, a local (GPU) cluster, or the given cluster for ``n_tasks`` slide tasks.
 
     Args:
@@ -90,6 +93,8 @@ def plan_cluster(n_tasks: int, *, client: Any = None, n_workers: int | None = No
         n_workers: worker processes asked for (``None``: one per GPU, else one per 4 cores).
         n_gpus: GPUs on this machine (``None``: count them; tests pass a fake count).
         cores: CPU cores (``None``: ``os.cpu_count()``).
+        cluster: a :class:`~wsi_ssl.tiling.JobQueueSpec`: always the ``"batch"`` plan (the
+            user asked for the batch system; the login node is not for computing).
 
     Returns:
         A :class:`ClusterPlan`; log its ``reason``.
@@ -100,6 +105,9 @@ def plan_cluster(n_tasks: int, *, client: Any = None, n_workers: int | None = No
                                   or n_workers < 1):
         raise ConfigError(f"n_workers={n_workers!r} must be an integer >= 1 (or None).")
     cores = int(cores or os.cpu_count() or 1)
+    if cluster is not None:
+        return ClusterPlan(kind="batch", n_workers=cluster.max_jobs * cluster.workers_per_job,
+                           torch_threads=cluster.torch_threads, reason=cluster.describe())
     if isinstance(client, str) and client == "sync":
         return ClusterPlan(kind="sync", n_workers=1, torch_threads=None,
                            reason="in this process (client='sync')")

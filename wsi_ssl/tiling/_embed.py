@@ -28,7 +28,8 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError
+from contextlib import contextmanager as contextlib_contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -41,6 +42,7 @@ from wsi_ssl.tiling._embed_worker import (
     run_job,
     run_jobs,
 )
+from wsi_ssl.tiling._jobqueue import ClusterError
 
 __all__ = ["embed_slides", "EmbedConfig", "EmbedReport", "read_manifest", "SlideResult",
            "SlideFailure"]
@@ -414,6 +416,7 @@ def embed_slides(
     device: str = "auto",
     client: Any = None,
     n_workers: int | None = None,
+    cluster: Any = None,
     read_threads: int | None = None,
     backend: str = "auto",
     overwrite: bool = False,
@@ -452,6 +455,12 @@ def embed_slides(
             ``dask worker --resources GPU=1`` or ``dask cuda worker``); ``"sync"`` runs in this
             process.
         n_workers: worker processes of the local cluster (``client=None`` only).
+        cluster: a :class:`~wsi_ssl.tiling.JobQueueSpec` (e.g. ``SlurmSpec(jobs=4,
+            gpus_per_job=2)``): run on dask workers in batch jobs (Slurm, PBS, LSF, SGE) through
+            dask-jobqueue, one worker per GPU, pinned; jobs that die are replaced, their
+            in-flight slides retried elsewhere (``spec.max_retries``, then recorded as failed),
+            and every job is cancelled when the call ends (a reaper process cancels them if this
+            process is killed). ``client`` must then be ``None``.
         read_threads: tile-reading threads per slide (``read_tiles(num_workers=)``).
         backend: slide reader backend (:func:`wsi_ssl.tiling.open_slide`).
         overwrite: redo slides even when complete with the same settings.
@@ -521,6 +530,15 @@ def embed_slides(
         given_enc = None
     else:
         raise ConfigError(f"encoder={encoder!r} must be a TileEncoder or an encoder name.")
+    if cluster is not None:
+        from wsi_ssl.tiling._jobqueue import JobQueueSpec
+
+        if not isinstance(cluster, JobQueueSpec):
+            raise ConfigError(f"cluster={cluster!r} must be a JobQueueSpec (e.g. "
+                              "SlurmSpec(jobs=2)).")
+        if client is not None or n_workers is not None:
+            raise ConfigError("cluster= starts its own workers in batch jobs; leave client= and "
+                              "n_workers= unset.")
     jobs = _jobs(slides, manifest) if (slides is not None or manifest is not None
                                        or not repair) else []
     if not isinstance(store, TileStore):
@@ -528,7 +546,7 @@ def embed_slides(
     with store.lock(wait=wait):
         return _run(store, ident, payload, model_fingerprint, jobs, t_start, repair=repair,
                     overwrite=overwrite, client=client, n_workers=n_workers, config=config,
-                    encoder=given_enc)
+                    encoder=given_enc, batch=cluster)
 
 
 def _legacy_payload(store: Any, ident: tuple[str, str, int, int], payload: EncoderPayload,
@@ -551,32 +569,118 @@ def _legacy_payload(store: Any, ident: tuple[str, str, int, int], payload: Encod
 
 class _Writer:
     """Runs the driver's per-slide bookkeeping (store writes) in one background thread, in
-    order, so the store keeps a single writer and the next slide is encoded meanwhile."""
+    order, so the store keeps a single writer and the next slide is encoded (or fetched from a
+    worker) meanwhile. The queue is bounded: when the disk is slower than the workers,
+    ``submit`` blocks (backpressure: results wait on the workers, not in this process's memory).
 
-    def __init__(self) -> None:
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="wsi-ssl-write")
-        self._futs: list[Future] = []
+    Args:
+        maxsize: results waiting to be written, at most (besides the one being written).
+    """
+
+    def __init__(self, maxsize: int = 2) -> None:
+        import queue
+
+        self._q: queue.Queue = queue.Queue(maxsize=max(1, maxsize))
+        self._err: BaseException | None = None
+        self.waited_s = 0.0  # time submit() spent blocked on a full queue
+        self._thread = threading.Thread(target=self._loop, name="wsi-ssl-write", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            item = self._q.get()
+            if item is None:
+                return
+            fn, args = item
+            if self._err is None:
+                try:
+                    fn(*args)
+                except BaseException as err:  # noqa: BLE001 - re-raised in the driver's thread
+                    self._err = err
+            del item, fn, args  # do not keep the last slide's arrays alive
 
     def submit(self, fn: Callable[..., None], *args: Any) -> None:
-        for f in [f for f in self._futs if f.done()]:
-            f.result()  # a failed write stops the run here
-            self._futs.remove(f)
-        self._futs.append(self._pool.submit(fn, *args))
+        if self._err is not None:
+            raise self._err  # a failed write stops the run here
+        t0 = time.perf_counter()
+        self._q.put((fn, args))
+        self.waited_s += time.perf_counter() - t0
 
     def close(self) -> None:
-        try:
-            for f in self._futs:
-                f.result()
-        finally:
-            self._pool.shutdown(wait=True)
+        self._q.put(None)
+        self._thread.join()
+        if self._err is not None:
+            raise self._err
+
+
+class _Progress:
+    """The live line of a run: slides done / failed / running, tiles/s, ETA and workers alive
+    (a progress bar's postfix on a terminal, an INFO log line per slide and every 30 s)."""
+
+    def __init__(self, total: int) -> None:
+        from wsi_ssl._utils import progress
+
+        self.total = total
+        self.done = self.failed = self.tiles = 0
+        self.running: int | None = None
+        self.workers: int | None = None
+        self._t0 = time.perf_counter()
+        self._last_log = self._t0
+        self._lock = threading.Lock()
+        self.bar = progress(total=total, desc="embed", unit="slide")
+
+    def line(self) -> str:
+        elapsed = time.perf_counter() - self._t0
+        k = self.done + self.failed
+        rate = self.tiles / elapsed if elapsed > 0 else 0.0
+        eta = f"{elapsed / k * (self.total - k):.0f} s" if k else "?"
+        parts = [f"{k}/{self.total} slides", f"{self.failed} failed"]
+        if self.running is not None:
+            parts.append(f"{self.running} running")
+        parts += [f"{rate:.0f} tiles/s", f"ETA {eta}"]
+        if self.workers is not None:
+            parts.append(f"{self.workers} workers alive")
+        return ", ".join(parts)
+
+    def _postfix(self) -> None:
+        post = {"failed": self.failed, "tiles_s": f"{self.tiles / max(1e-9, time.perf_counter() - self._t0):.0f}"}
+        if self.running is not None:
+            post["running"] = self.running
+        if self.workers is not None:
+            post["workers"] = self.workers
+        self.bar.set_postfix(post, refresh=True)
+
+    def slide(self, sid: str, *, failed: bool, tiles: int) -> None:
+        with self._lock:
+            if failed:
+                self.failed += 1
+            else:
+                self.done += 1
+            self.tiles += tiles
+            self.bar.update(1)
+            self._postfix()
+            logger.info("%s (%s%s)", self.line(), sid, " FAILED" if failed else "")
+
+    def status(self, *, running: int | None, workers: int | None) -> None:
+        """Refresh what only the cluster knows (called every second or so)."""
+        with self._lock:
+            self.running, self.workers = running, workers
+            self._postfix()
+            now = time.perf_counter()
+            if now - self._last_log >= 30:
+                self._last_log = now
+                logger.info("%s", self.line())
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def _run(store: Any, ident: tuple[str, str, int, int], payload: EncoderPayload,
          model_fingerprint: Callable[[], str], jobs: list[dict[str, Any]], t_start: float, *,
          repair: bool, overwrite: bool, client: Any, n_workers: int | None,
-         config: EmbedConfig, encoder: Any = None) -> EmbedReport:
+         config: EmbedConfig, encoder: Any = None, batch: Any = None) -> EmbedReport:
     """The body of :func:`embed_slides`, run while holding the store's lock."""
-    from wsi_ssl._utils import file_fingerprint, progress
+    from wsi_ssl._utils import file_fingerprint
     from wsi_ssl._version import __version__
     from wsi_ssl.tiling._cluster import plan_cluster, start_cluster, submit_options
 
@@ -627,7 +731,7 @@ def _run(store: Any, ident: tuple[str, str, int, int], payload: EncoderPayload,
         logger.warning("slide '%s' failed: %s", job["path"], err)
         failed.append((job["slide_id"], job["path"], err))
         store.record_failure(job["slide_id"], job["path"], err)
-    bar = progress(total=len(todo), desc="embed", unit="slide")
+    prog = _Progress(len(todo))
     stored_settings = config.stored_settings()
 
     def handle(job: dict[str, Any], res: SlideResult | SlideFailure) -> None:
@@ -652,16 +756,11 @@ def _run(store: Any, ident: tuple[str, str, int, int], payload: EncoderPayload,
             done.append(sid)
             n_tiles += len(res.features)
             n_view_tiles += int(res.view_index.size)
-        elapsed = time.perf_counter() - t_start
-        rate = (n_tiles + n_view_tiles) / elapsed if elapsed > 0 else 0.0
-        k = len(done) + len(failed) - len(missing)
-        eta = elapsed / k * (len(todo) - k) if k else float("nan")
-        bar.update(1)
-        bar.set_postfix(tiles_s=f"{rate:.0f}", failed=len(failed))
-        logger.info("%d/%d slides (%s%s), %.0f tiles/s, ETA %.0f s", k, len(todo), sid,
-                    " FAILED" if isinstance(res, SlideFailure) else "", rate, eta)
+        n = 0 if isinstance(res, SlideFailure) else len(res.features) + int(res.view_index.size)
+        prog.slide(sid, failed=isinstance(res, SlideFailure), tiles=n)
 
-    plan = plan_cluster(len(todo), client=client, n_workers=n_workers) if todo else None
+    plan = (plan_cluster(len(todo), client=client, n_workers=n_workers, cluster=batch)
+            if todo else None)
     if plan is not None:
         logger.info("embed_slides: %s", plan.reason)
     writer = _Writer()
@@ -671,12 +770,13 @@ def _run(store: Any, ident: tuple[str, str, int, int], payload: EncoderPayload,
                 writer.submit(handle, job, res)
         elif plan is not None:
             _run_on_cluster(plan, todo, payload, config, client, writer, handle,
-                            start_cluster, submit_options)
+                            start_cluster, submit_options, batch=batch, store=store,
+                            progress=prog)
     finally:
         try:
             writer.close()
         finally:
-            bar.close()
+            prog.close()
     return EmbedReport(store=store.path, done=tuple(done), skipped=tuple(skipped),
                        failed=tuple(failed), n_tiles=n_tiles, n_view_tiles=n_view_tiles,
                        seconds=time.perf_counter() - t_start,
@@ -686,25 +786,43 @@ def _run(store: Any, ident: tuple[str, str, int, int], payload: EncoderPayload,
 def _run_on_cluster(plan: Any, todo: list[dict[str, Any]], payload: EncoderPayload,
                     config: EmbedConfig, client: Any, writer: _Writer,
                     handle: Callable[..., None], start_cluster: Callable[..., Any],
-                    submit_options: Callable[[Any], dict[str, Any]]) -> None:
-    """Submit one task per slide to a local (GPU) cluster or the given one; hand each result
-    to ``handle`` (in ``writer``'s thread) as it arrives."""
+                    submit_options: Callable[[Any], dict[str, Any]], *, batch: Any = None,
+                    store: Any = None, progress: _Progress | None = None) -> None:
+    """Submit one task per slide to a local (GPU) cluster, batch jobs (``batch``) or the given
+    cluster; hand each result to ``handle`` (in ``writer``'s thread) as it arrives."""
+    import contextlib
     import dataclasses
 
-    from distributed import as_completed
-
-    if plan.kind in ("local", "local-gpu"):
-        cl, cluster = start_cluster(plan)
-    else:
-        cl, cluster = _connect(client), None
     payload = dataclasses.replace(payload, torch_threads=plan.torch_threads)
     stop = threading.Event()
-    if cluster is None:  # an existing scheduler: say so when it has no workers
-        address = getattr(getattr(cl, "scheduler", None), "address", None) or str(client)
-        every = float(os.environ.get("WSI_SSL_NO_WORKERS_WARN_S", "60"))
-        threading.Thread(target=_watch_workers, args=(cl, address, stop, every),
-                         name="wsi-ssl-watch-workers", daemon=True).start()
-    try:
+    bc = None
+    with contextlib.ExitStack() as stack:
+        if plan.kind == "batch":
+            from wsi_ssl.tiling._jobqueue import BatchCluster, job_name_for
+
+            stack.enter_context(_terminate_as_interrupt())
+            bc = stack.enter_context(BatchCluster(batch, job_name=job_name_for(store.path)))
+            cl = bc.client
+        elif plan.kind in ("local", "local-gpu"):
+            cl, cluster = start_cluster(plan)
+            stack.callback(cluster.close)
+            stack.callback(cl.close)
+        else:
+            cl = _connect(client)
+            if cl is not client:  # a connection by address: ours to close
+                stack.callback(cl.close)
+            address = getattr(getattr(cl, "scheduler", None), "address", None) or str(client)
+            every = float(os.environ.get("WSI_SSL_NO_WORKERS_WARN_S", "60"))
+            threading.Thread(target=_watch_workers, args=(cl, address, stop, every),
+                             name="wsi-ssl-watch-workers", daemon=True).start()
+        stack.callback(stop.set)
+        if bc is not None:
+            _wait_first_worker(bc, progress)
+            from wsi_ssl.tiling._jobqueue import check_inputs_on_cluster
+
+            weights = (payload.spec or {}).get("weights")
+            check_inputs_on_cluster(cl, [j["path"] for j in todo], str(store.path),
+                                    [str(weights)] if weights else [])
         opts = submit_options(cl)
         if opts:
             logger.info("embed_slides: the cluster's workers advertise GPU resources; each "
@@ -714,18 +832,89 @@ def _run_on_cluster(plan: Any, todo: list[dict[str, Any]], payload: EncoderPaylo
             f = cl.submit(run_job, job, payload, config, pure=False,
                           key=f"embed-{job['slide_id']}-{os.urandom(4).hex()}", **opts)
             futs[f] = job
-        for f in as_completed(futs):
-            job = futs[f]
+        _collect(cl, futs, writer, handle, bc, progress)
+
+
+def _wait_first_worker(bc: Any, progress: _Progress | None) -> None:
+    """Block until a worker of the batch jobs connects (they may queue for a while)."""
+    while bc.workers_alive() == 0:
+        bc.raise_if_failed()
+        if progress is not None:
+            progress.status(running=0, workers=0)
+        time.sleep(0.5)
+
+
+def _collect(cl: Any, futs: dict[Any, dict[str, Any]], writer: _Writer,
+             handle: Callable[..., None], bc: Any, progress: _Progress | None) -> None:
+    """Hand each finished slide task's result to the writer as it arrives; meanwhile refresh
+    the progress line and stop if the batch cluster failed or the scheduler is lost."""
+    from distributed import as_completed
+    from distributed.client import FutureCancelledError
+
+    ac = as_completed(futs)
+    n_left = len(futs)
+    while n_left:
+        with ac.thread_condition:
+            if not ac.has_ready():
+                ac.thread_condition.wait(timeout=1.0)
+        ready = ac.next_batch(block=False)
+        if not ready:
+            if bc is not None:
+                bc.raise_if_failed()
+            if progress is not None:
+                _refresh(cl, bc, progress)
+            continue
+        for f in ready:
+            n_left -= 1
+            job = futs.pop(f)
             try:
                 res = f.result()
-            except Exception as err:  # noqa: BLE001 - a worker died (KilledWorker...)
-                res = SlideFailure(slide_id=job["slide_id"],
-                                   error=f"{type(err).__name__}: {err}")
-            writer.submit(handle, job, res)
+            except (FutureCancelledError, CancelledError) as err:
+                if getattr(cl, "status", "running") != "running":
+                    raise ClusterError(
+                        f"lost the dask scheduler ({err}); the slides written so far are in "
+                        "the store: rerun the same command to resume.") from err
+                res = SlideFailure(slide_id=job["slide_id"], error=f"{type(err).__name__}: {err}")
+            except Exception as err:  # noqa: BLE001 - its workers died (KilledWorker...)
+                res = SlideFailure(slide_id=job["slide_id"], error=_task_error(err))
             f.release()
+            writer.submit(handle, job, res)
+            del res
+
+
+def _task_error(err: BaseException) -> str:
+    if type(err).__name__ == "KilledWorker":
+        return ("KilledWorker: the worker running this slide died on every try (its job was "
+                f"killed or preempted, out of memory, a crash in native code): {err}")
+    return f"{type(err).__name__}: {err}"
+
+
+def _refresh(cl: Any, bc: Any, progress: _Progress) -> None:
+    try:
+        processing = cl.processing()  # tasks assigned to each worker (queued there too)
+        threads = cl.nthreads()
+        running = sum(min(len(v), threads.get(w, 1)) for w, v in processing.items())
+        workers = len(processing)
+    except Exception:  # noqa: BLE001 - the scheduler is busy or closing: keep the last values
+        return
+    progress.status(running=running, workers=workers)
+
+
+@contextlib_contextmanager
+def _terminate_as_interrupt():
+    """SIGTERM (``scancel`` of the driver's own job, walltime, ``kill``) raises
+    KeyboardInterrupt in the main thread, so the cleanup that cancels the worker jobs runs."""
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _raise(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    prev = signal.signal(signal.SIGTERM, _raise)
+    try:
+        yield
     finally:
-        stop.set()
-        if cl is not client:  # we made it: a local cluster or a connection by address
-            cl.close()
-        if cluster is not None:
-            cluster.close()
+        signal.signal(signal.SIGTERM, prev)
