@@ -58,9 +58,11 @@ def _describe(name: Any, dim: Any, mpp: Any, tile: Any) -> str:
 
 
 def check_store(store: Any, preset: SlideEncoderPreset, *, force: bool = False,
-                slide_ids: Sequence[str] | None = None) -> list[str]:
+                slide_ids: Sequence[str] | None = None, tile_dim: int | None = None
+                ) -> list[str]:
     """Check that ``store`` holds the tiles ``preset`` needs; return the overridden problems
-    (``force=True``), raise otherwise.
+    (``force=True``), raise otherwise. ``tile_dim``: the feature dimension of the built model
+    when its architecture was overridden (default: the preset's).
 
     Raises:
         EncoderMismatchError: other tile encoder, µm/px, tile size or grid overlap (without
@@ -73,10 +75,11 @@ def check_store(store: Any, preset: SlideEncoderPreset, *, force: bool = False,
     first = attrs[ids[0]] if ids else {}
     have_name = _tile_name(enc.get("name"))
     have = _describe(have_name, enc.get("embed_dim"), first.get("mpp"), first.get("tile_size"))
-    need = _describe(preset.tile_encoder, preset.tile_dim, preset.mpp, preset.tile_size)
+    tile_dim = int(tile_dim or preset.tile_dim)
+    need = _describe(preset.tile_encoder, tile_dim, preset.mpp, preset.tile_size)
     where = f"tile store '{getattr(store, 'path', store)}'"
     fix = f"make them with `{preset.embed_command}`"
-    if enc.get("embed_dim") is not None and int(enc["embed_dim"]) != preset.tile_dim:
+    if enc.get("embed_dim") is not None and int(enc["embed_dim"]) != tile_dim:
         raise EncoderMismatchError(
             f"{where} holds {have}; slide encoder {preset.name!r} needs {need}: {fix} "
             "(--force cannot help: the feature dimensions differ).")
@@ -161,7 +164,7 @@ def encode_store(store: Any, slide_encoder: SlideEncoder | str, *,
     enc = slide_encoder if isinstance(slide_encoder, SlideEncoder) else create_slide_encoder(
         slide_encoder, weights=weights, device=device, random_weights=random_weights)
     ids = list(slide_ids) if slide_ids is not None else list(store.slide_ids)
-    warnings = check_store(store, enc.preset, force=force, slide_ids=ids)
+    warnings = check_store(store, enc.preset, force=force, slide_ids=ids, tile_dim=enc.tile_dim)
     kept, skipped, rows = [], [], []
     pending: list[tuple[np.ndarray, np.ndarray, float | None]] = []
     bar = progress(total=len(ids), desc=f"encode {enc.name}", unit="slide")

@@ -32,6 +32,9 @@ __all__ = ["SlideEncoder", "create_slide_encoder", "build_slide_model", "slide_e
 logger = logging.getLogger(__name__)
 
 INIT_SEED = 0
+#: architecture keyword arguments holding (tile feature dimension, slide embedding dimension)
+_DIM_KEYS = {"titan": ("in_dim", "dim"), "longnet-vit": ("in_dim", "dim"),
+             "prism-perceiver": ("context_dim", "latent_dim"), "abmil": ("in_dim", "embed_dim")}
 
 
 def _module(preset: SlideEncoderPreset, overrides: Mapping[str, Any] | None) -> nn.Module:
@@ -235,14 +238,15 @@ class SlideEncoder:
         self.device = torch.device(device)
         self.precision = preset.precision if self.device.type == "cuda" else "float32"
         self.model = model.to(self.device).eval()
+        kw = {**preset.kwargs, **self.overrides}
+        tile_key, out_key = _DIM_KEYS[preset.arch]
+        #: tile feature dimension and embedding length (the preset's unless overridden)
+        self.tile_dim = int(kw.get(tile_key, preset.tile_dim))
+        self.embed_dim = int(kw.get(out_key, preset.embed_dim))
 
     @property
     def name(self) -> str:
         return self.preset.name
-
-    @property
-    def embed_dim(self) -> int:
-        return self.preset.embed_dim
 
     def describe(self) -> dict[str, Any]:
         """JSON-friendly provenance: preset, weights file, device, precision."""
@@ -276,13 +280,13 @@ class SlideEncoder:
         """Embeddings ``(len(slides), embed_dim)`` float32 of ``(features, coords,
         stride_level0)`` triples."""
         p = self.preset
-        out = np.zeros((len(slides), p.embed_dim), np.float32)
+        out = np.zeros((len(slides), self.embed_dim), np.float32)
         step = max(1, int(batch_size)) if p.batched else 1
         for start in range(0, len(slides), step):
             chunk = slides[start:start + step]
             for f, _, _ in chunk:
-                if np.ndim(f) != 2 or np.shape(f)[1] != p.tile_dim or not len(f):
-                    raise InputError(f"slide encoder {p.name!r} takes (N >= 1, {p.tile_dim}) "
+                if np.ndim(f) != 2 or np.shape(f)[1] != self.tile_dim or not len(f):
+                    raise InputError(f"slide encoder {p.name!r} takes (N >= 1, {self.tile_dim}) "
                                      f"tile features; got shape {np.shape(f)}.")
             with torch.inference_mode(), self._autocast():
                 if p.batched:
@@ -297,7 +301,7 @@ class SlideEncoder:
 
     def _batched(self, feats: list[np.ndarray]) -> np.ndarray:
         n = max(len(f) for f in feats)
-        x = torch.zeros(len(feats), n, self.preset.tile_dim, device=self.device)
+        x = torch.zeros(len(feats), n, self.tile_dim, device=self.device)
         mask = torch.zeros(len(feats), n, dtype=torch.bool, device=self.device)
         for i, f in enumerate(feats):
             x[i, :len(f)] = torch.as_tensor(np.asarray(f, np.float32), device=self.device)
