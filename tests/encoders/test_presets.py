@@ -33,7 +33,8 @@ PUBLISHED = {"uni": 303.4, "uni2-h": 681.4, "virchow": 631.2, "virchow2": 631.2,
              "h-optimus-0": 1134.8, "h-optimus-1": 1134.8, "h0-mini": 85.7,
              "prov-gigapath": 1134.9, "kaiko-vits16": 21.7, "kaiko-vits8": 21.7,
              "kaiko-vitb16": 85.8, "kaiko-vitb8": 85.8, "kaiko-vitl14": 303.2, "phikon": 85.8,
-             "phikon-v2": 303.4, "hibou-b": 85.7, "hibou-l": 303.2, "midnight-12k": 1134.8}
+             "phikon-v2": 303.4, "hibou-b": 85.7, "hibou-l": 303.2, "midnight-12k": 1134.8,
+             "conch-v1.5": 306.1}
 REQUIRED = ["uni", "uni2-h", "virchow", "virchow2", "h-optimus-0", "h-optimus-1", "h0-mini",
             "prov-gigapath", "kaiko-vits16", "kaiko-vits8", "kaiko-vitb16", "kaiko-vitb8",
             "kaiko-vitl14"]
@@ -56,12 +57,13 @@ PUBLISHED_PREPROCESSING = {
     "kaiko-vitl14": (HALF, 1024, "cls", 5, (224, 224), "bilinear", 0.5, 256),
     "hibou-b": (HIB, 768, "pooler", 5, (224, 224), "bicubic", 0.5, 224),
     "midnight-12k": (HALF, 3072, "cls+mean", 1, (224, 224), "bilinear", 0.5, 224),
+    "conch-v1.5": (IN, 768, "pooler", 1, (448, 448), "bilinear", 0.5, 512),
 }
 
 
 def _manifest(name: str) -> dict:
     shapes = expected_shapes(get_preset(name))
-    blocks = re.compile(r"^(blocks|encoder\.layer|layers)\.(\d+)\.(.*)$")
+    blocks = re.compile(r"^(?:trunk\.)?(blocks|encoder\.layer|layers)\.(\d+)\.(.*)$")
     depth = 1 + max(int(m.group(2)) for k in shapes if (m := blocks.match(k)))
     items = sorted((k, list(s)) for k, s in shapes.items())
     return {

@@ -66,7 +66,7 @@ def expected_shapes(preset: EncoderPreset, overrides: Mapping[str, Any] | None =
 
 
 def _ignore(preset: EncoderPreset) -> tuple[str, ...]:
-    return _IGNORE_TIMM if preset.family == "timm" else _IGNORE_HF
+    return _IGNORE_TIMM if preset.family in ("timm", "conch") else _IGNORE_HF
 
 
 def _strip_hf(sd: dict[str, torch.Tensor], own: Mapping[str, Any]) -> dict[str, torch.Tensor]:

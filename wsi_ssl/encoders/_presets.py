@@ -12,7 +12,8 @@ Output rules (applied to the final, normalised token sequence ``tokens`` of shap
 - ``"cls"``: ``tokens[:, 0]`` (``D`` features).
 - ``"cls+mean"``: ``cat(tokens[:, 0], tokens[:, 1 + R:].mean(1))`` (``2 D`` features; register
   tokens are excluded from the mean).
-- ``"pooler"``: the ``pooler_output`` of a ``transformers`` model.
+- ``"pooler"``: the ``pooler_output`` of a ``transformers`` model, or the model's own pooled
+  output for the ``"conch"`` family (CONCH v1.5: contrastive attentional pooler + LayerNorm).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ HIBOU: Norm = ((0.7068, 0.5755, 0.722), (0.195, 0.2316, 0.1816))
 HALF: Norm = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
 OutputRule = Literal["cls", "cls+mean", "pooler"]
-Family = Literal["timm", "transformers"]
+Family = Literal["timm", "transformers", "conch"]
 
 # keyword values that are classes in timm, written as names here (JSON-friendly, hashable)
 _LAYERS = {"swiglu_packed": ("timm.layers", "SwiGLUPacked"), "silu": ("torch.nn", "SiLU")}
@@ -52,8 +53,9 @@ class EncoderPreset:
     Attributes:
         name: the wsi-ssl name (``create_encoder(name)``).
         aliases: other names accepted for it (e.g. TRIDENT's ``uni_v1``).
-        family: ``"timm"`` (``timm.create_model(arch, **kwargs)``) or ``"transformers"``
-            (``transformers.<arch>(<arch>Config(**kwargs))``; needs ``pip install transformers``).
+        family: ``"timm"`` (``timm.create_model(arch, **kwargs)``), ``"transformers"``
+            (``transformers.<arch>(<arch>Config(**kwargs))``; needs ``pip install transformers``)
+            or ``"conch"`` (CONCH v1.5's vision tower, :mod:`wsi_ssl.encoders.slide._conch`).
         arch: timm architecture name or ``transformers`` model class name.
         kwargs: keyword arguments of the architecture (``"swiglu_packed"`` / ``"silu"`` stand for
             ``timm.layers.SwiGLUPacked`` / ``torch.nn.SiLU``).
@@ -107,9 +109,9 @@ class EncoderPreset:
         if self.resize_size < self.input_size:
             raise ConfigError(f"preset {self.name!r}: resize_size={self.resize_size} is smaller "
                               f"than input_size={self.input_size}.")
-        if self.family not in ("timm", "transformers"):
-            raise ConfigError(f"preset {self.name!r}: family={self.family!r} must be 'timm' or "
-                              "'transformers'.")
+        if self.family not in ("timm", "transformers", "conch"):
+            raise ConfigError(f"preset {self.name!r}: family={self.family!r} must be 'timm', "
+                              "'transformers' or 'conch'.")
 
     @property
     def download_command(self) -> str:
@@ -245,6 +247,19 @@ _PRESETS: tuple[EncoderPreset, ...] = (
                   license="MIT", hub_repo="kaiko-ai/midnight",
                   weight_files=("model.safetensors",),
                   notes="position-embedding size (image_size) of the checkpoint unconfirmed"),
+    # -- the tile encoder of TITAN and FEATHER ----------------------------------------------------
+    EncoderPreset(name="conch-v1.5", family="conch", arch="ConchVisionTower", embed_dim=768,
+                  params_published=306.1, output="pooler",
+                  aliases=("conch_v15", "conchv1_5", "CONCHv1.5"),
+                  kwargs={"depth": 24, "embed_dim": 1024, "num_heads": 16, "patch_size": 16,
+                          "img_size": 224, "init_values": 1.0, "out_dim": 768,
+                          "pooler_heads": 8},
+                  input_size=448, resize_size=448, interpolation="bilinear", tile_size=512,
+                  license="CC-BY-NC-ND-4.0", hub_repo="MahmoodLab/conchv1_5",
+                  weight_files=("pytorch_model_vision.bin",),
+                  notes="no exact published parameter count (ViT-L trunk + pooler, 306.1 M "
+                  "built); the checkpoint's position table is assumed 14 x 14 (a 224-px "
+                  "table, interpolated to 28 x 28 at 448 px as published): unconfirmed"),
 )
 
 _BY_NAME: dict[str, EncoderPreset] = {}
@@ -323,6 +338,10 @@ def build_trunk(preset: EncoderPreset, overrides: Mapping[str, Any] | None = Non
     without memory). ``overrides`` replace architecture keyword arguments (e.g. ``depth=1``
     for tests)."""
     kwargs = _resolve_kwargs({**preset.kwargs, **(overrides or {})})
+    if preset.family == "conch":
+        from wsi_ssl.encoders.slide._conch import ConchVisionTower
+
+        return ConchVisionTower(**kwargs)
     if preset.family == "timm":
         import timm
 
@@ -378,11 +397,13 @@ class PresetModel(nn.Module):
 
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
         """The final normalised token sequence ``(B, 1 + R + N, D)``."""
-        if self.family == "timm":
+        if self.family in ("timm", "conch"):
             return self.trunk.forward_features(x)
         return self.trunk(pixel_values=x).last_hidden_state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.family == "conch":
+            return self.trunk(x)
         if self.output == "pooler":
             return self.trunk(pixel_values=x).pooler_output
         tokens = self.tokens(x)
