@@ -126,6 +126,14 @@ def test_one_writer_per_store_and_a_real_cluster_started_elsewhere(cohort, refer
         assert not (path / ".lock").exists()
 
 
+def _chunk_file(store: Path, sid: str, array: str) -> Path:
+    """The first chunk (or shard) file of a slide's array, whatever the store's chunk layout."""
+    files = sorted(p for p in (store / "slides" / sid / array).rglob("*")
+                   if p.is_file() and p.name != "zarr.json")
+    assert files, f"no chunk file under {store / 'slides' / sid / array}"
+    return files[0]
+
+
 def test_unreadable_metadata_survives_and_damage_is_repaired(cohort, reference, tmp_path,
                                                              capsys):
     from wsi_ssl.cli import main
@@ -148,8 +156,8 @@ def test_unreadable_metadata_survives_and_damage_is_repaired(cohort, reference, 
 
     # one chunk deleted, another corrupted: --verify lists exactly those two slides
     original = {s: TileStore(store, mode="r")[s] for s in ("slide1", "slide2")}
-    (store / "slides" / "slide1" / "views" / "c" / "0" / "0" / "0").unlink()
-    chunk = store / "slides" / "slide2" / "features" / "c" / "0" / "0"
+    _chunk_file(store, "slide1", "views").unlink()
+    chunk = _chunk_file(store, "slide2", "features")
     chunk.write_bytes(chunk.read_bytes()[::-1])
     assert main(["info", str(store), "--verify"]) == 1
     out = capsys.readouterr().out
@@ -168,7 +176,7 @@ def test_unreadable_metadata_survives_and_damage_is_repaired(cohort, reference, 
             np.testing.assert_array_equal(getattr(repaired[sid], name), getattr(rec, name))
         assert repaired[sid].attrs == rec.attrs
     # repair with other settings would not restore the bytes: refused, naming the command
-    (store / "slides" / "slide2" / "features" / "c" / "0" / "0").unlink()
+    _chunk_file(store, "slide2", "features").unlink()
     assert main(["embed", "--store", str(store), "--repair", "--encoder", "tiny-cnn",
                  "--tile-size", str(TILE), "--scheduler", "sync"]) == 1
     err = capsys.readouterr().err
