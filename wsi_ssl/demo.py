@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
-import re
 import time
 import warnings
 from collections.abc import Callable
@@ -31,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from wsi_ssl._validation import Interval, Pattern, validate_params
 from wsi_ssl.datasets import make_cohort
 from wsi_ssl.encoders import create_encoder
 from wsi_ssl.errors import ConfigError
@@ -51,7 +50,6 @@ __all__ = ["DemoConfig", "DemoResult", "run_demo", "QUICK", "summary_table"]
 
 logger = logging.getLogger(__name__)
 
-_DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -93,32 +91,31 @@ class DemoConfig:
     n_workers: int | None = None
 
     def __post_init__(self) -> None:
-        def integer(name: str, v: Any, lo: int) -> None:
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
-                raise ConfigError(f"DemoConfig {name}={v!r} must be an integer >= {lo}.")
-
-        for name, lo in (("n_slides", 4), ("seed", 0), ("tile_size", 16), ("views", 1),
-                         ("view_tiles", 1), ("tiles_per_view", 1), ("slide_epochs", 1),
-                         ("repeats", 1)):
-            integer(name, getattr(self, name), lo)
-        if self.n_workers is not None:
-            integer("n_workers", self.n_workers, 1)
-        if not (isinstance(self.mpp, (int, float)) and math.isfinite(self.mpp) and self.mpp > 0):
-            raise ConfigError(f"DemoConfig mpp={self.mpp!r} must be a positive number of µm/px.")
-        if not (isinstance(self.test_size, (int, float)) and 0 < self.test_size < 1):
-            raise ConfigError(f"DemoConfig test_size={self.test_size!r} must be a fraction in "
-                              "(0, 1).")
         object.__setattr__(self, "n_labeled", tuple(self.n_labeled))
         if not self.n_labeled:
-            raise ConfigError("DemoConfig n_labeled=() is empty; give at least one count >= 2.")
+            raise ConfigError("DemoConfig(n_labeled=()) must be one or more counts >= 2.")
+        validate_params("DemoConfig", asdict(self), _DEMO_CONSTRAINTS)
         for n in self.n_labeled:
-            integer("n_labeled", n, 2)
-        for name in ("encoder", "slide_head"):
-            if not isinstance(getattr(self, name), str) or not getattr(self, name):
-                raise ConfigError(f"DemoConfig {name}={getattr(self, name)!r} must be a name.")
-        if not isinstance(self.device, str) or not _DEVICE.fullmatch(self.device):
-            raise ConfigError(f"DemoConfig device={self.device!r} is not a device; use 'auto', "
-                              "'cpu', 'mps', 'cuda' or 'cuda:N' (--device).")
+            validate_params("DemoConfig", {"n_labeled": n}, {"n_labeled": [Interval(int, 2, None)]})
+
+
+_DEMO_CONSTRAINTS: dict[str, list[Any]] = {
+    "n_slides": [Interval(int, 4, None)],
+    "seed": [Interval(int, 0, None)],
+    "tile_size": [Interval(int, 16, None)],
+    "views": [Interval(int, 1, None)],
+    "view_tiles": [Interval(int, 1, None)],
+    "tiles_per_view": [Interval(int, 1, None)],
+    "slide_epochs": [Interval(int, 1, None)],
+    "repeats": [Interval(int, 1, None)],
+    "n_workers": [Interval(int, 1, None), None],
+    "mpp": [Interval(float, 0, None, closed="neither")],
+    "test_size": [Interval(float, 0, 1, closed="neither")],
+    "encoder": [str],
+    "slide_head": [str],
+    "device": [Pattern(r"auto|cpu|mps|cuda(:\d+)?", "one of 'auto', 'cpu', 'mps', 'cuda', "
+                       "'cuda:N' (--device)")],
+}
 
 
 #: a smoke run of every step in about a minute (``wsi-ssl demo --quick``; the demo test)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -14,8 +13,9 @@ import numpy as np
 import torch
 from sklearn.base import BaseEstimator, ClassifierMixin
 
-from wsi_ssl._utils import atomic_write_bytes, resolve_device
-from wsi_ssl._version import __version__
+from wsi_ssl._persist import MODEL_FILE, load_estimator, save_estimator
+from wsi_ssl._utils import resolve_device
+from wsi_ssl._validation import Interval, Options, validate_params
 from wsi_ssl.errors import ConfigError, InputError, LabelError, NotFittedError, WeightsError
 from wsi_ssl.mil._base import create_head
 from wsi_ssl.mil._coords import to_grid_units
@@ -24,8 +24,6 @@ __all__ = ["MILClassifier"]
 
 logger = logging.getLogger(__name__)
 
-_MODEL_FILE = "model.safetensors"
-_CONFIG_FILE = "config.json"
 _FORMAT = "wsi-ssl-mil-classifier"
 
 
@@ -89,28 +87,26 @@ class MILClassifier(ClassifierMixin, BaseEstimator):
         self.seed = seed
 
     # -- inputs ---------------------------------------------------------------------------------
+    _parameter_constraints: dict[str, list[Any]] = {
+        "head": [str],
+        "embed_dim": [Interval(int, 1, None)],
+        "dropout": [Interval(float, 0, 1, closed="left")],
+        "lr": [Interval(float, 0, None, closed="neither")],
+        "epochs": [Interval(int, 1, None)],
+        "weight_decay": [Interval(float, 0, None)],
+        "batch_size": [Interval(int, 1, None)],
+        "class_weight": [Options({"balanced"}), None],
+        "early_stopping": [Interval(int, 1, None), None],
+        "validation_fraction": [Interval(float, 0, 1, closed="neither")],
+        "standardize": [bool],
+        "head_kwargs": [dict, None],
+        "device": [str],
+        "seed": [Interval(int, 0, None)],
+    }
+
     def _check_params(self) -> None:
-        for name in ("embed_dim", "epochs", "batch_size"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ConfigError(f"MILClassifier({name}={v!r}): must be an integer >= 1.")
-        for name in ("lr", "weight_decay"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or v < 0 or (name == "lr" and v == 0):
-                raise ConfigError(f"MILClassifier({name}={v!r}): must be a positive float.")
-        if self.class_weight not in ("balanced", None):
-            raise ConfigError(
-                f"MILClassifier(class_weight={self.class_weight!r}): use 'balanced' or None."
-            )
-        es = self.early_stopping
-        if es is not None and (isinstance(es, bool) or not isinstance(es, int) or es < 1):
-            raise ConfigError(
-                f"MILClassifier(early_stopping={es!r}): a patience in epochs >= 1, or None."
-            )
-        if not 0.0 < float(self.validation_fraction) < 1.0:
-            raise ConfigError(
-                f"MILClassifier(validation_fraction={self.validation_fraction!r}): must be in (0, 1)."
-            )
+        validate_params("MILClassifier", self.get_params(deep=False),
+                        self._parameter_constraints)
 
     def _load(self, bags: Any, coords: Sequence[Any] | None, slide_ids: Sequence[str] | None,
               n_features: int | None) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
@@ -401,47 +397,22 @@ class MILClassifier(ClassifierMixin, BaseEstimator):
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``model.safetensors`` (head weights, standardisation) and ``config.json``
         (parameters, classes, history) into directory ``path``; :meth:`load` reads them back."""
-
-        from safetensors.torch import save as to_bytes
-
-
         self._check_fitted()
-        path = Path(path)
-        tensors = {f"head.{k}": v.detach().cpu().contiguous()
-                   for k, v in self.head_.state_dict().items()}
+        tensors = {f"head.{k}": v for k, v in self.head_.state_dict().items()}
         tensors |= {"mean_": _as_tensor(self.mean_), "scale_": _as_tensor(self.scale_)}
-        atomic_write_bytes(path / _MODEL_FILE, to_bytes(tensors, metadata={"format": _FORMAT}))
-        cfg = {"format": _FORMAT, "version": __version__, "params": self.get_params(deep=False),
-               "classes": self.classes_.tolist(), "classes_dtype": self.classes_.dtype.str,
-               "n_features_in": self.n_features_in_, "history": self.history_,
-               "best_epoch": self.best_epoch_,
-               "validation_indices": self.validation_indices_.tolist()}
-        try:
-            text = json.dumps(cfg, indent=2)
-        except TypeError as err:
-            raise ConfigError(f"MILClassifier.save: a parameter or class label is not JSON "
-                              f"serialisable ({err}); use plain numbers/strings.") from err
-        atomic_write_bytes(path / _CONFIG_FILE, text.encode())
-        return path
+        return save_estimator(path, format=_FORMAT, params=self.get_params(deep=False),
+                              tensors=tensors, state={
+            "classes": self.classes_.tolist(), "classes_dtype": self.classes_.dtype.str,
+            "n_features_in": self.n_features_in_, "history": self.history_,
+            "best_epoch": self.best_epoch_,
+            "validation_indices": self.validation_indices_.tolist()})
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, device: str | None = None) -> MILClassifier:
         """Load a classifier written by :meth:`save` (``device`` overrides the saved one)."""
-
-        from safetensors.torch import load_file
-
-
         path = Path(path)
-        if not (path / _CONFIG_FILE).is_file() or not (path / _MODEL_FILE).is_file():
-            raise WeightsError(f"'{path}' is not a MILClassifier directory (needs {_CONFIG_FILE} "
-                               f"and {_MODEL_FILE}); write one with MILClassifier.save().")
-        try:
-            cfg = json.loads((path / _CONFIG_FILE).read_text())
-            if cfg.get("format") != _FORMAT:
-                raise ValueError(f"format={cfg.get('format')!r}")
-            tensors = load_file(str(path / _MODEL_FILE))
-        except Exception as err:
-            raise WeightsError(f"cannot read the MILClassifier in '{path}': {err}") from err
+        cfg, tensors = load_estimator(path, format=_FORMAT, owner="MILClassifier",
+                                      hint="write one with MILClassifier.save()")
         params = dict(cfg["params"])
         if device is not None:
             params["device"] = device
@@ -451,14 +422,13 @@ class MILClassifier(ClassifierMixin, BaseEstimator):
         model.mean_ = tensors.pop("mean_").numpy()
         model.scale_ = tensors.pop("scale_").numpy()
         model.device_ = resolve_device(model.device)
-        embed_dim = model.embed_dim
         head = create_head(model.head, model.n_features_in_, n_classes=len(model.classes_),
-                           embed_dim=embed_dim, dropout=model.dropout,
+                           embed_dim=model.embed_dim, dropout=model.dropout,
                            **(model.head_kwargs or {}))
         try:
             head.load_state_dict({k[len("head."):]: v for k, v in tensors.items()}, strict=True)
         except RuntimeError as err:
-            raise WeightsError(f"weights in '{path / _MODEL_FILE}' do not fit the configured "
+            raise WeightsError(f"weights in '{path / MODEL_FILE}' do not fit the configured "
                                f"head: {err}") from err
         model.head_ = head.to(model.device_).eval()
         model.history_ = list(cfg["history"])

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 
 from wsi_ssl._utils import atomic_write_bytes, expand_slide_paths, progress, resolve_device
+from wsi_ssl._validation import Interval, validate_params
 from wsi_ssl._version import __version__
 from wsi_ssl.augment import get_augment_config, random_augment
 from wsi_ssl.encoders import create_encoder
@@ -47,6 +47,24 @@ logger = logging.getLogger(__name__)
 
 #: Config fields that may differ between a checkpoint and the run resuming it.
 _RESUMABLE_CHANGES = {"epochs", "num_workers", "device", "max_open_slides"}
+
+
+_TILE_SSL_CONSTRAINTS: dict[str, list[Any]] = {
+    "tile_size": [Interval(int, 16, None)],
+    "epochs": [Interval(int, 1, None)],
+    "tiles_per_epoch": [Interval(int, 2, None)],
+    "batch_size": [Interval(int, 2, None)],
+    "hidden_dim": [Interval(int, 1, None)],
+    "tiles_per_slide": [Interval(int, 1, None)],
+    "max_open_slides": [Interval(int, 1, None)],
+    "num_workers": [Interval(int, 0, None), None],
+    "mpp": [Interval(float, 0, None, closed="neither")],
+    "lr": [Interval(float, 0, None, closed="neither")],
+    "temperature": [Interval(float, 0, None, closed="neither")],
+    "weight_decay": [Interval(float, 0, 1, closed="left")],
+    "warmup_frac": [Interval(float, 0, 1, closed="left")],
+    "min_tissue": [Interval(float, 0, 1)],
+}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -87,23 +105,7 @@ class TileSSLConfig:
             raise ConfigError(f"method={self.method!r} is not a tile-SSL method; use one of "
                               f"{sorted(METHODS)}.")
         object.__setattr__(self, "augment", get_augment_config(self.augment).to_dict())
-        for name, lo in (("tile_size", 16), ("epochs", 1), ("tiles_per_epoch", 2),
-                         ("batch_size", 2), ("hidden_dim", 1), ("tiles_per_slide", 1),
-                         ("max_open_slides", 1), ("num_workers", 0)):
-            v = getattr(self, name)
-            if name == "num_workers" and v is None:
-                continue
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
-                raise ConfigError(f"{name}={v!r} must be an integer >= {lo}.")
-        for name in ("mpp", "lr", "temperature"):
-            v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
-                raise ConfigError(f"{name}={v!r} must be a positive number.")
-        if not 0 <= self.weight_decay < 1 or not 0 <= self.warmup_frac < 1:
-            raise ConfigError(f"weight_decay={self.weight_decay!r} and warmup_frac="
-                              f"{self.warmup_frac!r} must be in [0, 1).")
-        if not 0 <= self.min_tissue <= 1:
-            raise ConfigError(f"min_tissue={self.min_tissue!r} must be a fraction in [0, 1].")
+        validate_params("TileSSLConfig", dataclasses.asdict(self), _TILE_SSL_CONSTRAINTS)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
