@@ -321,9 +321,10 @@ def _settings_hash(config: EmbedConfig, fingerprint: str, job: dict[str, Any],
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _repair_jobs(store: Any, jobs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], set[str]]:
-    """Add the slides that ``store.verify()`` finds damaged to ``jobs``; return them forced."""
-    report = store.verify()
+def _repair_jobs(store: Any, jobs: list[dict[str, Any]], report: Any
+                 ) -> tuple[list[dict[str, Any]], set[str]]:
+    """Add the slides that ``report`` (``store.verify()``) finds damaged to ``jobs``; return
+    them forced."""
     for sid, why in report.unreadable.items():
         logger.warning("repair: slide '%s' has unreadable metadata (%s); restore its zarr.json or "
                        "delete the folder and embed the slide again.", sid, why)
@@ -543,8 +544,11 @@ def embed_slides(
                                        or not repair) else []
     if not isinstance(store, TileStore):
         store = TileStore(store, mode="a")
+    damage = None
+    if repair:  # read-only, before the lock: a long verification does not block other writers
+        damage = store.verify()
     with store.lock(wait=wait):
-        return _run(store, ident, payload, model_fingerprint, jobs, t_start, repair=repair,
+        return _run(store, ident, payload, model_fingerprint, jobs, t_start, repair=damage,
                     overwrite=overwrite, client=client, n_workers=n_workers, config=config,
                     encoder=given_enc, batch=cluster)
 
@@ -677,7 +681,7 @@ class _Progress:
 
 def _run(store: Any, ident: tuple[str, str, int, int], payload: EncoderPayload,
          model_fingerprint: Callable[[], str], jobs: list[dict[str, Any]], t_start: float, *,
-         repair: bool, overwrite: bool, client: Any, n_workers: int | None,
+         repair: Any, overwrite: bool, client: Any, n_workers: int | None,
          config: EmbedConfig, encoder: Any = None, batch: Any = None) -> EmbedReport:
     """The body of :func:`embed_slides`, run while holding the store's lock."""
     from wsi_ssl._utils import file_fingerprint
@@ -690,8 +694,8 @@ def _run(store: Any, ident: tuple[str, str, int, int], payload: EncoderPayload,
     store.bind_encoder(name, fingerprint, embed_dim)  # refuses another encoder
     store.cleanup()
     forced: set[str] = set()
-    if repair:
-        jobs, forced = _repair_jobs(store, jobs)
+    if repair is not None:  # the store.verify() report made before the lock was taken
+        jobs, forced = _repair_jobs(store, jobs, repair)
     if not jobs:
         logger.info("embed_slides: nothing to do")
 
