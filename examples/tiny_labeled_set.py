@@ -97,7 +97,7 @@ N_LABELED = (8, 16)
 probes = {}
 for name, emb in (("slide-ssl", ssl_emb), ("mean-pool", mean_emb)):
     probes[name] = linear_probe(emb, labels, n_labeled=N_LABELED, repeats=5, folds=None,
-                                n_bootstrap=200, seed=0)
+                                seed=0)
     probes[name].save(OUT / "probe" / name)
 table = pd.concat({k: r.to_frame().set_index("name")[["auc_mean", "auc_std"]]
                    for k, r in probes.items()}, axis=1)
@@ -141,7 +141,7 @@ for n in N_LABELED:
 # training risk.
 
 # %%
-surv = survival(ssl_emb, labels, folds=3, n_bootstrap=200, seed=0)
+surv = survival(ssl_emb, labels, folds=3, seed=0)
 surv.save(OUT / "survival")
 print(surv.summary)
 

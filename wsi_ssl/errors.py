@@ -31,6 +31,7 @@ __all__ = [
     "ConfigError",
     "NotFittedError",  # noqa: F822 (made on first use, see __getattr__)
     "CheckpointError",
+    "ClusterError",
 ]
 
 
@@ -92,6 +93,11 @@ class ConfigError(WsiSslError, ValueError):
 
 class CheckpointError(WsiSslError, OSError):
     """A training checkpoint cannot be read, or belongs to a different run configuration."""
+
+
+class ClusterError(WsiSslError, RuntimeError):
+    """The batch cluster cannot run the work (jobs die before their worker connects, the dask
+    scheduler is lost)."""
 
 
 def _make_not_fitted_error() -> type:
