@@ -488,8 +488,9 @@ def _report_sections(out: Path, summary: dict[str, Any], qc_png: Path, loss_png:
         ReportSection(
             title="Few-shot classification: slide SSL vs mean pooling",
             text="Balanced logistic regression on the slide embeddings, trained on n labelled "
-                 "slides and scored on the held-out patients (mean ± std over repeats, 95 % "
-                 "bootstrap interval); the last row is 5-fold cross-validation.",
+                 "slides and scored on the held-out patients (mean ± std over repeats; 95 % CI: "
+                 "patient bootstrap with refitting, see docs/eval.md); the last row is 5-fold "
+                 "cross-validation.",
             tables=(("Held-out AUC", _auc_frame(summary)),),
             figures=(("Few-shot AUC against the number of labelled slides",
                       out / "figures" / "learning_curve.png"),)),
