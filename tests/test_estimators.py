@@ -68,7 +68,7 @@ SPECS = {
                    lr=1e-3, warmup_epochs=1, temperature=0.2, device="cpu"), **kw}),
         fit=lambda est, data: est.fit(data["store"]),
         output=lambda est, data: est.transform(data["store"], dtype="float32").embeddings,
-        changed={"epochs": 3, "head_kwargs": {"dropout": 0.1}},
+        changed={"epochs": 3, "head_kwargs": {"dropout": 0.1}, "tiles_per_view": "auto"},
     ),
     "MILClassifier": Spec(
         make=lambda **kw: MILClassifier("abmil", **{

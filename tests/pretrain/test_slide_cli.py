@@ -36,15 +36,20 @@ def test_pretrain_then_encode(store_path, tmp_path, capsys):
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "views/s" in out and "empty" in out  # summary table and the skipped slide
-    # the auto preset says what it chose and why; the explicit flags win over it
-    assert "preset auto: tiles_per_view=12 batch_size=8 epochs=300 lr=0.001 temperature=0.1" \
-        in out and "capped at the bank's 12 tiles" in out
+    # SlideSSL resolves the auto settings in fit and says what it chose and why, before
+    # training; the explicit flags win over them
     assert "overridden by flags: batch_size=4, epochs=3, lr=0.001" in out
+    assert ("SlideSSL settings: tiles_per_view=12 (auto) batch_size=4 (given) epochs=3 (given) "
+            "lr=0.001 (given) temperature=0.1 (auto). auto: 10 slides") in out
+    assert "capped at the bank's 12 tiles" in out
+    assert out.index("SlideSSL settings:") < out.index("first loss")
     assert _table_row(out)[2] == 3  # epochs trained
     from wsi_ssl.pretrain import SlideSSL
 
     trained = SlideSSL.load(model_dir)
-    assert (trained.tiles_per_view, trained.epochs, trained.temperature) == (12, 3, 0.1)
+    assert (trained.tiles_per_view, trained.temperature, trained.epochs) == ("auto", "auto", 3)
+    assert (trained.tiles_per_view_, trained.epochs_, trained.temperature_) == (12, 3, 0.1)
+    assert "capped at the bank's 12 tiles" in trained.settings_reason_
     files = ("model.safetensors", "config.json", "loss_curve.png", "checkpoint.safetensors")
     for name in files:
         assert (model_dir / name).is_file(), name
@@ -89,11 +94,13 @@ def test_paper_preset_is_giga_ssl_exactly(store_path, tmp_path, capsys):
     assert rc == 0, out
     assert "preset paper: tiles_per_view=5 batch_size=256 epochs=3000 lr=0.03 " \
            "temperature=0.05" in out and "overridden by flags: epochs=1" in out
+    assert "SlideSSL settings: tiles_per_view=5 (given) batch_size=10 (given)" in out
     from wsi_ssl.pretrain import SlideSSL
 
     m = SlideSSL.load(model_dir)
     assert (m.tiles_per_view, m.batch_size, m.epochs, m.lr, m.temperature) == \
         (5, 256, 1, 0.03, 0.05)
+    assert m.batch_size_ == 10 and m.settings_reason_ == ""  # clamped to the 10 slides
 
 
 def test_errors_are_one_line(store_path, tmp_path, capsys):

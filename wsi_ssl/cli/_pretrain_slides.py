@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 HELP = "train a slide encoder (Giga-SSL) on a tile store with a view bank; no labels"
 DESCRIPTION = (
     "Slide-level contrastive pretraining (Giga-SSL, Lazard et al. CVPRW 2023) on a zarr tile "
     "store embedded with --views. Checkpoints every epoch into MODEL_DIR; --resume continues an "
     "interrupted run. Writes MODEL_DIR/model.safetensors, config.json and loss_curve.png. "
-    "--preset auto (default) picks tiles per view, batch, epochs, lr and temperature from the "
-    "cohort size, the bank size and the device and prints why; --preset paper is Giga-SSL "
-    "exactly (k=5, batch 256, 3000 epochs, lr 0.03, T 0.05); explicit flags override a preset."
+    "--preset auto (default) lets SlideSSL choose tiles per view, batch, epochs, lr and "
+    "temperature inside fit from the store's metadata (slides, bank size) and the device, and "
+    "prints the choice and why before training; --preset paper is Giga-SSL exactly (k=5, batch "
+    "256, 3000 epochs, lr 0.03, T 0.05); explicit flags override a preset."
 )
 
 
@@ -54,21 +59,44 @@ def _head_option(text: str) -> tuple[str, object]:
     return key.strip(), parsed
 
 
-def run(args: argparse.Namespace) -> int:
-    from wsi_ssl.pretrain import preset_for_store, pretrain_slides
+@contextmanager
+def _print_info(name: str) -> Iterator[None]:
+    """Print the INFO lines of logger ``name`` (SlideSSL's settings and summary) on stdout."""
+    log = logging.getLogger(name)
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.setLevel(logging.INFO)
+    level, propagate = log.level, log.propagate
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+        log.propagate = propagate
 
-    preset = preset_for_store(args.store, args.preset, device=args.device)
-    settings = preset.settings()
-    explicit = {k: getattr(args, k) for k in settings if getattr(args, k) is not None}
-    settings.update(explicit)
-    print(preset.describe())
+
+def run(args: argparse.Namespace) -> int:
+    from wsi_ssl.pretrain import pretrain_slides
+    from wsi_ssl.pretrain._presets import AUTO_PARAMS, PAPER_SETTINGS
+
+    explicit = {k: getattr(args, k) for k in AUTO_PARAMS if getattr(args, k) is not None}
+    if args.preset == "paper":
+        print("preset paper: " + " ".join(f"{k}={v}" for k, v in PAPER_SETTINGS.items())
+              + " (Giga-SSL exactly)")
+    else:
+        print("preset auto: the settings not given as flags are chosen from the store at fit "
+              "time")
     if explicit:
         print("overridden by flags: " + ", ".join(f"{k}={v}" for k, v in explicit.items()))
-    model = pretrain_slides(
-        args.store, args.out, head=args.head, weight_decay=args.weight_decay,
-        embed_dim=args.embed_dim, head_kwargs=dict(args.head_option) or None,
-        checkpoint_every=args.checkpoint_every, resume=args.resume, device=args.device,
-        seed=args.seed, **settings)
+    with _print_info("wsi_ssl.pretrain._slide_ssl"):
+        model = pretrain_slides(
+            args.store, args.out, preset=args.preset, head=args.head,
+            weight_decay=args.weight_decay, embed_dim=args.embed_dim,
+            head_kwargs=dict(args.head_option) or None, checkpoint_every=args.checkpoint_every,
+            resume=args.resume, device=args.device, seed=args.seed, **explicit)
     hist = model.history_
     print(f"{'slides':>8} {'skipped':>8} {'epochs':>7} {'first loss':>11} {'last loss':>10} "
           f"{'views/s':>9}")
@@ -76,5 +104,7 @@ def run(args: argparse.Namespace) -> int:
           f"{hist[0]:>11.4f} {hist[-1]:>10.4f} {model.train_views_per_s_:>9.0f}")
     if model.skipped_slides_:
         print("skipped (no tiles): " + ", ".join(model.skipped_slides_[:20]))
+    if model.excluded_slides_:
+        print("excluded (NaN/inf values): " + ", ".join(model.excluded_slides_[:20]))
     print(f"model written to {args.out} (model.safetensors, config.json, loss_curve.png)")
     return 0

@@ -1,4 +1,11 @@
-"""Settings of slide-level SSL chosen from the cohort: ``--preset auto`` and ``--preset paper``.
+"""Settings of slide-level SSL chosen from the cohort: ``SlideSSL(tiles_per_view="auto", ...)``,
+``--preset auto`` and ``--preset paper``.
+
+``tiles_per_view``, ``batch_size``, ``epochs``, ``lr`` and ``temperature`` of
+:class:`~wsi_ssl.pretrain.SlideSSL` each accept ``"auto"``; ``fit`` resolves them from the store's
+metadata (slides with tiles, the bank's tiles per version) and the device with
+:func:`resolve_settings` and stores the values as ``tiles_per_view_``, ``batch_size_``... An
+explicit ``tiles_per_view`` larger than the bank's tiles per version is refused.
 
 The rule (evidence in ``docs/slide-ssl.md``, "Presets"):
 
@@ -26,13 +33,15 @@ from typing import Any, Literal
 from wsi_ssl.errors import ConfigError
 
 __all__ = ["SlideSSLPreset", "slide_ssl_preset", "preset_for_store", "SMALL_COHORT",
-           "PAPER_SETTINGS"]
+           "PAPER_SETTINGS", "AUTO_PARAMS", "ResolvedSettings", "resolve_settings"]
 
 #: Largest cohort for which ``auto`` uses the measured small-cohort settings.
 SMALL_COHORT: int = 1000
 #: Giga-SSL's numbers (Lazard et al., CVPRW 2023), ``SlideSSL()``'s defaults.
 PAPER_SETTINGS: dict[str, Any] = {"tiles_per_view": 5, "batch_size": 256, "epochs": 3000,
                                   "lr": 0.03, "temperature": 0.05}
+#: SlideSSL parameters that accept ``"auto"`` (the settings a preset chooses).
+AUTO_PARAMS: tuple[str, ...] = tuple(PAPER_SETTINGS)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -123,16 +132,84 @@ def slide_ssl_preset(preset: Literal["auto", "paper"], *, n_slides: int, bank_ti
                 f"{'a GPU' if gpu else 'a CPU (3000 on a GPU)'}."))
 
 
-def preset_for_store(store: str | os.PathLike, preset: Literal["auto", "paper"] = "auto", *,
+@dataclass(frozen=True, kw_only=True)
+class ResolvedSettings:
+    """The settings a :class:`~wsi_ssl.pretrain.SlideSSL` run uses once ``"auto"`` is resolved.
+
+    Attributes:
+        tiles_per_view, batch_size, epochs, lr, temperature: the values (``batch_size`` clamped
+            to the number of slides).
+        auto: the parameters that were ``"auto"``.
+        reason: why the ``"auto"`` ones have their values ("" when none was ``"auto"``).
+    """
+
+    tiles_per_view: int
+    batch_size: int
+    epochs: int
+    lr: float
+    temperature: float
+    auto: tuple[str, ...] = ()
+    reason: str = ""
+
+    def settings(self) -> dict[str, Any]:
+        d = asdict(self)
+        return {k: d[k] for k in AUTO_PARAMS}
+
+    def describe(self) -> str:
+        """``tiles_per_view=64 (auto) batch_size=32 (given) ... auto: <reason>``."""
+        vals = " ".join(
+            (f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}")
+            + (" (auto)" if k in self.auto else " (given)") for k, v in self.settings().items())
+        return f"{vals}" + (f". auto: {self.reason}" if self.auto else "")
+
+
+def resolve_settings(params: dict[str, Any], *, n_slides: int, bank_tiles: int,
+                     device: str = "cpu", store: str = "") -> ResolvedSettings:
+    """Resolve the ``"auto"`` values among ``params`` (SlideSSL's ``get_params()``) with the
+    ``auto`` rule of :func:`slide_ssl_preset`, and check the explicit ``tiles_per_view``.
+
+    Args:
+        params: SlideSSL parameters (``tiles_per_view``, ``batch_size``, ``epochs``, ``lr``,
+            ``temperature``: numbers or ``"auto"``).
+        n_slides: slides trained on (with tiles, finite, with a bank).
+        bank_tiles: tiles per augmented version of the store's bank.
+        device: the torch device type the run uses.
+        store: the store path, for messages.
+
+    Raises:
+        ConfigError: an explicit ``tiles_per_view`` larger than ``bank_tiles``.
+    """
+    preset = slide_ssl_preset("auto", n_slides=n_slides, bank_tiles=bank_tiles, device=device)
+    auto = tuple(k for k in AUTO_PARAMS if isinstance(params[k], str) and params[k] == "auto")
+    values = {k: (preset.settings()[k] if k in auto else params[k]) for k in AUTO_PARAMS}
+    k = int(values["tiles_per_view"])
+    if "tiles_per_view" not in auto and k > bank_tiles:
+        raise ConfigError(
+            f"SlideSSL tiles_per_view={k} is larger than the view bank of tile store '{store}' "
+            f"({bank_tiles} tiles per augmented version): a view would only repeat tiles. Use "
+            f"tiles_per_view <= {bank_tiles} or 'auto', or re-embed with --view-tiles {k}.")
+    return ResolvedSettings(
+        tiles_per_view=k, batch_size=min(int(values["batch_size"]), int(n_slides)),
+        epochs=int(values["epochs"]), lr=float(values["lr"]),
+        temperature=float(values["temperature"]), auto=auto,
+        reason=preset.reason if auto else "")
+
+
+def preset_for_store(store: str | os.PathLike | Any, preset: Literal["auto", "paper"] = "auto", *,
                      device: str = "auto") -> SlideSSLPreset:
-    """:func:`slide_ssl_preset` for the slides of a tile store: the slides with tiles, the
-    smallest bank size among them, and the device ``"auto"`` resolves to."""
+    """:func:`slide_ssl_preset` for the slides of a tile store (a path or an open
+    ``TileStore``): the usable slides (with tiles, finite, with a bank), the bank's tiles per
+    version, and the device ``"auto"`` resolves to. ``SlideSSL(tiles_per_view="auto", ...)``
+    does this inside ``fit``; this function is kept to inspect a choice without training."""
+    import warnings
+
     from wsi_ssl._utils import resolve_device
+    from wsi_ssl.pretrain._slide_data import load_cohort
     from wsi_ssl.store import TileStore
 
-    ts = TileStore(store, mode="r")
-    attrs = [ts.slide_attrs(s) or {} for s in ts.slide_ids]
-    with_tiles = [a for a in attrs if int(a.get("n_tiles", 0)) > 0]
-    banks = [int(a.get("view_tiles", 0)) for a in with_tiles if int(a.get("n_views", 0)) > 0]
-    return slide_ssl_preset(preset, n_slides=len(with_tiles), bank_tiles=min(banks, default=0),
+    ts = store if hasattr(store, "slide_stats") else TileStore(store, mode="r")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cohort = load_cohort(ts)
+    return slide_ssl_preset(preset, n_slides=len(cohort), bank_tiles=cohort.bank_tiles,
                             device=resolve_device(device).type)

@@ -1,6 +1,17 @@
-"""Data side of slide-level contrastive pretraining (Giga-SSL): reading slides from a
-:class:`~wsi_ssl.store.TileStore` once, a byte-bounded cache, coordinate augmentation and the
-sampling of k-tile views.
+"""Data side of slide-level contrastive pretraining (Giga-SSL), streamed from a
+:class:`~wsi_ssl.store.TileStore`.
+
+* **Setup** (:func:`load_cohort`) reads slide *metadata only* (``TileStore.slide_stats``: tile
+  count, bank shape, finiteness, per-dimension sums): the feature mean/std, the slides to skip
+  (no tiles) or exclude (non-finite values) and the bank size come from it.
+* **Each step** is planned in the main process from the seed (:func:`plan_step`: the version and
+  the tiles of every view, the coordinate-augmentation draws). Readers (:class:`ViewReader`, run
+  ahead of the model by :func:`ordered_map` in threads) fetch only those versions' chunks
+  (``TileStore.read_views``) and, for heads that read coordinates, the slide's coordinates through
+  a cache bounded in bytes (:class:`CoordsCache`). Clean features are never read in training.
+  A batch depends only on its plan, so 0, 1 or N readers give bit-identical batches.
+* **Inference** reads features (and coordinates when the head reads them) slide by slide, ahead
+  of the model, with the same :func:`ordered_map`.
 
 Coordinates handed to heads are in **grid units**: level-0 pixels ``(x, y)`` divided by the
 tiling's ``stride_level0`` (read from the slide's attrs, else inferred from the coordinates).
@@ -11,20 +22,28 @@ Reference: Lazard et al., "Giga-SSL: Self-Supervised Learning for Gigapixel Imag
 from __future__ import annotations
 
 import logging
+import threading
 import warnings
-from collections import OrderedDict
-from collections.abc import Sequence
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from wsi_ssl.errors import ConfigError, InputError, StoreFormatError
 from wsi_ssl.mil._coords import grid_stride, to_grid_units
 
-__all__ = ["CoordAugment", "augment_coords", "SlideData", "SlideBank", "grid_stride"]
+__all__ = ["CoordAugment", "augment_coords", "SlideCohort", "load_cohort", "StepPlan",
+           "plan_step", "CoordsCache", "ViewReader", "ReadStats", "ordered_map",
+           "head_reads_coords", "grid_stride"]
 
 logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
+
 
 @dataclass(frozen=True, kw_only=True)
 class CoordAugment:
@@ -67,6 +86,55 @@ class CoordAugment:
         object.__setattr__(self, "scale", (lo, hi))
 
 
+@dataclass(frozen=True)
+class CoordDraw:
+    """The random part of one view's coordinate augmentation (drawn in the main process).
+
+    Attributes:
+        angle: rotation angle in radians (None: no rotation).
+        sign: ``(2,)`` -1/+1 per axis (None: no flips).
+        scale: ``(2,)`` per-axis scale.
+        shift: ``(2,)`` translation in grid units (None: none).
+    """
+
+    angle: float | None
+    sign: np.ndarray | None
+    scale: np.ndarray
+    shift: np.ndarray | None
+
+
+def draw_coord_aug(rng: np.random.Generator, cfg: CoordAugment) -> CoordDraw:
+    """Draw one view's augmentation (the draws of :func:`augment_coords`, in its order)."""
+    angle = float(rng.uniform(0.0, 2.0 * np.pi)) if cfg.rotate else None
+    sign = np.where(rng.random(2) < 0.5, -1.0, 1.0) if cfg.flip else None
+    lo, hi = cfg.scale
+    scale = rng.uniform(lo, hi, size=2)
+    shift = rng.uniform(0.0, cfg.translate, size=2) if cfg.translate > 0 else None
+    return CoordDraw(angle, sign, scale, shift)
+
+
+def apply_coord_aug(coords: np.ndarray, draw: CoordDraw) -> np.ndarray:
+    """Apply a drawn augmentation: rotate about the centroid, flip, scale, shift to >= 0,
+    translate.
+
+    Shape:
+        coords: ``(k, 2)`` float; returns ``(k, 2)`` float32, all values >= 0.
+    """
+    c = np.asarray(coords, dtype=np.float64)
+    c = c - c.mean(axis=0, keepdims=True)
+    if draw.angle is not None:
+        a = draw.angle
+        rot = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
+        c = c @ rot.T
+    if draw.sign is not None:
+        c = c * draw.sign
+    c = c * draw.scale
+    c = c - c.min(axis=0, keepdims=True)
+    if draw.shift is not None:
+        c = c + draw.shift
+    return c.astype(np.float32)
+
+
 def augment_coords(coords: np.ndarray, rng: np.random.Generator, cfg: CoordAugment) -> np.ndarray:
     """Augment the coordinates of one view (one random draw for all its tiles).
 
@@ -78,21 +146,7 @@ def augment_coords(coords: np.ndarray, rng: np.random.Generator, cfg: CoordAugme
     Shape:
         coords: ``(k, 2)`` float; returns ``(k, 2)`` float32, all values >= 0.
     """
-    c = np.asarray(coords, dtype=np.float64)
-    c = c - c.mean(axis=0, keepdims=True)
-    if cfg.rotate:
-        a = rng.uniform(0.0, 2.0 * np.pi)
-        rot = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
-        c = c @ rot.T
-    if cfg.flip:
-        sign = np.where(rng.random(2) < 0.5, -1.0, 1.0)
-        c = c * sign
-    lo, hi = cfg.scale
-    c = c * rng.uniform(lo, hi, size=2)
-    c = c - c.min(axis=0, keepdims=True)
-    if cfg.translate > 0:
-        c = c + rng.uniform(0.0, cfg.translate, size=2)
-    return c.astype(np.float32)
+    return apply_coord_aug(coords, draw_coord_aug(rng, cfg))
 
 
 def store_slide_ids(store: Any, slide_ids: Sequence[str] | None) -> list[str]:
@@ -107,185 +161,360 @@ def store_slide_ids(store: Any, slide_ids: Sequence[str] | None) -> list[str]:
     return ids
 
 
+# -- setup: metadata only ---------------------------------------------------------------------------
 @dataclass(frozen=True)
-class SlideData:
-    """The arrays of one slide that slide SSL needs, in memory.
+class SlideCohort:
+    """The slides a slide-SSL run trains on, from their stored statistics (no array read).
 
-    Shape:
-        features: ``(N, D)`` clean tile features; coords: ``(N, 2)`` float32 grid units;
-        views: ``(V, T, D)`` augmented features (may be ``(0, 0, D)`` for inference-only use);
-        view_index: ``(V, T)`` int64 index of each view tile into ``features``/``coords``.
+    Attributes:
+        slide_ids: the slides used, in store order.
+        skipped: slides without tiles (left out with a warning).
+        excluded: slides whose features or views are not all finite (left out with a warning).
+        n_versions, view_tiles: ``(n,)`` bank shape ``V``, ``T`` of each used slide.
+        dim: tile feature dimension ``D``.
+        mean, std: ``(D,)`` float32 per-dimension mean and ``sqrt(var + 1e-6)`` of the clean
+            features of the used slides (all their tiles).
+        store: path of the store (for messages).
     """
 
-    slide_id: str
-    features: np.ndarray
-    coords: np.ndarray
-    views: np.ndarray
-    view_index: np.ndarray
-
-    @property
-    def nbytes(self) -> int:
-        return int(self.features.nbytes + self.coords.nbytes + self.views.nbytes
-                   + self.view_index.nbytes)
-
-
-def _read_slide(store: Any, slide_id: str, *, need_views: bool) -> SlideData:
-    rec = store[slide_id]
-    feats = np.asarray(rec.features)
-    coords = np.asarray(rec.coords)
-    if feats.ndim != 2:
-        raise StoreFormatError(f"slide '{slide_id}': features must be (n_tiles, dim); got shape "
-                               f"{feats.shape}.")
-    views = getattr(rec, "views", None)
-    vidx = getattr(rec, "view_index", None)
-    views = np.zeros((0, 0, feats.shape[1]), feats.dtype) if views is None else np.asarray(views)
-    vidx = np.zeros((0, 0), np.int64) if vidx is None else np.asarray(vidx).astype(np.int64)
-    if views.size == 0:
-        views = np.zeros((0, 0, feats.shape[1]), feats.dtype)
-        vidx = np.zeros((0, 0), np.int64)
-    if need_views and len(feats):
-        if views.ndim != 3 or views.shape[:2] != vidx.shape or views.shape[2] != feats.shape[1]:
-            raise StoreFormatError(
-                f"slide '{slide_id}': views {views.shape} and view_index {vidx.shape} do not "
-                f"match features {feats.shape}; re-run the embedding with views."
-            )
-        if len(vidx) and (vidx.min() < 0 or vidx.max() >= len(feats)):
-            raise StoreFormatError(f"slide '{slide_id}': view_index points outside its "
-                                   f"{len(feats)} tiles.")
-    if len(feats) and not np.isfinite(feats).all():
-        raise InputError(f"slide '{slide_id}' has NaN/inf values in its tile features; "
-                         "re-embed it (or drop it from the store) before slide SSL.")
-    if need_views and views.size and not np.isfinite(views).all():
-        raise InputError(f"slide '{slide_id}' has NaN/inf values in its augmented views; "
-                         "re-embed it (or drop it from the store) before slide SSL.")
-    attrs = dict(getattr(rec, "attrs", {}) or {})
-    return SlideData(slide_id, feats, to_grid_units(coords, attrs), views, vidx)
-
-
-class SlideBank:
-    """Reads the slides of a store once and keeps them in an LRU cache bounded in bytes.
-
-    Construction reads every slide once to validate it (NaN, missing view bank, empty slides)
-    and to compute the per-dimension feature mean/std. Slides that fit in ``cache_bytes`` are
-    never read again; the others are re-read from zarr on demand (least recently used out first).
-
-    Args:
-        store: a :class:`~wsi_ssl.store.TileStore` (anything with ``slide_ids`` and ``[id]``).
-        slide_ids: the slides to use (default: all complete slides of the store).
-        need_views: require the Giga-SSL augmentation bank (training); ``False`` for inference.
-        min_tiles: warn about slides with fewer tiles than this (views sample with replacement).
-        cache_bytes: memory budget of the cache.
-    """
-
-    def __init__(self, store: Any, slide_ids: Sequence[str] | None = None, *,
-                 need_views: bool = True, min_tiles: int = 1,
-                 cache_bytes: int = 2 * 1024**3) -> None:
-        self.store = store
-        self.need_views = need_views
-        self.cache_bytes = int(cache_bytes)
-        self._cache: OrderedDict[str, SlideData] = OrderedDict()
-        self._cached_bytes = 0
-        self.n_reads = 0
-        ids = store_slide_ids(store, slide_ids)
-        if not ids:
-            raise InputError(f"tile store '{getattr(store, 'path', store)}' has no complete "
-                             "slides; embed some slides first (`wsi-ssl embed`).")
-        self.slide_ids: list[str] = []
-        self.skipped: list[str] = []
-        no_views: list[str] = []
-        few: list[str] = []
-        dim: int | None = None
-        total = sq = None
-        n_tiles = 0
-        for sid in ids:
-            data = self._load(sid)
-            if len(data.features) == 0:
-                self.skipped.append(sid)
-                continue
-            if dim is None:
-                dim = data.features.shape[1]
-                total, sq = np.zeros(dim), np.zeros(dim)
-            elif data.features.shape[1] != dim:
-                raise StoreFormatError(f"slide '{sid}' has {data.features.shape[1]}-d features, "
-                                       f"the others {dim}-d; one store holds one encoder.")
-            if need_views and data.views.shape[0] == 0:
-                no_views.append(sid)
-                continue
-            t = data.views.shape[1] if need_views else len(data.features)
-            if t < min_tiles:
-                few.append(f"{sid} ({t})")
-            f = data.features.astype(np.float64)
-            total += f.sum(0)
-            sq += (f * f).sum(0)
-            n_tiles += len(f)
-            self.slide_ids.append(sid)
-        if no_views:
-            raise StoreFormatError(
-                f"tile store '{getattr(store, 'path', store)}' has no augmentation view bank for "
-                f"{len(no_views)} slide(s), e.g. {no_views[:3]}; slide SSL trains on the Giga-SSL "
-                "shared-augmentation views: re-run the embedding with views "
-                "(`wsi-ssl embed ... --views N`, or embed_slides(..., views=N))."
-            )
-        if self.skipped:
-            warnings.warn(f"skipping {len(self.skipped)} slide(s) without tiles: "
-                          f"{self.skipped[:10]}", UserWarning, stacklevel=3)
-        if few:
-            warnings.warn(f"{len(few)} slide(s) have fewer than {min_tiles} tiles per view, "
-                          f"views sample them with replacement: {few[:10]}", UserWarning,
-                          stacklevel=3)
-        if not self.slide_ids:
-            raise InputError(f"tile store '{getattr(store, 'path', store)}': every selected "
-                             "slide is empty; nothing to use.")
-        self.dim = int(dim)  # type: ignore[arg-type]
-        mean = total / n_tiles
-        var = np.maximum(sq / n_tiles - mean * mean, 0.0)
-        self.mean = mean.astype(np.float32)
-        self.std = np.sqrt(var + 1e-6).astype(np.float32)
-
-    def _load(self, sid: str) -> SlideData:
-        data = _read_slide(self.store, sid, need_views=self.need_views)
-        self.n_reads += 1
-        if data.nbytes <= self.cache_bytes:
-            self._cache[sid] = data
-            self._cached_bytes += data.nbytes
-            while self._cached_bytes > self.cache_bytes and len(self._cache) > 1:
-                _, old = self._cache.popitem(last=False)
-                self._cached_bytes -= old.nbytes
-        return data
+    slide_ids: tuple[str, ...]
+    skipped: tuple[str, ...]
+    excluded: tuple[str, ...]
+    n_versions: np.ndarray
+    view_tiles: np.ndarray
+    dim: int
+    mean: np.ndarray
+    std: np.ndarray
+    store: str = ""
 
     def __len__(self) -> int:
         return len(self.slide_ids)
 
-    def get(self, sid: str) -> SlideData:
-        """The arrays of slide ``sid`` (from the cache, else read from the store)."""
-        data = self._cache.get(sid)
-        if data is not None:
-            self._cache.move_to_end(sid)
-            return data
-        return self._load(sid)
+    @property
+    def bank_tiles(self) -> int:
+        """Tiles per augmented version of the bank (the largest ``T`` among the slides; the
+        embedding gives every slide the same ``T``)."""
+        return int(self.view_tiles.max())
 
-    def sample_views(self, batch: Sequence[str], rng: np.random.Generator, k: int,
-                     coord_aug: CoordAugment | None, n_views: int = 2
-                     ) -> tuple[np.ndarray, np.ndarray]:
-        """``n_views`` random views of each slide of ``batch``.
+    def warn_small_views(self, k: int) -> None:
+        """Warn about slides whose versions hold fewer than ``k`` tiles (sampled with
+        replacement)."""
+        few = [f"{s} ({int(t)})" for s, t in zip(self.slide_ids, self.view_tiles, strict=True)
+               if t < k]
+        if few:
+            warnings.warn(f"{len(few)} slide(s) have fewer than {k} tiles per view, views sample "
+                          f"them with replacement: {few[:10]}", UserWarning, stacklevel=3)
 
-        A view picks one augmented version of the slide at random and samples ``k`` of its tiles
-        with replacement (Giga-SSL); their coordinates are augmented by ``coord_aug``.
+
+def load_cohort(store: Any, slide_ids: Sequence[str] | None = None) -> SlideCohort:
+    """The slides of ``store`` usable for slide SSL and the feature mean/std, from
+    ``store.slide_stats`` (metadata; a slide without stored statistics has them computed once by
+    the store).
+
+    Raises:
+        InputError: no complete slide, or every selected slide is empty or non-finite.
+        StoreFormatError: slides of different dimensions, or slides without a view bank.
+    """
+    where = str(getattr(store, "path", store))
+    ids = store_slide_ids(store, slide_ids)
+    if not ids:
+        raise InputError(f"tile store '{where}' has no complete slides; embed some slides first "
+                         "(`wsi-ssl embed`).")
+    kept: list[str] = []
+    skipped: list[str] = []
+    excluded: list[str] = []
+    no_views: list[str] = []
+    n_versions: list[int] = []
+    view_tiles: list[int] = []
+    dim: int | None = None
+    total = sq = np.zeros(0)
+    n_tiles = 0
+    for sid in ids:
+        st = store.slide_stats(sid)
+        if st.n_tiles == 0:
+            skipped.append(sid)
+            continue
+        if dim is None:
+            dim = int(st.dim)
+            total, sq = np.zeros(dim), np.zeros(dim)
+        elif st.dim != dim:
+            raise StoreFormatError(f"slide '{sid}' of '{where}' has {st.dim}-d features, the "
+                                   f"others {dim}-d; one store holds one encoder.")
+        if st.n_views == 0 or st.view_tiles == 0:
+            no_views.append(sid)
+            continue
+        if not st.all_finite:
+            excluded.append(sid)
+            continue
+        total = total + np.asarray(st.features_sum, np.float64)
+        sq = sq + np.asarray(st.features_sumsq, np.float64)
+        n_tiles += int(st.n_tiles)
+        kept.append(sid)
+        n_versions.append(int(st.n_views))
+        view_tiles.append(int(st.view_tiles))
+    if no_views:
+        raise StoreFormatError(
+            f"tile store '{where}' has no augmentation view bank for {len(no_views)} slide(s), "
+            f"e.g. {no_views[:3]}; slide SSL trains on the Giga-SSL shared-augmentation views: "
+            "re-run the embedding with views (`wsi-ssl embed ... --views N`, or "
+            "embed_slides(..., views=N)).")
+    if skipped:
+        warnings.warn(f"skipping {len(skipped)} slide(s) without tiles: {skipped[:10]}",
+                      UserWarning, stacklevel=3)
+    if excluded:
+        warnings.warn(f"excluding {len(excluded)} slide(s) whose tile features or views hold "
+                      f"NaN/inf values (per their stored statistics): {excluded[:10]}; re-embed "
+                      "them (or drop them from the store) to train on them.", UserWarning,
+                      stacklevel=3)
+    if not kept:
+        raise InputError(f"tile store '{where}': every selected slide is empty or non-finite; "
+                         "nothing to use.")
+    mean = total / n_tiles
+    var = np.maximum(sq / n_tiles - mean * mean, 0.0)
+    return SlideCohort(tuple(kept), tuple(skipped), tuple(excluded),
+                       np.asarray(n_versions, np.int64), np.asarray(view_tiles, np.int64),
+                       int(dim), mean.astype(np.float32),  # type: ignore[arg-type]
+                       np.sqrt(var + 1e-6).astype(np.float32), where)
+
+
+# -- per-step plans (main process) ------------------------------------------------------------------
+@dataclass(frozen=True)
+class StepPlan:
+    """What one training step reads and how it samples (decided in the main process).
+
+    Attributes:
+        slides: positions in :attr:`SlideCohort.slide_ids` of the batch's slides.
+        versions: ``(n_views, B)`` augmented version of each view.
+        tiles: ``(n_views, B, k)`` rows of the version sampled by each view (with replacement).
+        coord_draws: per view, per slide, the coordinate augmentation (None: not augmented).
+    """
+
+    slides: np.ndarray
+    versions: np.ndarray
+    tiles: np.ndarray
+    coord_draws: tuple[tuple[CoordDraw, ...], ...] | None
+
+
+def plan_step(rng: np.random.Generator, slides: Sequence[int] | np.ndarray, cohort: SlideCohort,
+              k: int, coord_aug: CoordAugment | None, n_views: int = 2) -> StepPlan:
+    """``n_views`` views of each slide of a batch: one augmented version at random and ``k`` of
+    its tiles with replacement (Giga-SSL), plus the coordinate-augmentation draws. The draws are
+    made per slide, view after view, in the order of the reference implementation, so that the
+    same seed gives the same batches as before streaming."""
+    slides = np.asarray(slides, np.int64)
+    b = len(slides)
+    versions = np.empty((n_views, b), np.int64)
+    tiles = np.empty((n_views, b, k), np.int64)
+    draws: list[list[CoordDraw]] = [[] for _ in range(n_views)]
+    for j, pos in enumerate(slides):
+        n_ver, t = int(cohort.n_versions[pos]), int(cohort.view_tiles[pos])
+        for v in range(n_views):
+            versions[v, j] = int(rng.integers(n_ver))
+            tiles[v, j] = rng.integers(0, t, size=k)
+            if coord_aug is not None:
+                draws[v].append(draw_coord_aug(rng, coord_aug))
+    return StepPlan(slides, versions, tiles,
+                    tuple(tuple(d) for d in draws) if coord_aug is not None else None)
+
+
+# -- readers ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ReadStats:
+    """What a run read from the store (logical bytes, i.e. decoded array bytes).
+
+    Attributes:
+        view_reads: ``read_views`` calls; versions_read: versions they returned.
+        view_bytes: bytes of the versions and their ``view_index`` rows returned.
+        coords_reads: coordinate reads (cache misses); coords_bytes: their bytes.
+        coords_cache_peak: high-water mark of the coordinate cache, bytes.
+    """
+
+    view_reads: int = 0
+    versions_read: int = 0
+    view_bytes: int = 0
+    coords_reads: int = 0
+    coords_bytes: int = 0
+    coords_cache_peak: int = 0
+
+
+class CoordsCache:
+    """Grid-unit coordinates of slides, read on demand (``read_coords`` and the slide's attrs)
+    and kept in an LRU bounded in bytes; thread-safe.
+
+    Args:
+        store: the tile store.
+        max_bytes: memory budget; a slide larger than it is read every time, never kept.
+    """
+
+    def __init__(self, store: Any, max_bytes: int) -> None:
+        self.store = store
+        self.max_bytes = int(max_bytes)
+        self._items: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+        self.bytes = 0
+        self.peak_bytes = 0
+        self.n_reads = 0
+        self.bytes_read = 0
+
+    def get(self, slide_id: str) -> np.ndarray:
+        """``(N, 2)`` float32 grid-unit coordinates of ``slide_id``."""
+        with self._lock:
+            hit = self._items.get(slide_id)
+            if hit is not None:
+                self._items.move_to_end(slide_id)
+                return hit
+        raw = np.asarray(self.store.read_coords(slide_id))
+        grid = to_grid_units(raw, self.store.slide_attrs(slide_id) or {})
+        with self._lock:
+            self.n_reads += 1
+            self.bytes_read += int(raw.nbytes)
+            if grid.nbytes <= self.max_bytes and slide_id not in self._items:
+                self._items[slide_id] = grid
+                self.bytes += int(grid.nbytes)
+                while self.bytes > self.max_bytes:
+                    _, old = self._items.popitem(last=False)
+                    self.bytes -= int(old.nbytes)
+                self.peak_bytes = max(self.peak_bytes, self.bytes)
+        return grid
+
+
+class ViewReader:
+    """Reads the views of a :class:`StepPlan`: per slide of the batch only the bank versions its
+    views use (``store.read_views``), and coordinates from a :class:`CoordsCache` when the head
+    reads them.
+
+    Args:
+        store: the tile store.
+        cohort: the run's slides.
+        coords: the coordinate cache, or None when the head ignores coordinates.
+        pin: allocate batches in pinned (page-locked) memory, for non-blocking copies to CUDA.
+    """
+
+    def __init__(self, store: Any, cohort: SlideCohort, coords: CoordsCache | None, *,
+                 pin: bool = False) -> None:
+        self.store, self.cohort, self.coords, self.pin = store, cohort, coords, pin
+        self._lock = threading.Lock()
+        self._n = [0, 0, 0]  # read_views calls, versions, bytes
+
+    @property
+    def stats(self) -> ReadStats:
+        c = self.coords
+        return ReadStats(self._n[0], self._n[1], self._n[2], c.n_reads if c else 0,
+                         c.bytes_read if c else 0, c.peak_bytes if c else 0)
+
+    def read_step(self, plan: StepPlan) -> tuple[Any, Any]:
+        """The batch of ``plan``.
 
         Shape:
-            returns ``x`` float32 ``(n_views, B, k, D)`` and ``coords`` float32
-            ``(n_views, B, k, 2)``.
+            returns torch float32 ``x`` ``(n_views * B, k, D)`` (view-major: the first ``B``
+            rows are the first view of every slide) and ``coords`` ``(n_views * B, k, 2)`` (None
+            when the head ignores coordinates).
         """
-        b = len(batch)
-        x = np.empty((n_views, b, k, self.dim), np.float32)
-        c = np.empty((n_views, b, k, 2), np.float32)
-        for j, sid in enumerate(batch):
-            d = self.get(sid)
-            n_versions, t = d.view_index.shape
-            for v in range(n_views):
-                ver = int(rng.integers(n_versions))
-                idx = rng.integers(0, t, size=k)
-                x[v, j] = d.views[ver, idx]
-                xy = d.coords[d.view_index[ver, idx]]
-                c[v, j] = augment_coords(xy, rng, coord_aug) if coord_aug is not None else xy
-        return x, c
+        import torch
+
+        n_views, b, k = plan.tiles.shape
+        xt = torch.empty((n_views, b, k, self.cohort.dim), dtype=torch.float32,
+                         pin_memory=self.pin)
+        ct = (torch.empty((n_views, b, k, 2), dtype=torch.float32, pin_memory=self.pin)
+              if self.coords is not None else None)
+        x, c = xt.numpy(), (ct.numpy() if ct is not None else None)
+        for j in range(b):
+            self._read_slide(plan, j, x, c)
+        return (xt.view(n_views * b, k, -1),
+                ct.view(n_views * b, k, 2) if ct is not None else None)
+
+    def _read_slide(self, plan: StepPlan, j: int, x: np.ndarray, c: np.ndarray | None) -> None:
+        sid = self.cohort.slide_ids[int(plan.slides[j])]
+        wanted = plan.versions[:, j]
+        uniq = sorted({int(v) for v in wanted})
+        views, vidx = self.store.read_views(sid, uniq)
+        views, vidx = np.asarray(views), np.asarray(vidx)
+        t = int(self.cohort.view_tiles[int(plan.slides[j])])
+        if views.shape != (len(uniq), t, self.cohort.dim) or vidx.shape != (len(uniq), t):
+            raise StoreFormatError(
+                f"slide '{sid}' of '{self.cohort.store}': read_views({uniq}) returned views "
+                f"{views.shape} and view_index {vidx.shape}, its statistics say "
+                f"({len(uniq)}, {t}, {self.cohort.dim}); check it with `wsi-ssl info "
+                f"{self.cohort.store} --verify`.")
+        with self._lock:
+            self._n[0] += 1
+            self._n[1] += len(uniq)
+            self._n[2] += int(views.nbytes + vidx.nbytes)
+        grid = self.coords.get(sid) if self.coords is not None else None
+        if grid is not None and vidx.size and (vidx.min() < 0 or vidx.max() >= len(grid)):
+            raise StoreFormatError(f"slide '{sid}' of '{self.cohort.store}': view_index points "
+                                   f"outside its {len(grid)} tiles.")
+        pos = {v: i for i, v in enumerate(uniq)}
+        for v, ver in enumerate(wanted):
+            i, idx = pos[int(ver)], plan.tiles[v, j]
+            x[v, j] = views[i, idx]
+            if c is not None and grid is not None:
+                xy = grid[vidx[i, idx]]
+                c[v, j] = (apply_coord_aug(xy, plan.coord_draws[v][j])
+                           if plan.coord_draws is not None else xy)
+
+
+def ordered_map(fn: Callable[[_T], _R], items: Iterable[_T], *, readers: int,
+                depth: int | None = None) -> Iterator[_R]:
+    """``fn`` over ``items`` in order, computed ahead by ``readers`` threads.
+
+    At most ``depth`` (default ``readers + 1``) results are pending or waiting at any time, so
+    memory is bounded whatever the number of items; ``items`` is consumed in the calling thread
+    (a plan generator stays deterministic). ``readers=0`` computes each result in the calling
+    thread when it is asked for. An exception of ``fn`` is raised in the caller, in order;
+    closing the iterator cancels what was not started.
+    """
+    if readers < 0:
+        raise ConfigError(f"readers={readers!r} must be >= 0 (0: read in the main thread).")
+    if readers == 0:
+        for item in items:
+            yield fn(item)
+        return
+    depth = max(1, int(depth if depth is not None else readers + 1))
+    it = iter(items)
+    pending: deque[Future[_R]] = deque()
+    pool = ThreadPoolExecutor(readers, thread_name_prefix="wsi-ssl-reader")
+    try:
+        for item in it:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= depth:
+                break
+        while pending:
+            out = pending.popleft().result()
+            nxt = next(it, _END)
+            if nxt is not _END:
+                pending.append(pool.submit(fn, nxt))
+            yield out
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+_END: Any = object()
+
+
+def head_reads_coords(head: Any, in_dim: int) -> bool:
+    """Whether a MIL head's output depends on ``coords``: its ``uses_coords`` flag, else a probe
+    (the same 6 tiles with and without positions, eval mode, a local generator; TransMIL-like
+    heads read coordinates when given). Reading coordinates is skipped for heads that ignore
+    them."""
+    import torch
+
+    if getattr(head, "uses_coords", False):
+        return True
+    try:
+        dev = next(head.parameters()).device
+    except StopIteration:
+        dev = torch.device("cpu")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 6, int(in_dim), generator=g).to(dev)
+    xy = torch.tensor([[0, 0], [1, 0], [2, 0], [0, 3], [5, 5], [1, 4]], dtype=torch.float32,
+                      device=dev)[None]
+    was = head.training
+    head.eval()
+    try:
+        with torch.no_grad():
+            a = head(x, None, None).embedding
+            b = head(x, None, xy).embedding
+    finally:
+        head.train(was)
+    return not torch.equal(a, b)

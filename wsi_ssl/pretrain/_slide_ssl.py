@@ -19,6 +19,7 @@ import os
 import warnings
 import zlib
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,14 +31,10 @@ from wsi_ssl.errors import (
     EncoderMismatchError,
     InputError,
     NotFittedError,
+    StoreFormatError,
     WeightsError,
 )
-from wsi_ssl.pretrain._slide_data import (
-    CoordAugment,
-    SlideBank,
-    _read_slide,
-    store_slide_ids,
-)
+from wsi_ssl.pretrain._slide_data import CoordAugment, store_slide_ids
 
 __all__ = ["SlideSSL"]
 
@@ -58,6 +55,17 @@ class SlideSSL(TransformerMixin, BaseEstimator):
     picture are done by a callback (:class:`~wsi_ssl.pretrain._slide_train.SlideCheckpoint`)
     when ``checkpoint_dir`` is set, not by ``fit`` itself.
 
+    ``tiles_per_view``, ``batch_size``, ``epochs``, ``lr`` and ``temperature`` also accept
+    ``"auto"``: ``fit`` chooses them from the store's metadata (slides, bank size) and the device
+    (the rule of :func:`~wsi_ssl.pretrain.slide_ssl_preset`, ``wsi-ssl pretrain-slides --preset
+    auto``), logs the choice with its reason and stores the values used as ``tiles_per_view_``,
+    ``batch_size_``, ``epochs_``, ``lr_``, ``temperature_`` (``settings_reason_``). An explicit
+    ``tiles_per_view`` larger than the bank's tiles per version is refused (``ConfigError``).
+
+    Training streams from the store: setup reads slide statistics only (metadata); each step reads
+    only the bank versions its views use, in ``readers`` threads ahead of the model; inference
+    reads clean features (and coordinates for heads that read them), prefetched the same way.
+
     Defaults are the paper's (Lazard et al. 2023 and its reference configuration): k=5 tiles
     per view, embedding 512, projection 512-512-512-256, NT-Xent temperature 0.05, batch 256
     slides, Adam(W) at lr 0.03 with weight decay 5e-4, 10 warm-up epochs then cosine decay to 0,
@@ -77,11 +85,11 @@ class SlideSSL(TransformerMixin, BaseEstimator):
             (residual MLP + mean).
         embed_dim: slide embedding size ``E`` (the head's output).
         proj_dims: projection head after the embedding (``E -> 512 -> 512 -> 256``).
-        tiles_per_view: ``k`` tiles sampled (with replacement) per view.
-        temperature: NT-Xent temperature.
-        batch_size: slides per step (clamped to the number of slides; at least 2).
-        epochs: passes over the slides (one view pair per slide per epoch).
-        lr: peak learning rate.
+        tiles_per_view: ``k`` tiles sampled (with replacement) per view, or ``"auto"``.
+        temperature: NT-Xent temperature, or ``"auto"``.
+        batch_size: slides per step (clamped to the number of slides; at least 2), or ``"auto"``.
+        epochs: passes over the slides (one view pair per slide per epoch), or ``"auto"``.
+        lr: peak learning rate, or ``"auto"``.
         weight_decay: decoupled weight decay on weight matrices (not biases/norms).
         warmup_epochs: linear warm-up length before the cosine decay.
         optimizer: ``"adamw"`` or ``"adam"``.
@@ -91,7 +99,10 @@ class SlideSSL(TransformerMixin, BaseEstimator):
         inference_chunks: ``None`` embeds every clean tile once, in shuffled chunks of ``k``;
             an integer averages that many random k-tile chunks (with replacement) instead.
         inference_batch: chunks per forward pass at inference.
-        cache_bytes: memory budget for slide arrays kept in RAM during training.
+        cache_bytes: memory budget of the cache of slide coordinates kept during training
+            (coordinate-reading heads only; the view chunks are never cached).
+        readers: threads reading batches ahead of the model (0: read in the main thread); at
+            most ``readers + 1`` batches are in memory. Results do not depend on it.
         checkpoint_dir: where the checkpoint callback writes checkpoints (every
             ``checkpoint_every`` epochs) and ``loss_curve.png``; ``None`` = no checkpoints.
         checkpoint_every: epochs between checkpoints (the last epoch is always saved).
@@ -102,19 +113,28 @@ class SlideSSL(TransformerMixin, BaseEstimator):
         net_: the trained network (standardisation + head + projector).
         history_: mean loss per epoch.
         start_epoch_: epochs restored from a checkpoint (0 for a fresh run).
-        slide_ids_: slides trained on; skipped_slides_: empty slides left out.
+        slide_ids_: slides trained on; skipped_slides_: empty slides left out;
+        excluded_slides_: slides left out because their statistics say NaN/inf.
+        tiles_per_view_, batch_size_, epochs_, lr_, temperature_: the settings used (``"auto"``
+        resolved; ``batch_size_`` clamped to the cohort); settings_reason_: why (``""`` when
+        nothing was ``"auto"``).
+        read_stats_: what training read from the store
+        (:class:`~wsi_ssl.pretrain._slide_data.ReadStats`).
         n_features_in_, encoder_fingerprint_, store_fingerprint_, train_views_per_s_.
     """
 
     def __init__(self, head: str = "sparseconv", *, embed_dim: int = 512,
-                 proj_dims: Sequence[int] = (512, 512, 256), tiles_per_view: int = 5,
-                 temperature: float = 0.05, batch_size: int = 256, epochs: int = 3000,
-                 lr: float = 0.03, weight_decay: float = 5e-4, warmup_epochs: int = 10,
+                 proj_dims: Sequence[int] = (512, 512, 256),
+                 tiles_per_view: int | Literal["auto"] = 5,
+                 temperature: float | Literal["auto"] = 0.05,
+                 batch_size: int | Literal["auto"] = 256, epochs: int | Literal["auto"] = 3000,
+                 lr: float | Literal["auto"] = 0.03, weight_decay: float = 5e-4,
+                 warmup_epochs: int = 10,
                  optimizer: Literal["adamw", "adam"] = "adamw",
                  coord_augment: CoordAugment | None = CoordAugment(),  # noqa: B008 (frozen)
                  head_kwargs: dict[str, Any] | None = None, standardize: bool = True,
                  inference_chunks: int | None = None, inference_batch: int = 2048,
-                 cache_bytes: int = 2 * 1024**3,
+                 cache_bytes: int = 2 * 1024**3, readers: int = 2,
                  checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int = 1,
                  device: str = "auto", seed: int = 0) -> None:
         self.head = head
@@ -134,6 +154,7 @@ class SlideSSL(TransformerMixin, BaseEstimator):
         self.inference_chunks = inference_chunks
         self.inference_batch = inference_batch
         self.cache_bytes = cache_bytes
+        self.readers = readers
         self.checkpoint_dir = checkpoint_dir
         self.checkpoint_every = checkpoint_every
         self.device = device
@@ -189,69 +210,93 @@ class SlideSSL(TransformerMixin, BaseEstimator):
 
         Raises:
             StoreFormatError: the store has no view bank (re-run the embedding with views).
-            InputError: NaN/inf features (the slide is named), fewer than 2 usable slides.
+            InputError: fewer than 2 usable slides (slides whose statistics say NaN/inf are
+                excluded with a warning naming them).
+            ConfigError: a bad parameter, or ``tiles_per_view`` above the bank's tiles per
+                version.
             CheckpointError: ``resume`` with a checkpoint from another configuration or store.
         """
         from wsi_ssl._utils import progress, resolve_device
+        from wsi_ssl.pretrain._presets import resolve_settings
+        from wsi_ssl.pretrain._slide_data import load_cohort
         from wsi_ssl.pretrain._slide_train import SlideTrainer, TrainProgress, validate_params
 
         validate_params(self)
         if resume and self.checkpoint_dir is None:
             raise ConfigError("fit(resume=True) needs checkpoint_dir= (where the interrupted "
                               "run wrote its checkpoint).")
-        bank = SlideBank(store, slide_ids, need_views=True, min_tiles=int(self.tiles_per_view),
-                         cache_bytes=int(self.cache_bytes))
-        if len(bank) < 2:
+        cohort = load_cohort(store, slide_ids)
+        if len(cohort) < 2:
             raise InputError(f"slide SSL needs at least 2 slides with tiles (negatives); the "
-                             f"store gives {len(bank)}: {bank.slide_ids}.")
-        trainer = SlideTrainer(self, bank, resolve_device(self.device))
-        ckpt = self._checkpoint_callback(store, bank)
+                             f"store gives {len(cohort)}: {list(cohort.slide_ids)}.")
+        device = resolve_device(self.device)
+        settings = resolve_settings(self.get_params(deep=False), n_slides=len(cohort),
+                                    bank_tiles=cohort.bank_tiles, device=device.type,
+                                    store=cohort.store)
+        logger.info("SlideSSL settings: %s", settings.describe())
+        cohort.warn_small_views(settings.tiles_per_view)
+        trainer = SlideTrainer(self, cohort, settings, store, device)
+        ckpt = self._checkpoint_callback(store, cohort, settings)
         state = ckpt.restore(trainer, resume=resume) if ckpt else TrainProgress()
         start_epoch = state.epoch
         bar = progress(total=trainer.total_steps, initial=start_epoch * trainer.steps_per_epoch,
                        desc="slide SSL", unit="step")
         try:
-            for epoch in range(start_epoch, int(self.epochs)):
+            for epoch in range(start_epoch, trainer.epochs):
                 trainer.run_epoch(epoch, state, bar)
                 if ckpt:
                     ckpt.on_epoch_end(state, trainer)
         finally:
+            trainer.close()
             bar.close()
         if ckpt:
             ckpt.on_train_end(state)
-        self._set_fitted(trainer.net.eval(), state, start_epoch, bank, store)
+        self._set_fitted(trainer, state, start_epoch, store)
         logger.info("slide SSL: %d epochs on %d slides, final loss %.4f, %.0f views/s",
-                    len(state.history), len(bank),
+                    len(state.history), len(cohort),
                     state.history[-1] if state.history else float("nan"),
                     self.train_views_per_s_)
         return self
 
-    def _checkpoint_callback(self, store: Any, bank: SlideBank) -> Any:
+    def _checkpoint_callback(self, store: Any, cohort: Any, settings: Any) -> Any:
         from wsi_ssl.pretrain._slide_train import RESUME_FREE, SlideCheckpoint
 
         if self.checkpoint_dir is None:
             return None
         run_cfg = {k: v for k, v in self._json_params().items() if k not in RESUME_FREE}
+        if settings.auto:  # what "auto" chose must match too
+            run_cfg["resolved"] = settings.settings()
         return SlideCheckpoint(self.checkpoint_dir, every=int(self.checkpoint_every),
-                               run_config=run_cfg, slide_ids=bank.slide_ids,
+                               run_config=run_cfg, slide_ids=list(cohort.slide_ids),
                                store_fingerprint=str(getattr(store, "fingerprint", "")))
 
-    def _set_fitted(self, net: Any, state: Any, start_epoch: int, bank: SlideBank,
-                    store: Any) -> None:
-        self.net_ = net
+    def _set_fitted(self, trainer: Any, state: Any, start_epoch: int, store: Any) -> None:
+        cohort, settings = trainer.cohort, trainer.settings
+        self.net_ = trainer.net.eval()
         self.history_ = state.history
         self.start_epoch_ = start_epoch
-        self.slide_ids_ = tuple(bank.slide_ids)
-        self.skipped_slides_ = tuple(bank.skipped)
-        self.n_features_in_ = int(bank.dim)
+        self.slide_ids_ = tuple(cohort.slide_ids)
+        self.skipped_slides_ = tuple(cohort.skipped)
+        self.excluded_slides_ = tuple(cohort.excluded)
+        self._set_settings(settings.settings(), settings.reason)
+        self.read_stats_ = trainer.reader.stats
+        self.n_features_in_ = int(cohort.dim)
         self.encoder_fingerprint_ = str(getattr(store, "encoder_fingerprint", "") or "")
         self.store_fingerprint_ = str(getattr(store, "fingerprint", ""))
         self.train_views_per_s_ = (state.views / state.train_s if state.train_s > 0
                                    else float("nan"))
 
+    def _set_settings(self, values: dict[str, Any], reason: str) -> None:
+        self.tiles_per_view_ = int(values["tiles_per_view"])
+        self.batch_size_ = int(values["batch_size"])
+        self.epochs_ = int(values["epochs"])
+        self.lr_ = float(values["lr"])
+        self.temperature_ = float(values["temperature"])
+        self.settings_reason_ = str(reason)
+
     # -- inference --------------------------------------------------------------------------------
     def _chunks(self, n_tiles: int, sid: str) -> np.ndarray:
-        k = int(self.tiles_per_view)
+        k = int(self.tiles_per_view_)
         rng = np.random.default_rng([int(self.seed), zlib.crc32(sid.encode())])
         if self.inference_chunks is not None:
             return rng.integers(0, n_tiles, size=(int(self.inference_chunks), k))
@@ -278,10 +323,9 @@ class SlideSSL(TransformerMixin, BaseEstimator):
             EncoderMismatchError: the store's tile encoder differs from the training one.
             InputError: unknown slide ids, NaN features (the slide is named).
         """
-        import torch
-
         from wsi_ssl._utils import progress, resolve_device
         from wsi_ssl._version import __version__
+        from wsi_ssl.pretrain._slide_data import head_reads_coords, ordered_map
         from wsi_ssl.store import SlideEmbeddings
 
         self._check_fitted()
@@ -296,28 +340,25 @@ class SlideSSL(TransformerMixin, BaseEstimator):
         ids = store_slide_ids(store, slide_ids)
         device = resolve_device(self.device)
         net = self.net_.to(device).eval()
+        coords = head_reads_coords(net.head, self.n_features_in_)
         out_ids, rows, skipped = [], [], []
-        for sid in progress(ids, desc="encode slides", unit="slide"):
-            d = _read_slide(store, sid, need_views=False)
-            if len(d.features) == 0:
-                skipped.append(sid)
-                continue
-            if d.features.shape[1] != self.n_features_in_:
-                raise EncoderMismatchError(
-                    f"slide '{sid}' has {d.features.shape[1]}-d features; the model expects "
-                    f"{self.n_features_in_}-d (features of its training encoder).")
-            idx = self._chunks(len(d.features), sid)
-            total = None
-            with torch.no_grad():
-                for s in range(0, len(idx), int(self.inference_batch)):
-                    j = idx[s:s + int(self.inference_batch)]
-                    x = torch.from_numpy(d.features[j].astype(np.float32)).to(device)
-                    c = torch.from_numpy(d.coords[j]).to(device)
-                    e = net.embed(x, c).double().sum(0)
-                    total = e if total is None else total + e
-            v = (total / len(idx)).cpu().numpy()
-            rows.append(v / max(np.linalg.norm(v), 1e-12))
-            out_ids.append(sid)
+        reads = ordered_map(partial(_read_clean, store, coords=coords), ids,
+                            readers=int(self.readers))
+        try:
+            for sid, (feats, grid) in zip(ids, progress(reads, total=len(ids),
+                                                        desc="encode slides", unit="slide"),
+                                          strict=True):
+                if len(feats) == 0:
+                    skipped.append(sid)
+                    continue
+                if feats.shape[1] != self.n_features_in_:
+                    raise EncoderMismatchError(
+                        f"slide '{sid}' has {feats.shape[1]}-d features; the model expects "
+                        f"{self.n_features_in_}-d (features of its training encoder).")
+                rows.append(self._embed_slide(net, sid, feats, grid, device))
+                out_ids.append(sid)
+        finally:
+            reads.close()
         if skipped:
             warnings.warn(f"skipped {len(skipped)} slide(s) without tiles: {skipped[:10]}",
                           UserWarning, stacklevel=2)
@@ -329,6 +370,26 @@ class SlideSSL(TransformerMixin, BaseEstimator):
                 "model_fingerprint": self._weights_hash(), "skipped": skipped}
         emb = np.stack(rows).astype(dtype)
         return SlideEmbeddings(tuple(out_ids), emb, prov)
+
+    def _embed_slide(self, net: Any, sid: str, feats: np.ndarray, grid: np.ndarray | None,
+                     device: Any) -> np.ndarray:
+        """Mean of the head's output over the slide's k-tile chunks, L2-normalised (float64)."""
+        import torch
+
+        if not np.isfinite(feats).all():
+            raise InputError(f"slide '{sid}' has NaN/inf values in its tile features; re-embed "
+                             "it (or drop it from the store) before encoding it.")
+        idx = self._chunks(len(feats), sid)
+        total = None
+        with torch.no_grad():
+            for s in range(0, len(idx), int(self.inference_batch)):
+                j = idx[s:s + int(self.inference_batch)]
+                x = torch.from_numpy(feats[j].astype(np.float32)).to(device)
+                c = torch.from_numpy(grid[j]).to(device) if grid is not None else None
+                e = net.embed(x, c).double().sum(0)
+                total = e if total is None else total + e
+        v = (total / len(idx)).cpu().numpy()
+        return v / max(np.linalg.norm(v), 1e-12)
 
     def fit_transform(self, store: Any, y: None = None, *,
                       slide_ids: Sequence[str] | None = None, resume: bool = False,
@@ -363,6 +424,11 @@ class SlideSSL(TransformerMixin, BaseEstimator):
                "encoder_fingerprint": self.encoder_fingerprint_,
                "store_fingerprint": self.store_fingerprint_, "history": self.history_,
                "slide_ids": list(self.slide_ids_), "skipped_slides": list(self.skipped_slides_),
+               "excluded_slides": list(self.excluded_slides_),
+               "settings": {"tiles_per_view": self.tiles_per_view_,
+                            "batch_size": self.batch_size_, "epochs": self.epochs_,
+                            "lr": self.lr_, "temperature": self.temperature_,
+                            "reason": self.settings_reason_},
                "train_views_per_s": self.train_views_per_s_}
         atomic_write_bytes(path / _CONFIG_FILE, json.dumps(cfg, indent=2).encode())
         return path
@@ -372,6 +438,8 @@ class SlideSSL(TransformerMixin, BaseEstimator):
         """Load a model written by :meth:`save` (or ``wsi-ssl pretrain-slides --out``); files of
         older versions are migrated on the fly (:func:`_migrate_params`)."""
         from safetensors.torch import load_file
+
+        from wsi_ssl.pretrain._presets import AUTO_PARAMS
 
         path = Path(path)
         cfg_path, w_path = path / _CONFIG_FILE, path / _MODEL_FILE
@@ -400,6 +468,13 @@ class SlideSSL(TransformerMixin, BaseEstimator):
         model.start_epoch_ = 0
         model.slide_ids_ = tuple(cfg.get("slide_ids", []))
         model.skipped_slides_ = tuple(cfg.get("skipped_slides", []))
+        model.excluded_slides_ = tuple(cfg.get("excluded_slides", []))
+        fitted = cfg.get("settings") or {k: params[k] for k in AUTO_PARAMS}  # older files
+        if any(v == "auto" for v in fitted.values()):
+            raise WeightsError(f"'{cfg_path}' has 'auto' settings but not the values fit chose; "
+                               "re-save the model with this version of wsi-ssl.")
+        model._set_settings(fitted, str(fitted.get("reason", "")))
+        model.read_stats_ = None
         model.n_features_in_ = int(cfg["n_features_in"])
         model.encoder_fingerprint_ = str(cfg.get("encoder_fingerprint", ""))
         model.store_fingerprint_ = str(cfg.get("store_fingerprint", ""))
@@ -416,3 +491,17 @@ def _migrate_params(params: dict[str, Any], tensors: dict[str, Any]) -> dict[str
         # written before sparseconv pooled with attention by default (wsi-ssl 0.1 dev)
         params = {**params, "head_kwargs": {**hk, "pooling": "mean"}}
     return params
+
+
+def _read_clean(store: Any, sid: str, *, coords: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """A slide's clean features ``(N, D)`` and, when the head reads them, its grid-unit
+    coordinates ``(N, 2)`` float32 (never the view bank)."""
+    from wsi_ssl.mil._coords import to_grid_units
+
+    feats = np.asarray(store.read_features(sid))
+    if feats.ndim != 2:
+        raise StoreFormatError(f"slide '{sid}': features must be (n_tiles, dim); got shape "
+                               f"{feats.shape}.")
+    grid = (to_grid_units(np.asarray(store.read_coords(sid)), store.slide_attrs(sid) or {})
+            if coords else None)
+    return feats, grid

@@ -28,7 +28,7 @@ LOSS_CURVE_NAME = "loss_curve.png"
 _FORMAT = "wsi-ssl-slide-ssl-checkpoint"
 #: parameters that may differ between an interrupted run and its resumption
 RESUME_FREE = frozenset({"device", "checkpoint_dir", "checkpoint_every", "cache_bytes",
-                         "inference_chunks", "inference_batch"})
+                         "inference_chunks", "inference_batch", "readers"})
 
 
 @dataclass
@@ -42,69 +42,121 @@ class TrainProgress:
 
 
 class SlideTrainer:
-    """Network, optimiser, warm-up + cosine schedule and NT-Xent of one slide-SSL run.
+    """Network, optimiser, warm-up + cosine schedule, NT-Xent and the streaming data path of one
+    slide-SSL run.
+
+    Each epoch is planned in the main process from ``(seed, epoch)`` (:func:`plan_step`);
+    ``model.readers`` threads read the planned version chunks ahead of the model, across epoch
+    boundaries (:func:`ordered_map`, at most ``readers + 1`` batches in memory); on CUDA the
+    batches are pinned and copied without blocking. Call :meth:`close` when done.
 
     Args:
         model: the :class:`~wsi_ssl.pretrain.SlideSSL` whose parameters define the run.
-        bank: the slides (:class:`~wsi_ssl.pretrain._slide_data.SlideBank`).
+        cohort: the slides (:class:`~wsi_ssl.pretrain._slide_data.SlideCohort`).
+        settings: the resolved settings (:class:`~wsi_ssl.pretrain._presets.ResolvedSettings`).
+        store: the tile store the views are read from.
         device: the torch device.
     """
 
-    def __init__(self, model: Any, bank: Any, device: torch.device) -> None:
+    def __init__(self, model: Any, cohort: Any, settings: Any, store: Any,
+                 device: torch.device) -> None:
         from wsi_ssl.pretrain._losses import NTXentLoss
         from wsi_ssl.pretrain._optim import build_optimizer
+        from wsi_ssl.pretrain._slide_data import CoordsCache, ViewReader, head_reads_coords
 
-        self.model, self.bank, self.device = model, bank, device
-        self.k = int(model.tiles_per_view)
-        self.bsz = min(int(model.batch_size), len(bank))
-        self.steps_per_epoch = len(bank) // self.bsz
-        self.total_steps = self.steps_per_epoch * int(model.epochs)
-        self.net = model._build_net(bank.dim)
+        self.model, self.cohort, self.settings, self.device = model, cohort, settings, device
+        self.k = int(settings.tiles_per_view)
+        self.bsz = int(settings.batch_size)
+        self.epochs = int(settings.epochs)
+        self.steps_per_epoch = len(cohort) // self.bsz
+        self.total_steps = self.steps_per_epoch * self.epochs
+        self.net = model._build_net(cohort.dim)
         if model.standardize:
-            self.net.feat_mean.copy_(torch.from_numpy(bank.mean))
-            self.net.feat_std.copy_(torch.from_numpy(bank.std))
+            self.net.feat_mean.copy_(torch.from_numpy(cohort.mean))
+            self.net.feat_std.copy_(torch.from_numpy(cohort.std))
+        uses_coords = bool(getattr(self.net.head, "uses_coords", False))
+        reads_coords = head_reads_coords(self.net.head, cohort.dim)
         self.net.to(device)
-        self.opt = build_optimizer(self.net, lr=float(model.lr),
+        self.opt = build_optimizer(self.net, lr=float(settings.lr),
                                    weight_decay=float(model.weight_decay),
                                    optimizer=model.optimizer)
-        self.loss_fn = NTXentLoss(float(model.temperature))
-        uses_coords = bool(getattr(self.net.head, "uses_coords", True))
+        self.loss_fn = NTXentLoss(float(settings.temperature))
         self.coord_aug = model.coord_augment if uses_coords else None
+        self.readers = int(model.readers)
+        self.reader = ViewReader(
+            store, cohort, CoordsCache(store, int(model.cache_bytes)) if reads_coords else None,
+            pin=device.type == "cuda")
         self.sched = self.schedule(0)
+        self._stream: Any = None
+        self._stream_epoch = -1
 
     def schedule(self, start_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
         """The lr schedule positioned at the first step of ``start_epoch``."""
         from wsi_ssl.pretrain._optim import warmup_cosine
 
-        return warmup_cosine(self.opt, base_lr=float(self.model.lr),
+        return warmup_cosine(self.opt, base_lr=float(self.settings.lr),
                              total_steps=self.total_steps,
                              warmup_steps=self.steps_per_epoch * int(self.model.warmup_epochs),
                              start_step=start_epoch * self.steps_per_epoch)
 
+    def plans(self, epoch: int) -> Any:
+        """The epoch's step plans (a generator drawing from the ``(seed, epoch)`` stream)."""
+        from wsi_ssl.pretrain._slide_data import plan_step
+
+        rng = np.random.default_rng([int(self.model.seed), epoch])
+        order = rng.permutation(len(self.cohort))
+        for s in range(self.steps_per_epoch):
+            yield plan_step(rng, order[s * self.bsz:(s + 1) * self.bsz], self.cohort, self.k,
+                            self.coord_aug)
+
+    def _batches(self, epoch: int) -> Any:
+        """The batches from the first step of ``epoch`` to the end of training, read ahead by
+        the readers across epoch boundaries (one stream, reopened only after a jump)."""
+        from wsi_ssl.pretrain._slide_data import ordered_map
+
+        if self._stream is None or self._stream_epoch != epoch:
+            self.close()
+            plans = (p for e in range(epoch, self.epochs) for p in self.plans(e))
+            self._stream = ordered_map(self.reader.read_step, plans, readers=self.readers)
+            self._stream_epoch = epoch
+        return self._stream
+
+    def close(self) -> None:
+        """Stop the readers (batches read ahead are dropped)."""
+        if self._stream is not None:
+            self._stream.close()
+        self._stream, self._stream_epoch = None, -1
+
     def run_epoch(self, epoch: int, progress: TrainProgress, bar: Any) -> None:
         """One pass over the slides (one view pair per slide), seeded by ``(seed, epoch)``."""
-        seed, n, bsz, k = int(self.model.seed), len(self.bank), self.bsz, self.k
-        rng = np.random.default_rng([seed, epoch])
-        torch.manual_seed(seed * 100_003 + epoch)
-        order = rng.permutation(n)
+        torch.manual_seed(int(self.model.seed) * 100_003 + epoch)
+        bsz, nb = self.bsz, self.device.type == "cuda"
         self.net.train()
         losses = []
-        for s in range(self.steps_per_epoch):
+        batches = self._batches(epoch)
+        try:
             t0 = time.perf_counter()
-            batch = [self.bank.slide_ids[i] for i in order[s * bsz:(s + 1) * bsz]]
-            x, c = self.bank.sample_views(batch, rng, k, self.coord_aug)
-            z = self.net(torch.from_numpy(x.reshape(2 * bsz, k, -1)).to(self.device),
-                         torch.from_numpy(c.reshape(2 * bsz, k, 2)).to(self.device))
-            loss = self.loss_fn(z[:bsz], z[bsz:])
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            self.opt.step()
-            self.sched.step()
-            losses.append(float(loss.detach()))
-            progress.train_s += time.perf_counter() - t0
-            progress.views += 2 * bsz
-            bar.update(1)
-            bar.set_postfix(epoch=epoch + 1, loss=f"{losses[-1]:.3f}", refresh=False)
+            for _ in range(self.steps_per_epoch):
+                x, c = next(batches)
+                x = x.to(self.device, non_blocking=nb)
+                c = c.to(self.device, non_blocking=nb) if c is not None else None
+                z = self.net(x, c)
+                loss = self.loss_fn(z[:bsz], z[bsz:])
+                self.opt.zero_grad(set_to_none=True)
+                loss.backward()
+                self.opt.step()
+                self.sched.step()
+                losses.append(float(loss.detach()))
+                t1 = time.perf_counter()
+                progress.train_s += t1 - t0
+                t0 = t1
+                progress.views += 2 * bsz
+                bar.update(1)
+                bar.set_postfix(epoch=epoch + 1, loss=f"{losses[-1]:.3f}", refresh=False)
+        except BaseException:
+            self.close()
+            raise
+        self._stream_epoch = epoch + 1
         progress.history.append(float(np.mean(losses)))
         progress.epoch = epoch + 1
 
@@ -164,15 +216,14 @@ class SlideCheckpoint:
         progress = TrainProgress(epoch=int(info["epoch"]), history=list(info["history"]),
                                  views=int(info["views"]), train_s=float(info["train_s"]))
         trainer.sched = trainer.schedule(progress.epoch)
-        logger.info("resuming slide SSL from epoch %d of %d", progress.epoch,
-                    trainer.model.epochs)
+        logger.info("resuming slide SSL from epoch %d of %d", progress.epoch, trainer.epochs)
         return progress
 
     def on_epoch_end(self, progress: TrainProgress, trainer: SlideTrainer) -> None:
         """Save every ``every`` epochs and after the last one."""
         from wsi_ssl.pretrain._checkpoint import _tensors, optimizer_tensors, save_state
 
-        if progress.epoch % self.every and progress.epoch != int(trainer.model.epochs):
+        if progress.epoch % self.every and progress.epoch != trainer.epochs:
             return
         tensors = _tensors(trainer.net, prefix="model.")
         opt_tensors, opt_meta = optimizer_tensors(trainer.opt)
@@ -223,17 +274,29 @@ def validate_params(m: Any) -> None:
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum:
             raise ConfigError(f"SlideSSL {name}={v!r} must be an integer >= {minimum}.")
 
-    for name in ("embed_dim", "tiles_per_view", "batch_size", "epochs", "inference_batch",
-                 "checkpoint_every"):
+    def is_auto(name: str) -> bool:
+        v = getattr(m, name)
+        if isinstance(v, str) and v != "auto":
+            raise ConfigError(f"SlideSSL {name}={v!r}: the only text value is 'auto' (chosen "
+                              "from the store at fit time); otherwise give a number.")
+        return v == "auto"
+
+    for name in ("embed_dim", "inference_batch", "checkpoint_every"):
         pos_int(name)
+    for name in ("tiles_per_view", "epochs"):
+        if not is_auto(name):
+            pos_int(name)
     pos_int("warmup_epochs", 0)
-    pos_int("batch_size", 2)
+    pos_int("readers", 0)
+    if not is_auto("batch_size"):
+        pos_int("batch_size", 2)
     if m.inference_chunks is not None:
         pos_int("inference_chunks")
     for name in ("temperature", "lr"):
         v = getattr(m, name)
-        if not isinstance(v, (int, float)) or not v > 0:
-            raise ConfigError(f"SlideSSL {name}={v!r} must be a number > 0.")
+        if not is_auto(name) and (isinstance(v, bool) or not isinstance(v, (int, float))
+                                  or not v > 0):
+            raise ConfigError(f"SlideSSL {name}={v!r} must be a number > 0 or 'auto'.")
     if not isinstance(m.weight_decay, (int, float)) or m.weight_decay < 0:
         raise ConfigError(f"SlideSSL weight_decay={m.weight_decay!r} must be >= 0.")
     if m.optimizer not in ("adamw", "adam"):
