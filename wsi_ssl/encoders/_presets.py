@@ -55,7 +55,7 @@ class EncoderPreset:
         aliases: other names accepted for it (e.g. TRIDENT's ``uni_v1``).
         family: ``"timm"`` (``timm.create_model(arch, **kwargs)``), ``"transformers"``
             (``transformers.<arch>(<arch>Config(**kwargs))``; needs ``pip install transformers``)
-            or ``"conch"`` (CONCH v1.5's vision tower, :mod:`wsi_ssl.encoders.slide._conch`).
+            or ``"conch"`` (CONCH v1.5's vision tower, :mod:`wsi_ssl.encoders._slide_conch`).
         arch: timm architecture name or ``transformers`` model class name.
         kwargs: keyword arguments of the architecture (``"swiglu_packed"`` / ``"silu"`` stand for
             ``timm.layers.SwiGLUPacked`` / ``torch.nn.SiLU``).
@@ -339,7 +339,7 @@ def build_trunk(preset: EncoderPreset, overrides: Mapping[str, Any] | None = Non
     for tests)."""
     kwargs = _resolve_kwargs({**preset.kwargs, **(overrides or {})})
     if preset.family == "conch":
-        from wsi_ssl.encoders.slide._conch import ConchVisionTower
+        from wsi_ssl.encoders._slide_conch import ConchVisionTower
 
         return ConchVisionTower(**kwargs)
     if preset.family == "timm":
