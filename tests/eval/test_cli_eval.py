@@ -25,7 +25,7 @@ def test_probe_cli_writes_report(files, tmp_path, capsys):
     npz, csv, labels = files
     out = tmp_path / "probe"
     rc = main(["probe", str(npz), str(labels), "--label-col", "msi", "--id-col", "sid",
-               "--n-labeled", "10", "all", "--repeats", "2", "--C", "1", "--bootstrap", "100",
+               "--n-labeled", "10", "all", "--repeats", "2", "--C", "1", "--bootstrap", "20",
                "--out", str(out)])
     assert rc == 0
     text = capsys.readouterr().out
@@ -47,7 +47,7 @@ def test_survival_cli_writes_report(files, tmp_path, capsys):
     npz, _, labels = files
     out = tmp_path / "surv"
     rc = main(["survival", str(npz), str(labels), "--id-col", "sid", "--time-col", "os_days",
-               "--event-col", "dead", "--alpha", "0.05", "--l1-ratio", "0.5", "--bootstrap", "100",
+               "--event-col", "dead", "--alpha", "0.05", "--l1-ratio", "0.5", "--bootstrap", "20",
                "--out", str(out)])
     assert rc == 0
     text = capsys.readouterr().out

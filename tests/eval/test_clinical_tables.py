@@ -42,7 +42,7 @@ def survpath(cohort):
 
 
 SURV = dict(id_col="slide_id", patient_col="case_id", time="survival_months",
-            censor_col="censorship", alpha=0.05, l1_ratio=0.5, n_bootstrap=100)
+            censor_col="censorship", alpha=0.05, l1_ratio=0.5, n_bootstrap=20)
 
 
 def test_survpath_table_runs_with_extension_ids_and_censorship(survpath, caplog):

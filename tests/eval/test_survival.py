@@ -13,7 +13,7 @@ from wsi_ssl.errors import ConfigError, LabelError
 from wsi_ssl.eval import SurvivalReport, survival
 from wsi_ssl.eval._survival import _fit_fold
 
-FAST = dict(alpha=0.05, l1_ratio=0.5, n_bootstrap=200)
+FAST = dict(alpha=0.05, l1_ratio=0.5, n_bootstrap=20)
 
 
 @pytest.fixture(scope="module")
@@ -100,8 +100,10 @@ def test_report_outputs(report, tmp_path):
     frame = report.to_frame()
     assert list(frame.columns) == ["fold", "n_train", "n_test", "n_events_test", "n_features",
                                    "alpha", "l1_ratio", "n_nonzero", "failed_fits",
-                                   "convergence_warnings", "c_index"]
+                                   "convergence_warnings", "c_index", "repeat"]
     data = json.loads(report.to_json())
+    assert data["interval_method"] == report.interval_method and "refit" in data["interval_method"]
+    assert len(data["c_index_boot"]) == 20  # one refitted CV per resample
     assert data["n_events"] == report.n_events and len(data["folds"]) == 5
     assert len(data["slides"]["risk"]) == report.n_slides
     fig = report.plot()

@@ -7,9 +7,9 @@ import argparse
 HELP = "few-shot + k-fold linear probes of slide embeddings (AUC, 95% CI) -> JSON + PNG"
 DESCRIPTION = (
     "Standardise + balanced logistic regression on slide embeddings (.npz, or any CSV/parquet "
-    "table of ids + numbers), few-shot subsets scored on a fixed held-out side and k-fold CV, "
-    "splits grouped by patient. Writes probe.json, probe.png, probe.csv and "
-    "probe_predictions.csv into --out. The Giga-SSL protocol is --C 10 --no-groups --n-labeled."
+    "table of ids + numbers), few-shot subsets scored on random held-out sides and k-fold CV, "
+    "splits grouped by patient, 95 % intervals from a patient bootstrap that refits. Writes "
+    "probe.json, probe.png, probe.csv and probe_predictions.csv into --out. The Giga-SSL protocol is --C 10 --no-groups --n-labeled."
 )
 
 
@@ -29,13 +29,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="one row per slide, or per patient (mean of its slide embeddings)")
     p.add_argument("--n-labeled", nargs="*", default=["25", "50", "100", "all"],
                    help="few-shot sizes; 'all' = the whole training side; none = CV only")
-    p.add_argument("--repeats", type=int, default=10, help="random subsets per few-shot size")
+    p.add_argument("--repeats", type=int, default=10,
+                   help="random held-out splits (each with its own labelled subset) per size")
     p.add_argument("--test-size", type=float, default=0.25, help="held-out fraction of patients")
     p.add_argument("--folds", type=int, default=5, help="k of the k-fold CV (0 = no CV)")
+    p.add_argument("--cv-repeats", type=int, default=1,
+                   help="repeats of the k-fold CV with different shuffles")
     p.add_argument("--C", default="cv", help="'cv' (inner CV) or a number, e.g. 10")
     p.add_argument("--no-groups", action="store_true",
                    help="treat slides as independent (no patient grouping)")
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs")
+    p.add_argument("--bootstrap", type=int, default=50,
+                   help="patient resamples, each refitted, for the 95%% CIs (0 = no CI)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="report folder (created)")
 
@@ -72,12 +76,13 @@ def run(args: argparse.Namespace) -> int:
         n_labeled=_sizes(args.n_labeled), repeats=args.repeats, test_size=args.test_size,
         folds=args.folds or None, C=c, groups=None if args.no_groups else "patient",
         n_bootstrap=args.bootstrap, seed=args.seed, level=args.level,
-        feature_cols=args.feature_cols,
+        feature_cols=args.feature_cols, cv_repeats=args.cv_repeats,
     )
     paths = report.save(args.out)
     cols = ["name", "runs", "auc_mean", "auc_std", "auc_ci_low", "auc_ci_high", "bacc_mean", "C"]
     print(f"{report.n_slides} slides, {report.n_patients} patients, level {report.level} "
           f"({report.n_rows} rows), classes {list(report.classes)}")
     print(report.to_frame()[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(f"95% CI: {report.interval_method}")
     print(f"wrote {paths['json']} and {paths['png']}")
     return 0

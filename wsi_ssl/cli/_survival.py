@@ -43,7 +43,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="PCA components fitted per fold before the Cox model (default: none)")
     p.add_argument("--no-groups", action="store_true",
                    help="treat slides as independent (no patient grouping)")
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CI")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="repeats of the outer k-fold CV with different shuffles")
+    p.add_argument("--bootstrap", type=int, default=50,
+                   help="patient resamples, each refitted, for the 95%% CI (0 = no CI)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="report folder (created)")
 
@@ -62,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         level=args.level, folds=args.folds, alpha=alpha,
         n_components=args.n_components, groups=None if args.no_groups else "patient",
         n_bootstrap=args.bootstrap, seed=args.seed, embedding_id_col=args.embedding_id_col,
-        feature_cols=args.feature_cols,
+        feature_cols=args.feature_cols, repeats=args.repeats,
         **({"l1_ratio": tuple(args.l1_ratio)} if args.l1_ratio else {}),
     )
     paths = report.save(args.out)

@@ -1,4 +1,5 @@
-"""Evaluation of slide embeddings: few-shot linear probes and survival models (see ``docs/eval.md``).
+"""Evaluation of slide embeddings: few-shot linear probes, survival models and the comparison of
+several embedding files (see ``docs/eval.md``).
 
 Both take slide embeddings (:class:`~wsi_ssl.store.SlideEmbeddings`, a DataFrame indexed by slide
 id, or a ``.npz`` / ``.csv`` / ``.parquet`` path) and a label or clinical table, split by patient,
@@ -6,6 +7,12 @@ and return a frozen report with ``to_frame()``, ``to_json()``, ``plot()`` and ``
 """
 
 from wsi_ssl.eval._clusters import ClusterMapResult, cluster_map, tile_clusters
+from wsi_ssl.eval._compare import (
+    CompareReport,
+    CompareScore,
+    PairedDifference,
+    compare_embeddings,
+)
 from wsi_ssl.eval._export import GeoJSONExport, export_geojson
 from wsi_ssl.eval._heatmap import HeatmapResult, heatmap, tile_scores
 from wsi_ssl.eval._probe import linear_probe
@@ -27,6 +34,10 @@ __all__ = [
     "survival",
     "SurvivalReport",
     "SurvivalFold",
+    "compare_embeddings",
+    "CompareReport",
+    "CompareScore",
+    "PairedDifference",
     "heatmap",
     "tile_scores",
     "HeatmapResult",

@@ -1,12 +1,18 @@
-"""Few-shot linear probes on slide embeddings, grouped by patient, with bootstrap intervals.
+"""Few-shot linear probes on slide embeddings, grouped by patient, with intervals that account
+for the split and the fit.
 
 The probe is ``StandardScaler`` + ``LogisticRegression(class_weight="balanced")`` (scikit-learn).
 Two protocols run in one call:
 
-* **few-shot**: one fixed held-out side (a stratified, patient-grouped split of ``test_size``);
-  for each ``n`` in ``n_labeled``, ``repeats`` stratified subsets of ``n`` slides are drawn from
-  the training side, fitted, and scored on the held-out side;
-* **k-fold CV** on every labelled slide (stratified, patient-grouped).
+* **few-shot**: ``repeats`` random stratified, patient-grouped held-out splits of ``test_size``;
+  on each, for each ``n`` in ``n_labeled``, a stratified subset of ``n`` slides is drawn from the
+  training side, fitted, and scored on that split's held-out side;
+* **repeated k-fold CV** on every labelled slide (stratified, patient-grouped, ``cv_repeats``
+  times with different shuffles).
+
+Every 95 % interval comes from a bootstrap that refits: ``n_bootstrap`` resamples of patients,
+on each of which one run of the protocol (split, C search, fit) is redone
+(:func:`wsi_ssl.eval._stats.refit_interval`).
 
 With ``C=10, groups=None`` the CV row is the Giga-SSL evaluation (see ``docs/eval.md``).
 """
@@ -35,10 +41,14 @@ from wsi_ssl.eval._inputs import (
 )
 from wsi_ssl.eval._probe_report import ProbeReport, ProbeResult, RocCurve
 from wsi_ssl.eval._stats import (
+    INTERVAL_METHOD,
+    MIN_BOOTSTRAP,
     balanced_accuracy_weighted,
-    cluster_bootstrap_weights,
+    bootstrap_rows,
+    group_folds,
     macro_auc_weighted,
-    percentile_ci,
+    refit_interval,
+    repeat_seed,
 )
 
 __all__ = ["linear_probe", "C_GRID", "DEFAULT_C"]
@@ -150,38 +160,103 @@ def _mean_roc(name: str, runs: list[tuple[np.ndarray, np.ndarray]], n_classes: i
     return RocCurve(name, tuple(_FPR_GRID.tolist()), tuple(tpr.tolist()), float(auc))
 
 
-def _summarise(setting, n_labeled, requested, blocks, n_classes, n_bootstrap, rng, shared):
+def _scores(blocks, n_classes) -> tuple[list[float], list[float]]:
+    """AUC and balanced accuracy of each block ``(test_idx, y_test, proba, groups_test, C)``."""
+    auc = [float(macro_auc_weighted(b[1], b[2], np.ones((1, len(b[1]))))[0]) for b in blocks]
+    bacc = [float(balanced_accuracy_weighted(b[1], b[2].argmax(1), n_classes,
+                                             np.ones((1, len(b[1]))))[0]) for b in blocks]
+    return auc, bacc
+
+
+def _summarise(setting, n_labeled, requested, blocks, n_classes, repeats, boot):
     """Turn runs ``[(test_idx, y_test, proba, groups_test, C)]`` into a :class:`ProbeResult`.
 
-    ``shared=True`` (few-shot): every run has the same test side, so one bootstrap resample of
-    its patients scores every run; else (CV) each fold's patients are resampled on their own.
-    The CI is the percentile interval of the mean over runs.
-    """
-    ones = [np.ones((1, len(b[1]))) for b in blocks]
-    auc_runs = [float(macro_auc_weighted(b[1], b[2], o)[0]) for b, o in zip(blocks, ones, strict=True)]
-    bacc_runs = [float(balanced_accuracy_weighted(b[1], b[2].argmax(1), n_classes, o)[0])
-                 for b, o in zip(blocks, ones, strict=True)]
-    boot_auc = np.zeros(n_bootstrap)
-    boot_bacc = np.zeros(n_bootstrap)
-    w = cluster_bootstrap_weights(blocks[0][3], n_bootstrap, rng) if shared else None
-    for b in blocks:
-        wb = w if shared else cluster_bootstrap_weights(b[3], n_bootstrap, rng)
-        boot_auc += macro_auc_weighted(b[1], b[2], wb)
-        boot_bacc += balanced_accuracy_weighted(b[1], b[2].argmax(1), n_classes, wb)
-    k = len(blocks)
+    Few-shot: one block per run (split); CV: ``folds`` blocks per repeat, a run being one
+    repeat (the mean of its folds). ``boot`` is ``(B, 2)``: AUC and balanced accuracy of the one
+    run refitted on each bootstrap resample (NaN where it failed)."""
+    auc_blocks, bacc_blocks = _scores(blocks, n_classes)
+    per = len(blocks) // repeats
+    auc_run = np.nanmean(np.reshape(auc_blocks, (repeats, per)), axis=1)
+    bacc_run = np.nanmean(np.reshape(bacc_blocks, (repeats, per)), axis=1)
+    boot = np.asarray(boot, np.float64).reshape(-1, 2)
+    auc = refit_interval(auc_run, boot[:, 0], null=0.5, bounds=(0.0, 1.0))
+    bacc = refit_interval(bacc_run, boot[:, 1], null=1.0 / n_classes, bounds=(0.0, 1.0))
     return ProbeResult(
-        setting=setting, n_labeled=float(n_labeled), requested=requested, runs=k,
-        auc_mean=float(np.mean(auc_runs)), auc_std=float(np.std(auc_runs)),
-        auc_ci=percentile_ci(boot_auc / k),
-        bacc_mean=float(np.mean(bacc_runs)), bacc_std=float(np.std(bacc_runs)),
-        bacc_ci=percentile_ci(boot_bacc / k),
-        auc_runs=tuple(auc_runs), bacc_runs=tuple(bacc_runs), C=tuple(b[4] for b in blocks),
+        setting=setting, n_labeled=float(n_labeled), requested=requested, runs=len(blocks),
+        auc_mean=float(np.nanmean(auc_blocks)), auc_std=float(np.nanstd(auc_blocks)),
+        auc_ci=auc.interval,
+        bacc_mean=float(np.nanmean(bacc_blocks)), bacc_std=float(np.nanstd(bacc_blocks)),
+        bacc_ci=bacc.interval,
+        auc_runs=tuple(auc_blocks), bacc_runs=tuple(bacc_blocks), C=tuple(b[4] for b in blocks),
+        auc_p_value=auc.p_value, repeats=repeats,
+        auc_boot=tuple(float(v) for v in boot[:, 0]),
+        bacc_boot=tuple(float(v) for v in boot[:, 1]),
     )
 
 
-def _check_config(n_labeled, repeats, test_size, folds, C, n_bootstrap, inner_folds) -> None:
+def _holdout(n_splits, grouped, seed, x, y, g, test_size):
+    """One stratified (patient-grouped) held-out split: ``(train_idx, test_idx)``."""
+    if grouped:
+        return _split(n_splits, True, seed, x, y, g)[0]
+    from sklearn.model_selection import train_test_split
+
+    tr, te = train_test_split(np.arange(len(y)), test_size=float(test_size), stratify=y,
+                              random_state=seed)
+    return np.sort(tr), np.sort(te)
+
+
+def _boot_run(fn, *args) -> tuple[float, float]:
+    """One refitted run on a bootstrap resample; ``(nan, nan)`` when the resample cannot be
+    split or fitted (e.g. a class missing from a training side)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return fn(*args)
+    except (ValueError, IndexError, LabelError):
+        return (float("nan"), float("nan"))
+
+
+def _refit_config(fit: dict, blocks) -> dict:
+    """The fit settings of the bootstrap runs: C fixed to the median C of the real runs (the
+    inner search is not repeated on every resample; that would multiply the cost by ~19)."""
+    return {**fit, "C": float(np.median([b[4] for b in blocks])), "grouped": True}
+
+
+def _all_classes(y, n_classes) -> None:
+    if len(np.unique(y)) < n_classes:
+        raise ValueError("a bootstrap training side lacks a class")
+
+
+def _few_shot_once(x, y, g, m, holdout_splits, seed, rng, fit, n_classes):
+    """One few-shot run on a bootstrap resample: a patient-grouped held-out split, a stratified
+    subset of ``m`` slides (``None``: the whole training side), AUC and balanced accuracy."""
+    tr, te = group_folds(y, g, holdout_splits, seed)[0]
+    sub = tr if m is None else _stratified_subset(tr, y, min(m, len(tr)), rng)
+    _all_classes(y[sub], n_classes)
+    proba, _ = _fit_predict(x, y, g, sub, te, seed=seed, **fit)
+    auc, bacc = _scores([(te, y[te], proba, g[te], 0.0)], n_classes)
+    return auc[0], bacc[0]
+
+
+def _cv_once(x, y, g, folds, seed, fit, n_classes):
+    """One patient-grouped k-fold CV on a bootstrap resample: mean AUC and balanced accuracy
+    over the folds."""
+    blocks = []
+    for f, (tr, te) in enumerate(group_folds(y, g, folds, seed)):
+        _all_classes(y[tr], n_classes)
+        proba, _ = _fit_predict(x, y, g, tr, te, seed=seed + f, **fit)
+        blocks.append((te, y[te], proba, g[te], 0.0))
+    auc, bacc = _scores(blocks, n_classes)
+    return float(np.nanmean(auc)), float(np.nanmean(bacc))
+
+
+def _check_config(n_labeled, repeats, test_size, folds, C, cv_repeats, inner_folds,
+                  n_bootstrap) -> None:
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise ConfigError(f"repeats={repeats!r} must be an integer >= 1.")
+        raise ConfigError(f"repeats={repeats!r} must be an integer >= 1 (2 or more for an "
+                          "interval).")
+    if isinstance(cv_repeats, bool) or not isinstance(cv_repeats, int) or cv_repeats < 1:
+        raise ConfigError(f"cv_repeats={cv_repeats!r} must be an integer >= 1.")
     if not 0.0 < float(test_size) < 1.0:
         raise ConfigError(f"test_size={test_size!r} must be a fraction in (0, 1), e.g. 0.25.")
     if folds is not None and (not isinstance(folds, int) or folds < 2):
@@ -195,10 +270,12 @@ def _check_config(n_labeled, repeats, test_size, folds, C, n_bootstrap, inner_fo
         grid = list(C) if isinstance(C, Sequence) else [C]
         if not grid or any(not np.isfinite(float(c)) or float(c) <= 0 for c in grid):
             raise ConfigError(f"C={C!r} must be 'cv', a positive number or a list of them.")
-    if not isinstance(n_bootstrap, int) or n_bootstrap < 0:
-        raise ConfigError(f"n_bootstrap={n_bootstrap!r} must be an integer >= 0.")
     if not isinstance(inner_folds, int) or inner_folds < 2:
         raise ConfigError(f"inner_folds={inner_folds!r} must be an integer >= 2.")
+    if isinstance(n_bootstrap, bool) or not isinstance(n_bootstrap, int) or (
+            n_bootstrap != 0 and n_bootstrap < MIN_BOOTSTRAP):
+        raise ConfigError(f"n_bootstrap={n_bootstrap!r} must be 0 (no interval) or an integer "
+                          f">= {MIN_BOOTSTRAP}.")
 
 
 def _check_class_sizes(y, g, classes, need, why, grouped, name, label_col) -> None:
@@ -229,14 +306,18 @@ def linear_probe(
     groups: Literal["patient"] | None = "patient",
     C: Literal["cv"] | float | Sequence[float] = "cv",
     inner_folds: int = 3,
-    n_bootstrap: int = 1000,
+    n_bootstrap: int = 50,
     max_iter: int = 1000,
     seed: int = 0,
     embedding_id_col: str | None = None,
     level: Level = "slide",
     feature_cols: Sequence[str] | None = None,
+    cv_repeats: int = 1,
 ) -> ProbeReport:
-    """Few-shot and k-fold linear probes of slide embeddings against slide labels.
+    """Few-shot and repeated k-fold linear probes of slide embeddings against slide labels.
+
+    Every 95 % interval comes from a patient bootstrap that refits the whole protocol on each
+    resample (``docs/eval.md``).
 
     Args:
         embeddings: :class:`~wsi_ssl.store.SlideEmbeddings`, a DataFrame indexed by slide id,
@@ -245,22 +326,26 @@ def linear_probe(
         labels: DataFrame or CSV/TSV/parquet path with ``id_col`` and ``label_col`` (and
             optionally ``patient_col``). Rows are used in table order.
         n_labeled: few-shot training sizes; ``None`` = the whole training side. Sizes above the
-            training side are clamped to it with a warning (and skipped if that repeats one).
-            ``()`` runs the CV only.
-        repeats: random subsets per few-shot size (the whole training side runs once).
-        test_size: fraction of patients on the fixed held-out side. With ``groups="patient"``
-            the split is the first fold of a ``StratifiedGroupKFold`` with
+            smallest training side are clamped to it with a warning (and skipped if that repeats
+            one). ``()`` runs the CV only.
+        repeats: random held-out splits, each with a freshly drawn labelled subset per few-shot
+            size (the whole training side too); the interval needs at least 2.
+        test_size: fraction of patients on the held-out side of each split. With
+            ``groups="patient"`` the split is the first fold of a ``StratifiedGroupKFold`` with
             ``round(1 / test_size)`` folds, so the fraction is approximate.
         folds: k of the k-fold CV on every slide; ``None`` skips it.
+        cv_repeats: repeats of the k-fold CV with different shuffles (the first uses ``seed``
+            itself, as a single k-fold CV would).
         groups: ``"patient"``: no patient on both sides of any split (``patient_col`` when the
             table has it, else the TCGA barcode prefix ``TCGA-XX-XXXX``, else the slide id);
             ``None``: slides are independent (plain ``StratifiedKFold``).
         C: ``"cv"`` picks C from :data:`C_GRID` by inner CV on each training set (AUC), a list
             is a custom grid, a number is used as is. Too small a training set for inner CV
             (a class with fewer than ``inner_folds`` slides) uses :data:`DEFAULT_C`.
-        n_bootstrap: patient-level bootstrap resamples of the held-out side for the 95 % CIs
-            (0 = no CI).
-        seed: seeds the splits, the subsets and the bootstrap.
+        n_bootstrap: resamples of patients (within each class) on each of which one run of
+            every setting (split, subset, fit; C fixed to the median C of the real runs) is
+            redone for the 95 % intervals; 0 = no interval (much faster).
+        seed: seeds the splits, the subsets and the resamples.
         embedding_id_col: id column of a CSV/parquet embedding table (default: its first).
         level: ``"slide"``: one row per slide (splits keep a patient's slides together);
             ``"patient"``: one row per patient, the mean of its slide embeddings (its slides
@@ -276,7 +361,8 @@ def linear_probe(
             fewer slides (patients) than the folds need.
         ConfigError: a bad parameter value.
     """
-    _check_config(n_labeled, repeats, test_size, folds, C, n_bootstrap, inner_folds)
+    _check_config(n_labeled, repeats, test_size, folds, C, cv_repeats, inner_folds,
+                  n_bootstrap)
     import pandas as pd
 
     if level not in ("slide", "patient"):
@@ -316,36 +402,39 @@ def linear_probe(
     rng = np.random.default_rng(seed)
     fit = dict(C=C, inner_folds=inner_folds, grouped=grouped, max_iter=max_iter,
                n_classes=n_classes)
-    n_boot = max(n_bootstrap, 1)
     results: list[ProbeResult] = []
     roc: list[RocCurve] = []
     n = len(y)
     heldout = np.zeros(n, bool)
+    heldout_runs: list[list[int]] = []
+    # the bootstrap: resamples of patients within each class (copies keep their patient id, so
+    # every split keeps them together), one refitted run of each setting on each
+    brng = np.random.default_rng([seed, 1])
+    resamples = bootstrap_rows(g, y, n_bootstrap, brng)
+    boot_seeds = [repeat_seed(seed, 1000 + b) for b in range(n_bootstrap)]
 
     if n_labeled:
         holdout_splits = max(2, int(round(1.0 / float(test_size))))
         _check_class_sizes(y, g, classes, 2, "the held-out split (one per side)", grouped,
                            name, label_col)
-        if grouped:
-            tr, te = _split(holdout_splits, True, seed, x, y, g)[0]
-        else:
-            from sklearn.model_selection import train_test_split
-
-            tr, te = train_test_split(np.arange(n), test_size=float(test_size), stratify=y,
-                                      random_state=seed)
-            tr, te = np.sort(tr), np.sort(te)
-        missing = [classes[k] for k in range(n_classes)
-                   if not (y[tr] == k).any() or not (y[te] == k).any()]
-        if missing:
-            raise LabelError(
-                f"classes {missing} of {name} could not be put on both sides of the held-out "
-                "split (too few patients); add slides or use a larger test_size."
-            )
-        heldout[te] = True
+        splits = []
+        for r in range(repeats):
+            tr, te = _holdout(holdout_splits, grouped, repeat_seed(seed, r), x, y, g, test_size)
+            missing = [classes[k] for k in range(n_classes)
+                       if not (y[tr] == k).any() or not (y[te] == k).any()]
+            if missing:
+                raise LabelError(
+                    f"classes {missing} of {name} could not be put on both sides of the held-out "
+                    "split (too few patients); add slides or use a larger test_size."
+                )
+            splits.append((tr, te))
+            heldout_runs.append([int(i) for i in te])
+        heldout[splits[0][1]] = True
+        n_train = min(len(tr) for tr, _ in splits)  # the smallest training side of the splits
         sizes: list[tuple[int, int | None]] = []
         for req in n_labeled:
             if req is None:
-                m = len(tr)
+                m = n_train
             else:
                 if isinstance(req, bool) or int(req) != req or req < n_classes:
                     raise ConfigError(
@@ -353,59 +442,78 @@ def linear_probe(
                         f"({n_classes}), or None for the whole training side."
                     )
                 m = int(req)
-                if m > len(tr):
+                if m > n_train:
                     warnings.warn(
-                        f"n_labeled={m} is larger than the training side ({len(tr)} slides); "
-                        f"clamped to {len(tr)}.", UserWarning, stacklevel=3)
-                    m = len(tr)
+                        f"n_labeled={m} is larger than the training side ({n_train} slides); "
+                        f"clamped to {n_train}.", UserWarning, stacklevel=3)
+                    m = n_train
             if any(m == s[0] for s in sizes):
                 warnings.warn(f"n_labeled={req!r} repeats size {m}; skipped.", UserWarning,
                               stacklevel=3)
                 continue
-            sizes.append((m, None if m == len(tr) else int(req)))
+            sizes.append((m, None if m == n_train else int(req)))
         for m, req in sorted(sizes):
             blocks = []
-            runs = 1 if m == len(tr) else repeats
-            for r in range(runs):
-                sub = tr if m == len(tr) else _stratified_subset(tr, y, m, rng)
+            used = []
+            for r, (tr, te) in enumerate(splits):
+                sub = tr if req is None else _stratified_subset(tr, y, m, rng)
                 proba, c = _fit_predict(x, y, g, sub, te, seed=seed + r, **fit)
                 blocks.append((te, y[te], proba, g[te], c))
-            res = _summarise("few-shot", m, req, blocks, n_classes, n_boot, rng, shared=True)
+                used.append(len(sub))
+            refit = _refit_config(fit, blocks)
+            size = m if req is not None else None
+            boot = [_boot_run(_few_shot_once, x[rows], y[rows], g[rows], size, holdout_splits,
+                              boot_seeds[b], brng, refit, n_classes)
+                    for b, rows in enumerate(resamples)]
+            res = _summarise("few-shot", float(np.mean(used)), req, blocks, n_classes,
+                             len(blocks), boot)
             results.append(res)
             roc.append(_mean_roc(res.name, [(b[1], b[2]) for b in blocks], n_classes,
                                  res.auc_mean))
 
     cv_fold = np.full(n, -1, np.int64)
+    cv_fold_runs: list[list[int]] = []
     cv_proba = np.zeros((0, n_classes))
     if folds is not None:
         _check_class_sizes(y, g, classes, folds, f"folds={folds}", grouped, name, label_col)
         cv_proba = np.zeros((n, n_classes))
         blocks = []
-        sizes_tr = []
-        for f, (tr, te) in enumerate(_split(folds, grouped, seed, x, y, g)):
-            absent = [classes[k] for k in range(n_classes) if not (y[te] == k).any()]
-            if absent:
-                raise LabelError(
-                    f"CV fold {f} of {name} has no slide of classes {absent} (too few patients "
-                    f"per class for folds={folds}); use fewer folds."
-                )
-            proba, c = _fit_predict(x, y, g, tr, te, seed=seed + f, **fit)
-            cv_proba[te] = proba
-            cv_fold[te] = f
-            sizes_tr.append(len(tr))
-            blocks.append((te, y[te], proba, g[te], c))
-        res = _summarise("cv", float(np.mean(sizes_tr)), None, blocks, n_classes, n_boot, rng,
-                         shared=False)
+        sizes_tr, sizes_te = [], []
+        for r in range(cv_repeats):
+            s = repeat_seed(seed, r)
+            assignment = np.full(n, -1, np.int64)
+            for f, (tr, te) in enumerate(_split(folds, grouped, s, x, y, g)):
+                absent = [classes[k] for k in range(n_classes) if not (y[te] == k).any()]
+                if absent:
+                    raise LabelError(
+                        f"CV fold {f} of {name} has no slide of classes {absent} (too few "
+                        f"patients per class for folds={folds}); use fewer folds."
+                    )
+                proba, c = _fit_predict(x, y, g, tr, te, seed=s + f, **fit)
+                if r == 0:
+                    cv_proba[te] = proba
+                    cv_fold[te] = f
+                assignment[te] = f
+                sizes_tr.append(len(tr))
+                sizes_te.append(len(te))
+                blocks.append((te, y[te], proba, g[te], c))
+            cv_fold_runs.append(assignment.tolist())
+        refit = _refit_config(fit, blocks)
+        boot = [_boot_run(_cv_once, x[rows], y[rows], g[rows], folds, boot_seeds[b], refit,
+                          n_classes) for b, rows in enumerate(resamples)]
+        res = _summarise("cv", float(np.mean(sizes_tr)), None, blocks, n_classes, cv_repeats,
+                         boot)
         results.append(res)
-        roc.append(_mean_roc(res.name, [(b[1], b[2]) for b in blocks], n_classes, res.auc_mean))
-    if n_bootstrap == 0:
-        results = [_drop_ci(r) for r in results]
+        roc.append(_mean_roc(res.name, [(b[1], b[2]) for b in blocks[:folds]], n_classes,
+                             res.auc_mean))
 
     config = {
         "label_col": label_col, "id_col": id_col, "patient_col": patient_col,
         "n_labeled": list(n_labeled), "repeats": repeats, "test_size": float(test_size),
-        "folds": folds, "groups": groups, "C": C if isinstance(C, (str, int, float)) else list(C),
-        "inner_folds": inner_folds, "n_bootstrap": n_bootstrap, "max_iter": max_iter,
+        "folds": folds, "cv_repeats": cv_repeats, "groups": groups,
+        "C": C if isinstance(C, (str, int, float)) else list(C),
+        "inner_folds": inner_folds, "n_bootstrap": n_bootstrap, "interval": INTERVAL_METHOD,
+        "max_iter": max_iter,
         "seed": seed, "embeddings": emb.provenance, "dim": emb.dim, "level": level,
         "n_slides": n_input, "n_patients": n_input_patients,
         "model": "StandardScaler + LogisticRegression(class_weight='balanced', lbfgs)",
@@ -416,15 +524,10 @@ def linear_probe(
         patients=tuple(str(p) for p in g), labels=tuple(str(v) for v in label_values),
         heldout=tuple(bool(h) for h in heldout), cv_fold=tuple(int(f) for f in cv_fold),
         cv_proba=cv_proba, level=level, n_input_slides=n_input, config=config,
+        heldout_runs=tuple(tuple(h) for h in heldout_runs),
+        cv_fold_runs=tuple(tuple(f) for f in cv_fold_runs),
     )
     for r in report.results:
         logger.info("probe %s: AUC %.3f ± %.3f (95%% CI %.3f-%.3f)", r.name, r.auc_mean,
                     r.auc_std, *r.auc_ci)
     return report
-
-
-def _drop_ci(r: ProbeResult) -> ProbeResult:
-    from dataclasses import replace
-
-    nan = (float("nan"), float("nan"))
-    return replace(r, auc_ci=nan, bacc_ci=nan)

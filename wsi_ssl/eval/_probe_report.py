@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from wsi_ssl.eval._report_io import RowCounts, dumps, write_report
+from wsi_ssl.eval._stats import INTERVAL_METHOD
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -20,20 +21,26 @@ __all__ = ["ProbeResult", "RocCurve", "ProbeReport"]
 
 @dataclass(frozen=True)
 class ProbeResult:
-    """One row of a probe report: a few-shot size or the k-fold CV.
+    """One row of a probe report: a few-shot size or the repeated k-fold CV.
 
     Attributes:
-        setting: ``"few-shot"`` (subsets of the training side, scored on the fixed held-out side)
-            or ``"cv"`` (k-fold cross-validation on every labelled slide).
-        n_labeled: slides the probe was trained on (CV: the mean training-fold size).
+        setting: ``"few-shot"`` (a subset of each random split's training side, scored on that
+            split's held-out side) or ``"cv"`` (repeated k-fold CV on every labelled slide).
+        n_labeled: slides the probe was trained on (mean over runs; CV: the mean training-fold
+            size).
         requested: the ``n_labeled`` asked for (``None`` = the whole training side; CV: ``None``).
-        runs: repeats (few-shot) or folds (CV).
+        runs: splits (few-shot: ``repeats``; CV: ``folds x cv_repeats``, repeat-major).
         auc_mean, auc_std: mean and population std of the AUC over runs (one-vs-rest macro AUC
             for more than two classes).
-        auc_ci: bootstrap 95 % interval of ``auc_mean``, resampling held-out patients.
+        auc_ci: 95 % interval of ``auc_mean`` from the bootstrap that refits (``auc_boot``,
+            see ``docs/eval.md``), clipped to [0, 1].
         bacc_mean, bacc_std, bacc_ci: the same for balanced accuracy.
         auc_runs, bacc_runs: the per-run values.
         C: the inverse regularisation used in each run (chosen by inner CV or fixed).
+        auc_p_value: two-sided p-value of ``auc_mean == 0.5`` under the same t distribution.
+        repeats: CV: the repeats of the k-fold CV; few-shot: the splits (``runs``).
+        auc_boot, bacc_boot: the metric of the one run refitted on each bootstrap resample
+            (NaN where the resample could not be split or fitted).
     """
 
     setting: Literal["few-shot", "cv"]
@@ -49,12 +56,18 @@ class ProbeResult:
     auc_runs: tuple[float, ...]
     bacc_runs: tuple[float, ...]
     C: tuple[float, ...]
+    auc_p_value: float = float("nan")
+    repeats: int = 1
+    auc_boot: tuple[float, ...] = ()
+    bacc_boot: tuple[float, ...] = ()
 
     @property
     def name(self) -> str:
-        """``"cv (5-fold)"`` or ``"n=25"`` / ``"n=all (73)"``."""
+        """``"cv (5-fold)"``, ``"cv (5-fold x 5)"`` (5 repeats) or ``"n=25"`` /
+        ``"n=all (73)"``."""
         if self.setting == "cv":
-            return f"cv ({self.runs}-fold)"
+            k = self.runs // max(self.repeats, 1)
+            return f"cv ({k}-fold)" if self.repeats <= 1 else f"cv ({k}-fold x {self.repeats})"
         if self.requested is None:
             return f"n=all ({int(self.n_labeled)})"
         return f"n={int(self.n_labeled)}"
@@ -84,13 +97,17 @@ class ProbeReport(RowCounts):
         results: few-shot rows (ascending ``n_labeled``) then the CV row.
         roc: one mean ROC curve per result.
         slide_ids, patients, labels: the labelled cohort, in table order.
-        heldout: per slide, True when it is on the fixed held-out side of the few-shot runs.
-        cv_fold: per slide, the CV fold in which it was scored (-1 when no CV was run).
-        cv_proba: ``(n, K)`` out-of-fold class probabilities (empty when no CV was run).
+        heldout: per slide, True when it is on the held-out side of the first few-shot split.
+        cv_fold: per slide, the fold of the first CV repeat in which it was scored (-1 when no
+            CV was run).
+        cv_proba: ``(n, K)`` out-of-fold class probabilities of the first CV repeat (empty when
+            no CV was run).
         level: ``"slide"`` (one row per slide) or ``"patient"`` (one row per patient, the mean
             of its slide embeddings; ``slide_ids`` then holds the patient ids).
         n_input_slides: slides of the label table that were used.
         config: the parameters of the call.
+        heldout_runs: per few-shot split, the row indices of its held-out side.
+        cv_fold_runs: per CV repeat, every row's fold.
     """
 
     task: Literal["binary", "multiclass"]
@@ -106,6 +123,13 @@ class ProbeReport(RowCounts):
     level: Literal["slide", "patient"] = "slide"
     n_input_slides: int = -1
     config: dict[str, Any] = field(default_factory=dict, compare=False)
+    heldout_runs: tuple[tuple[int, ...], ...] = ()
+    cv_fold_runs: tuple[tuple[int, ...], ...] = ()
+
+    @property
+    def interval_method(self) -> str:
+        """How every 95 % interval of the report was computed."""
+        return INTERVAL_METHOD
 
     @property
     def cv(self) -> ProbeResult | None:
@@ -114,7 +138,7 @@ class ProbeReport(RowCounts):
 
     def to_frame(self) -> pd.DataFrame:
         """One row per result: setting, n_labeled, runs, AUC and balanced accuracy with
-        std and 95 % CI, median C."""
+        std and 95 % CI, the p-value of AUC = 0.5, median C and the interval method."""
         import pandas as pd
 
         rows = []
@@ -126,7 +150,9 @@ class ProbeReport(RowCounts):
                 "auc_ci_low": r.auc_ci[0], "auc_ci_high": r.auc_ci[1],
                 "bacc_mean": r.bacc_mean, "bacc_std": r.bacc_std,
                 "bacc_ci_low": r.bacc_ci[0], "bacc_ci_high": r.bacc_ci[1],
+                "auc_p_value": r.auc_p_value,
                 "C": float(np.median(r.C)) if r.C else float("nan"),
+                "interval": INTERVAL_METHOD,
             })
         return pd.DataFrame(rows)
 
@@ -149,13 +175,14 @@ class ProbeReport(RowCounts):
             "kind": "wsi-ssl linear probe",
             "task": self.task, "classes": self.classes,
             "n_slides": self.n_slides, "n_patients": self.n_patients, "level": self.level,
-            "n_rows": self.n_rows,
+            "n_rows": self.n_rows, "interval_method": INTERVAL_METHOD,
             "config": self.config,
             "results": [dict(asdict(r), name=r.name) for r in self.results],
             "roc": [asdict(c) for c in self.roc],
             "splits": {"slide_id": self.slide_ids, "patient_id": self.patients,
                        "label": self.labels, "heldout": self.heldout,
-                       "cv_fold": self.cv_fold},
+                       "cv_fold": self.cv_fold, "heldout_runs": self.heldout_runs,
+                       "cv_fold_runs": self.cv_fold_runs},
         })
 
     def plot(self) -> Figure:
@@ -172,7 +199,7 @@ class ProbeReport(RowCounts):
             s = np.array([r.auc_std for r in few])
             lo = np.array([r.auc_ci[0] for r in few])
             hi = np.array([r.auc_ci[1] for r in few])
-            ax_lc.fill_between(n, m - s, m + s, alpha=0.2, label="± std over repeats")
+            ax_lc.fill_between(n, m - s, m + s, alpha=0.2, label="± std over splits")
             ax_lc.errorbar(n, m, yerr=np.abs(np.vstack([m - lo, hi - m])), marker="o",
                            capsize=3, label="mean AUC, 95 % CI")
         if self.cv is not None:
@@ -194,8 +221,8 @@ class ProbeReport(RowCounts):
         ax_roc.set_title(title)
         ax_roc.legend(loc="lower right", fontsize=8)
         fig.suptitle(f"Linear probe: {self.n_slides} slides, {self.n_patients} patients, "
-                     f"level {self.level}, "
-                     f"{len(self.classes)} classes")
+                     f"level {self.level}, {len(self.classes)} classes\n95 % CI: "
+                     f"{INTERVAL_METHOD}", fontsize=9)
         fig.tight_layout()
         return fig
 

@@ -5,10 +5,14 @@ pipeline ``StandardScaler`` -> (optional ``PCA``) -> scikit-survival ``CoxnetSur
 (elastic-net Cox) is fitted on the training rows. Its penalty ``alpha`` and mixing ``l1_ratio``
 are chosen by scikit-learn's ``GridSearchCV`` on inner folds that are grouped by patient too
 (Harrell's C-index on the inner test folds). The test fold gets a risk score (the linear
-predictor). Reported: the C-index per fold (mean +- std, patient bootstrap 95 % CI), a
-Kaplan-Meier plot of the out-of-fold high/low risk groups (split at the median training risk of
-each fold) with the log-rank p-value, and per fold the inner fits that failed and the
-convergence warnings: counted and reported, never scored as 0.5 or filtered away.
+predictor). The whole CV is repeated ``repeats`` times with different shuffles. Reported: the
+C-index per fold (mean +- std over every fold of every repeat, with a 95 % interval from a
+patient bootstrap that refits the whole CV on each resample), a
+Kaplan-Meier plot of the out-of-fold high/low risk groups of the first repeat (split at the
+median training risk of each fold) with the log-rank p-value, and per fold the inner fits that
+failed and the convergence warnings: counted and reported, never scored as 0.5 or filtered
+away. When no fold's model kept a feature, the report says so in words ("no feature was kept:
+no prognostic signal found") instead of a degenerate 0.500 [0.500-0.500].
 
 Why no PCA by default: PCA keeps the directions of largest variance, which need not be the
 prognostic ones. With a hazard planted in a low-variance direction (200 slides, 16 features),
@@ -40,7 +44,15 @@ from wsi_ssl.eval._inputs import (
     read_table,
     single_threaded,
 )
-from wsi_ssl.eval._stats import cindex_weighted, cluster_bootstrap_weights, percentile_ci
+from wsi_ssl.eval._stats import (
+    INTERVAL_METHOD,
+    MIN_BOOTSTRAP,
+    bootstrap_rows,
+    cindex_weighted,
+    group_folds,
+    refit_interval,
+    repeat_seed,
+)
 from wsi_ssl.eval._survival_report import SurvivalFold, SurvivalReport
 
 __all__ = ["survival", "SurvivalReport", "SurvivalFold", "L1_RATIOS", "N_ALPHAS",
@@ -241,6 +253,21 @@ def _fit_fold(x, t, e, g, tr, te, *, alpha, l1_ratio, n_components, grouped, inn
     )
 
 
+def _cv_once(x, t, e, g, folds, seed, **fit) -> float:
+    """One patient-grouped k-fold CV (fixed penalty) on a bootstrap resample: the
+    mean C-index over its folds; NaN when the resample cannot be split or fitted."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cs = []
+            for f, (tr, te) in enumerate(group_folds(e, g, folds, seed)):
+                risk = _fit_fold(x, t, e, g, tr, te, grouped=True, seed=seed + f, **fit).risk_test
+                cs.append(float(cindex_weighted(t[te], e[te], risk, np.ones((1, len(te))))[0]))
+            return float(np.nanmean(cs))
+    except (ValueError, ArithmeticError, ConfigError):
+        return float("nan")
+
+
 def _binary(df, name, id_col, col, meaning):
     import pandas as pd
 
@@ -291,7 +318,7 @@ def _read_clinical(df, name, id_col, time, event, censor):
     return t.to_numpy(np.float64), e
 
 
-def _check(folds, alpha, l1_ratio, n_components, n_bootstrap, level, inner_folds,
+def _check(folds, alpha, l1_ratio, n_components, repeats, n_bootstrap, level, inner_folds,
            max_iter) -> None:
     if not isinstance(folds, int) or isinstance(folds, bool) or folds < 2:
         raise ConfigError(f"folds={folds!r} must be an integer >= 2.")
@@ -313,8 +340,13 @@ def _check(folds, alpha, l1_ratio, n_components, n_bootstrap, level, inner_folds
     if not ratios.size or any(isinstance(r, (str, bool)) or not 0 < float(r) <= 1
                               for r in ratios):
         raise ConfigError(f"l1_ratio={l1_ratio!r} must be in (0, 1] or a list of such values.")
-    if not isinstance(n_bootstrap, int) or n_bootstrap < 0:
-        raise ConfigError(f"n_bootstrap={n_bootstrap!r} must be an integer >= 0.")
+    if isinstance(n_bootstrap, bool) or not isinstance(n_bootstrap, int) or (
+            n_bootstrap != 0 and n_bootstrap < MIN_BOOTSTRAP):
+        raise ConfigError(f"n_bootstrap={n_bootstrap!r} must be 0 (no interval) or an integer "
+                          f">= {MIN_BOOTSTRAP}.")
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ConfigError(f"repeats={repeats!r} must be an integer >= 1 (repeats of the "
+                          "k-fold CV).")
     if not isinstance(max_iter, int) or max_iter < 1:
         raise ConfigError(f"max_iter={max_iter!r} must be an integer >= 1.")
     if level not in ("slide", "patient"):
@@ -338,14 +370,18 @@ def survival(
     n_components: int | None = None,
     groups: Literal["patient"] | None = "patient",
     inner_folds: int = 3,
-    n_bootstrap: int = 1000,
+    n_bootstrap: int = 50,
     max_iter: int = 100_000,
     seed: int = 0,
     embedding_id_col: str | None = None,
     feature_cols: Sequence[str] | None = None,
     penalizer: float | Literal["cv"] | None = None,
+    repeats: int = 1,
 ) -> SurvivalReport:
     """Out-of-fold penalised Cox models of survival from slide embeddings.
+
+    The 95 % interval of the C-index comes from a patient bootstrap that refits one whole k-fold
+    CV on each resample (``docs/eval.md``).
 
     Args:
         embeddings: :class:`~wsi_ssl.store.SlideEmbeddings`, a DataFrame indexed by slide id,
@@ -370,10 +406,15 @@ def survival(
         groups: ``"patient"`` keeps each patient's slides in one fold (``patient_col``, else the
             TCGA barcode prefix, else the slide id); ``None`` treats slides as independent.
         inner_folds: folds of the inner penalty search (grouped like the outer ones).
-        n_bootstrap: patient-level bootstrap resamples for the 95 % CI of the mean C-index.
+        n_bootstrap: resamples of patients (within event / no event) on each of which one
+            whole k-fold CV is refitted (with the penalty chosen on the real folds: median
+            alpha, most frequent l1_ratio) for the 95 % interval; 0 = no interval.
+        repeats: repeats of the outer k-fold CV with different shuffles (the first uses
+            ``seed`` itself); the risk table, Kaplan-Meier plot and log-rank test use the
+            first.
         max_iter: coordinate-descent iterations of each coxnet fit; a fit that needs more is
             counted in the report's ``convergence_warnings``.
-        seed: seeds the folds and the bootstrap.
+        seed: seeds the folds and the resamples.
         embedding_id_col: id column of a CSV/parquet embedding table (default: its first).
         feature_cols: the feature columns of a CSV/parquet/DataFrame embedding table (default:
             every numeric column but the id). The time, event and patient columns are refused.
@@ -397,7 +438,8 @@ def survival(
         raise ConfigError(f"event={event!r} and censor_col={censor_col!r} are exclusive: pass "
                           "the event column (1 = event) or the censoring column (1 = censored).")
     event = "event" if event is None and censor_col is None else event
-    _check(folds, alpha, l1_ratio, n_components, n_bootstrap, level, inner_folds, max_iter)
+    _check(folds, alpha, l1_ratio, n_components, repeats, n_bootstrap, level, inner_folds,
+           max_iter)
     reserved = {c: role for c, role in ((time, "time"), (event, "event"),
                                         (censor_col, "censoring"), (patient_col, "patient"))
                 if c}
@@ -428,22 +470,24 @@ def survival(
     high = np.zeros(len(t), bool)
     fold_of = np.full(len(t), -1, np.int64)
     fold_rows: list[SurvivalFold] = []
-    rng = np.random.default_rng(seed)
-    boot = np.zeros(max(n_bootstrap, 1))
-    for f, (tr, te) in enumerate(_splits(folds, t, e, g, grouped, seed)):
-        fit = _fit_fold(x, t, e, g, tr, te, alpha=alpha, l1_ratio=l1_ratio,
-                        n_components=n_components, grouped=grouped, inner_folds=inner_folds,
-                        seed=seed + f, max_iter=max_iter)
-        r_te = fit.risk_test
-        risk[te], high[te], fold_of[te] = r_te, r_te > fit.threshold, f
-        c = float(cindex_weighted(t[te], e[te], r_te, np.ones((1, len(te))))[0])
-        boot += cindex_weighted(t[te], e[te], r_te,
-                                cluster_bootstrap_weights(g[te], len(boot), rng))
-        fold_rows.append(SurvivalFold(
-            fold=f, n_train=len(tr), n_test=len(te), n_events_test=int(e[te].sum()),
-            n_features=fit.n_features, alpha=fit.alpha, l1_ratio=fit.l1_ratio,
-            n_nonzero=fit.n_nonzero, failed_fits=fit.failed_fits,
-            convergence_warnings=fit.convergence_warnings, c_index=c))
+    sizes_tr, sizes_te = [], []
+    for rep in range(repeats):
+        rseed = repeat_seed(seed, rep)
+        for f, (tr, te) in enumerate(_splits(folds, t, e, g, grouped, rseed)):
+            fit = _fit_fold(x, t, e, g, tr, te, alpha=alpha, l1_ratio=l1_ratio,
+                            n_components=n_components, grouped=grouped,
+                            inner_folds=inner_folds, seed=rseed + f, max_iter=max_iter)
+            r_te = fit.risk_test
+            if rep == 0:
+                risk[te], high[te], fold_of[te] = r_te, r_te > fit.threshold, f
+            c = float(cindex_weighted(t[te], e[te], r_te, np.ones((1, len(te))))[0])
+            sizes_tr.append(len(tr))
+            sizes_te.append(len(te))
+            fold_rows.append(SurvivalFold(
+                fold=f, n_train=len(tr), n_test=len(te), n_events_test=int(e[te].sum()),
+                n_features=fit.n_features, alpha=fit.alpha, l1_ratio=fit.l1_ratio,
+                n_nonzero=fit.n_nonzero, failed_fits=fit.failed_fits,
+                convergence_warnings=fit.convergence_warnings, c_index=c, repeat=rep))
     cs = np.array([r.c_index for r in fold_rows])
     from lifelines.statistics import logrank_test
 
@@ -451,20 +495,42 @@ def survival(
         p = float(logrank_test(t[high], t[~high], e[high], e[~high]).p_value)
     else:
         p = float("nan")
-    ci = percentile_ci(boot / folds) if n_bootstrap else (float("nan"), float("nan"))
+    per_repeat = np.nanmean(cs.reshape(repeats, folds), axis=1)
+    strata = np.asarray(e)
+    brng = np.random.default_rng([seed, 2])
+    # the resamples refit with the penalty chosen on the real folds (median alpha, most
+    # frequent l1_ratio): repeating the search on each would cost ~70x more
+    refit_alpha = float(np.median([f.alpha for f in fold_rows]))
+    ratios, counts = np.unique([f.l1_ratio for f in fold_rows], return_counts=True)
+    refit_l1 = float(ratios[np.argmax(counts)])
+    boot = []
+    quiet = logger.disabled
+    logger.disabled = True  # the resamples' own fit notes would drown the real ones
+    try:
+        for b, rows in enumerate(bootstrap_rows(g, strata, n_bootstrap, brng)):
+            boot.append(_cv_once(x[rows], t[rows], e[rows], g[rows], folds,
+                                 repeat_seed(seed, 1000 + b), alpha=refit_alpha,
+                                 l1_ratio=refit_l1, n_components=n_components,
+                                 inner_folds=inner_folds, max_iter=max_iter))
+    finally:
+        logger.disabled = quiet
+    interval = refit_interval(per_repeat, boot, null=0.5, bounds=(0.0, 1.0))
     config = {
         "time": time, "event": event, "censor_col": censor_col, "id_col": id_col,
         "patient_col": patient_col, "level": level, "folds": folds,
         "alpha": alpha if isinstance(alpha, (str, int, float)) else list(alpha),
         "l1_ratio": [float(r) for r in np.atleast_1d(l1_ratio)],
         "n_components": n_components, "groups": groups, "inner_folds": inner_folds,
-        "n_bootstrap": n_bootstrap, "max_iter": max_iter, "seed": seed, "embeddings": emb.provenance, "dim": emb.dim,
+        "repeats": repeats, "n_bootstrap": n_bootstrap, "interval": INTERVAL_METHOD,
+        "max_iter": max_iter, "seed": seed, "embeddings": emb.provenance, "dim": emb.dim,
         "model": ("StandardScaler" + (" + PCA" if n_components else "")
                   + " + sksurv CoxnetSurvivalAnalysis (elastic-net Cox), alpha and l1_ratio by "
                   "GridSearchCV on patient-grouped inner folds (C-index)"),
     }
     report = SurvivalReport(
-        c_index_mean=float(np.nanmean(cs)), c_index_std=float(np.nanstd(cs)), c_index_ci=ci,
+        c_index_mean=float(np.nanmean(cs)), c_index_std=float(np.nanstd(cs)),
+        c_index_ci=interval.interval, c_index_p_value=interval.p_value, repeats=repeats,
+        c_index_boot=tuple(float(v) for v in boot),
         folds=tuple(fold_rows), logrank_p=p, slide_ids=tuple(str(s) for s in ids),
         patients=tuple(str(v) for v in g), time=tuple(t.tolist()),
         event=tuple(int(v) for v in e), risk=tuple(risk.tolist()),
