@@ -17,10 +17,12 @@ from wsi_ssl.encoders._registry import (
     EncoderEntry,
     create_encoder,
     describe_encoder,
+    encoder_from_spec,
     list_encoders,
     register_encoder,
 )
 from wsi_ssl.encoders._table import EncoderInfo, encoder_infos, encoder_table
+from wsi_ssl.encoders._weights import CHECKPOINT_FORMAT
 from wsi_ssl.encoders.slide import (
     SlideEncoder,
     SlideEncoderPreset,
@@ -34,6 +36,8 @@ __all__ = [
     "list_encoders",
     "register_encoder",
     "describe_encoder",
+    "encoder_from_spec",
+    "CHECKPOINT_FORMAT",
     "TileEncoder",
     "EncoderEntry",
     "model_fingerprint",
