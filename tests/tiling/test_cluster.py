@@ -113,3 +113,121 @@ def test_worker_device_without_gpu():
     else:
         assert worker_device("auto") == "cpu"
     assert worker_device("cuda:3") == "cuda:3" and worker_device("cpu") == "cpu"
+
+
+# --------------------------------------------------------------------------- batch-cluster pieces
+
+
+def test_gpu_for_worker_uses_the_one_node_rule_on_the_jobs_allocation():
+    from wsi_ssl.tiling._jobguard import gpu_for_worker
+
+    alloc = {"CUDA_VISIBLE_DEVICES": "3,5"}  # what Slurm gave the job
+    assert gpu_for_worker("SLURMCluster-7-0", 2, alloc) == "3"
+    assert gpu_for_worker("SLURMCluster-7-1", 2, alloc) == "5"
+    assert gpu_for_worker("SLURMCluster-7", 1, {"CUDA_VISIBLE_DEVICES": "6"}) == "6"
+    assert gpu_for_worker("SLURMCluster-7-1", 2, {}) == "1"  # no allocation variable: 0..G-1
+    assert gpu_for_worker("SLURMCluster-7", 0, alloc) is None  # CPU jobs are left alone
+
+
+def test_nanny_preload_pins_each_worker_of_a_job_to_its_own_gpu(tmp_path):
+    # a real `dask worker --nworkers 2` as a batch job starts it, with the job's allocation
+    import subprocess
+    import sys
+
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=0, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        env = dict(os.environ, CUDA_VISIBLE_DEVICES="4,6", WSI_SSL_GPUS_PER_JOB="2")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "distributed.cli.dask_worker", cluster.scheduler_address,
+             "--name", "SLURMCluster-3", "--nworkers", "2", "--nthreads", "1", "--resources",
+             "GPU=1", "--preload-nanny", "wsi_ssl.tiling._jobguard", "--no-dashboard"],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            client.wait_for_workers(2, timeout=120)
+
+            def probe(dask_worker):  # defined here: travels by value to the outside workers
+                import os
+
+                return dask_worker.name, os.environ.get("CUDA_VISIBLE_DEVICES")
+
+            seen = client.run(probe)
+            assert sorted(seen.values()) == [("SLURMCluster-3-0", "4"), ("SLURMCluster-3-1", "6")]
+            assert submit_options(client) == {"resources": {"GPU": 1}}
+        finally:
+            proc.terminate()
+            proc.wait(60)
+
+
+def test_reaper_cancels_what_is_left_when_the_driver_goes(tmp_path):
+    import stat
+    import sys
+
+    from wsi_ssl.tiling._jobguard import JobReaper
+
+    log = tmp_path / "cancelled.txt"
+    cancel = tmp_path / "fake-scancel"  # records its arguments (the real scancel: tests/cluster)
+    cancel.write_text(f"#!{sys.executable}\nimport sys\nopen({str(log)!r}, 'a').write("
+                      "' '.join(sys.argv[1:]) + '\\n')\n")
+    cancel.chmod(cancel.stat().st_mode | stat.S_IEXEC)
+    r = JobReaper(str(cancel))
+    for j in ("11", "12", "13"):
+        r.add(j)
+    r.remove("12")  # cancelled by the driver itself
+    r.close(cancel=True)  # as when the driver dies: the pipe closes without "exit"
+    assert log.read_text().split() == ["11", "13"]
+    log.unlink()
+    r = JobReaper(str(cancel))
+    r.add("21")
+    r.close()  # a clean exit: nothing to cancel
+    assert not log.exists()
+
+
+def test_writer_queue_is_bounded_and_a_failed_write_stops_the_run():
+    import threading
+
+    from wsi_ssl.tiling._embed import _Writer
+
+    gate = threading.Event()
+    written = []
+
+    def slow(i):
+        gate.wait(30)
+        written.append(i)
+
+    w = _Writer(maxsize=2)
+    for i in range(3):  # one being written + two queued
+        w.submit(slow, i)
+    blocked = threading.Thread(target=w.submit, args=(slow, 3))
+    blocked.start()
+    blocked.join(0.5)
+    assert blocked.is_alive()  # backpressure: the fourth waits for room
+    gate.set()
+    blocked.join(30)
+    w.close()
+    assert written == [0, 1, 2, 3]
+
+    def boom():
+        raise OSError("disk full")
+
+    w = _Writer(maxsize=1)
+    w.submit(boom)
+    with pytest.raises(OSError, match="disk full"):
+        w.close()
+
+
+def test_workers_that_cannot_see_the_inputs_stop_the_run_in_one_line(tmp_path):
+    from distributed import Client, LocalCluster
+
+    from wsi_ssl.errors import InputError
+    from wsi_ssl.tiling._jobqueue import check_inputs_on_cluster
+
+    seen = tmp_path / "a.svs"
+    seen.write_bytes(b"x")
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                      dashboard_address=None) as cluster, Client(cluster) as client:
+        check_inputs_on_cluster(client, [str(seen)], str(tmp_path))  # all visible: no error
+        with pytest.raises(InputError, match=r"cannot see 1 of the 2 input files checked \(e.g. "
+                           r"'/nowhere/w.safetensors' is missing on host"):
+            check_inputs_on_cluster(client, [str(seen)], None, ["/nowhere/w.safetensors"])
