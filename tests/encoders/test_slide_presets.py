@@ -133,6 +133,14 @@ def test_alibi_slopes_and_bias_from_the_definition():
                 want = 0.0 if i == 0 or j == 0 else -m * math.dist(pts[i].tolist(),
                                                                    pts[j].tolist())
                 assert bias[h, i, j].item() == pytest.approx(want)
+    # a whole grid, bit for bit as TITAN's float64 distance table cast to float32
+    xy = np.stack(np.meshgrid(np.arange(30), np.arange(30), indexing="ij"), -1).reshape(-1, 2)
+    table = np.sqrt(((xy[:, None] - xy[None]) ** 2).sum(-1))
+    slope = alibi_slopes(12)[3]
+    no = torch.zeros(len(xy), dtype=torch.bool)
+    got = alibi_bias(torch.tensor([slope]), torch.tensor(xy), torch.tensor(xy), no, no)[0]
+    want = torch.tensor(table, dtype=torch.float32) * torch.tensor(slope) * -1
+    assert torch.equal(got, want)
 
 
 def _planted_cells() -> np.ndarray:

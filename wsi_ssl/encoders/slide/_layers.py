@@ -44,7 +44,9 @@ def alibi_bias(slopes: torch.Tensor, pos_q: torch.Tensor, pos_k: torch.Tensor,
         slopes ``(H,)``; pos_q ``(Q, 2)``; pos_k ``(K, 2)``; prefix_q ``(Q,)`` / prefix_k ``(K,)``
         bool; returns ``(H, Q, K)`` float32.
     """
-    d = torch.cdist(pos_q.float().unsqueeze(0), pos_k.float().unsqueeze(0)).squeeze(0)
+    # exact differences (no |x|^2 + |y|^2 - 2xy shortcut): grid distances are exact in float32
+    d = torch.cdist(pos_q.float().unsqueeze(0), pos_k.float().unsqueeze(0),
+                    compute_mode="donot_use_mm_for_euclid_dist").squeeze(0)
     d = d.masked_fill(prefix_q[:, None] | prefix_k[None, :], 0.0)
     return -slopes.float().view(-1, 1, 1) * d
 
