@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from wsi_ssl.encoders._weights import CHECKPOINT_FORMAT
+from wsi_ssl.encoders import CHECKPOINT_FORMAT
 from wsi_ssl.errors import CheckpointError
 
 __all__ = ["save_state", "load_state", "save_safetensors_atomic", "optimizer_tensors", "restore_optimizer",
