@@ -68,7 +68,10 @@ class SlideIndex:
             try:
                 rec = json.loads(line)
             except ValueError:
-                return None  # damaged in the middle: not trusted at all
+                continue  # a torn append (later appends start on a new line): no entry; the
+                # folder listing the index is reconciled with covers what it said
+            if not isinstance(rec, dict):
+                continue
             if "+" in rec:
                 entries[str(rec["+"])] = {k: rec.get(k) for k in _FIELDS}
             elif "-" in rec:

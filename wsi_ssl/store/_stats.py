@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Mapping
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,16 +73,24 @@ def _sums(rows: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray]:
     return s, q
 
 
-def compute_stats(features: np.ndarray, views: np.ndarray) -> SlideStats:
-    """The statistics of a slide from its arrays as stored.
+def compute_stats(features: np.ndarray, views: np.ndarray,
+                  pool: Executor | None = None) -> SlideStats:
+    """The statistics of a slide from its arrays as stored (features and views summed in two
+    threads of ``pool`` when given: numpy releases the GIL).
 
     Shape:
         features: ``(N, D)``; views: ``(V, T, D)`` (``(0, 0, D)`` without a bank).
     """
     n, dim = features.shape
     v, t = views.shape[:2]
-    fs, fq = _sums(features, dim)
-    vs, vq = _sums(views.reshape(v * t, dim), dim)
+    rows = views.reshape(v * t, dim)
+    if pool is not None:
+        later = pool.submit(_sums, rows, dim)
+        fs, fq = _sums(features, dim)
+        vs, vq = later.result()
+    else:
+        fs, fq = _sums(features, dim)
+        vs, vq = _sums(rows, dim)
     # a NaN/inf anywhere makes its column sum non-finite (float32 blocks of float16/32 values
     # cannot overflow to inf otherwise: 1,024 * 65,504^2 < 3.4e38)
     finite = bool(np.isfinite(fs).all() and np.isfinite(fq).all() and np.isfinite(vs).all()

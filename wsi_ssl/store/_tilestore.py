@@ -52,7 +52,7 @@ from wsi_ssl.errors import (
 )
 from wsi_ssl.store._index import INDEX_NAME, SlideIndex
 from wsi_ssl.store._integrity import VerifyReport, array_checksum
-from wsi_ssl.store._layout import plan_layout, shard_problems, write_arrays
+from wsi_ssl.store._layout import group_meta, plan_layout, shard_problems, write_arrays
 from wsi_ssl.store._lock import LOCK_NAME, LockHolder, StoreLock, StoreLockedError
 from wsi_ssl.store._stats import SlideStats, compute_stats, stats_from_json, stats_to_json
 from wsi_ssl.store._summary import StoreSummary
@@ -144,14 +144,7 @@ class TileStore:
                  lock_timeout: float = 300.0) -> None:
         if mode not in ("r", "a", "w"):
             raise ConfigError(f"mode={mode!r} must be 'r', 'a' or 'w'.")
-        self.path = Path(path)
-        self.mode = mode
-        self.lock_timeout = float(lock_timeout)
-        self._lock: StoreLock | None = None
-        self._warned: set[str] = set()
-        self._index = SlideIndex(self.path)
-        self._handles: OrderedDict[str, _Handle] = OrderedDict()
-        self._handles_mutex = threading.Lock()
+        self._init_state(path, mode, lock_timeout)
         root = self.path / "zarr.json"
         if mode == "w" and self.path.exists():
             if not (self.path.is_dir() and (root.exists() or _only_lock_files(self.path))):
@@ -180,6 +173,24 @@ class TileStore:
                                                "zarr.json); choose a new path.")
                     self._create()
         self._check_format()
+
+    def _init_state(self, path: str | os.PathLike, mode: str, lock_timeout: float) -> None:
+        self.path = Path(path)
+        self.mode = mode
+        self.lock_timeout = float(lock_timeout)
+        self._lock: StoreLock | None = None
+        self._warned: set[str] = set()
+        self._index = SlideIndex(self.path)
+        self._handles: OrderedDict[str, _Handle] = OrderedDict()
+        self._handles_mutex = threading.Lock()
+
+    @classmethod
+    def _for_upgrade(cls, path: str | os.PathLike) -> TileStore:
+        """A writable handle on a store of an older format (no format check): only
+        ``wsi-ssl store upgrade`` (``_upgrade``) uses it, to commit converted slides."""
+        self = cls.__new__(cls)
+        self._init_state(path, "a", 300.0)
+        return self
 
     # -- the writer lock -----------------------------------------------------------------------
     def _store_lock(self) -> StoreLock:
@@ -701,35 +712,36 @@ class TileStore:
         meta = dict(attrs or {})
         for key in ("stats", "shards", "layout", "checksums", "complete"):
             meta.pop(key, None)  # ours, recomputed (a record read back and written again)
-        # hashing (hashlib releases the GIL) runs beside the statistics (numpy)
-        with ThreadPoolExecutor(2) as pool:
-            sums = {k: pool.submit(array_checksum, v) for k, v in data.items()}
-            stats = compute_stats(data["features"], data["views"])
-            checksums = {k: {"sha256": f.result()} for k, f in sums.items()}
         n, (v, t) = int(features.shape[0]), views.shape[:2]
         plan = plan_layout(n, dim, int(v), int(t), data["features"].dtype.itemsize)
         meta.update(encoder=enc["name"], encoder_fingerprint=enc["fingerprint"],
                     format_version=STORE_FORMAT_VERSION, n_tiles=n, n_views=int(v),
-                    view_tiles=int(t), dim=dim, all_finite=stats.all_finite,
-                    features_dtype=dtype, checksums=checksums,
+                    view_tiles=int(t), dim=dim, features_dtype=dtype,
                     layout={"features_chunk_rows": int(plan["features"]["chunks"][0]),
                             "index_view_offset": int(plan["view_offset"])})
         json.dumps(meta)  # fail before writing anything if attrs are not JSON-serialisable
-        self._commit(lock, slide_id, data, plan, meta, stats)
+        self._commit(lock, slide_id, data, plan, meta)
 
     def _commit(self, lock: StoreLock, slide_id: str, data: Mapping[str, np.ndarray],
-                plan: Mapping[str, Any], meta: dict[str, Any], stats: SlideStats) -> None:
-        """Write the arrays under ``.tmp``, the attributes (``complete`` last), rename the group
-        into ``slides/`` (the commit point), then append its index line."""
-        import zarr
+                plan: Mapping[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
+        """Write the arrays under ``.tmp``, then the group's ``zarr.json`` (``complete: true``),
+        rename the group into ``slides/`` (the commit point), then append its index line.
 
+        The checksums and statistics are computed in threads while this thread writes the
+        shard files (hashlib and numpy release the GIL). Returns the attributes written."""
         tmp = self.path / ".tmp" / f"{slide_id}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
         tmp.parent.mkdir(parents=True, exist_ok=True)
         try:
-            meta["shards"] = write_arrays(tmp, data, plan, stats_to_json(stats))
-            g = zarr.open_group(str(tmp), mode="r+", zarr_format=3)
-            g.attrs.update(meta)
-            g.attrs.update({"complete": True})  # last
+            with ThreadPoolExecutor(3) as pool:
+                sums = {k: pool.submit(array_checksum, a) for k, a in data.items()}
+                stats = pool.submit(compute_stats, data["features"], data["views"], pool)
+                tmp.mkdir()
+                meta["shards"] = write_arrays(tmp, data, plan,
+                                              lambda: stats_to_json(stats.result()))
+                meta["checksums"] = {k: {"sha256": f.result()} for k, f in sums.items()}
+                meta["all_finite"] = stats.result().all_finite
+            meta["complete"] = True
+            (tmp / "zarr.json").write_bytes(group_meta(meta))  # last
             final = self._slide_dir(slide_id)
             final.parent.mkdir(parents=True, exist_ok=True)
             lock.check()  # a writer that lost its lock to a takeover must not commit
@@ -747,6 +759,7 @@ class TileStore:
         if trash is not None:
             shutil.rmtree(trash, ignore_errors=True)
         self.clear_failure(slide_id)
+        return meta
 
     def delete_slide(self, slide_id: str) -> None:
         """Remove a slide (atomically: renamed away, then deleted), under the lock."""
