@@ -25,8 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        help="slide foundation model preset (wsi-ssl encoders --slide)")
     p.add_argument("--out", required=True, metavar="SLIDES.npz", help="output embeddings file")
     p.add_argument("--weights", default=None, metavar="PATH",
-                   help="--slide-encoder: weights file or --local-dir folder (default: the local "
-                   "Hugging Face cache)")
+                   help="--slide-encoder: weights file or --local-dir folder; when omitted, the "
+                   "local Hugging Face cache")
     p.add_argument("--random-weights", action="store_true",
                    help="--slide-encoder: random weights (an architecture baseline, no "
                    "pretraining; recorded as such)")
@@ -36,8 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8,
                    help="--slide-encoder: slides per forward pass where padding is exact")
     p.add_argument("--dtype", choices=("float16", "float32"), default=None,
-                   help="storage dtype (default: float16 for --model, float32 for "
-                   "--slide-encoder)")
+                   help="storage dtype; float16 for --model and float32 for --slide-encoder "
+                   "when omitted")
     p.add_argument("--device", default=None, help="device (auto, cpu, cuda)")
 
 
