@@ -85,6 +85,7 @@ def test_options_from_the_environment_and_bad_values():
     with pytest.raises(ConfigError, match="WSI_SSL_SLURM_CORES='many' is not a number"):
         SlurmSpec.from_env("slurm", {"WSI_SSL_SLURM_CORES": "many"})
     for bad, match in ((dict(jobs=0), "jobs=0"), (dict(jobs=(3, 2)), "min must be <= max"),
+                       (dict(jobs=(0, 4)), "jobs min=0 must be an integer >= 1"),
                        (dict(gpus_per_job=-1), "gpus_per_job=-1"),
                        (dict(memory="lots"), "memory='lots'"),
                        (dict(system="condor"), "system='condor'")):

@@ -69,7 +69,7 @@ class JobQueueSpec:
 
     Attributes:
         system: ``"slurm"``, ``"pbs"``, ``"lsf"`` or ``"sge"`` (a dask-jobqueue cluster class).
-        jobs: number of jobs, or ``(min, max)`` to scale adaptively between them.
+        jobs: number of jobs, or ``(min, max)`` to scale adaptively between them (min >= 1).
         gpus_per_job: GPUs per job; one dask worker per GPU, each pinned to its own (0: one CPU
             worker per job).
         cores: CPU cores per job (``None``: ``jobqueue.<system>.cores`` of dask's config, else
@@ -115,7 +115,9 @@ class JobQueueSpec:
         if isinstance(jobs, (list, tuple)):
             if len(jobs) != 2:
                 raise ConfigError(f"jobs={jobs!r} must be a number or (min, max).")
-            lo, hi = _int("jobs min", jobs[0], 0), _int("jobs max", jobs[1], 1)
+            # min >= 1: the run waits for a first worker before it submits any slide task,
+            # so an adaptive cluster at 0 jobs would never see work that makes it grow
+            lo, hi = _int("jobs min", jobs[0], 1), _int("jobs max", jobs[1], 1)
             if lo > hi:
                 raise ConfigError(f"jobs={jobs!r}: min must be <= max.")
             object.__setattr__(self, "jobs", (lo, hi))
