@@ -59,16 +59,17 @@ def slurm(tmp_path_factory):
         if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
             pytest.fail(f"CI=true but the test Slurm cluster cannot start: {err}")
         pytest.skip(f"no Slurm cluster here: {err}")
-    before = os.environ.get("SLURM_CONF")
-    os.environ["SLURM_CONF"] = str(s.conf)
+    before = {k: os.environ.get(k) for k in s.env_vars()}
+    os.environ.update(s.env_vars())  # every process a test starts talks to this cluster
     try:
         yield s
     finally:
         s.stop()
-        if before is None:
-            os.environ.pop("SLURM_CONF", None)
-        else:
-            os.environ["SLURM_CONF"] = before
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 # ------------------------------------------------------------------------------ processes

@@ -2,7 +2,8 @@
 
 Session scoped: munged, slurmctld and slurmd start once (about a second), ``SLURM_CONF`` is set
 in this process's environment (so every subprocess a test starts, the ``wsi-ssl`` CLI included,
-talks to it), and the daemons are stopped at the end. Where they cannot start the tests skip
+talks to it) with ``SBATCH_OUTPUT`` (job output goes to the fixture's temp folder, never into the
+checkout), and the daemons are stopped at the end. Where they cannot start the tests skip
 with the daemon's own error, except in CI (``CI=true``), where that is a failure.
 """
 
@@ -28,13 +29,14 @@ def slurm(tmp_path_factory):
         if _in_ci():
             pytest.fail(f"CI=true but the test Slurm cluster cannot start: {err}")
         pytest.skip(f"no Slurm cluster here: {err}")
-    before = os.environ.get("SLURM_CONF")
-    os.environ["SLURM_CONF"] = str(s.conf)
+    before = {k: os.environ.get(k) for k in s.env_vars()}
+    os.environ.update(s.env_vars())  # every process a test starts talks to this cluster
     try:
         yield s
     finally:
         s.stop()
-        if before is None:
-            os.environ.pop("SLURM_CONF", None)
-        else:
-            os.environ["SLURM_CONF"] = before
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -55,9 +55,16 @@ class LocalSlurm:
 
     # ------------------------------------------------------------------ environment
     def env(self, base: dict[str, str] | None = None) -> dict[str, str]:
+        """``base`` (default: this process's) with ``SLURM_CONF`` and ``SBATCH_OUTPUT`` (jobs
+        that name no output file write into ``root/jobs``, never into the submit folder)."""
         env = dict(os.environ if base is None else base)
-        env["SLURM_CONF"] = str(self.conf)
+        env.update(self.env_vars())
         return env
+
+    def env_vars(self) -> dict[str, str]:
+        (self.root / "jobs").mkdir(exist_ok=True)
+        return {"SLURM_CONF": str(self.conf),
+                "SBATCH_OUTPUT": str(self.root / "jobs" / "slurm-%j.out")}
 
     def run(self, *cmd: str, check: bool = True, timeout: float = 30) -> str:
         out = subprocess.run(list(cmd), env=self.env(), capture_output=True, text=True,

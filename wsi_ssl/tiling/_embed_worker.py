@@ -161,7 +161,7 @@ def _build_encoder(payload: EncoderPayload):
     fp = payload.fingerprint
     device = worker_device(payload.device)
     if payload.spec is not None:
-        from wsi_ssl.encoders._registry import encoder_from_spec
+        from wsi_ssl.encoders import encoder_from_spec
 
         if payload.kind == "model":
             return encoder_from_spec(payload.spec, fp, device=device)
