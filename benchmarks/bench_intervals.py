@@ -70,6 +70,31 @@ def _report(records: list[dict]) -> None:
         for m, hits in sorted(g.items()):
             print(f"{kind:16s} {planted or 'null':8} {m:6s} {len(hits):5d} "
                   f"{100 * sum(hits) / len(hits):13.1f}%")
+    _size_adjusted(records)
+
+
+def _size_adjusted(records: list[dict]) -> None:
+    """Power at an equal false-positive rate: each method's intervals (as |centre - null| /
+    half-width) scaled by the factor with which exactly 5 % of its null seeds exclude the
+    null; a method whose intervals are too narrow no longer gains "power" from that."""
+    import numpy as np
+
+    def z(rs, m):
+        lo = np.array([r["ci"][m][0] for r in rs])
+        hi = np.array([r["ci"][m][1] for r in rs])
+        return np.abs((lo + hi) / 2 - rs[0]["null"]) / np.maximum((hi - lo) / 2, 1e-12)
+
+    kinds = sorted({r["kind"] for r in records})
+    for kind in kinds:
+        null = [r for r in records if r["kind"] == kind and not r["planted"]]
+        for effect in sorted({r["planted"] for r in records if r["kind"] == kind} - {0.0}):
+            hit = [r for r in records if r["kind"] == kind and r["planted"] == effect]
+            if len(null) < 20 or not hit:
+                continue
+            for m in sorted(hit[0]["ci"]):
+                k = float(np.quantile(z(null, m), 0.95))
+                print(f"{kind:16s} {effect:<8} {m:6s} power at a 5 % false-positive rate: "
+                      f"{100 * np.mean(z(hit, m) > k):.1f}% (scale {k:.2f}, {len(hit)} seeds)")
 
 
 if __name__ == "__main__":
