@@ -18,10 +18,9 @@ from wsi_ssl.encoders._registry import (
     create_encoder,
     describe_encoder,
     encoder_from_spec,
-    list_encoders,
     register_encoder,
 )
-from wsi_ssl.encoders._table import EncoderInfo, encoder_infos, encoder_table
+from wsi_ssl.encoders._table import EncoderInfo, encoder_infos, encoder_table, list_encoders
 from wsi_ssl.encoders._weights import CHECKPOINT_FORMAT
 from wsi_ssl.encoders.slide import (
     SlideEncoder,

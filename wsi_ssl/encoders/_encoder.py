@@ -246,9 +246,12 @@ class TileEncoder(nn.Module):
         return super().__reduce_ex__(protocol)
 
 
-def _rebuild_from_spec(spec: dict[str, Any], fingerprint: str):
-    from wsi_ssl.encoders._registry import encoder_from_spec
+#: ``encoder_from_spec`` of the registry, which fills this in when it is imported (importing
+#: this module imports the ``wsi_ssl.encoders`` package first, so unpickling always finds it).
+SPEC_BUILDER: list[Any] = []
 
-    return encoder_from_spec(spec, fingerprint)
+
+def _rebuild_from_spec(spec: dict[str, Any], fingerprint: str):
+    return SPEC_BUILDER[0](spec, fingerprint)
 
 

@@ -12,7 +12,6 @@ processes building the same name get the same weights and the same fingerprint.
 from __future__ import annotations
 
 import difflib
-import fnmatch
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -20,10 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from wsi_ssl.encoders._encoder import IMAGENET_MEAN, IMAGENET_STD
+from wsi_ssl.encoders._encoder import IMAGENET_MEAN, IMAGENET_STD, SPEC_BUILDER
 from wsi_ssl.errors import ConfigError, EncoderMismatchError, WeightsError
 
-__all__ = ["create_encoder", "list_encoders", "register_encoder", "EncoderEntry",
+__all__ = ["create_encoder", "register_encoder", "EncoderEntry",
            "encoder_from_spec"]
 
 INIT_SEED = 0
@@ -84,32 +83,6 @@ def register_encoder(name: str, builder: Callable[[], Any] | None = None, *, inp
         return _register
     _register(builder)
     return builder
-
-
-def list_encoders(pattern: str | None = None, *, include_timm: bool = False,
-                  verbose: bool = False) -> list[str]:
-    """Encoder names: the foundation-model presets (table order), then the registered encoders
-    (sorted), optionally filtered by a glob ``pattern``; with ``include_timm=True`` also every
-    timm architecture (all usable with local weights).
-
-    With ``verbose=True`` each entry is instead one row of the table printed by
-    ``wsi-ssl encoders`` (name, dim, µm/px, tile size, input size, parameters, licence, where
-    the weights are on this machine): ``print("\n".join(list_encoders(verbose=True)))``.
-    """
-    from wsi_ssl.encoders._presets import list_presets
-
-    if verbose:
-        from wsi_ssl.encoders._table import encoder_table
-
-        return encoder_table(pattern).splitlines()[2:]
-    names = list_presets() + sorted(_REGISTRY)
-    if include_timm:
-        import timm
-
-        names += [n for n in timm.list_models() if n not in _REGISTRY]
-    if pattern:
-        names = [n for n in names if fnmatch.fnmatch(n, pattern)]
-    return names
 
 
 def describe_encoder(name: str) -> str:
@@ -365,3 +338,6 @@ def _register_builtins() -> None:
 
 
 _register_builtins()
+
+
+SPEC_BUILDER[:] = [encoder_from_spec]  # encoders pickled by spec are rebuilt through here

@@ -8,7 +8,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["EncoderInfo", "encoder_infos", "encoder_table"]
+from wsi_ssl.encoders._presets import list_presets
+from wsi_ssl.encoders._registry import _REGISTRY
+
+__all__ = ["EncoderInfo", "encoder_infos", "encoder_table", "list_encoders"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -48,7 +51,6 @@ def encoder_infos(pattern: str | None = None, *, search: tuple[str | os.PathLike
     from wsi_ssl.encoders._hub import locate_weights
     from wsi_ssl.encoders._loading import expected_shapes
     from wsi_ssl.encoders._presets import _PRESETS
-    from wsi_ssl.encoders._registry import _REGISTRY
 
     rows = []
     for p in _PRESETS:
@@ -100,3 +102,25 @@ def encoder_table(pattern: str | None = None, *, search: tuple[str | os.PathLike
     out = [fmt.format(*head), fmt.format(*("-" * w for w in widths[:-1]), "-" * len(head[-1]))]
     out += [fmt.format(*x) for x in lines]
     return "\n".join(out)
+
+
+def list_encoders(pattern: str | None = None, *, include_timm: bool = False,
+                  verbose: bool = False) -> list[str]:
+    """Encoder names: the foundation-model presets (table order), then the registered encoders
+    (sorted), optionally filtered by a glob ``pattern``; with ``include_timm=True`` also every
+    timm architecture (all usable with local weights).
+
+    With ``verbose=True`` each entry is instead one row of the table printed by
+    ``wsi-ssl encoders`` (name, dim, µm/px, tile size, input size, parameters, licence, where
+    the weights are on this machine): ``print("\n".join(list_encoders(verbose=True)))``.
+    """
+    if verbose:
+        return encoder_table(pattern).splitlines()[2:]
+    names = list_presets() + sorted(_REGISTRY)
+    if include_timm:
+        import timm
+
+        names += [n for n in timm.list_models() if n not in _REGISTRY]
+    if pattern:
+        names = [n for n in names if fnmatch.fnmatch(n, pattern)]
+    return names
