@@ -26,6 +26,17 @@ __all__ = ["LocalSlurm", "SlurmUnavailable", "slurm_jobs", "NODE_CPUS"]
 NODE_CPUS = 4  # declared (config_overrides): up to 4 one-core jobs at once on the 2-core box
 
 
+def _die_with_parent() -> None:
+    """preexec_fn: the daemon gets SIGTERM when the process that started it dies (Linux
+    PR_SET_PDEATHSIG), so a test run killed by a timeout leaves no Slurm daemons behind."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
 class SlurmUnavailable(RuntimeError):
     """The daemons cannot run here; the message is their own error."""
 
@@ -105,7 +116,8 @@ class LocalSlurm:
                f"--log-file={log}", f"--seed-file={mdir / 'munged.seed'}"]
         self._procs["munged"] = subprocess.Popen(cmd, stdout=subprocess.DEVNULL,
                                                  stderr=open(mdir / "munged.err", "w"),
-                                                 start_new_session=True)
+                                                 start_new_session=True,
+                                                 preexec_fn=_die_with_parent)
         deadline = time.monotonic() + 15
         while not self.munge_socket.exists():
             if self._procs["munged"].poll() is not None or time.monotonic() > deadline:
@@ -164,11 +176,11 @@ class LocalSlurm:
         self._procs["slurmctld"] = subprocess.Popen(
             ["slurmctld", "-D", "-c", "-i", "-f", str(self.conf)], env=self.env(),
             stdout=subprocess.DEVNULL, stderr=open(logs / "slurmctld.err", "w"),
-            start_new_session=True)
+            start_new_session=True, preexec_fn=_die_with_parent)
         self._procs["slurmd"] = subprocess.Popen(
             ["slurmd", "-D", "-N", "wsinode", "-f", str(self.conf)], env=self.env(),
             stdout=subprocess.DEVNULL, stderr=open(logs / "slurmd.err", "w"),
-            start_new_session=True)
+            start_new_session=True, preexec_fn=_die_with_parent)
         deadline = time.monotonic() + timeout
         state = ""
         while time.monotonic() < deadline:
