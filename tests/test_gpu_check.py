@@ -55,6 +55,11 @@ def test_cpu_twin_writes_every_field(gpu_check, tmp_path, capsys):
         assert all(math.isfinite(v) and v > 0 for v in ssl[dev]["loss"])
         assert ssl[dev]["views_per_s"] > 0
     assert ssl["max_rel_loss_gap"] < 1e-6  # CPU twice from one seed: the very same curve
+    stream = res["slide_ssl_stream"]  # store vs memory: the same batches, so the same losses
+    assert stream["same_losses"] is True and stream["slides"] == sizes.stream_slides
+    assert stream["steps"] == sizes.stream_epochs * (sizes.stream_slides // sizes.stream_batch)
+    assert math.isclose(stream["ratio"],
+                        stream["store_steps_per_s"] / stream["memory_steps_per_s"])
     names = {t["name"] for t in res["targets"]}
     assert names == set(gpu_check.TARGETS)
     by = {t["name"]: t for t in res["targets"]}
