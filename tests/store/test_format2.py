@@ -200,3 +200,109 @@ def test_reads_from_many_threads(store):
     with ThreadPoolExecutor(8) as pool:
         assert all(pool.map(work, range(400)))
     assert len(reader._handles) <= 64
+
+
+def test_shards_are_byte_identical_to_what_zarr_writes(store):
+    """write_slide writes shard files and metadata directly (no zarr call per commit): they are
+    the bytes and the metadata zarr-python writes for the same array."""
+    rng = np.random.default_rng(7)
+    feats, coords, views, vidx = _bank(rng, n=1000, d=8, v=3, t=5, dtype=np.float16)
+    store.write_slide("s", feats, coords, views=views, view_index=vidx)
+    d = store.path / "slides" / "s"
+    ref = zarr.open_group(str(store.path.parent / "ref.zarr"), mode="w")
+    for name in ("features", "views", "index"):
+        mine = zarr.open_array(str(d / name), mode="r")
+        data = mine[...]
+        other = ref.create_array(name, shape=mine.shape, dtype=mine.dtype, chunks=mine.chunks,
+                                 shards=mine.shards, compressors=None,
+                                 chunk_key_encoding={"name": "default", "separator": "."},
+                                 config={"write_empty_chunks": True})
+        other[...] = data
+        key = "c." + ".".join("0" * mine.ndim)
+        assert (d / name / key).read_bytes() == (store.path.parent / "ref.zarr" / name / key
+                                                 ).read_bytes()
+        want = json.loads((store.path.parent / "ref.zarr" / name / "zarr.json").read_text())
+        got = json.loads((d / name / "zarr.json").read_text())
+        got.pop("attributes"), want.pop("attributes")
+        assert got == want
+
+
+def test_stats_in_memory_while_another_process_writes(store, tmp_path):
+    import subprocess
+    import sys
+    import textwrap
+
+    rng = np.random.default_rng(8)
+    feats, coords, views, vidx = _bank(rng)
+    store.write_slide("s", feats, coords, views=views, view_index=vidx)
+    want = store.slide_stats("s")
+    meta_path = store.path / "slides" / "s" / "features" / "zarr.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["attributes"]["stats"]
+    meta_path.write_text(json.dumps(meta))
+    script = tmp_path / "hold.py"
+    script.write_text(textwrap.dedent("""
+        import sys
+        from wsi_ssl.store import TileStore
+        with TileStore(sys.argv[1]).lock(command="holder"):
+            print("HELD", flush=True)
+            sys.stdin.readline()
+    """))
+    proc = subprocess.Popen([sys.executable, str(script), str(store.path)], text=True,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout.readline().strip() == "HELD"
+        got = TileStore(store.path).slide_stats("s")  # a whole run holds the lock: no wait
+        np.testing.assert_array_equal(got.views_sum, want.views_sum)
+        assert "stats" not in json.loads(meta_path.read_text())["attributes"]
+    finally:
+        proc.communicate("\n", timeout=60)
+
+
+def test_info_verify_subset_from_a_file_in_threads(store, tmp_path, capsys):
+    from wsi_ssl.cli import main
+
+    rng = np.random.default_rng(9)
+    for sid in ("a", "b", "c"):
+        feats, coords, views, vidx = _bank(rng)
+        store.write_slide(sid, feats, coords, views=views, view_index=vidx)
+    (store.path / "slides" / "c" / "views" / "c.0.0.0").unlink()
+    ids = tmp_path / "ids.txt"
+    ids.write_text("# slides to check\na\nb\n")
+    assert main(["info", str(store.path), "--verify", "--slides", str(ids), "--threads",
+                 "2"]) == 0
+    assert "verify         2 slides checked, 0 damaged" in capsys.readouterr().out
+    assert main(["info", str(store.path), "--verify", "--slides", "b", "c"]) == 1
+    out = capsys.readouterr().out
+    assert "2 slides checked, 1 damaged" in out and "damaged: c" in out
+    assert "views: shard file views/c.0.0.0 missing" in out
+    assert main(["info", str(store.path), "--slides", "a"]) == 0
+    out = capsys.readouterr().out
+    assert "\na " in out and "\nb " not in out
+
+
+def test_other_layouts_are_read_through_zarr(store):
+    """The direct reader handles what write_slide writes; an array rewritten by another tool
+    (here: zarr with zstd-compressed inner chunks) is still read correctly, through zarr."""
+    from zarr.codecs import ZstdCodec
+
+    rng = np.random.default_rng(10)
+    feats, coords, views, vidx = _bank(rng, n=50, v=4, t=3)
+    store.write_slide("s", feats, coords, views=views, view_index=vidx, dtype="float32")
+    d = store.path / "slides" / "s"
+    g = zarr.open_group(str(d), mode="r+")
+    old = g["views"]
+    del g["views"]
+    new = g.create_array("views", shape=old.shape, dtype=old.dtype, chunks=(1, 3, 8),
+                         shards=(4, 3, 8), compressors=ZstdCodec(level=3),
+                         chunk_key_encoding={"name": "default", "separator": "."})
+    new[...] = views
+    attrs = dict(g.attrs)
+    attrs["shards"]["views/c.0.0.0"] = (d / "views" / "c.0.0.0").stat().st_size
+    g.attrs.update(attrs)
+    fresh = TileStore(store.path, mode="r")
+    got, gidx = fresh.read_views("s", [2, 0])
+    np.testing.assert_array_equal(got, views[[2, 0]])
+    np.testing.assert_array_equal(gidx, vidx[[2, 0]])
+    assert fresh._handle("s").raw("views") is None and fresh._handle("s").raw("features")
+    assert fresh.verify().ok

@@ -58,9 +58,14 @@ def tiles_to_anndata(store: Any, slide_id: str) -> Any:
     if slide_id not in store:
         raise InputError(f"slide_id={slide_id!r} is not a complete slide of tile store "
                          f"'{getattr(store, 'path', store)}' (e.g. {list(store.slide_ids)[:3]}).")
-    rec = store[slide_id]
-    coords = np.asarray(rec.coords, np.int64)
-    attrs = dict(getattr(rec, "attrs", {}) or {})
+    if hasattr(store, "read_features"):  # a TileStore: features and coords only, not the bank
+        feats = store.read_features(slide_id)
+        coords = np.asarray(store.read_coords(slide_id), np.int64)
+        attrs = dict(store.slide_attrs(slide_id) or {})
+    else:
+        rec = store[slide_id]
+        feats, coords = rec.features, np.asarray(rec.coords, np.int64)
+        attrs = dict(getattr(rec, "attrs", {}) or {})
     obs = pd.DataFrame({"slide_id": slide_id, "x": coords[:, 0], "y": coords[:, 1]},
                        index=pd.Index([f"{slide_id}:{i}" for i in range(len(coords))],
                                       name="tile"))
@@ -74,7 +79,7 @@ def tiles_to_anndata(store: Any, slide_id: str) -> Any:
         "mpp": float(attrs.get("mpp") or 0.0),
         "slide_attrs_json": json.dumps(attrs, default=str),
     }}
-    return ad.AnnData(X=np.asarray(rec.features, np.float32), obs=obs,
+    return ad.AnnData(X=np.asarray(feats, np.float32), obs=obs,
                       obsm={"spatial": coords.astype(np.float64)}, uns=uns)
 
 

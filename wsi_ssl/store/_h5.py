@@ -162,16 +162,18 @@ def export_h5(store: TileStore, out_dir: str | os.PathLike, slide_ids: Sequence[
     key = "features" if layout == "clam" else "feats"
     paths = []
     for sid in (store.slide_ids if slide_ids is None else list(slide_ids)):
-        rec = store[sid]
+        feats = store.read_features(sid)  # features and coords only, not the view bank
+        coords = store.read_coords(sid)
+        attrs = store.slide_attrs(sid) or {}
         import io
 
         buf = io.BytesIO()
         with h5py.File(buf, "w") as fh:
-            fh.create_dataset(key, data=rec.features.astype(np.float32))
-            ds = fh.create_dataset("coords", data=rec.coords.astype(np.int64))
-            if "tile_size_level0" in rec.attrs:
-                ds.attrs["patch_size"] = int(rec.attrs["tile_size_level0"])
-            for k, v in rec.attrs.items():
+            fh.create_dataset(key, data=feats.astype(np.float32))
+            ds = fh.create_dataset("coords", data=coords.astype(np.int64))
+            if "tile_size_level0" in attrs:
+                ds.attrs["patch_size"] = int(attrs["tile_size_level0"])
+            for k, v in attrs.items():
                 if isinstance(v, (str, int, float, bool)):
                     fh.attrs[k] = v
         path = out / f"{sid}.h5"

@@ -168,3 +168,113 @@ def shard_problems(slide_dir: Path, shards: Mapping[str, int]) -> list[str]:
             out.append(f"{name}: shard file {key} has {have} bytes, {int(size)} were written "
                        "(truncated or altered)")
     return out
+
+
+class RawShard:
+    """Direct reads of a format-2 array stored as ONE uncompressed shard chunked along its first
+    axis only (what :func:`write_arrays` writes): rows are byte ranges of the shard file, read with
+    ``os.pread`` (adjacent rows coalesced into one read), no zarr call. The shard index is read
+    once and its CRC32C checked; :meth:`open` returns None for any other layout (zarr reads it).
+    """
+
+    def __init__(self, path: Path, shape: tuple[int, ...], dtype: np.dtype, rows: int,
+                 offsets: np.ndarray, nbytes: np.ndarray, tail: bytes) -> None:
+        self.path = path
+        self.tail = tail  # the shard index + CRC as read when opened, re-checked on each read
+        self.shape = shape
+        self.dtype = dtype
+        self.rows = rows
+        self.row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+        self.offsets = offsets
+        self.nbytes = nbytes
+
+    @classmethod
+    def open(cls, array_dir: Path, meta: Mapping[str, Any]) -> RawShard | None:
+        """The reader of the array described by ``meta`` (its ``zarr.json``), or None."""
+        import google_crc32c
+
+        try:
+            shape = tuple(int(s) for s in meta["shape"])
+            grid = tuple(int(s) for s in meta["chunk_grid"]["configuration"]["chunk_shape"])
+            (codec,) = meta["codecs"]
+            conf = codec["configuration"]
+            inner = tuple(int(s) for s in conf["chunk_shape"])
+            little = {"name": "bytes", "configuration": {"endian": "little"}}
+            if (codec["name"] != "sharding_indexed" or conf["codecs"] != [little]
+                    or conf["index_codecs"] != [little, {"name": "crc32c"}]
+                    or conf.get("index_location", "end") != "end"
+                    or meta.get("chunk_key_encoding") != _KEYS_META
+                    or any(g < s for g, s in zip(grid, shape, strict=True))
+                    or inner[1:] != shape[1:] or not shape or 0 in shape):
+                return None
+            dtype = np.dtype(meta["data_type"]).newbyteorder("<")
+        except (KeyError, TypeError, ValueError):
+            return None
+        n_chunks = grid[0] // inner[0]
+        path = array_dir / ("c." + ".".join("0" * len(shape)))
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            size = os.fstat(fd).st_size
+            want = 16 * n_chunks + 4
+            raw = os.pread(fd, want, size - want) if size >= want else b""
+        finally:
+            os.close(fd)
+        if len(raw) != want or np.frombuffer(raw[-4:], "<u4")[0] != google_crc32c.value(
+                raw[:-4]):
+            raise ValueError(f"shard index of '{path}' is damaged (checksum mismatch)")
+        index = np.frombuffer(raw[:-4], "<u8").reshape(n_chunks, 2)
+        chunk_bytes = inner[0] * int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+        if (index[:, 1] != chunk_bytes).any() or (index[:, 0] + index[:, 1] > size - want).any():
+            raise ValueError(f"shard index of '{path}' points outside the file or at chunks of "
+                             "the wrong size")
+        return cls(path, shape, dtype, inner[0], index[:, 0].astype(np.int64),
+                   index[:, 1].astype(np.int64), raw)
+
+    def _spans(self, start: int, stop: int) -> list[tuple[int, int]]:
+        """(file offset, bytes) covering rows [start, stop), adjacent pieces merged."""
+        spans: list[tuple[int, int]] = []
+        r = start
+        while r < stop:
+            c = r // self.rows
+            end = min(stop, (c + 1) * self.rows)
+            off = int(self.offsets[c]) + (r - c * self.rows) * self.row_bytes
+            n = (end - r) * self.row_bytes
+            if spans and spans[-1][0] + spans[-1][1] == off:
+                spans[-1] = (spans[-1][0], spans[-1][1] + n)
+            else:
+                spans.append((off, n))
+            r = end
+        return spans
+
+    def read_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Rows ``rows`` (sorted, unique, in range) along the first axis."""
+        out = np.empty((len(rows),) + self.shape[1:], self.dtype)
+        if not len(rows):
+            return out
+        flat = memoryview(out.reshape(-1).view(np.uint8))
+        breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+        starts = np.concatenate([[0], breaks])
+        ends = np.concatenate([breaks, [len(rows)]])
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            size = os.fstat(fd).st_size
+            n = len(self.tail)
+            if size < n or os.pread(fd, n, size - n) != self.tail:
+                # like zarr, which reads the index with every read: a shard rewritten or damaged
+                # since this slide was opened is never read with a stale index
+                raise ValueError(f"the shard index of '{self.path}' changed since it was opened "
+                                 "(damaged or rewritten)")
+            pos = 0
+            for a, b in zip(starts, ends, strict=True):
+                for off, n in self._spans(int(rows[a]), int(rows[b - 1]) + 1):
+                    got = os.preadv(fd, [flat[pos:pos + n]], off)
+                    if got != n:
+                        raise ValueError(f"'{self.path}' is shorter than its shard index says "
+                                         "(truncated)")
+                    pos += n
+        finally:
+            os.close(fd)
+        return out
+
+    def read_range(self, start: int, stop: int) -> np.ndarray:
+        return self.read_rows(np.arange(start, stop, dtype=np.int64))

@@ -52,7 +52,13 @@ from wsi_ssl.errors import (
 )
 from wsi_ssl.store._index import INDEX_NAME, SlideIndex
 from wsi_ssl.store._integrity import VerifyReport, array_checksum
-from wsi_ssl.store._layout import group_meta, plan_layout, shard_problems, write_arrays
+from wsi_ssl.store._layout import (
+    RawShard,
+    group_meta,
+    plan_layout,
+    shard_problems,
+    write_arrays,
+)
 from wsi_ssl.store._lock import LOCK_NAME, LockHolder, StoreLock, StoreLockedError
 from wsi_ssl.store._stats import SlideStats, compute_stats, stats_from_json, stats_to_json
 from wsi_ssl.store._summary import StoreSummary
@@ -500,8 +506,16 @@ class TileStore:
               oindex: bool = False) -> np.ndarray:
         self._check_chunks(h.slide_id, [n for n, s in _STORED.items() if s == name], h.attrs)
         try:
-            arr = h.array(name)
-            out = arr.oindex[selection] if oindex else arr[selection]
+            raw = h.raw(name)
+            if raw is None:
+                arr = h.array(name)
+                out = arr.oindex[selection] if oindex else arr[selection]
+            elif selection is Ellipsis:
+                out = raw.read_range(0, raw.shape[0])
+            elif isinstance(selection, slice):
+                out = raw.read_range(selection.start or 0, selection.stop)
+            else:  # sorted unique rows of the first axis
+                out = raw.read_rows(np.asarray(selection, dtype=np.int64))
         except Exception as err:  # noqa: BLE001 - corrupted shards, undecodable chunks
             raise StoreFormatError(
                 f"slide '{h.slide_id}' of '{self.path}' is unreadable ({name}: "
@@ -594,7 +608,7 @@ class TileStore:
         h = self._handle(slide_id)
         if h.stats is not None:
             return h.stats
-        meta = _read_json(h.dir / "features" / "zarr.json") or {}
+        meta = h.meta("features") or {}
         stats = stats_from_json((meta.get("attributes") or {}).get("stats") or {})
         if stats is None:
             rec = self[slide_id]
@@ -848,7 +862,7 @@ class TileStore:
     def summary(self) -> StoreSummary:
         """Counts and sizes: slides, tiles, views, bytes on disk, bytes per tile/slide, from the
         slide index (no per-slide reads for indexed slides)."""
-        entries = self.slide_entries()
+        entries, unreadable, _, _ = self._listing()
         n_tiles = sum(int(e.get("n_tiles") or 0) for e in entries.values())
         n_views = sum(int(e.get("n_views") or 0) for e in entries.values())
         size = sum(int(e.get("bytes") or 0) for e in entries.values())
@@ -862,7 +876,7 @@ class TileStore:
             path=str(self.path), format_version=self.root_attrs.get("format_version"),
             encoder=enc.get("name"), encoder_fingerprint=enc.get("fingerprint"),
             embed_dim=enc.get("embed_dim"), slides=len(entries), tiles=n_tiles, views=n_views,
-            failures=len(self.failures), bytes=size, unreadable=len(self._listing()[1]),
+            failures=len(self.failures), bytes=size, unreadable=len(unreadable),
             bytes_per_slide=size / max(1, len(entries)), bytes_per_tile=size / max(1, n_tiles))
 
 
@@ -878,6 +892,21 @@ class _Handle:
         self.attrs = attrs
         self.stats: SlideStats | None = None
         self._arrays: dict[str, Any] = {}
+        self._meta: dict[str, dict[str, Any] | None] = {}
+        self._raw: dict[str, RawShard | None] = {}
+
+    def meta(self, name: str) -> dict[str, Any] | None:
+        """The parsed ``zarr.json`` of one of the slide's arrays (None when unreadable)."""
+        if name not in self._meta:
+            self._meta[name] = _read_json(self.dir / name / "zarr.json")
+        return self._meta[name]
+
+    def raw(self, name: str) -> RawShard | None:
+        """The direct reader of an array written by this format (None: read through zarr)."""
+        if name not in self._raw:
+            meta = self.meta(name)
+            self._raw[name] = None if meta is None else RawShard.open(self.dir / name, meta)
+        return self._raw[name]
 
     def array(self, name: str) -> Any:
         arr = self._arrays.get(name)
