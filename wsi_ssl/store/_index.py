@@ -94,8 +94,10 @@ class SlideIndex:
         if not lines:
             return
         entries, n_lines = loaded
-        new = {k: v for k, v in entries.items() if k not in set(removed or ())}
-        new.update(added or {})
+        new = dict(entries)  # a C-level copy; readers may be iterating the cached one
+        for sid in removed or ():
+            new.pop(sid, None)
+        new.update({sid: {k: e.get(k) for k in _FIELDS} for sid, e in (added or {}).items()})
         if n_lines + len(lines) > 2 * len(new) + 64:
             self.rewrite(new)
             return
@@ -103,11 +105,17 @@ class SlideIndex:
         fd = os.open(self.path, os.O_RDWR | os.O_APPEND)
         try:
             size = os.fstat(fd).st_size
-            if size and os.pread(fd, 1, size - 1) != b"\n":
+            torn = bool(size) and os.pread(fd, 1, size - 1) != b"\n"
+            if torn:
                 data = b"\n" + data  # after a torn line
             os.write(fd, data)
+            st = os.fstat(fd)
         finally:
             os.close(fd)
+        if not torn:  # the parsed index stays valid: no re-read of the whole file per commit
+            with self._mutex:
+                self._cache = ((st.st_ino, st.st_size, st.st_mtime_ns), new,
+                               n_lines + len(lines))
 
     def rewrite(self, entries: dict[str, dict[str, Any]]) -> None:
         """Replace the index with ``entries`` (atomically; the caller holds the store's lock)."""
@@ -117,6 +125,12 @@ class SlideIndex:
         lines += [json.dumps({"+": sid, **{k: e.get(k) for k in _FIELDS}})
                   for sid, e in sorted(entries.items())]
         atomic_write_bytes(self.path, ("\n".join(lines) + "\n").encode(), fsync=False)
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return
+        with self._mutex:
+            self._cache = ((st.st_ino, st.st_size, st.st_mtime_ns), dict(entries), len(lines))
 
     def remove(self) -> None:
         try:
