@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 __all__ = [
+    "expand_slide_items",
     "resolve_device",
     "seed_everything",
     "progress",
@@ -182,3 +183,20 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, fsync: bool = Tr
     (see :func:`atomic_path`)."""
     with atomic_path(path, fsync=fsync) as tmp, open(tmp, "wb") as fh:
         fh.write(data)
+
+
+def expand_slide_items(items: list[Any]) -> list[Path]:
+    """Slide files of paths/folders/globs; a plain file path that does not exist is kept (it
+    becomes that slide's recorded failure) unless nothing given exists at all."""
+    out: list[Path] = []
+    missing: list[Path] = []
+    for item in items:
+        p = Path(item).expanduser()
+        if not p.exists() and not any(ch in str(item) for ch in "*?["):
+            missing.append(p)
+            out.append(p)
+        else:
+            out += expand_slide_paths([item])
+    if missing and len(missing) == len(out):
+        expand_slide_paths([missing[0]])  # raises the "matches no slide file" InputError
+    return out

@@ -435,7 +435,7 @@ def _retrieval_frame(retrieval: dict[str, Any]):
 def _write_report(out: Path, cfg: DemoConfig, summary: dict[str, Any], qc_png: Path,
                   loss_png: Path | None, inspect: dict[str, Any]) -> tuple[Path, Path]:
     """``report.html`` and ``report.md``: the settings, the tables and the pictures."""
-    from wsi_ssl.eval._report_io import write_html_report
+    from wsi_ssl.eval import write_html_report
 
     settings = _report_settings(cfg, summary)
     sections = _report_sections(out, summary, qc_png, loss_png, inspect)
@@ -475,7 +475,7 @@ def _report_settings(cfg: DemoConfig, summary: dict[str, Any]) -> dict[str, str]
 
 def _report_sections(out: Path, summary: dict[str, Any], qc_png: Path, loss_png: Path | None,
                      inspect: dict[str, Any]) -> list[Any]:
-    from wsi_ssl.eval._report_io import ReportSection
+    from wsi_ssl.eval import ReportSection
 
     def found(pattern: str) -> tuple[Path, ...]:
         return tuple(sorted(out.glob(pattern)))

@@ -106,7 +106,7 @@ def test_compare_noise_files_pairs_cover_zero():
     assert cal.rate("compare-cv", range(n))["new"] * n <= _limit(n, p=0.07)
 
 
-@pytest.mark.slow
+@pytest.mark.calibration
 @pytest.mark.parametrize("kind, n", [("probe-cv", 200), ("compare-cv", 100)])
 def test_full_calibration(kind, n):
     """The full check of issue 23: the interval excludes the null in at most 7 % of the seeds

@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         if spec is None:
             raise ConfigError("--dry-run prints the batch job script: give --cluster too.")
-        from wsi_ssl.tiling._jobqueue import job_name_for
+        from wsi_ssl.tiling import job_name_for
 
         print(spec.job_script(job_name_for(args.store)), end="")
         return 0
@@ -163,7 +163,7 @@ def cluster_spec(args: argparse.Namespace):
     if getattr(args, "scheduler", None) is not None or getattr(args, "workers", None) is not None:
         raise ConfigError("--cluster starts its own workers in batch jobs; drop --scheduler / "
                           "--workers.")
-    from wsi_ssl.tiling._jobqueue import JobQueueSpec
+    from wsi_ssl.tiling import JobQueueSpec
 
     if isinstance(given["jobs"], str):
         raw = given["jobs"].strip()

@@ -79,8 +79,7 @@ def _print_info(name: str) -> Iterator[None]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from wsi_ssl.pretrain import pretrain_slides
-    from wsi_ssl.pretrain._presets import AUTO_PARAMS, PAPER_SETTINGS
+    from wsi_ssl.pretrain import AUTO_PARAMS, PAPER_SETTINGS, pretrain_slides
 
     explicit = {k: getattr(args, k) for k in AUTO_PARAMS if getattr(args, k) is not None}
     if args.preset == "paper":

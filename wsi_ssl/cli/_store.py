@@ -30,7 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.store_command == "upgrade":
-        from wsi_ssl.store._upgrade import upgrade_store
+        from wsi_ssl.store import upgrade_store
 
         rep = upgrade_store(args.path, wait=bool(args.wait), drop_damaged=bool(args.drop_damaged))
         if rep.from_version == 2 and not (rep.converted or rep.already):

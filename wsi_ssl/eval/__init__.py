@@ -17,6 +17,7 @@ from wsi_ssl.eval._export import GeoJSONExport, export_geojson
 from wsi_ssl.eval._heatmap import HeatmapResult, heatmap, tile_scores
 from wsi_ssl.eval._probe import linear_probe
 from wsi_ssl.eval._probe_report import ProbeReport, ProbeResult, RocCurve
+from wsi_ssl.eval._report_io import ReportSection, write_html_report
 from wsi_ssl.eval._retrieval import (
     RetrievalReport,
     SimilarResult,
@@ -51,4 +52,6 @@ __all__ = [
     "plot_retrieval",
     "export_geojson",
     "GeoJSONExport",
+    "ReportSection",
+    "write_html_report",
 ]

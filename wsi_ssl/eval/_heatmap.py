@@ -104,7 +104,7 @@ def read_slide_tiles(store: Any, slide_id: str) -> tuple[np.ndarray, np.ndarray,
 
 def tile_geometry(coords: np.ndarray, attrs: dict[str, Any]) -> tuple[float, float]:
     """``(stride_level0, tile_size_level0)`` of a store slide (estimated from coords if absent)."""
-    from wsi_ssl.mil._coords import grid_stride
+    from wsi_ssl.mil import grid_stride
 
     stride = float(grid_stride(coords, attrs))
     size = float(attrs.get("tile_size_level0") or stride)

@@ -1,6 +1,6 @@
 """Self-supervised pretraining: losses and heads, tile-level SSL of a timm backbone (:func:`pretrain_tile_encoder`) and slide-level
 Giga-SSL (:class:`SlideSSL`). The augmentations live in :mod:`wsi_ssl.augment` (below tiling and
-pretrain); ``wsi_ssl.pretrain.augment`` is kept as an alias.
+pretrain).
 
 Heavy parts (torch, timm) load on first use of a name, not at ``import wsi_ssl.pretrain``.
 """
@@ -11,7 +11,6 @@ import importlib
 from typing import Any
 
 __all__ = [
-    "augment",
     "NTXentLoss",
     "BYOLLoss",
     "ProjectionHead",
@@ -31,10 +30,11 @@ __all__ = [
     "SlideSSLPreset",
     "slide_ssl_preset",
     "preset_for_store",
+    "AUTO_PARAMS",
+    "PAPER_SETTINGS",
 ]
 
 _LAZY: dict[str, str] = {
-    "augment": "wsi_ssl.pretrain.augment",
     "NTXentLoss": "wsi_ssl.pretrain._losses",
     "BYOLLoss": "wsi_ssl.pretrain._losses",
     "ProjectionHead": "wsi_ssl.pretrain._heads",
@@ -54,6 +54,8 @@ _LAZY: dict[str, str] = {
     "SlideSSLPreset": "wsi_ssl.pretrain._presets",
     "slide_ssl_preset": "wsi_ssl.pretrain._presets",
     "preset_for_store": "wsi_ssl.pretrain._presets",
+    "AUTO_PARAMS": "wsi_ssl.pretrain._presets",
+    "PAPER_SETTINGS": "wsi_ssl.pretrain._presets",
 }
 
 
@@ -62,7 +64,7 @@ def __getattr__(name: str) -> Any:
     if modname is None:
         raise AttributeError(f"module 'wsi_ssl.pretrain' has no attribute {name!r}")
     mod = importlib.import_module(modname)
-    value = mod if name == "augment" else getattr(mod, name)
+    value = getattr(mod, name)
     globals()[name] = value
     return value
 

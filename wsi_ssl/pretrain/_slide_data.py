@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from wsi_ssl.errors import ConfigError, InputError, StoreFormatError
-from wsi_ssl.mil._coords import grid_stride, to_grid_units
+from wsi_ssl.mil import grid_stride, to_grid_units
 
 __all__ = ["CoordAugment", "augment_coords", "SlideCohort", "load_cohort", "StepPlan",
            "plan_step", "CoordsCache", "ViewReader", "ReadStats", "ordered_map",

@@ -496,7 +496,7 @@ def _migrate_params(params: dict[str, Any], tensors: dict[str, Any]) -> dict[str
 def _read_clean(store: Any, sid: str, *, coords: bool) -> tuple[np.ndarray, np.ndarray | None]:
     """A slide's clean features ``(N, D)`` and, when the head reads them, its grid-unit
     coordinates ``(N, 2)`` float32 (never the view bank)."""
-    from wsi_ssl.mil._coords import to_grid_units
+    from wsi_ssl.mil import to_grid_units
 
     feats = np.asarray(store.read_features(sid))
     if feats.ndim != 2:

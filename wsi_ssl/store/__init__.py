@@ -14,7 +14,7 @@ from wsi_ssl.store._summary import StoreSummary
 __all__ = ["TileStore", "SlideRecord", "SlideEmbeddings", "load_embeddings",
            "STORE_FORMAT", "STORE_FORMAT_VERSION", "VerifyReport", "StoreLockedError",
            "tiles_to_anndata", "embeddings_to_anndata", "StoreSummary", "LockHolder",
-           "SlideStats"]
+           "SlideStats", "upgrade_store", "UpgradeReport", "repair_command"]
 
 _LAZY = {"TileStore", "SlideRecord", "STORE_FORMAT", "STORE_FORMAT_VERSION", "VerifyReport",
          "StoreLockedError"}
@@ -23,4 +23,8 @@ _LAZY = {"TileStore", "SlideRecord", "STORE_FORMAT", "STORE_FORMAT_VERSION", "Ve
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return getattr(importlib.import_module("wsi_ssl.store._tilestore"), name)
+    if name in ("upgrade_store", "UpgradeReport"):
+        return getattr(importlib.import_module("wsi_ssl.store._upgrade"), name)
+    if name == "repair_command":
+        return getattr(importlib.import_module("wsi_ssl.store._integrity"), name)
     raise AttributeError(f"module 'wsi_ssl.store' has no attribute {name!r}")

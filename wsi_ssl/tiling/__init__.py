@@ -48,12 +48,14 @@ __all__ = [
     "SlurmSpec",
     "check_cluster",
     "ClusterCheckReport",
+    "job_name_for",
 ]
 
 _LAZY = {name: "wsi_ssl.tiling._embed"
          for name in ("embed_slides", "EmbedReport", "EmbedConfig", "SlideResult", "SlideFailure")}
 _LAZY.update({name: "wsi_ssl.tiling._jobqueue"
-              for name in ("JobQueueSpec", "SlurmSpec", "check_cluster", "ClusterCheckReport")})
+              for name in ("JobQueueSpec", "SlurmSpec", "check_cluster", "ClusterCheckReport",
+                           "job_name_for")})
 
 
 def __getattr__(name: str) -> Any:

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from wsi_ssl._utils import expand_slide_items
 from wsi_ssl.errors import ConfigError, InputError
 from wsi_ssl.tiling._embed_worker import (
     EncoderPayload,
@@ -121,25 +122,6 @@ def read_manifest(path: str | os.PathLike) -> list[dict[str, Any]]:
     return out
 
 
-def _expand_items(items: list[Any]) -> list[Path]:
-    """Slide files of paths/folders/globs; a plain file path that does not exist is kept (it
-    becomes that slide's recorded failure) unless nothing given exists at all."""
-    from wsi_ssl._utils import expand_slide_paths
-
-    out: list[Path] = []
-    missing: list[Path] = []
-    for item in items:
-        p = Path(item).expanduser()
-        if not p.exists() and not any(ch in str(item) for ch in "*?["):
-            missing.append(p)
-            out.append(p)
-        else:
-            out += expand_slide_paths([item])
-    if missing and len(missing) == len(out):
-        expand_slide_paths([missing[0]])  # raises the "matches no slide file" InputError
-    return out
-
-
 def _jobs(slides: Any, manifest: str | os.PathLike | None) -> list[dict[str, Any]]:
     from wsi_ssl._utils import sanitize_id
 
@@ -151,7 +133,7 @@ def _jobs(slides: Any, manifest: str | os.PathLike | None) -> list[dict[str, Any
         plain = [s for s in items if not isinstance(s, Mapping)]
         rows += [dict(s) for s in items if isinstance(s, Mapping)]
         if plain:
-            rows += [{"path": p} for p in _expand_items(plain)]
+            rows += [{"path": p} for p in expand_slide_items(plain)]
     if not rows:
         raise InputError("no slides given; pass paths, folders, globs or manifest=CSV.")
     jobs, seen = [], {}
@@ -346,7 +328,7 @@ def _repair_jobs(store: Any, jobs: list[dict[str, Any]], report: Any
 def _check_repair_settings(sid: str, attrs: dict[str, Any], new_hash: str, store: Any) -> None:
     if attrs.get("settings_hash") == new_hash:
         return
-    from wsi_ssl.store._integrity import repair_command
+    from wsi_ssl.store import repair_command
 
     raise ConfigError(
         f"--repair: slide '{sid}' of '{store.path}' was embedded with other settings (or from a "

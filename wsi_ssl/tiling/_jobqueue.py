@@ -35,6 +35,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from wsi_ssl._utils import expand_slide_items
 from wsi_ssl.errors import BackendUnavailableError, ConfigError, InputError, WsiSslError
 
 __all__ = ["JobQueueSpec", "SlurmSpec", "BatchCluster", "ClusterError", "check_cluster",
@@ -694,9 +695,7 @@ def check_cluster(spec: JobQueueSpec, *, store: str | os.PathLike | None = None,
 
     paths: list[str] = []
     if slides:
-        from wsi_ssl.tiling._embed import _expand_items
-
-        paths = [os.path.abspath(p) for p in _expand_items(list(slides))]
+        paths = [os.path.abspath(p) for p in expand_slide_items(list(slides))]
     store_s = os.path.abspath(store) if store is not None else None
     one = replace(spec, jobs=1)
     name = "wsi-ssl-check"
