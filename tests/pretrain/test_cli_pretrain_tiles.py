@@ -28,4 +28,4 @@ def test_cli_pretrain_tiles_bad_value(slides_dir, tmp_path, capsys):
                  "--out", str(tmp_path / "e.safetensors"), "--method", "simclr",
                  "--batch-size", "1", "--num-workers", "0"])
     assert code == 1
-    assert "batch_size=1 must be an integer >= 2" in capsys.readouterr().err
+    assert "TileSSLConfig(batch_size=1) must be an integer >= 2" in capsys.readouterr().err
