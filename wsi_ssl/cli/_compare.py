@@ -67,24 +67,16 @@ def _files(values: list[str]) -> dict[str, str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from wsi_ssl.cli._probe import _sizes
-    from wsi_ssl.errors import ConfigError
+    from wsi_ssl.cli._probe import _sizes, c_value
     from wsi_ssl.eval import compare_embeddings
 
-    if args.C == "cv":
-        c: str | float = "cv"
-    else:
-        try:
-            c = float(args.C)
-        except ValueError as err:
-            raise ConfigError(f"--C {args.C!r} must be 'cv' or a positive number.") from err
     report = compare_embeddings(
         _files(args.embeddings), args.labels,
         label_col=None if args.label_col.lower() == "none" else args.label_col,
         time=args.time_col, event=args.event_col, censor_col=args.censor_col,
         id_col=args.id_col, patient_col=args.patient_col, level=args.level,
         n_labeled=_sizes(args.n_labeled), repeats=args.repeats, folds=args.folds or None,
-        cv_repeats=args.cv_repeats, C=c, groups=None if args.no_groups else "patient",
+        cv_repeats=args.cv_repeats, C=c_value(args.C), groups=None if args.no_groups else "patient",
         n_bootstrap=args.bootstrap, seed=args.seed,
     )
     paths = report.save(args.out)

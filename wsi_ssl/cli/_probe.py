@@ -59,22 +59,26 @@ def _sizes(values: list[str]) -> tuple[int | None, ...]:
     return tuple(out)
 
 
-def run(args: argparse.Namespace) -> int:
+def c_value(text: str) -> str | float:
+    """``--C``: ``"cv"`` (inner cross-validated search) or a positive number."""
     from wsi_ssl.errors import ConfigError
+
+    if text == "cv":
+        return "cv"
+    try:
+        return float(text)
+    except ValueError as err:
+        raise ConfigError(f"--C {text!r} must be 'cv' or a positive number.") from err
+
+
+def run(args: argparse.Namespace) -> int:
     from wsi_ssl.eval import linear_probe
 
-    if args.C == "cv":
-        c: str | float = "cv"
-    else:
-        try:
-            c = float(args.C)
-        except ValueError as err:
-            raise ConfigError(f"--C {args.C!r} must be 'cv' or a positive number.") from err
     report = linear_probe(
         args.embeddings, args.labels, label_col=args.label_col, id_col=args.id_col,
         patient_col=args.patient_col, embedding_id_col=args.embedding_id_col,
         n_labeled=_sizes(args.n_labeled), repeats=args.repeats, test_size=args.test_size,
-        folds=args.folds or None, C=c, groups=None if args.no_groups else "patient",
+        folds=args.folds or None, C=c_value(args.C), groups=None if args.no_groups else "patient",
         n_bootstrap=args.bootstrap, seed=args.seed, level=args.level,
         feature_cols=args.feature_cols, cv_repeats=args.cv_repeats,
     )

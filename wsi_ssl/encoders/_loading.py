@@ -193,16 +193,22 @@ def _random_trunk(preset: EncoderPreset, overrides: Mapping[str, Any] | None, se
             torch.manual_seed(seed)
             return build_trunk(preset, overrides)
     trunk = trunk.to_empty(device="cpu")
+    return init_random_(trunk, seed)
+
+
+def init_random_(module: nn.Module, seed: int) -> nn.Module:
+    """Deterministic random weights in place, drawn in key order: matrices N(0, 0.02), biases
+    0, norm weights 1 (tests and architecture checks of presets); returns ``module``."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, t in trunk.named_parameters():
+        for name, t in module.named_parameters():
             if t.ndim >= 2:
                 t.normal_(0.0, 0.02, generator=gen)
             elif name.endswith("bias"):
                 t.zero_()
             else:
                 t.fill_(1.0)
-    return trunk
+    return module
 
 
 def activation_bytes(model: PresetModel, input_size: int) -> int:

@@ -172,16 +172,9 @@ def _random(preset: SlideEncoderPreset, overrides: Mapping[str, Any] | None,
     """A deterministic random instance (tests, architecture checks): matrices N(0, 0.02),
     biases 0, norm weights 1, drawn in key order."""
     model = build_slide_model(preset, overrides).to_empty(device="cpu")
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, t in model.named_parameters():
-            if t.ndim >= 2:
-                t.normal_(0.0, 0.02, generator=gen)
-            elif name.endswith("bias"):
-                t.zero_()
-            else:
-                t.fill_(1.0)
-    return model
+    from wsi_ssl.encoders._loading import init_random_
+
+    return init_random_(model, seed)
 
 
 def grid_positions(preset: SlideEncoderPreset, coords: np.ndarray,
