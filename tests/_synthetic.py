@@ -1,4 +1,4 @@
-"""Synthetic test images shared by the test folders (tests/ is on sys.path via conftest)."""
+"""Synthetic test images shared by the test folders (``from tests._synthetic import ...``)."""
 
 from __future__ import annotations
 

@@ -6,7 +6,8 @@ import os
 from pathlib import Path
 
 import pytest
-from _synthetic import tissue_image
+
+from tests._synthetic import tissue_image
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -34,8 +34,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "cluster"))
-from cluster_helpers import (  # noqa: E402
+from tests.cluster.cluster_helpers import (
     EMBED_KW,
     SLURM_ARGS,
     embed_cmd,
@@ -43,7 +42,7 @@ from cluster_helpers import (  # noqa: E402
     processes_matching,
     store_arrays,
 )
-from slurm_local import LocalSlurm, SlurmUnavailable  # noqa: E402
+from tests.cluster.slurm_local import LocalSlurm, SlurmUnavailable
 
 pytestmark = [pytest.mark.slow, pytest.mark.chaos, pytest.mark.slurm]
 

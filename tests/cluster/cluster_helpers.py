@@ -10,6 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
+from tests._synthetic import tissue_image
+from wsi_ssl.datasets import write_pyramidal_tiff
+
 TILE = 64
 #: the settings of every cluster test run (tiny slides, the tiny CNN, a small view bank)
 EMBED_ARGS = ["--encoder", "tiny-cnn", "--mpp", "0.5", "--tile-size", str(TILE), "--views", "2",
@@ -22,11 +25,6 @@ SLURM_ARGS = ["--cluster", "slurm", "--cores", "1", "--memory", "2GB"]
 def make_cohort(folder: Path, n: int, *, size: tuple[int, int] = (512, 384), seed: int = 70
                 ) -> list[Path]:
     """``n`` small generated pyramidal slides (one level) at 0.5 µm/px."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from _synthetic import tissue_image
-
-    from wsi_ssl.datasets import write_pyramidal_tiff
-
     folder.mkdir(parents=True, exist_ok=True)
     out = []
     for i in range(n):

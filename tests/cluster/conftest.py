@@ -13,7 +13,8 @@ import os
 from pathlib import Path
 
 import pytest
-from slurm_local import LocalSlurm, SlurmUnavailable
+
+from tests.cluster.slurm_local import LocalSlurm, SlurmUnavailable
 
 
 def _in_ci() -> bool:

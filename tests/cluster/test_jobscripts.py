@@ -8,8 +8,8 @@ import sys
 
 import dask
 import pytest
-from cluster_helpers import run
 
+from tests.cluster.cluster_helpers import run
 from wsi_ssl.errors import ConfigError
 from wsi_ssl.tiling import JobQueueSpec, SlurmSpec
 from wsi_ssl.tiling._cluster import plan_cluster

@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-from cluster_helpers import (
+
+from tests.cluster.cluster_helpers import (
     EMBED_KW,
     SLURM_ARGS,
     assert_same_arrays,
@@ -20,7 +21,6 @@ from cluster_helpers import (
     processes_matching,
     run,
 )
-
 from wsi_ssl.store import TileStore
 from wsi_ssl.tiling import embed_slides
 

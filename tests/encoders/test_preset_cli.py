@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests._synthetic import tissue_image
 from wsi_ssl.cli import main
 from wsi_ssl.encoders import create_encoder, get_preset, spec_fingerprint
 from wsi_ssl.encoders._presets import _BY_NAME, _USER, build_trunk, register_preset
@@ -88,13 +89,8 @@ def test_embed_takes_mpp_and_tile_size_from_the_preset_unless_given(uni_depth1, 
                                                                    caplog, monkeypatch):
     """``--encoder`` a preset without ``--mpp`` / ``--tile-size``: the preset's resolution and
     tile size (here 1.0 µm/px, 128 px: not the 0.5 / 224 fallbacks), logged and recorded."""
-    import sys
-    from pathlib import Path
 
     from wsi_ssl.datasets import write_pyramidal_tiff
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from _synthetic import tissue_image
 
     preset, folder = uni_depth1
     moved = register_preset(dataclasses.replace(preset, mpp=1.0, tile_size=128), overwrite=True)

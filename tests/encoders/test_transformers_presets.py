@@ -14,8 +14,8 @@ import re
 import numpy as np
 import pytest
 import torch
-from test_preset_weights import perturbed_trunk  # sibling module (rootdir on sys.path)
 
+from tests.encoders.test_preset_weights import perturbed_trunk
 from wsi_ssl.encoders import create_encoder, get_preset
 from wsi_ssl.encoders._presets import PresetModel
 from wsi_ssl.errors import WeightsError

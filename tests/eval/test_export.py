@@ -8,8 +8,8 @@ import json
 import jsonschema
 import numpy as np
 import pytest
-from _inspect_cohort import inspect_cohort
 
+from tests._inspect_cohort import inspect_cohort
 from wsi_ssl.cli import main
 from wsi_ssl.errors import InputError
 from wsi_ssl.eval import export_geojson, tile_clusters

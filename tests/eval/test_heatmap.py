@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from _inspect_cohort import inspect_cohort
 
+from tests._inspect_cohort import inspect_cohort
 from wsi_ssl.errors import ConfigError, InputError, NotFittedError
 from wsi_ssl.eval import cluster_map, heatmap, tile_scores
 from wsi_ssl.mil import MILClassifier

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import json
 
-import calibration as cal
 import numpy as np
 import pytest
 from scipy import stats
 
+from tests.eval import calibration as cal
 from wsi_ssl.eval import survival
 from wsi_ssl.eval._stats import (
     INTERVAL_METHOD,

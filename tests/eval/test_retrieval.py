@@ -9,8 +9,8 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-from _inspect_cohort import inspect_cohort
 
+from tests._inspect_cohort import inspect_cohort
 from wsi_ssl.cli import main
 from wsi_ssl.errors import ConfigError, InputError
 from wsi_ssl.eval import retrieval_report, similar

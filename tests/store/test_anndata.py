@@ -9,8 +9,8 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-from _inspect_cohort import inspect_cohort
 
+from tests._inspect_cohort import inspect_cohort
 from wsi_ssl.errors import BackendUnavailableError, InputError
 from wsi_ssl.store import SlideEmbeddings, tiles_to_anndata
 

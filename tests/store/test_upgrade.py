@@ -12,8 +12,8 @@ import sys
 import numpy as np
 import pytest
 import zarr
-from _format1 import create_format1_store, write_format1_slide
 
+from tests.store._format1 import create_format1_store, write_format1_slide
 from wsi_ssl.cli import main
 from wsi_ssl.errors import StoreFormatError
 from wsi_ssl.store import TileStore

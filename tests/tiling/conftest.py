@@ -7,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tests_tiling_helpers import tissue_image  # noqa: F401  (re-exported for the tests)
+
+from tests._synthetic import tissue_image
 
 
 @pytest.fixture(scope="session")

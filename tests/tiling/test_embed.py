@@ -15,14 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests._synthetic import tissue_image
 from wsi_ssl.datasets import write_pyramidal_tiff
 from wsi_ssl.encoders import create_encoder, spec_fingerprint
 from wsi_ssl.errors import ConfigError, EncoderMismatchError, InputError
 from wsi_ssl.store import TileStore
 from wsi_ssl.tiling import EmbedReport, embed_slides
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _synthetic import tissue_image  # noqa: E402
 
 TILE = 64
 KW = {"mpp": 0.5, "tile_size": TILE, "views": 3, "view_tiles": 8, "batch_size": 32}

@@ -18,13 +18,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests._helpers import assert_same_store as _same
+from tests._synthetic import tissue_image
 from wsi_ssl.datasets import write_pyramidal_tiff
 from wsi_ssl.store import TileStore
 from wsi_ssl.tiling import embed_slides
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _synthetic import tissue_image  # noqa: E402
-from test_embed import _assert_same_store as _same  # noqa: E402
 
 BIN = Path(sys.executable).parent
 TILE = 64
@@ -202,7 +200,7 @@ def test_a_worker_that_cannot_see_the_slide_says_so(tmp_path):
     from wsi_ssl.tiling import EmbedConfig, SlideFailure
     from wsi_ssl.tiling._embed_worker import EncoderPayload, run_job
 
-    job = {"path": str(tmp_path / "only-on-the-driver.svs"), "slide_id": "x", "mpp": None}
+    job = {"path": str(tmp_path / "only-on-the-driver.svs"), "slide_id": "x", "slide_mpp": None}
     res = run_job(job, EncoderPayload(fingerprint="unused"), EmbedConfig())
     assert isinstance(res, SlideFailure)  # data, not an exception: the batch goes on
     assert res.slide_id == "x"

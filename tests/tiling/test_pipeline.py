@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import re
-import sys
 import threading
 from pathlib import Path
 
@@ -20,14 +19,12 @@ import numpy as np
 import pytest
 import torch
 
+from tests._synthetic import tissue_image
 from wsi_ssl.datasets import write_pyramidal_tiff
 from wsi_ssl.encoders import create_encoder, encoder_identity, register_encoder, spec_fingerprint
 from wsi_ssl.errors import ConfigError, EncoderMismatchError
 from wsi_ssl.store import TileStore
 from wsi_ssl.tiling import EmbedConfig, SlideFailure, SlideResult, embed_slides
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _synthetic import tissue_image  # noqa: E402
 
 TILE = 64
 KW = {"mpp": 0.5, "tile_size": TILE, "batch_size": 32}
@@ -169,7 +166,7 @@ def test_a_worker_with_other_weights_bytes_refuses_to_embed(cohort, tmp_path):
     torch.save(enc.model.state_dict(), w)
     ident = encoder_identity("tiny-cnn", weights=w)
     payload = EncoderPayload(fingerprint="0123456789abcdef", spec=ident.spec, device="cpu")
-    job = {"path": str(cohort[0]), "slide_id": "p0", "mpp": None}
+    job = {"path": str(cohort[0]), "slide_id": "p0", "slide_mpp": None}
     res = run_job(job, payload, EmbedConfig(**KW))
     assert isinstance(res, SlideFailure)
     assert res.error.startswith(f"EncoderMismatchError: encoder 'tiny-cnn' on host "
@@ -190,7 +187,7 @@ def test_weights_that_do_not_fit_stop_an_in_process_run_with_one_error(cohort, t
     # on a worker it is each slide's failure, found once: the weights are not reloaded per slide
     ident = encoder_identity("tiny-cnn", weights=bad)
     payload = EncoderPayload(fingerprint=ident.fingerprint, spec=ident.spec, device="cpu")
-    job = {"path": str(cohort[0]), "slide_id": "p0", "mpp": None}
+    job = {"path": str(cohort[0]), "slide_id": "p0", "slide_mpp": None}
     first = run_job(job, payload, EmbedConfig(**KW))
     bad.unlink()  # a second attempt to load it would now say "cannot be read"
     second = run_job(job, payload, EmbedConfig(**KW))
@@ -331,20 +328,25 @@ def test_config_and_keywords_give_the_same_store(cohort, tmp_path):
     hb = TileStore(b.store)["p0"].attrs
     assert ha["settings_hash"] == hb["settings_hash"] and ha["embed_settings"] == hb["embed_settings"]
     assert ha["embed_settings"]["settings_from_preset"] is None
-    with pytest.raises(ConfigError, match="not both; got config= and seed"):
-        embed_slides(cohort[:1], "tiny-cnn", tmp_path / "x.zarr", config=EmbedConfig(), seed=3)
+    # keywords are EmbedConfig fields applied over config= (dataclasses.replace)
+    from wsi_ssl.tiling._config import embed_config
+
+    merged = embed_config("tiny-cnn", EmbedConfig(**KW), {"seed": 3})
+    assert merged == dataclasses.replace(EmbedConfig(**KW), seed=3)
+    with pytest.raises(ConfigError, match="unknown setting view_tile=8; did you mean view_tiles"):
+        embed_slides(cohort[:1], "tiny-cnn", tmp_path / "x.zarr", view_tile=8)
 
 
 def test_mpp_and_tile_size_default_to_the_preset_else_half_micron_224():
     from wsi_ssl.encoders import get_preset
-    from wsi_ssl.tiling._embed import _preset_defaults
+    from wsi_ssl.tiling import grid_settings
 
     p = get_preset("uni_v1")  # a TRIDENT alias of "uni"
     assert (p.name, p.mpp, p.tile_size) == ("uni", 0.5, 256)
-    assert _preset_defaults("uni_v1", None, None) == (0.5, 256, "uni")
-    assert _preset_defaults("uni", 1.0, None) == (1.0, 256, "uni")
-    assert _preset_defaults("uni", 1.0, 512) == (1.0, 512, None)
-    assert _preset_defaults("tiny-cnn", None, None) == (0.5, 224, None)
+    assert grid_settings("uni_v1") == (0.5, 256, "uni")
+    assert grid_settings("uni", mpp=1.0) == (1.0, 256, "uni")
+    assert grid_settings("uni", mpp=1.0, tile_size=512) == (1.0, 512, None)
+    assert grid_settings("tiny-cnn") == (0.5, 224, None)
 
 
 # --------------------------------------------------------------------------- GPU (CUDA only)
@@ -381,7 +383,7 @@ def test_gpu_tiles_travel_in_pinned_memory(cohort, monkeypatch):
         return real(x)
 
     monkeypatch.setattr(enc, "embed", embed)
-    prep = worker.prepare_slide({"path": str(cohort[0]), "slide_id": "p0", "mpp": None},
+    prep = worker.prepare_slide({"path": str(cohort[0]), "slide_id": "p0", "slide_mpp": None},
                                 EmbedConfig(**KW))
     res = worker.encode_slide(prep, enc, EmbedConfig(**KW))
     assert isinstance(res, SlideResult) and seen and all(seen)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from PIL import Image
-from tests_tiling_helpers import dice
 
+from tests._helpers import dice
 from wsi_ssl.errors import ConfigError
 from wsi_ssl.tiling import TissueMask, detect_tissue, open_slide, tissue_mask_from_rgb
 
