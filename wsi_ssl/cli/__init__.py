@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
             if err.name != modname:
                 raise
             continue
-        p = sub.add_parser(name, help=mod.HELP, description=getattr(mod, "DESCRIPTION", mod.HELP),
+        p = sub.add_parser(name, help=mod.HELP.replace("%", "%%"),  # argparse %-formats help
+                           description=getattr(mod, "DESCRIPTION", mod.HELP),
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         mod.add_arguments(p)
         p.set_defaults(_run=mod.run)
