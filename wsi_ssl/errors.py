@@ -29,6 +29,7 @@ __all__ = [
     "InputError",
     "LabelError",
     "ConfigError",
+    "RepairSettingsError",
     "NotFittedError",  # noqa: F822 (made on first use, see __getattr__)
     "CheckpointError",
     "ClusterError",
@@ -89,6 +90,16 @@ class LabelError(InputError):
 
 class ConfigError(WsiSslError, ValueError):
     """A parameter has an invalid value (the message names it and the allowed range)."""
+
+
+class RepairSettingsError(ConfigError):
+    """``embed_slides(..., repair=True)`` was given settings that would not reproduce a damaged
+    slide; ``repair`` holds the settings the slide was made with (a
+    :class:`wsi_ssl.store.RepairPlan`, or ``None``)."""
+
+    def __init__(self, message: str, *, repair: object = None) -> None:
+        super().__init__(message)
+        self.repair = repair
 
 
 class CheckpointError(WsiSslError, OSError):

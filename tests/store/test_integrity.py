@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import zarr
 
+from wsi_ssl.cli._repair import repair_command
 from wsi_ssl.errors import StoreFormatError
 from wsi_ssl.store import TileStore
 from wsi_ssl.store._integrity import array_checksum
@@ -41,7 +42,7 @@ def test_checksums_and_shard_sizes_are_recorded(tmp_path):
     # slide c: 1 tile, view_index all 0: still stored (write_empty_chunks)
     assert not s["c"].view_index.any() and (s.path / "slides" / "c" / "index" / "c.0").exists()
     rep = s.verify(threads=3)
-    assert rep.ok and rep.checked == ("a", "b", "c") and rep.damaged == {} and rep.repair == ""
+    assert rep.ok and rep.checked == ("a", "b", "c") and rep.damaged == {} and rep.repair is None
 
 
 @pytest.mark.parametrize("how", ["deleted", "emptied", "truncated"])
@@ -79,7 +80,9 @@ def test_corrupt_and_altered_chunks(tmp_path):
     rep = s.verify()
     assert set(rep.damaged) == {"b"} and not rep.ok
     assert rep.damaged["b"].startswith("features: unreadable chunk")
-    assert rep.repair.startswith(f"wsi-ssl embed --store {s.path} --repair --encoder enc-a")
+    assert rep.repair.slide_ids == ("b",) and rep.repair.encoder == "enc-a"
+    assert repair_command(rep.repair).startswith(
+        f"wsi-ssl embed --store {s.path} --repair --encoder enc-a")
     # re-writing the slide repairs it; altering decodable bytes is caught by the checksum
     s.write_slide("b", before_b.features, before_b.coords, views=before_b.views,
                   view_index=before_b.view_index)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from wsi_ssl.cli._repair import with_repair_command
+
 HELP = "embed the tissue tiles of slides into a resumable zarr tile store (dask-parallel)"
 DESCRIPTION = (
     "Tile every slide at --mpp, embed the tiles with --encoder (a registered name, any timm "
@@ -84,7 +86,8 @@ def run(args: argparse.Namespace) -> int:
         for name in ("distributed", "distributed.scheduler", "distributed.nanny",
                      "distributed.core", "distributed.http.proxy"):
             logging.getLogger(name).setLevel(logging.WARNING)
-    report = embed_slides(
+    report = with_repair_command(  # the damaged slides' command when the settings differ
+        embed_slides,
         args.slides or None, args.encoder, args.store, weights=args.weights, mpp=args.mpp,
         tile_size=args.tile_size,
         views=args.views, view_tiles=args.view_tiles, augment=args.augment,

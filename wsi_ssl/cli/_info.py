@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from wsi_ssl.cli._repair import repair_command
+
 HELP = "print what a tile store holds: encoder, slides, tiles, views, sizes, failures"
 
 
@@ -115,6 +117,6 @@ def run(args: argparse.Namespace) -> int:
         for sid, why in rep.damaged.items():
             print(f"  damaged: {sid:<30} {why}")
         if rep.damaged:
-            print(f"re-embed exactly these with:\n  {rep.repair}")
+            print(f"re-embed exactly these with:\n  {repair_command(rep.repair)}")
         return 0 if rep.ok else 1
     return 0

@@ -7,6 +7,7 @@ from typing import Any
 
 from wsi_ssl.store._anndata import embeddings_to_anndata, tiles_to_anndata
 from wsi_ssl.store._embeddings import SlideEmbeddings, load_embeddings
+from wsi_ssl.store._integrity import RepairPlan
 from wsi_ssl.store._lock import LockHolder
 from wsi_ssl.store._stats import SlideStats
 from wsi_ssl.store._summary import StoreSummary
@@ -14,7 +15,7 @@ from wsi_ssl.store._summary import StoreSummary
 __all__ = ["TileStore", "SlideRecord", "SlideEmbeddings", "load_embeddings",
            "STORE_FORMAT", "STORE_FORMAT_VERSION", "VerifyReport", "StoreLockedError",
            "tiles_to_anndata", "embeddings_to_anndata", "StoreSummary", "LockHolder",
-           "SlideStats", "upgrade_store", "UpgradeReport", "repair_command"]
+           "SlideStats", "upgrade_store", "UpgradeReport", "RepairPlan"]
 
 _LAZY = {"TileStore", "SlideRecord", "STORE_FORMAT", "STORE_FORMAT_VERSION", "VerifyReport",
          "StoreLockedError"}
@@ -25,6 +26,4 @@ def __getattr__(name: str) -> Any:
         return getattr(importlib.import_module("wsi_ssl.store._tilestore"), name)
     if name in ("upgrade_store", "UpgradeReport"):
         return getattr(importlib.import_module("wsi_ssl.store._upgrade"), name)
-    if name == "repair_command":
-        return getattr(importlib.import_module("wsi_ssl.store._integrity"), name)
     raise AttributeError(f"module 'wsi_ssl.store' has no attribute {name!r}")

@@ -9,18 +9,20 @@ done on every read; hashing the bytes is what :meth:`TileStore.verify` adds.
 from __future__ import annotations
 
 import hashlib
-import shlex
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from wsi_ssl.errors import StoreFormatError
+from wsi_ssl.store._layout import shard_problems
+
 if TYPE_CHECKING:  # pragma: no cover
     from wsi_ssl.store._tilestore import TileStore
 
-__all__ = ["VerifyReport", "array_checksum", "check_slide", "repair_command"]
+__all__ = ["VerifyReport", "RepairPlan", "array_checksum", "check_slide"]
 
 
 def array_checksum(data: np.ndarray) -> str:
@@ -33,9 +35,6 @@ def array_checksum(data: np.ndarray) -> str:
 def check_slide(store: TileStore, slide_id: str, attrs: Mapping[str, Any]) -> list[str]:
     """Everything wrong with one complete slide: missing or truncated shard files, chunks that
     cannot be decoded, bytes that differ from the recorded checksum. Empty list = intact."""
-    from wsi_ssl.errors import StoreFormatError
-    from wsi_ssl.store._layout import shard_problems
-
     problems = shard_problems(store._slide_dir(slide_id), attrs.get("shards") or {})
     bad = {p.split(":")[0] for p in problems}
     for name, want in (attrs.get("checksums") or {}).items():
@@ -54,6 +53,70 @@ def check_slide(store: TileStore, slide_id: str, attrs: Mapping[str, Any]) -> li
 
 
 @dataclass(frozen=True, kw_only=True)
+class RepairPlan:
+    """What re-making damaged slides of a store takes, as recorded in the store: the slides and
+    the embed settings they were made with (those of the first damaged slide). The store does
+    not word it: ``embed_slides(..., repair=True)`` with these settings re-embeds them, and the
+    CLI prints the matching ``wsi-ssl embed --repair`` command.
+
+    Attributes:
+        store: the store path.
+        slide_ids: the damaged slides.
+        imported: the slides were imported from h5 files (re-import them with
+            ``TileStore.import_h5(paths, overwrite=True)``; nothing to re-embed).
+        encoder: the encoder name recorded.
+        weights: where the encoder's weights came from (``"random"``, ``"file"``,
+            ``"builtin"``, ...; ``None`` when not recorded).
+        mpp, tile_size, min_tissue, views, view_tiles, seed, dtype: the recorded embed settings
+            (``None`` where the slide does not record one).
+        augment: the augmentation preset name (``None``: a custom config or none recorded).
+        assume_mpp: the slide's own µm/px when it was assumed (not read from the slide or a
+            manifest), else ``None``.
+    """
+
+    store: Path
+    slide_ids: tuple[str, ...]
+    imported: bool = False
+    encoder: str = "ENCODER"
+    weights: str | None = None
+    mpp: float | None = None
+    tile_size: int | None = None
+    min_tissue: float | None = None
+    views: int | None = None
+    view_tiles: int | None = None
+    seed: int | None = None
+    dtype: str | None = None
+    augment: str | None = None
+    assume_mpp: float | None = None
+
+    @classmethod
+    def from_attrs(cls, store: str | Path, slide_ids: Sequence[str],
+                   attrs: Mapping[str, Any]) -> RepairPlan:
+        """The plan of ``slide_ids`` of ``store``, from the attributes ``attrs`` recorded in
+        (the first of) them."""
+        s = dict(attrs.get("embed_settings") or {})
+        assumed = attrs.get("mpp_assumed") and attrs.get("manifest_mpp") is None
+        preset = s.get("augment_preset")
+        return cls(
+            store=Path(store), slide_ids=tuple(slide_ids), imported=bool(attrs.get("imported")),
+            encoder=str(attrs.get("encoder", "ENCODER")), weights=attrs.get("encoder_weights"),
+            mpp=s.get("mpp", attrs.get("mpp")),
+            tile_size=s.get("tile_size", attrs.get("tile_size")), min_tissue=s.get("min_tissue"),
+            views=s.get("views", attrs.get("views_requested")), view_tiles=s.get("view_tiles"),
+            seed=s.get("seed", attrs.get("seed")),
+            dtype=s.get("dtype", attrs.get("features_dtype")),
+            augment=preset if isinstance(preset, str) else None,
+            assume_mpp=attrs.get("slide_mpp") if assumed else None)
+
+    def settings(self) -> dict[str, Any]:
+        """The recorded settings as ``embed_slides`` keywords (those recorded only)."""
+        names = ("mpp", "tile_size", "min_tissue", "views", "view_tiles", "augment", "seed",
+                 "dtype", "assume_mpp")
+        return {"encoder": self.encoder,
+                **{k: getattr(self, k) for k in names if getattr(self, k) is not None}}
+
+
+@dataclass(frozen=True, kw_only=True)
 class VerifyReport:
     """What :meth:`TileStore.verify` found.
 
@@ -63,7 +126,8 @@ class VerifyReport:
         damaged: ``{slide_id: "views: shard file views/c.0.0.0 missing; ..."}``.
         unreadable: ``{slide_id: reason}`` of slide groups whose metadata cannot be read.
         unchecked: complete slides without recorded checksums.
-        repair: the command that re-embeds exactly the damaged slides ("" when none).
+        repair: what re-making exactly the damaged slides takes (``None`` when none is
+            damaged); ``wsi-ssl info --verify`` words it as a command.
     """
 
     store: Path
@@ -71,33 +135,8 @@ class VerifyReport:
     damaged: dict[str, str] = field(default_factory=dict)
     unreadable: dict[str, str] = field(default_factory=dict)
     unchecked: tuple[str, ...] = ()
-    repair: str = ""
+    repair: RepairPlan | None = None
 
     @property
     def ok(self) -> bool:
         return not self.damaged and not self.unreadable
-
-
-def repair_command(store: Path, attrs: Mapping[str, Any]) -> str:
-    """``wsi-ssl embed --store STORE --repair ...`` with the settings recorded in a slide."""
-    s = dict(attrs.get("embed_settings") or {})
-    if attrs.get("imported"):
-        return (f"re-import the damaged slides with TileStore({str(store)!r}).import_h5(paths, "
-                "overwrite=True)")
-    args = ["wsi-ssl", "embed", "--store", str(store), "--repair",
-            "--encoder", str(attrs.get("encoder", "ENCODER"))]
-    mpp = s.get("mpp", attrs.get("mpp"))
-    for flag, val, default in (
-            ("--mpp", mpp, None), ("--tile-size", s.get("tile_size", attrs.get("tile_size")), None),
-            ("--min-tissue", s.get("min_tissue"), 0.25),
-            ("--views", s.get("views", attrs.get("views_requested")), 0),
-            ("--view-tiles", s.get("view_tiles"), 256), ("--seed", s.get("seed", attrs.get("seed")), 0),
-            ("--dtype", s.get("dtype", attrs.get("features_dtype")), "float16")):
-        if val is not None and val != default:
-            args += [flag, str(val)]
-    preset = s.get("augment_preset")
-    if isinstance(preset, str) and preset != "histo":
-        args += ["--augment", preset]
-    if attrs.get("mpp_assumed") and attrs.get("manifest_mpp") is None:
-        args += ["--assume-mpp", str(attrs.get("slide_mpp"))]
-    return shlex.join(args) + "   (add --weights FILE if the encoder was built from weights)"

@@ -13,7 +13,8 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-from wsi_ssl.store._integrity import VerifyReport, check_slide, repair_command
+from wsi_ssl._utils import progress as bar_of
+from wsi_ssl.store._integrity import RepairPlan, VerifyReport, check_slide
 
 if TYPE_CHECKING:  # pragma: no cover
     from wsi_ssl.store._tilestore import TileStore
@@ -62,8 +63,6 @@ def verify_store(store: TileStore, slide_ids: Sequence[str] | None = None, *,
                  threads: int | None = None, progress: bool | None = None) -> VerifyReport:
     """See :meth:`TileStore.verify`; reads only, never locks. Slides are hashed in ``threads``
     threads (zarr decoding and SHA-256 release the GIL)."""
-    from wsi_ssl._utils import progress as bar_of
-
     complete, unreadable, _, _ = store._listing(full=slide_ids is None)
     ids = list(complete)
     if slide_ids is not None:
@@ -89,7 +88,7 @@ def verify_store(store: TileStore, slide_ids: Sequence[str] | None = None, *,
 
     damaged: dict[str, str] = {}
     checked, unchecked = [], []
-    first_attrs: dict[str, Any] | None = None
+    first_attrs: dict[str, Any] = {}
     bar = bar_of(total=len(ids), desc="verify", unit="slide",
                  disable=None if progress is None else not progress)
     try:
@@ -107,9 +106,9 @@ def verify_store(store: TileStore, slide_ids: Sequence[str] | None = None, *,
                         first_attrs = first_attrs or attrs
     finally:
         bar.close()
-    cmd = repair_command(store.path, first_attrs) if first_attrs is not None else ""
+    plan = RepairPlan.from_attrs(store.path, list(damaged), first_attrs) if damaged else None
     return VerifyReport(store=store.path, checked=tuple(checked), damaged=damaged,
-                        unreadable=unreadable, unchecked=tuple(unchecked), repair=cmd)
+                        unreadable=unreadable, unchecked=tuple(unchecked), repair=plan)
 
 
 def find_damaged(store: TileStore, slide_ids: Sequence[str] | None = None, *,

@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from wsi_ssl._utils import expand_slide_items
-from wsi_ssl.errors import ConfigError, InputError
+from wsi_ssl.errors import ConfigError, InputError, RepairSettingsError
+from wsi_ssl.store import RepairPlan
 from wsi_ssl.tiling._embed_worker import (
     EncoderPayload,
     SlideFailure,
@@ -328,12 +329,13 @@ def _repair_jobs(store: Any, jobs: list[dict[str, Any]], report: Any
 def _check_repair_settings(sid: str, attrs: dict[str, Any], new_hash: str, store: Any) -> None:
     if attrs.get("settings_hash") == new_hash:
         return
-    from wsi_ssl.store import repair_command
-
-    raise ConfigError(
+    plan = RepairPlan.from_attrs(store.path, [sid], attrs)
+    made = ", ".join(f"{k}={v!r}" for k, v in plan.settings().items())
+    raise RepairSettingsError(
         f"--repair: slide '{sid}' of '{store.path}' was embedded with other settings (or from a "
-        "slide file that has changed since), so re-embedding it with this command would not "
-        f"restore it; rerun with the settings it was made with: {repair_command(store.path, attrs)}")
+        "slide file that has changed since), so re-embedding it with these would not restore "
+        "it; rerun embed_slides(..., repair=True) (`wsi-ssl embed --repair`) with the settings "
+        f"it was made with: {made}.", repair=plan)
 
 
 def _watch_workers(client: Any, address: str, stop: threading.Event, every: float) -> None:
