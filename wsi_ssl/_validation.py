@@ -8,9 +8,10 @@ values and raises one :class:`~wsi_ssl.errors.ConfigError` of the form::
     TileSSLConfig(lr=nan) must be a number > 0.
     DemoConfig(device='gpu') must be one of 'auto', 'cpu', 'mps', 'cuda', 'cuda:N'.
 
-A constraint is an :class:`Interval`, an :class:`Options` set, a :class:`Pattern`, a type
-(``str``, ``bool``...), or ``None`` (the value ``None`` is allowed). A parameter is valid when
-ANY of its constraints accepts it.
+A constraint is an :class:`Interval`, an :class:`Options` set, a :class:`Pattern`, a
+:class:`Pair` ``(low, high)``, a :class:`SequenceOf` items, a type (``str``, ``bool``, a class),
+or ``None`` (the value ``None`` is allowed). A parameter is valid when ANY of its constraints
+accepts it.
 
     _parameter_constraints = {
         "epochs": [Interval(int, 1, None)],
@@ -24,13 +25,14 @@ from __future__ import annotations
 import math
 import numbers
 import re
+from collections.abc import Collection as CollectionABC
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from wsi_ssl.errors import ConfigError
 
-__all__ = ["Interval", "Options", "Pattern", "validate_params", "describe"]
+__all__ = ["Interval", "Options", "Pattern", "Pair", "SequenceOf", "validate_params", "describe"]
 
 
 @dataclass(frozen=True)
@@ -91,7 +93,8 @@ class Options:
             return False
 
     def __str__(self) -> str:
-        return "one of " + ", ".join(repr(v) for v in sorted(self.values, key=str))
+        shown = [repr(v) for v in sorted(self.values, key=str)]
+        return shown[0] if len(shown) == 1 else "one of " + ", ".join(shown)
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,38 @@ class Pattern:
 
     def __str__(self) -> str:
         return self.shown
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A range ``(low, high)``: two values accepted by ``item`` with ``low <= high``."""
+
+    item: Interval
+
+    def accepts(self, v: Any) -> bool:
+        if isinstance(v, (str, bytes)) or not isinstance(v, CollectionABC) or len(v) != 2:
+            return False
+        lo, hi = v
+        return self.item.accepts(lo) and self.item.accepts(hi) and lo <= hi
+
+    def __str__(self) -> str:
+        return f"a pair (low, high) with low <= high, each {self.item}"
+
+
+@dataclass(frozen=True)
+class SequenceOf:
+    """A list or tuple of at least ``min_len`` items, each accepted by ``item``."""
+
+    item: Any
+    min_len: int = 1
+
+    def accepts(self, v: Any) -> bool:
+        return (isinstance(v, (list, tuple)) and len(v) >= self.min_len
+                and all(_accepts(self.item, x) for x in v))
+
+    def __str__(self) -> str:
+        size = "non-empty" if self.min_len <= 1 else f"at least {self.min_len}-long"
+        return f"a {size} sequence, each item {describe([self.item])}"
 
 
 def _accepts(c: Any, v: Any) -> bool:
@@ -123,7 +158,8 @@ def describe(constraints: Iterable[Any]) -> str:
         if c is None:
             words.append("None")
         elif isinstance(c, type):
-            words.append({str: "a non-empty string", bool: "True or False"}.get(c, c.__name__))
+            words.append({str: "a non-empty string", bool: "True or False"}.get(
+                c, f"a {c.__name__}"))
         else:
             words.append(str(c))
     return " or ".join(words)

@@ -100,7 +100,7 @@ def test_coord_augment_is_a_similarity_and_non_negative():
     np.testing.assert_allclose(scaled, 2 * (xy - xy.min(0)), rtol=1e-5)
     with pytest.raises(ConfigError, match="scale"):
         CoordAugment(scale=(1.3, 0.7))
-    with pytest.raises(ConfigError, match="scale=.*two numbers"):
+    with pytest.raises(ConfigError, match=r"^CoordAugment\(scale=0.7\) must be a pair"):
         CoordAugment(scale=0.7)
     with pytest.raises(ConfigError, match="translate=-1"):
         CoordAugment(translate=-1)
@@ -220,20 +220,25 @@ def test_save_load_roundtrip_and_artefacts(cohort, fitted, tmp_path):
         SlideSSL.load(tmp_path)
 
 
-def test_models_saved_before_attention_pooling_still_load(cohort, tmp_path):
-    """A sparseconv model directory written when the head mean-pooled its cells (no pooling in
-    head_kwargs, no attention weights) loads as a mean-pooling head with the same output."""
+def test_models_saved_before_the_shared_persistence_still_load(cohort, tmp_path):
+    """config.json as written before SlideSSL moved onto wsi_ssl._persist (no
+    format_version) loads and embeds the same; the unpublished pre-attention-pooling
+    migration is gone: such a directory is refused, not silently rebuilt."""
     store, _ = cohort
-    old = small(epochs=2, head_kwargs={"pooling": "mean"}).fit(store)
-    out = old.save(tmp_path / "old")
+    model = small(epochs=2).fit(store)
+    out = model.save(tmp_path / "m")
     cfg = json.loads((out / "config.json").read_text())
-    cfg["params"]["head_kwargs"] = {}  # what the older version wrote
+    assert cfg["format"] == "wsi-ssl-slide-ssl" and cfg["format_version"] == 1
+    del cfg["format_version"]
     (out / "config.json").write_text(json.dumps(cfg))
-    loaded = SlideSSL.load(out)
-    assert loaded.net_.head.pooling == "mean"
-    np.testing.assert_array_equal(loaded.transform(store).embeddings,
-                                  old.transform(store).embeddings)
-    assert small(epochs=1).fit(store).net_.head.pooling == "attention"  # the new default
+    np.testing.assert_array_equal(SlideSSL.load(out).transform(store).embeddings,
+                                  model.transform(store).embeddings)
+    old = small(epochs=1, head_kwargs={"pooling": "mean"}).fit(store).save(tmp_path / "old")
+    cfg = json.loads((old / "config.json").read_text())
+    cfg["params"]["head_kwargs"] = {}  # what versions before attention pooling wrote
+    (old / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(WeightsError, match="do not fit the configured model"):
+        SlideSSL.load(old)
 
 
 _KILL_SCRIPT = """

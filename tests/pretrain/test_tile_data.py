@@ -114,7 +114,7 @@ def test_missing_mpp_needs_assume_mpp(slides_dir):
 
 
 def test_config_errors(cmu):
-    with pytest.raises(ConfigError, match="batch_size=1 must be an integer >= 2"):
+    with pytest.raises(ConfigError, match=r"TileSSLDataset\(batch_size=1\) must be an integer >= 2"):
         TileSSLDataset([cmu], batch_size=1)
     with pytest.raises(ConfigError, match="mpp=0"):
         TileSSLDataset([cmu], mpp=0)

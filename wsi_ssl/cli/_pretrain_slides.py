@@ -8,6 +8,15 @@ import logging
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
+
+from wsi_ssl.pretrain import (  # light: these come from the presets module, without torch
+    AUTO_PARAMS,
+    DEFAULT_PRESET,
+    PAPER_SETTINGS,
+    SLIDE_SSL_DEFAULTS,
+    SLIDE_SSL_PRESETS,
+)
 
 HELP = "train a slide encoder (Giga-SSL) on a tile store with a view bank; no labels"
 DESCRIPTION = (
@@ -21,31 +30,47 @@ DESCRIPTION = (
 )
 
 
+#: SlideSSL parameters given as flags (``--embed-dim`` -> ``embed_dim``): type and help. The
+#: defaults are SlideSSL's own (:data:`~wsi_ssl.pretrain.SLIDE_SSL_DEFAULTS`), never copied here.
+MODEL_OPTIONS: dict[str, tuple[type, str]] = {
+    "head": (str, "aggregator: sparseconv, abmil, resmlp-mean, ... (wsi_ssl.mil heads)"),
+    "embed_dim": (int, "slide embedding size"),
+    "weight_decay": (float, "decoupled weight decay"),
+    "warmup_epochs": (int, "linear warm-up epochs before the cosine decay"),
+    "checkpoint_every": (int, "epochs between checkpoints"),
+    "readers": (int, "threads reading batches ahead of the model (0: main thread)"),
+    "device": (str, "auto, cpu, cuda, cuda:N"),
+    "seed": (int, "seeds initialisation, view sampling and inference chunks"),
+}
+#: the settings a preset chooses (AUTO_PARAMS): no flag = the preset's value
+PRESET_OPTIONS: dict[str, tuple[type, str]] = {
+    "tiles_per_view": (int, "k tiles per view"),
+    "batch_size": (int, "slides per step, clamped to the cohort size"),
+    "epochs": (int, "passes over the slides"),
+    "lr": (float, "peak learning rate"),
+    "temperature": (float, "NT-Xent temperature"),
+}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("store", metavar="STORE", help="tile store (zarr) with an augmentation bank")
     p.add_argument("--out", required=True, metavar="MODEL_DIR", help="output model directory")
-    p.add_argument("--head", default="sparseconv",
-                   help="aggregator: sparseconv, abmil, resmlp-mean, ... (wsi_ssl.mil heads)")
+    for name, (kind, text) in MODEL_OPTIONS.items():
+        p.add_argument(_flag(name), type=kind, default=SLIDE_SSL_DEFAULTS[name], help=text)
     p.add_argument("--head-option", action="append", default=[], metavar="KEY=VALUE",
-                   type=_head_option,
+                   type=_head_option, dest="head_kwargs",
                    help="option of the head, repeatable (e.g. pooling=mean, n_layers=2, "
                         "dropout=0.1); values are read as JSON numbers/booleans when they parse")
-    p.add_argument("--preset", choices=("auto", "paper"), default="auto",
+    p.add_argument("--preset", choices=SLIDE_SSL_PRESETS, default=DEFAULT_PRESET,
                    help="auto: settings from the cohort, bank and device (printed with the "
                         "reason); paper: Giga-SSL exactly")
-    p.add_argument("--epochs", type=int, default=None, help="passes over the slides (preset)")
-    p.add_argument("--batch-size", type=int, default=None,
-                   help="slides per step, clamped to the cohort size (preset)")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (preset)")
-    p.add_argument("--weight-decay", type=float, default=5e-4, help="decoupled weight decay")
-    p.add_argument("--tiles-per-view", type=int, default=None, help="k tiles per view (preset)")
-    p.add_argument("--temperature", type=float, default=None,
-                   help="NT-Xent temperature (preset)")
-    p.add_argument("--embed-dim", type=int, default=512, help="slide embedding size")
-    p.add_argument("--checkpoint-every", type=int, default=1, help="epochs between checkpoints")
+    for name, (kind, text) in PRESET_OPTIONS.items():
+        p.add_argument(_flag(name), type=kind, default=None, help=f"{text} (preset)")
     p.add_argument("--resume", action="store_true", help="continue from MODEL_DIR's checkpoint")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--seed", type=int, default=0)
 
 
 def _head_option(text: str) -> tuple[str, object]:
@@ -78,8 +103,17 @@ def _print_info(name: str) -> Iterator[None]:
         log.propagate = propagate
 
 
+def model_params(args: argparse.Namespace) -> dict[str, object]:
+    """The SlideSSL parameters of the parsed flags, under SlideSSL's own names: every
+    :data:`MODEL_OPTIONS` flag, ``head_kwargs`` and the preset settings given as flags."""
+    params: dict[str, object] = {name: getattr(args, name) for name in MODEL_OPTIONS}
+    params["head_kwargs"] = dict(args.head_kwargs) or SLIDE_SSL_DEFAULTS["head_kwargs"]
+    params.update({k: getattr(args, k) for k in AUTO_PARAMS if getattr(args, k) is not None})
+    return params
+
+
 def run(args: argparse.Namespace) -> int:
-    from wsi_ssl.pretrain import AUTO_PARAMS, PAPER_SETTINGS, pretrain_slides
+    from wsi_ssl.pretrain import pretrain_slides  # lazy: torch, only when training
 
     explicit = {k: getattr(args, k) for k in AUTO_PARAMS if getattr(args, k) is not None}
     if args.preset == "paper":
@@ -91,11 +125,13 @@ def run(args: argparse.Namespace) -> int:
     if explicit:
         print("overridden by flags: " + ", ".join(f"{k}={v}" for k, v in explicit.items()))
     with _print_info("wsi_ssl.pretrain._slide_ssl"):
-        model = pretrain_slides(
-            args.store, args.out, preset=args.preset, head=args.head,
-            weight_decay=args.weight_decay, embed_dim=args.embed_dim,
-            head_kwargs=dict(args.head_option) or None, checkpoint_every=args.checkpoint_every,
-            resume=args.resume, device=args.device, seed=args.seed, **explicit)
+        model = pretrain_slides(args.store, args.out, preset=args.preset, resume=args.resume,
+                                **model_params(args))
+    _print_summary(model, args.out)
+    return 0
+
+
+def _print_summary(model: Any, out: str) -> None:
     hist = model.history_
     print(f"{'slides':>8} {'skipped':>8} {'epochs':>7} {'first loss':>11} {'last loss':>10} "
           f"{'views/s':>9}")
@@ -105,5 +141,4 @@ def run(args: argparse.Namespace) -> int:
         print("skipped (no tiles): " + ", ".join(model.skipped_slides_[:20]))
     if model.excluded_slides_:
         print("excluded (NaN/inf values): " + ", ".join(model.excluded_slides_[:20]))
-    print(f"model written to {args.out} (model.safetensors, config.json, loss_curve.png)")
-    return 0
+    print(f"model written to {out} (model.safetensors, config.json, loss_curve.png)")

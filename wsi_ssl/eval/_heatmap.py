@@ -17,25 +17,21 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
+from wsi_ssl._utils import atomic_write_bytes, sanitize_id
 from wsi_ssl.errors import ConfigError, InputError
 
-__all__ = ["HeatmapResult", "heatmap", "tile_scores", "plot_tile_values", "ATTENTION_HEADS"]
+__all__ = ["HeatmapResult", "heatmap", "tile_scores", "plot_tile_values"]
 
 logger = logging.getLogger(__name__)
 
 ScoreKind = Literal["attention", "tile_logit"]
 
-#: MIL heads whose attention weights say which tiles matter (mean / max pooling heads do not)
-ATTENTION_HEADS: tuple[str, ...] = ("abmil", "gated_abmil", "dsmil", "transmil",
-                                    "sparseconv (pooling='attention')")
-_NO_ATTENTION = {"mean", "max", "resmlp_mean"}
-_CHUNK = 4096
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -69,7 +65,7 @@ class HeatmapResult:
 
     def to_frame(self):
         """A DataFrame with columns ``slide_id, x, y, score`` (one row per tile)."""
-        import pandas as pd
+        import pandas as pd  # lazy: pandas, only for a table
 
         return pd.DataFrame({"slide_id": self.slide_id, "x": self.coords[:, 0],
                              "y": self.coords[:, 1], "score": self.scores})
@@ -81,7 +77,7 @@ class HeatmapResult:
 
 def _open_store(store: Any) -> Any:
     if isinstance(store, (str, os.PathLike)):
-        from wsi_ssl.store import TileStore
+        from wsi_ssl.store import TileStore  # lazy: zarr, only for a store path
 
         return TileStore(store, mode="r")
     return store
@@ -104,7 +100,7 @@ def read_slide_tiles(store: Any, slide_id: str) -> tuple[np.ndarray, np.ndarray,
 
 def tile_geometry(coords: np.ndarray, attrs: dict[str, Any]) -> tuple[float, float]:
     """``(stride_level0, tile_size_level0)`` of a store slide (estimated from coords if absent)."""
-    from wsi_ssl.mil import grid_stride
+    from wsi_ssl.mil import grid_stride  # lazy: the mil package loads torch
 
     stride = float(grid_stride(coords, attrs))
     size = float(attrs.get("tile_size_level0") or stride)
@@ -113,91 +109,39 @@ def tile_geometry(coords: np.ndarray, attrs: dict[str, Any]) -> tuple[float, flo
 
 def _load_model(model: Any) -> Any:
     if isinstance(model, (str, os.PathLike)):
-        from wsi_ssl.pretrain import SlideSSL
+        from wsi_ssl.pretrain import SlideSSL  # lazy: torch, only for a saved model directory
 
         return SlideSSL.load(model)
     return model
 
 
-def _no_attention_error(owner: str, head: str) -> ConfigError:
-    return ConfigError(
-        f"{owner} head {head!r} has no attention weights to map; heads with attention: "
-        f"{', '.join(ATTENTION_HEADS)}. Train one of those, or use kind='tile_logit' with a "
-        "fitted MILClassifier.")
-
-
-def _check_attention_head(owner: str, name: str, module: Any) -> None:
-    key = str(name).lower().replace("-", "_")
-    if key in _NO_ATTENTION or getattr(module, "pooling", "attention") != "attention":
-        raise _no_attention_error(owner, key)
-
-
-def _forward_chunks(fn: Any, n: int) -> np.ndarray:
-    parts = [fn(s, min(n, s + _CHUNK)) for s in range(0, n, _CHUNK)]
-    return np.concatenate(parts)
-
-
 def _model_scores(model: Any, feats: np.ndarray, grid: np.ndarray, kind: str,
                   target_class: Any) -> tuple[np.ndarray, str]:
-    """Scores ``(N,)`` and their meaning for a SlideSSL or a fitted MILClassifier."""
-    import torch
+    """Scores ``(N,)`` and their meaning for a SlideSSL or a fitted MILClassifier, from their
+    public methods (``attention``, ``tile_scores``)."""
+    from wsi_ssl.mil import MILClassifier  # lazy: torch, only when scoring
+    from wsi_ssl.pretrain import SlideSSL  # lazy: torch, only when scoring
 
-    from wsi_ssl.errors import NotFittedError
-    from wsi_ssl.mil import MILClassifier
-    from wsi_ssl.pretrain import SlideSSL
-
-    n = len(feats)
-    if isinstance(model, (MILClassifier, SlideSSL)) and not (
-            hasattr(model, "head_") or hasattr(model, "net_")):
-        raise NotFittedError(f"this {type(model).__name__} is not fitted; call fit(...) first "
-                             "(or SlideSSL.load(model_dir)).")
     if isinstance(model, MILClassifier):
-        head, dev = model.head_, model.device_
-        x = torch.from_numpy((feats - model.mean_) / model.scale_).to(dev)
-        c = torch.from_numpy(grid.astype(np.float32)).to(dev)
         if kind == "attention":
-            _check_attention_head("MILClassifier", model.head, head)
-            with torch.no_grad():
-                att = head(x[None], None, c[None]).attention
-            if att is None:
-                raise _no_attention_error("MILClassifier", model.head)
-            return (att[0].double().cpu().numpy() * n).astype(np.float32), (
-                "MIL attention (x uniform)")
-        classes = list(model.classes_)
-        target = classes[-1] if target_class is None else target_class
-        if target not in classes:
-            raise ConfigError(f"target_class={target_class!r} is not one of the classifier's "
-                              f"classes: {', '.join(map(str, classes))}.")
-        col = classes.index(target)
-
-        def logodds(s: int, e: int) -> np.ndarray:
-            with torch.no_grad():
-                lg = head(x[s:e, None], None, c[s:e, None]).logits.double()
-            lp = torch.log_softmax(lg, dim=-1)
-            p = lp[:, col]
-            rest = torch.logsumexp(torch.cat([lp[:, :col], lp[:, col + 1:]], 1), dim=1)
-            return (p - rest).cpu().numpy()
-
-        return _forward_chunks(logodds, n).astype(np.float32), (
-            f"tile log-odds of class {target}")
+            att = model.attention(feats, coords=grid)
+            return _relative_to_uniform(att), "MIL attention (x uniform)"
+        scores = model.tile_scores(feats, coords=grid, target_class=target_class)
+        target = model.classes_[-1] if target_class is None else target_class
+        return scores, f"tile log-odds of class {target}"
     if isinstance(model, SlideSSL):
         if kind != "attention":
             raise ConfigError("kind='tile_logit' needs a fitted MILClassifier; a SlideSSL model "
                               "has no classifier (use kind='attention').")
-        net = model.net_
-        _check_attention_head("SlideSSL", model.head, net.head)
-        dev = next(net.parameters()).device
-        x = torch.from_numpy(feats).to(dev)
-        x = (x - net.feat_mean) / net.feat_std
-        c = torch.from_numpy(grid.astype(np.float32)).to(dev)
-        with torch.no_grad():
-            att = net.head(x[None], None, c[None]).attention
-        if att is None:
-            raise _no_attention_error("SlideSSL", model.head)
-        return (att[0].double().cpu().numpy() * n).astype(np.float32), (
-            "slide-SSL attention (x uniform)")
+        att = model.attention(feats, coords=grid)
+        return _relative_to_uniform(att), "slide-SSL attention (x uniform)"
     raise InputError(f"model must be a SlideSSL (or its model directory) or a fitted "
                      f"MILClassifier; got {type(model).__name__}.")
+
+
+def _relative_to_uniform(att: np.ndarray) -> np.ndarray:
+    """Attention weights ``(N,)`` times ``N`` (1 = an average tile), float32."""
+    return (att.astype(np.float64) * len(att)).astype(np.float32)
 
 
 def tile_scores(store: Any, slide_id: str, model: Any, *, kind: ScoreKind = "attention",
@@ -255,10 +199,10 @@ def plot_tile_values(slide: Any, coords: np.ndarray, values: np.ndarray, *, stri
     Returns:
         A :class:`matplotlib.figure.Figure` (no pyplot state).
     """
-    from matplotlib import colormaps
-    from matplotlib.colors import BoundaryNorm, ListedColormap
+    from matplotlib import colormaps  # lazy: matplotlib, only when drawing
+    from matplotlib.colors import BoundaryNorm, ListedColormap  # lazy: matplotlib
 
-    from wsi_ssl.tiling import TileGrid, plot_grid
+    from wsi_ssl.tiling import TileGrid, plot_grid  # lazy: slide readers and matplotlib
 
     empty = TileGrid(coords=np.zeros((0, 2), np.int64), tissue_fraction=np.zeros(0, np.float32),
                      mpp=float(slide.mpp), tile_size=1, level=0, read_size=1,
@@ -304,8 +248,7 @@ def save_tile_map(slide_path: str | os.PathLike, slide_id: str, frame: Any, valu
                   ) -> tuple[Path, Path]:
     """Write ``{slide_id}_{suffix}.csv`` (``frame``: slide_id, x, y, value) and the picture of
     ``values`` per tile over the slide (tissue outlined) as ``{slide_id}_{suffix}.png``."""
-    from wsi_ssl._utils import atomic_write_bytes
-    from wsi_ssl.tiling import detect_tissue, open_slide
+    from wsi_ssl.tiling import detect_tissue, open_slide  # lazy: slide readers
 
     if not Path(slide_path).exists():
         raise InputError(f"slide '{slide_path}' does not exist; pass the file the store's "
@@ -348,10 +291,6 @@ def heatmap(slide_path: str | os.PathLike, store: Any, model: Any, *,
     Returns:
         A :class:`HeatmapResult` (``figure`` / ``csv`` set when ``out_dir`` is given).
     """
-    from dataclasses import replace
-
-    from wsi_ssl._utils import sanitize_id
-
     sid = slide_id or sanitize_id(Path(slide_path).stem)
     res = tile_scores(store, sid, model, kind=kind, target_class=target_class)
     if out_dir is None:

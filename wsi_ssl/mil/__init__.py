@@ -9,7 +9,15 @@ optional ``coords`` ``(B, N, 2)`` in grid units) to a :class:`MILOutput` (``embe
     clf = MILClassifier(head="gated_abmil").fit(bags, y)
 """
 
-from wsi_ssl.mil._base import MILHead, MILOutput, create_head, list_heads, register_head
+from wsi_ssl.mil._base import (
+    ATTENTION_HEADS,
+    MILHead,
+    MILOutput,
+    create_head,
+    list_heads,
+    register_head,
+    require_attention,
+)
 from wsi_ssl.mil._classifier import MILClassifier
 from wsi_ssl.mil._coords import grid_stride, to_grid_units
 from wsi_ssl.mil._heads import ABMIL, DSMIL, GatedABMIL, MaxPool, MeanPool
@@ -23,6 +31,8 @@ __all__ = [
     "create_head",
     "list_heads",
     "register_head",
+    "ATTENTION_HEADS",
+    "require_attention",
     "MeanPool",
     "MaxPool",
     "ABMIL",

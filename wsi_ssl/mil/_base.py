@@ -24,12 +24,18 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from wsi_ssl._validation import Interval, Options, validate_params
 from wsi_ssl.errors import ConfigError, InputError
 
 if TYPE_CHECKING:  # pragma: no cover
     from collections.abc import Callable
 
-__all__ = ["MILOutput", "MILHead", "create_head", "list_heads", "register_head"]
+__all__ = ["MILOutput", "MILHead", "create_head", "list_heads", "register_head",
+           "ATTENTION_HEADS", "require_attention"]
+
+#: the heads whose attention weights say which tiles matter (``pools_with_attention``)
+ATTENTION_HEADS: tuple[str, ...] = ("abmil", "gated_abmil", "dsmil", "transmil",
+                                    "sparseconv (pooling='attention')")
 
 
 @dataclass(frozen=True)
@@ -51,16 +57,23 @@ class MILOutput:
     attention: torch.Tensor | None = None
 
 
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{name}={value!r} must be an integer >= {minimum}.")
+def _check_int(owner: str, name: str, value: Any, minimum: int) -> int:
+    """``value`` as an int, or a ``ConfigError`` in the shared wording
+    (``ABMIL(attn_dim=0) must be an integer >= 1.``)."""
+    validate_params(owner, {name: value}, {name: [Interval(int, minimum, None)]})
     return int(value)
 
 
-def _check_prob(name: str, value: Any) -> float:
-    if not isinstance(value, (int, float)) or not 0.0 <= float(value) < 1.0:
-        raise ConfigError(f"{name}={value!r} must be a float in [0, 1).")
+def _check_prob(owner: str, name: str, value: Any) -> float:
+    """A dropout probability in [0, 1), or a ``ConfigError`` in the shared wording."""
+    validate_params(owner, {name: value}, {name: [Interval(float, 0, 1, closed="left")]})
     return float(value)
+
+
+def _check_option(owner: str, name: str, value: Any, options: tuple[str, ...]) -> str:
+    """One of ``options``, or a ``ConfigError`` in the shared wording."""
+    validate_params(owner, {name: value}, {name: [Options(options)]})
+    return str(value)
 
 
 class MILHead(nn.Module):
@@ -76,11 +89,15 @@ class MILHead(nn.Module):
 
     #: whether the head uses ``coords`` (and needs them)
     uses_coords: bool = False
+    #: whether ``attention`` holds learned pooling weights (which tiles the head looks at); mean
+    #: and max pooling report weights too, but they say nothing about what matters
+    pools_with_attention: bool = False
 
     def __init__(self, in_dim: int, n_classes: int = 0) -> None:
         super().__init__()
-        self.in_dim = _check_int("in_dim", in_dim, 1)
-        self.n_classes = _check_int("n_classes", n_classes, 0)
+        owner = type(self).__name__
+        self.in_dim = _check_int(owner, "in_dim", in_dim, 1)
+        self.n_classes = _check_int(owner, "n_classes", n_classes, 0)
         self.embed_dim: int = self.in_dim
         self.classifier: nn.Module | None = None
 
@@ -168,6 +185,17 @@ class MILHead(nn.Module):
         return f"in_dim={self.in_dim}, embed_dim={self.embed_dim}, n_classes={self.n_classes}"
 
 
+def require_attention(head: MILHead, owner: str, name: str) -> None:
+    """Raise a ``ConfigError`` naming the heads with attention when ``head`` (registered as
+    ``name``, inside ``owner``) pools without learned attention weights."""
+    if not getattr(head, "pools_with_attention", False):
+        raise ConfigError(
+            f"{owner} head {str(name).lower().replace('-', '_')!r} has no attention weights "
+            f"(it pools without them); heads with attention: {', '.join(ATTENTION_HEADS)}. "
+            "Train one of those, or score tiles one by one (MILClassifier.tile_scores, "
+            "kind='tile_logit').")
+
+
 # -- shared building blocks -----------------------------------------------------------------------
 def masked_softmax(scores: torch.Tensor, mask: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """Softmax over ``dim`` with padded positions at exactly 0 (mask True = keep)."""
@@ -193,11 +221,13 @@ def attention_scores(h: torch.Tensor, v: nn.Module, w: nn.Module, u: nn.Module |
     return w(a).squeeze(-1)
 
 
-def projection(in_dim: int, out_dim: int | None, dropout: float) -> tuple[nn.Module, int]:
-    """Per-tile ``Linear -> ReLU -> Dropout`` (or the identity when ``out_dim`` is None)."""
+def projection(in_dim: int, out_dim: int | None, dropout: float, *,
+               owner: str = "MILHead") -> tuple[nn.Module, int]:
+    """Per-tile ``Linear -> ReLU -> Dropout`` (or the identity when ``out_dim`` is None);
+    ``owner`` names the head in messages."""
     if out_dim is None:
         return nn.Identity(), in_dim
-    out_dim = _check_int("embed_dim", out_dim, 1)
+    out_dim = _check_int(owner, "embed_dim", out_dim, 1)
     layers: list[nn.Module] = [nn.Linear(in_dim, out_dim), nn.ReLU()]
     if dropout > 0:
         layers.append(nn.Dropout(dropout))

@@ -17,7 +17,7 @@ from wsi_ssl._persist import MODEL_FILE, load_estimator, save_estimator
 from wsi_ssl._utils import resolve_device
 from wsi_ssl._validation import Interval, Options, validate_params
 from wsi_ssl.errors import ConfigError, InputError, LabelError, NotFittedError, WeightsError
-from wsi_ssl.mil._base import create_head
+from wsi_ssl.mil._base import create_head, require_attention
 from wsi_ssl.mil._coords import to_grid_units
 
 __all__ = ["MILClassifier"]
@@ -25,6 +25,8 @@ __all__ = ["MILClassifier"]
 logger = logging.getLogger(__name__)
 
 _FORMAT = "wsi-ssl-mil-classifier"
+#: tiles scored per forward pass by :meth:`MILClassifier.tile_scores`
+_TILE_CHUNK = 4096
 
 
 class MILClassifier(ClassifierMixin, BaseEstimator):
@@ -367,31 +369,78 @@ class MILClassifier(ClassifierMixin, BaseEstimator):
         p = self.predict_proba(bags, coords=coords, slide_ids=slide_ids)
         return self.classes_[p.argmax(axis=1)]
 
-    def attention(self, bag: Any, *, coords: Any | None = None) -> np.ndarray:
-        """Per-tile attention weights of one bag (the head's ``MILOutput.attention``).
-
-        Args:
-            bag: ``(n, D)`` features.
-            coords: ``(n, 2)`` grid positions (coordinate-aware heads).
-
-        Returns:
-            ``(n,)`` float32 weights.
-
-        Raises:
-            ConfigError: the head produces no attention (e.g. ``sparseconv`` with max pooling).
-        """
-
+    def _one_bag(self, bag: Any, coords: Any | None, what: str) -> tuple[Any, Any]:
+        """One bag ``(n, D)`` (and its ``(n, 2)`` grid coords), checked and standardised, as
+        ``(1, n, D)`` / ``(1, n, 2)`` tensors on the model's device."""
         self._check_fitted()
         xs, cs = self._load([bag], None if coords is None else [coords], None,
                             self.n_features_in_)
         if self.head_.uses_coords and cs is None:
-            raise InputError(f"head {self.head!r} needs coords=(n, 2) for attention().")
-        x, m, c = self._collate(xs, cs, np.array([0]), self.device_)
+            raise InputError(f"head {self.head!r} needs coords=(n, 2) for {what}().")
+        x, _, c = self._collate(xs, cs, np.array([0]), self.device_)
+        return x, c
+
+    def attention(self, bag: Any, *, coords: Any | None = None) -> np.ndarray:
+        """Per-tile attention weights of one bag (the head's ``MILOutput.attention``), for heads
+        that pool with attention (``abmil``, ``gated_abmil``, ``dsmil``, ``transmil``,
+        ``sparseconv`` with ``pooling="attention"``).
+
+        Args:
+            bag: the bag's tile features (standardised like in training).
+            coords: the tiles' grid positions (coordinate-aware heads; used by heads that read
+                them).
+
+        Shape:
+            bag ``(n, D)``, coords ``(n, 2)`` -> ``(n,)`` float32 weights summing to 1.
+
+        Raises:
+            NotFittedError: before ``fit``.
+            ConfigError: the head pools without attention (``mean``, ``max``, ``resmlp_mean``,
+                ``sparseconv`` with mean/max pooling); the message names the heads with it.
+        """
+        self._check_fitted()
+        require_attention(self.head_, "MILClassifier", self.head)
+        x, c = self._one_bag(bag, coords, "attention")
         with torch.no_grad():
-            att = self.head_(x, mask=m, coords=c).attention
-        if att is None:
-            raise ConfigError(f"head {self.head!r} has no attention weights.")
+            att = self.head_(x, mask=None, coords=c).attention
         return att[0].cpu().numpy().astype(np.float32)
+
+    def tile_scores(self, bag: Any, *, coords: Any | None = None,
+                    target_class: Any = None) -> np.ndarray:
+        """Each tile of one bag classified alone (a bag of one tile): the log-odds of
+        ``target_class`` against the other classes, ``log p_t - log sum_{c != t} p_c``. Works
+        with every head.
+
+        Args:
+            bag: the bag's tile features.
+            coords: the tiles' grid positions (coordinate-aware heads).
+            target_class: one of ``classes_`` (default the last, e.g. ``1``).
+
+        Shape:
+            bag ``(n, D)``, coords ``(n, 2)`` -> ``(n,)`` float32 log-odds.
+
+        Raises:
+            NotFittedError: before ``fit``.
+            ConfigError: ``target_class`` is not one of ``classes_``.
+        """
+        self._check_fitted()
+        classes = list(self.classes_)
+        target = classes[-1] if target_class is None else target_class
+        if target not in classes:
+            raise ConfigError(f"target_class={target_class!r} is not one of the classifier's "
+                              f"classes: {', '.join(map(str, classes))}.")
+        col = classes.index(target)
+        x, c = self._one_bag(bag, coords, "tile_scores")
+        x, c = x[0, :, None], None if c is None else c[0, :, None]  # n bags of one tile
+        parts = []
+        with torch.no_grad():
+            for s in range(0, len(x), _TILE_CHUNK):
+                lg = self.head_(x[s:s + _TILE_CHUNK], mask=None,
+                                coords=None if c is None else c[s:s + _TILE_CHUNK]).logits
+                lp = torch.log_softmax(lg.double(), dim=-1)
+                rest = torch.logsumexp(torch.cat([lp[:, :col], lp[:, col + 1:]], 1), dim=1)
+                parts.append((lp[:, col] - rest).cpu().numpy())
+        return np.concatenate(parts).astype(np.float32)
 
     # -- persistence ----------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:

@@ -33,7 +33,9 @@ class _ProjectedPool(MILHead):
     def __init__(self, in_dim: int, n_classes: int = 0, *, embed_dim: int | None = None,
                  dropout: float = 0.0) -> None:
         super().__init__(in_dim, n_classes)
-        self.proj, self.embed_dim = projection(self.in_dim, embed_dim, _check_prob("dropout", dropout))
+        owner = type(self).__name__
+        self.proj, self.embed_dim = projection(self.in_dim, embed_dim,
+                                               _check_prob(owner, "dropout", dropout), owner=owner)
         self._build_classifier()
 
 
@@ -107,13 +109,15 @@ class ABMIL(MILHead):
     """
 
     gated: bool = False
+    pools_with_attention = True
 
     def __init__(self, in_dim: int, n_classes: int = 0, *, embed_dim: int = 512,
                  attn_dim: int = 128, dropout: float = 0.0) -> None:
         super().__init__(in_dim, n_classes)
-        dropout = _check_prob("dropout", dropout)
-        self.proj, self.embed_dim = projection(self.in_dim, embed_dim, dropout)
-        attn_dim = _check_int("attn_dim", attn_dim, 1)
+        owner = type(self).__name__
+        dropout = _check_prob(owner, "dropout", dropout)
+        self.proj, self.embed_dim = projection(self.in_dim, embed_dim, dropout, owner=owner)
+        attn_dim = _check_int(owner, "attn_dim", attn_dim, 1)
         self.attn_v = nn.Linear(self.embed_dim, attn_dim)
         self.attn_u = nn.Linear(self.embed_dim, attn_dim) if self.gated else None
         self.attn_drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -167,13 +171,17 @@ class DSMIL(MILHead):
         (mean over the K streams).
     """
 
+    pools_with_attention = True
+
     def __init__(self, in_dim: int, n_classes: int = 0, *, embed_dim: int = 256,
                  query_dim: int = 128, dropout: float = 0.0) -> None:
         super().__init__(in_dim, n_classes)
-        self.proj, feat_dim = projection(self.in_dim, embed_dim, _check_prob("dropout", dropout))
+        owner = type(self).__name__
+        self.proj, feat_dim = projection(self.in_dim, embed_dim,
+                                               _check_prob(owner, "dropout", dropout), owner=owner)
         self.n_streams = max(self.n_classes, 1)
         self.instance_classifier = nn.Linear(feat_dim, self.n_streams)
-        self.query = nn.Sequential(nn.Linear(feat_dim, _check_int("query_dim", query_dim, 1)),
+        self.query = nn.Sequential(nn.Linear(feat_dim, _check_int(owner, "query_dim", query_dim, 1)),
                                    nn.Tanh())
         self.value = nn.Linear(feat_dim, feat_dim)
         self.embed_dim = feat_dim * self.n_streams

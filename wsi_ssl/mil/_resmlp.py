@@ -43,9 +43,10 @@ class ResidualMLPMean(MILHead):
     def __init__(self, in_dim: int, n_classes: int = 0, *, embed_dim: int = 512, depth: int = 2,
                  dropout: float = 0.0) -> None:
         super().__init__(in_dim, n_classes)
-        self.embed_dim = _check_int("embed_dim", embed_dim, 1)
-        depth = _check_int("depth", depth, 0)
-        dropout = _check_prob("dropout", dropout)
+        owner = type(self).__name__
+        self.embed_dim = _check_int(owner, "embed_dim", embed_dim, 1)
+        depth = _check_int(owner, "depth", depth, 0)
+        dropout = _check_prob(owner, "dropout", dropout)
         self.inp = nn.Linear(self.in_dim, self.embed_dim)
         self.blocks = nn.Sequential(*[_ResBlock(self.embed_dim, dropout) for _ in range(depth)])
         self.norm = nn.LayerNorm(self.embed_dim)

@@ -19,6 +19,7 @@ from wsi_ssl.errors import ConfigError, InputError
 from wsi_ssl.mil._base import (
     MILHead,
     _check_int,
+    _check_option,
     _check_prob,
     attention_scores,
     projection,
@@ -149,9 +150,11 @@ class SparseConv2d(nn.Module):
     def __init__(self, in_dim: int, out_dim: int, kernel_size: int = 3, *,
                  depthwise: bool = False) -> None:
         super().__init__()
-        k = _check_int("kernel_size", kernel_size, 1)
+        owner = type(self).__name__
+        k = _check_int(owner, "kernel_size", kernel_size, 1)
         if k % 2 == 0:
-            raise ConfigError(f"kernel_size={k} must be odd (the cell is the kernel's centre).")
+            raise ConfigError(f"{owner}(kernel_size={k}) must be an odd integer (the cell is "
+                              "the kernel's centre).")
         self.kernel_size, self.depthwise = k, depthwise
         if depthwise and in_dim != out_dim:
             raise ConfigError("a depthwise SparseConv2d needs in_dim == out_dim.")
@@ -212,24 +215,29 @@ class SparseConvMIL(MILHead):
 
     uses_coords = True
 
+    @property
+    def pools_with_attention(self) -> bool:  # type: ignore[override]
+        """True with ``pooling="attention"``."""
+        return self.pooling == "attention"
+
     def __init__(self, in_dim: int, n_classes: int = 0, *, embed_dim: int = 512,
                  n_layers: int = 1, kernel_size: int = 3, pooling: str = "attention",
                  attn_dim: int = 128, dropout: float = 0.0) -> None:
         super().__init__(in_dim, n_classes)
-        self.proj, self.embed_dim = projection(self.in_dim, embed_dim, _check_prob("dropout", dropout))
-        n_layers = _check_int("n_layers", n_layers, 0)
+        owner = type(self).__name__
+        self.proj, self.embed_dim = projection(self.in_dim, embed_dim,
+                                               _check_prob(owner, "dropout", dropout), owner=owner)
+        n_layers = _check_int(owner, "n_layers", n_layers, 0)
         self.convs = nn.ModuleList(
             SparseConv2d(self.embed_dim, self.embed_dim, kernel_size) for _ in range(n_layers)
         )
-        if pooling not in ("mean", "max", "attention"):
-            raise ConfigError(f"pooling={pooling!r} must be 'mean', 'max' or 'attention'.")
-        self.pooling = pooling
+        self.pooling = _check_option(owner, "pooling", pooling, ("mean", "max", "attention"))
         if pooling == "attention":
-            attn_dim = _check_int("attn_dim", attn_dim, 1)
+            attn_dim = _check_int(owner, "attn_dim", attn_dim, 1)
             self.attn_v = nn.Linear(self.embed_dim, attn_dim)
             self.attn_u = nn.Linear(self.embed_dim, attn_dim)
             self.attn_w = nn.Linear(attn_dim, 1)
-        self.radius = _check_int("kernel_size", kernel_size, 1) // 2
+        self.radius = _check_int(owner, "kernel_size", kernel_size, 1) // 2
         self._build_classifier()
 
     def _pool(self, x, mask, coords):

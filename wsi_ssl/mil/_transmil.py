@@ -20,7 +20,14 @@ from torch import nn
 from torch.nn import functional as F
 
 from wsi_ssl.errors import ConfigError
-from wsi_ssl.mil._base import MILHead, _check_int, _check_prob, projection, register_head
+from wsi_ssl.mil._base import (
+    MILHead,
+    _check_int,
+    _check_option,
+    _check_prob,
+    projection,
+    register_head,
+)
 from wsi_ssl.mil._sparseconv import SparseConv2d, SparseGrid
 
 __all__ = ["TransMIL", "NystromAttention", "PPEG"]
@@ -52,14 +59,14 @@ class NystromAttention(nn.Module):
     def __init__(self, dim: int, heads: int = 8, *, landmarks: int = 256,
                  pinv_iterations: int = 6, mode: str = "nystrom", dropout: float = 0.0) -> None:
         super().__init__()
-        if mode not in ("nystrom", "full"):
-            raise ConfigError(f"attention={mode!r} must be 'nystrom' or 'full'.")
-        heads = _check_int("heads", heads, 1)
+        owner = type(self).__name__
+        _check_option(owner, "mode", mode, ("nystrom", "full"))
+        heads = _check_int(owner, "heads", heads, 1)
         if dim % heads:
-            raise ConfigError(f"embed_dim={dim} must be divisible by heads={heads}.")
+            raise ConfigError(f"{owner}(heads={heads}) must divide embed_dim={dim}.")
         self.heads, self.dim_head, self.mode = heads, dim // heads, mode
-        self.landmarks = _check_int("landmarks", landmarks, 1)
-        self.pinv_iterations = _check_int("pinv_iterations", pinv_iterations, 1)
+        self.landmarks = _check_int(owner, "landmarks", landmarks, 1)
+        self.pinv_iterations = _check_int(owner, "pinv_iterations", pinv_iterations, 1)
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.out = nn.Sequential(nn.Linear(dim, dim), nn.Dropout(dropout))
         g = torch.Generator().manual_seed(0)
@@ -166,12 +173,16 @@ class TransMIL(MILHead):
         layer, mean over heads, renormalised over the tiles).
     """
 
+    pools_with_attention = True
+
     def __init__(self, in_dim: int, n_classes: int = 0, *, embed_dim: int = 512, heads: int = 8,
                  attention: str = "nystrom", landmarks: int = 256, pinv_iterations: int = 6,
                  dropout: float = 0.0) -> None:
         super().__init__(in_dim, n_classes)
-        dropout = _check_prob("dropout", dropout)
-        self.proj, self.embed_dim = projection(self.in_dim, embed_dim, dropout)
+        owner = type(self).__name__
+        dropout = _check_prob(owner, "dropout", dropout)
+        _check_option(owner, "attention", attention, ("nystrom", "full"))
+        self.proj, self.embed_dim = projection(self.in_dim, embed_dim, dropout, owner=owner)
         e = self.embed_dim
         self.cls_token = nn.Parameter(torch.randn(1, 1, e) / math.sqrt(e))
         kw = dict(landmarks=landmarks, pinv_iterations=pinv_iterations, mode=attention,

@@ -32,6 +32,9 @@ __all__ = [
     "preset_for_store",
     "AUTO_PARAMS",
     "PAPER_SETTINGS",
+    "SLIDE_SSL_DEFAULTS",
+    "DEFAULT_PRESET",
+    "SLIDE_SSL_PRESETS",
 ]
 
 _LAZY: dict[str, str] = {
@@ -53,7 +56,10 @@ _LAZY: dict[str, str] = {
     "mean_pool_embeddings": "wsi_ssl.pretrain._slide_run",
     "SlideSSLPreset": "wsi_ssl.pretrain._presets",
     "slide_ssl_preset": "wsi_ssl.pretrain._presets",
-    "preset_for_store": "wsi_ssl.pretrain._presets",
+    "preset_for_store": "wsi_ssl.pretrain._slide_run",
+    "SLIDE_SSL_DEFAULTS": "wsi_ssl.pretrain._presets",
+    "DEFAULT_PRESET": "wsi_ssl.pretrain._presets",
+    "SLIDE_SSL_PRESETS": "wsi_ssl.pretrain._presets",
     "AUTO_PARAMS": "wsi_ssl.pretrain._presets",
     "PAPER_SETTINGS": "wsi_ssl.pretrain._presets",
 }

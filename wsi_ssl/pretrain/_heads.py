@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from wsi_ssl.errors import ConfigError
+from wsi_ssl._validation import Interval, SequenceOf, validate_params
 
 __all__ = ["ProjectionHead"]
 
@@ -26,12 +26,9 @@ class ProjectionHead(nn.Sequential):
 
     def __init__(self, dims: Sequence[int] = (512, 512, 512, 256), batch_norm: bool = True) -> None:
         dims = tuple(dims)
-        if len(dims) < 2 or any(isinstance(d, bool) or not isinstance(d, int) or d < 1
-                                for d in dims):
-            raise ConfigError(
-                f"ProjectionHead dims={dims!r} must be at least two positive integers "
-                "(input, ..., output), e.g. (512, 512, 256)."
-            )
+        validate_params("ProjectionHead", {"dims": dims},
+                        {"dims": [SequenceOf(Interval(int, 1, None), min_len=2)]},
+                        hint="(input, ..., output), e.g. (512, 512, 256).")
         layers: list[nn.Module] = []
         for d_in, d_out in zip(dims[:-2], dims[1:-1], strict=True):
             layers.append(nn.Linear(d_in, d_out, bias=not batch_norm))

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wsi_ssl.errors import ConfigError, InputError
+from wsi_ssl._validation import Interval, validate_params
+from wsi_ssl.errors import InputError
 
 __all__ = ["NTXentLoss", "BYOLLoss"]
 
@@ -41,8 +42,9 @@ class NTXentLoss(nn.Module):
 
     def __init__(self, temperature: float = 0.5) -> None:
         super().__init__()
-        if not float(temperature) > 0:
-            raise ConfigError(f"NTXentLoss temperature={temperature!r} must be > 0 (e.g. 0.5).")
+        validate_params("NTXentLoss", {"temperature": temperature},
+                        {"temperature": [Interval(float, 0, None, closed="neither")]},
+                        hint="(e.g. 0.5)")
         self.temperature = float(temperature)
 
     def forward(self, z_a: torch.Tensor, z_b: torch.Tensor) -> torch.Tensor:

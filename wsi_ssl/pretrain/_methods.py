@@ -23,7 +23,7 @@ import math
 import torch
 from torch import nn
 
-from wsi_ssl.errors import ConfigError
+from wsi_ssl._validation import Interval, validate_params
 from wsi_ssl.pretrain._heads import ProjectionHead
 from wsi_ssl.pretrain._losses import BYOLLoss, NTXentLoss
 
@@ -84,8 +84,8 @@ class BYOL(nn.Module):
     def __init__(self, backbone: nn.Module, embed_dim: int, *, hidden_dim: int = 2048,
                  out_dim: int = 256, momentum: float = 0.99) -> None:
         super().__init__()
-        if not 0.0 <= float(momentum) <= 1.0:
-            raise ConfigError(f"BYOL momentum={momentum!r} must be in [0, 1] (e.g. 0.99).")
+        validate_params("BYOL", {"momentum": momentum}, {"momentum": [Interval(float, 0, 1)]},
+                        hint="(e.g. 0.99)")
         self.backbone = backbone
         self.projector = ProjectionHead((embed_dim, hidden_dim, out_dim))
         self.predictor = ProjectionHead((out_dim, hidden_dim, out_dim))

@@ -26,14 +26,17 @@ The rule (evidence in ``docs/slide-ssl.md``, "Presets"):
 
 from __future__ import annotations
 
-import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from types import MappingProxyType
 from typing import Any, Literal
 
+from wsi_ssl._validation import Interval, Options, validate_params
 from wsi_ssl.errors import ConfigError
 
-__all__ = ["SlideSSLPreset", "slide_ssl_preset", "preset_for_store", "SMALL_COHORT",
-           "PAPER_SETTINGS", "AUTO_PARAMS", "ResolvedSettings", "resolve_settings"]
+__all__ = ["SlideSSLPreset", "slide_ssl_preset", "SMALL_COHORT", "PAPER_SETTINGS",
+           "AUTO_PARAMS", "SLIDE_SSL_DEFAULTS", "DEFAULT_PRESET", "SLIDE_SSL_PRESETS", "ResolvedSettings",
+           "resolve_settings"]
 
 #: Largest cohort for which ``auto`` uses the measured small-cohort settings.
 SMALL_COHORT: int = 1000
@@ -42,6 +45,19 @@ PAPER_SETTINGS: dict[str, Any] = {"tiles_per_view": 5, "batch_size": 256, "epoch
                                   "lr": 0.03, "temperature": 0.05}
 #: SlideSSL parameters that accept ``"auto"`` (the settings a preset chooses).
 AUTO_PARAMS: tuple[str, ...] = tuple(PAPER_SETTINGS)
+#: The defaults of :class:`~wsi_ssl.pretrain.SlideSSL` (all its parameters but
+#: ``coord_augment``, whose default is ``CoordAugment()``): the one copy, read by SlideSSL's
+#: signature, :func:`~wsi_ssl.pretrain.pretrain_slides` and ``wsi-ssl pretrain-slides`` (kept
+#: here, free of torch, so that ``wsi-ssl --help`` shows them without loading torch).
+SLIDE_SSL_DEFAULTS: Mapping[str, Any] = MappingProxyType({
+    "head": "sparseconv", "embed_dim": 512, "proj_dims": (512, 512, 256), **PAPER_SETTINGS,
+    "weight_decay": 5e-4, "warmup_epochs": 10, "optimizer": "adamw", "head_kwargs": None,
+    "standardize": True, "inference_chunks": None, "inference_batch": 2048,
+    "cache_bytes": 2 * 1024**3, "readers": 2, "checkpoint_dir": None, "checkpoint_every": 1,
+    "device": "auto", "seed": 0})
+#: The preset of ``pretrain_slides`` and ``wsi-ssl pretrain-slides`` (``SlideSSL()`` itself
+#: defaults to the paper's numbers).
+DEFAULT_PRESET: Literal["auto", "paper"] = "auto"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -79,6 +95,12 @@ class SlideSSLPreset:
         return f"preset {self.name}: {values}. {self.reason}"
 
 
+#: the preset names
+SLIDE_SSL_PRESETS: tuple[str, ...] = ("auto", "paper")
+#: the constraint of ``preset=``
+PRESETS = Options(SLIDE_SSL_PRESETS)
+
+
 def _power_of_two_at_most(n: float) -> int:
     p = 1
     while p * 2 <= n:
@@ -101,13 +123,14 @@ def slide_ssl_preset(preset: Literal["auto", "paper"], *, n_slides: int, bank_ti
     Raises:
         ConfigError: an unknown preset, ``n_slides < 2`` or ``bank_tiles < 1``.
     """
-    if preset not in ("auto", "paper"):
-        raise ConfigError(f"preset={preset!r} must be 'auto' or 'paper'.")
-    if isinstance(n_slides, bool) or not isinstance(n_slides, int) or n_slides < 2:
-        raise ConfigError(f"n_slides={n_slides!r}: slide SSL needs at least 2 slides with tiles.")
-    if isinstance(bank_tiles, bool) or not isinstance(bank_tiles, int) or bank_tiles < 1:
-        raise ConfigError(f"bank_tiles={bank_tiles!r} must be >= 1; embed the store with an "
-                          "augmentation bank (wsi-ssl embed --views N --view-tiles T).")
+    validate_params("slide_ssl_preset", {"preset": preset}, {"preset": [PRESETS]})
+    validate_params("slide_ssl_preset", {"n_slides": n_slides},
+                    {"n_slides": [Interval(int, 2, None)]},
+                    hint="Slide SSL needs at least 2 slides with tiles.")
+    validate_params("slide_ssl_preset", {"bank_tiles": bank_tiles},
+                    {"bank_tiles": [Interval(int, 1, None)]},
+                    hint="Embed the store with an augmentation bank (wsi-ssl embed --views N "
+                         "--view-tiles T).")
     if preset == "paper":
         return SlideSSLPreset(name="paper", **PAPER_SETTINGS,
                               reason="Giga-SSL's settings (Lazard et al. 2023, ~11k TCGA slides "
@@ -182,34 +205,15 @@ def resolve_settings(params: dict[str, Any], *, n_slides: int, bank_tiles: int,
     preset = slide_ssl_preset("auto", n_slides=n_slides, bank_tiles=bank_tiles, device=device)
     auto = tuple(k for k in AUTO_PARAMS if isinstance(params[k], str) and params[k] == "auto")
     values = {k: (preset.settings()[k] if k in auto else params[k]) for k in AUTO_PARAMS}
-    k = int(values["tiles_per_view"])
-    if "tiles_per_view" not in auto and k > bank_tiles:
+    tiles_per_view = int(values["tiles_per_view"])
+    if "tiles_per_view" not in auto and tiles_per_view > bank_tiles:
         raise ConfigError(
-            f"SlideSSL tiles_per_view={k} is larger than the view bank of tile store '{store}' "
-            f"({bank_tiles} tiles per augmented version): a view would only repeat tiles. Use "
-            f"tiles_per_view <= {bank_tiles} or 'auto', or re-embed with --view-tiles {k}.")
+            f"SlideSSL tiles_per_view={tiles_per_view} is larger than the view bank of tile "
+            f"store '{store}' ({bank_tiles} tiles per augmented version): a view would only "
+            f"repeat tiles. Use tiles_per_view <= {bank_tiles} or 'auto', or re-embed with "
+            f"--view-tiles {tiles_per_view}.")
     return ResolvedSettings(
-        tiles_per_view=k, batch_size=min(int(values["batch_size"]), int(n_slides)),
-        epochs=int(values["epochs"]), lr=float(values["lr"]),
-        temperature=float(values["temperature"]), auto=auto,
+        tiles_per_view=tiles_per_view,
+        batch_size=min(int(values["batch_size"]), int(n_slides)), epochs=int(values["epochs"]),
+        lr=float(values["lr"]), temperature=float(values["temperature"]), auto=auto,
         reason=preset.reason if auto else "")
-
-
-def preset_for_store(store: str | os.PathLike | Any, preset: Literal["auto", "paper"] = "auto", *,
-                     device: str = "auto") -> SlideSSLPreset:
-    """:func:`slide_ssl_preset` for the slides of a tile store (a path or an open
-    ``TileStore``): the usable slides (with tiles, finite, with a bank), the bank's tiles per
-    version, and the device ``"auto"`` resolves to. ``SlideSSL(tiles_per_view="auto", ...)``
-    does this inside ``fit``; this function is kept to inspect a choice without training."""
-    import warnings
-
-    from wsi_ssl._utils import resolve_device
-    from wsi_ssl.pretrain._slide_data import load_cohort
-    from wsi_ssl.store import TileStore
-
-    ts = store if hasattr(store, "slide_stats") else TileStore(store, mode="r")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        cohort = load_cohort(ts)
-    return slide_ssl_preset(preset, n_slides=len(cohort), bank_tiles=cohort.bank_tiles,
-                            device=resolve_device(device).type)

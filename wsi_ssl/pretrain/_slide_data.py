@@ -27,12 +27,13 @@ import warnings
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 
 import numpy as np
 
-from wsi_ssl.errors import ConfigError, InputError, StoreFormatError
+from wsi_ssl._validation import Interval, Pair, validate_params
+from wsi_ssl.errors import InputError, StoreFormatError
 from wsi_ssl.mil import grid_stride, to_grid_units
 
 __all__ = ["CoordAugment", "augment_coords", "SlideCohort", "load_cohort", "StepPlan",
@@ -67,23 +68,16 @@ class CoordAugment:
     translate: float = 16.0
 
     def __post_init__(self) -> None:
-        for name in ("rotate", "flip"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"CoordAugment {name}={getattr(self, name)!r} must be True or "
-                                  "False.")
-        try:
-            lo, hi = (float(v) for v in self.scale)
-        except (TypeError, ValueError) as err:
-            raise ConfigError(f"CoordAugment scale={self.scale!r} must be two numbers "
-                              "(low, high), e.g. (0.7, 1.3).") from err
-        if not (0 < lo <= hi < float("inf")):
-            raise ConfigError(f"CoordAugment scale={self.scale!r} must be 0 < low <= high, "
-                              "e.g. (0.7, 1.3).")
-        if (isinstance(self.translate, bool) or not isinstance(self.translate, (int, float))
-                or not 0 <= self.translate < float("inf")):
-            raise ConfigError(f"CoordAugment translate={self.translate!r} must be a number >= 0 "
-                              "(grid units).")
-        object.__setattr__(self, "scale", (lo, hi))
+        validate_params("CoordAugment", asdict(self), _COORD_AUGMENT_CONSTRAINTS)
+        object.__setattr__(self, "scale", tuple(float(v) for v in self.scale))
+
+
+_COORD_AUGMENT_CONSTRAINTS: dict[str, list[Any]] = {
+    "rotate": [bool],
+    "flip": [bool],
+    "scale": [Pair(Interval(float, 0, None, closed="neither"))],
+    "translate": [Interval(float, 0, None)],
+}
 
 
 @dataclass(frozen=True)
@@ -196,14 +190,15 @@ class SlideCohort:
         embedding gives every slide the same ``T``)."""
         return int(self.view_tiles.max())
 
-    def warn_small_views(self, k: int) -> None:
-        """Warn about slides whose versions hold fewer than ``k`` tiles (sampled with
-        replacement)."""
+    def warn_small_views(self, tiles_per_view: int) -> None:
+        """Warn about slides whose versions hold fewer than ``tiles_per_view`` tiles (sampled
+        with replacement)."""
         few = [f"{s} ({int(t)})" for s, t in zip(self.slide_ids, self.view_tiles, strict=True)
-               if t < k]
+               if t < tiles_per_view]
         if few:
-            warnings.warn(f"{len(few)} slide(s) have fewer than {k} tiles per view, views sample "
-                          f"them with replacement: {few[:10]}", UserWarning, stacklevel=3)
+            warnings.warn(f"{len(few)} slide(s) have fewer than {tiles_per_view} tiles per view, "
+                          f"views sample them with replacement: {few[:10]}", UserWarning,
+                          stacklevel=3)
 
 
 def load_cohort(store: Any, slide_ids: Sequence[str] | None = None) -> SlideCohort:
@@ -296,21 +291,23 @@ class StepPlan:
 
 
 def plan_step(rng: np.random.Generator, slides: Sequence[int] | np.ndarray, cohort: SlideCohort,
-              k: int, coord_aug: CoordAugment | None, n_views: int = 2) -> StepPlan:
-    """``n_views`` views of each slide of a batch: one augmented version at random and ``k`` of
-    its tiles with replacement (Giga-SSL), plus the coordinate-augmentation draws. The draws are
-    made per slide, view after view, in the order of the reference implementation, so that the
-    same seed gives the same batches as before streaming."""
+              *, tiles_per_view: int, coord_aug: CoordAugment | None,
+              n_views: int = 2) -> StepPlan:
+    """``n_views`` views of each slide of a batch: one augmented version at random and
+    ``tiles_per_view`` of its tiles with replacement (Giga-SSL), plus the
+    coordinate-augmentation draws. The draws are made per slide, view after view, in the order
+    of the reference implementation, so that the same seed gives the same batches as before
+    streaming."""
     slides = np.asarray(slides, np.int64)
     b = len(slides)
     versions = np.empty((n_views, b), np.int64)
-    tiles = np.empty((n_views, b, k), np.int64)
+    tiles = np.empty((n_views, b, tiles_per_view), np.int64)
     draws: list[list[CoordDraw]] = [[] for _ in range(n_views)]
     for j, pos in enumerate(slides):
         n_ver, t = int(cohort.n_versions[pos]), int(cohort.view_tiles[pos])
         for v in range(n_views):
             versions[v, j] = int(rng.integers(n_ver))
-            tiles[v, j] = rng.integers(0, t, size=k)
+            tiles[v, j] = rng.integers(0, t, size=tiles_per_view)
             if coord_aug is not None:
                 draws[v].append(draw_coord_aug(rng, coord_aug))
     return StepPlan(slides, versions, tiles,
@@ -464,8 +461,8 @@ def ordered_map(fn: Callable[[_T], _R], items: Iterable[_T], *, readers: int,
     thread when it is asked for. An exception of ``fn`` is raised in the caller, in order;
     closing the iterator cancels what was not started.
     """
-    if readers < 0:
-        raise ConfigError(f"readers={readers!r} must be >= 0 (0: read in the main thread).")
+    validate_params("ordered_map", {"readers": readers}, {"readers": [Interval(int, 0, None)]},
+                    hint="(0: read in the main thread)")
     if readers == 0:
         for item in items:
             yield fn(item)

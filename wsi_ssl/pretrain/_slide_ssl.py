@@ -12,6 +12,7 @@ mean of the MIL head's output over k-tile chunks of its clean tiles, L2-normalis
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -24,8 +25,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import torch
 from sklearn.base import BaseEstimator, TransformerMixin
 
+from wsi_ssl._persist import MODEL_FILE, load_estimator, save_estimator
+from wsi_ssl._utils import progress, resolve_device
+from wsi_ssl._validation import Interval, Options, SequenceOf, validate_params
+from wsi_ssl._version import __version__
 from wsi_ssl.errors import (
     ConfigError,
     EncoderMismatchError,
@@ -34,15 +40,33 @@ from wsi_ssl.errors import (
     StoreFormatError,
     WeightsError,
 )
-from wsi_ssl.pretrain._slide_data import CoordAugment, store_slide_ids
+from wsi_ssl.mil import create_head, require_attention, to_grid_units
+from wsi_ssl.pretrain._heads import ProjectionHead
+from wsi_ssl.pretrain._presets import SLIDE_SSL_DEFAULTS, resolve_settings
+from wsi_ssl.pretrain._slide_data import (
+    CoordAugment,
+    SlideCohort,
+    head_reads_coords,
+    load_cohort,
+    ordered_map,
+    store_slide_ids,
+)
+from wsi_ssl.pretrain._slide_heads import SlideNet
+from wsi_ssl.pretrain._slide_train import (
+    RESUME_FREE,
+    SlideCheckpoint,
+    SlideTrainer,
+    TrainProgress,
+)
+from wsi_ssl.store import SlideEmbeddings
 
 __all__ = ["SlideSSL"]
 
 logger = logging.getLogger(__name__)
 
-_MODEL_FILE = "model.safetensors"
-_CONFIG_FILE = "config.json"
 _FORMAT = "wsi-ssl-slide-ssl"
+_D = SLIDE_SSL_DEFAULTS
+_AUTO = Options({"auto"})
 
 
 class SlideSSL(TransformerMixin, BaseEstimator):
@@ -123,20 +147,25 @@ class SlideSSL(TransformerMixin, BaseEstimator):
         n_features_in_, encoder_fingerprint_, store_fingerprint_, train_views_per_s_.
     """
 
-    def __init__(self, head: str = "sparseconv", *, embed_dim: int = 512,
-                 proj_dims: Sequence[int] = (512, 512, 256),
-                 tiles_per_view: int | Literal["auto"] = 5,
-                 temperature: float | Literal["auto"] = 0.05,
-                 batch_size: int | Literal["auto"] = 256, epochs: int | Literal["auto"] = 3000,
-                 lr: float | Literal["auto"] = 0.03, weight_decay: float = 5e-4,
-                 warmup_epochs: int = 10,
-                 optimizer: Literal["adamw", "adam"] = "adamw",
+    def __init__(self, head: str = _D["head"], *, embed_dim: int = _D["embed_dim"],
+                 proj_dims: Sequence[int] = _D["proj_dims"],
+                 tiles_per_view: int | Literal["auto"] = _D["tiles_per_view"],
+                 temperature: float | Literal["auto"] = _D["temperature"],
+                 batch_size: int | Literal["auto"] = _D["batch_size"],
+                 epochs: int | Literal["auto"] = _D["epochs"],
+                 lr: float | Literal["auto"] = _D["lr"],
+                 weight_decay: float = _D["weight_decay"],
+                 warmup_epochs: int = _D["warmup_epochs"],
+                 optimizer: Literal["adamw", "adam"] = _D["optimizer"],
                  coord_augment: CoordAugment | None = CoordAugment(),  # noqa: B008 (frozen)
-                 head_kwargs: dict[str, Any] | None = None, standardize: bool = True,
-                 inference_chunks: int | None = None, inference_batch: int = 2048,
-                 cache_bytes: int = 2 * 1024**3, readers: int = 2,
-                 checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int = 1,
-                 device: str = "auto", seed: int = 0) -> None:
+                 head_kwargs: dict[str, Any] | None = _D["head_kwargs"],
+                 standardize: bool = _D["standardize"],
+                 inference_chunks: int | None = _D["inference_chunks"],
+                 inference_batch: int = _D["inference_batch"],
+                 cache_bytes: int = _D["cache_bytes"], readers: int = _D["readers"],
+                 checkpoint_dir: str | os.PathLike | None = _D["checkpoint_dir"],
+                 checkpoint_every: int = _D["checkpoint_every"],
+                 device: str = _D["device"], seed: int = _D["seed"]) -> None:
         self.head = head
         self.embed_dim = embed_dim
         self.proj_dims = proj_dims
@@ -161,10 +190,43 @@ class SlideSSL(TransformerMixin, BaseEstimator):
         self.seed = seed
 
     # -- parameters -------------------------------------------------------------------------------
-    def _json_params(self) -> dict[str, Any]:
-        from wsi_ssl.pretrain._slide_train import json_params
+    _parameter_constraints: dict[str, list[Any]] = {
+        "head": [str],
+        "embed_dim": [Interval(int, 1, None)],
+        "proj_dims": [SequenceOf(Interval(int, 1, None))],
+        "tiles_per_view": [Interval(int, 1, None), _AUTO],
+        "temperature": [Interval(float, 0, None, closed="neither"), _AUTO],
+        "batch_size": [Interval(int, 2, None), _AUTO],
+        "epochs": [Interval(int, 1, None), _AUTO],
+        "lr": [Interval(float, 0, None, closed="neither"), _AUTO],
+        "weight_decay": [Interval(float, 0, None)],
+        "warmup_epochs": [Interval(int, 0, None)],
+        "optimizer": [Options({"adamw", "adam"})],
+        "coord_augment": [CoordAugment, None],
+        "head_kwargs": [dict, None],
+        "standardize": [bool],
+        "inference_chunks": [Interval(int, 1, None), None],
+        "inference_batch": [Interval(int, 1, None)],
+        "cache_bytes": [Interval(int, 0, None)],
+        "readers": [Interval(int, 0, None)],
+        "checkpoint_dir": [str, os.PathLike, None],
+        "checkpoint_every": [Interval(int, 1, None)],
+        "device": [str],
+        "seed": [Interval(int, 0, None)],
+    }
 
-        return json_params(self.get_params(deep=False))
+    def _check_params(self) -> None:
+        validate_params("SlideSSL", self.get_params(deep=False), self._parameter_constraints)
+
+    def _json_params(self) -> dict[str, Any]:
+        """The parameters as JSON values (config.json, checkpoints, provenance)."""
+        p = dict(self.get_params(deep=False))
+        p["proj_dims"] = [int(d) for d in p["proj_dims"]]
+        ca = p["coord_augment"]
+        p["coord_augment"] = dataclasses.asdict(ca) if ca is not None else None
+        p["checkpoint_dir"] = str(p["checkpoint_dir"]) if p["checkpoint_dir"] else None
+        p["head_kwargs"] = dict(p["head_kwargs"] or {})
+        return json.loads(json.dumps(p))
 
     @staticmethod
     def _from_json_params(p: dict[str, Any]) -> dict[str, Any]:
@@ -176,13 +238,7 @@ class SlideSSL(TransformerMixin, BaseEstimator):
         return p
 
     # -- model ------------------------------------------------------------------------------------
-    def _build_net(self, in_dim: int):
-        import torch
-
-        from wsi_ssl.mil import create_head
-        from wsi_ssl.pretrain._heads import ProjectionHead
-        from wsi_ssl.pretrain._slide_heads import SlideNet
-
+    def _build_net(self, in_dim: int) -> SlideNet:
         torch.manual_seed(int(self.seed))
         head = create_head(self.head, in_dim, n_classes=0, embed_dim=int(self.embed_dim),
                            **dict(self.head_kwargs or {}))
@@ -216,19 +272,11 @@ class SlideSSL(TransformerMixin, BaseEstimator):
                 version.
             CheckpointError: ``resume`` with a checkpoint from another configuration or store.
         """
-        from wsi_ssl._utils import progress, resolve_device
-        from wsi_ssl.pretrain._presets import resolve_settings
-        from wsi_ssl.pretrain._slide_data import load_cohort
-        from wsi_ssl.pretrain._slide_train import SlideTrainer, TrainProgress, validate_params
-
-        validate_params(self)
+        self._check_params()
         if resume and self.checkpoint_dir is None:
             raise ConfigError("fit(resume=True) needs checkpoint_dir= (where the interrupted "
                               "run wrote its checkpoint).")
-        cohort = load_cohort(store, slide_ids)
-        if len(cohort) < 2:
-            raise InputError(f"slide SSL needs at least 2 slides with tiles (negatives); the "
-                             f"store gives {len(cohort)}: {list(cohort.slide_ids)}.")
+        cohort = self._cohort(store, slide_ids)
         device = resolve_device(self.device)
         settings = resolve_settings(self.get_params(deep=False), n_slides=len(cohort),
                                     bank_tiles=cohort.bank_tiles, device=device.type,
@@ -239,10 +287,31 @@ class SlideSSL(TransformerMixin, BaseEstimator):
         ckpt = self._checkpoint_callback(store, cohort, settings)
         state = ckpt.restore(trainer, resume=resume) if ckpt else TrainProgress()
         start_epoch = state.epoch
-        bar = progress(total=trainer.total_steps, initial=start_epoch * trainer.steps_per_epoch,
+        self._train(trainer, state, ckpt)
+        self._set_fitted(trainer, state, start_epoch, store)
+        logger.info("slide SSL: %d epochs on %d slides, final loss %.4f, %.0f views/s",
+                    len(state.history), len(cohort),
+                    state.history[-1] if state.history else float("nan"),
+                    self.train_views_per_s_)
+        return self
+
+    @staticmethod
+    def _cohort(store: Any, slide_ids: Sequence[str] | None) -> SlideCohort:
+        """The usable slides of ``store`` (at least 2: the others are a slide's negatives)."""
+        cohort = load_cohort(store, slide_ids)
+        if len(cohort) < 2:
+            raise InputError(f"slide SSL needs at least 2 slides with tiles (negatives); the "
+                             f"store gives {len(cohort)}: {list(cohort.slide_ids)}.")
+        return cohort
+
+    @staticmethod
+    def _train(trainer: SlideTrainer, state: TrainProgress,
+               ckpt: SlideCheckpoint | None) -> None:
+        """The epochs from ``state.epoch`` to the end, with the checkpoint callback."""
+        bar = progress(total=trainer.total_steps, initial=state.epoch * trainer.steps_per_epoch,
                        desc="slide SSL", unit="step")
         try:
-            for epoch in range(start_epoch, trainer.epochs):
+            for epoch in range(state.epoch, trainer.epochs):
                 trainer.run_epoch(epoch, state, bar)
                 if ckpt:
                     ckpt.on_epoch_end(state, trainer)
@@ -251,16 +320,9 @@ class SlideSSL(TransformerMixin, BaseEstimator):
             bar.close()
         if ckpt:
             ckpt.on_train_end(state)
-        self._set_fitted(trainer, state, start_epoch, store)
-        logger.info("slide SSL: %d epochs on %d slides, final loss %.4f, %.0f views/s",
-                    len(state.history), len(cohort),
-                    state.history[-1] if state.history else float("nan"),
-                    self.train_views_per_s_)
-        return self
 
-    def _checkpoint_callback(self, store: Any, cohort: Any, settings: Any) -> Any:
-        from wsi_ssl.pretrain._slide_train import RESUME_FREE, SlideCheckpoint
-
+    def _checkpoint_callback(self, store: Any, cohort: Any, settings: Any
+                             ) -> SlideCheckpoint | None:
         if self.checkpoint_dir is None:
             return None
         run_cfg = {k: v for k, v in self._json_params().items() if k not in RESUME_FREE}
@@ -305,7 +367,7 @@ class SlideSSL(TransformerMixin, BaseEstimator):
         return perm[np.arange(n_chunks * k) % n_tiles].reshape(n_chunks, k)
 
     def transform(self, store: Any, slide_ids: Sequence[str] | None = None, *,
-                  dtype: Literal["float16", "float32"] = "float16"):
+                  dtype: Literal["float16", "float32"] = "float16") -> SlideEmbeddings:
         """Embed slides: mean of the head's output over k-tile chunks of the clean tiles,
         L2-normalised; deterministic given ``seed``.
 
@@ -323,11 +385,6 @@ class SlideSSL(TransformerMixin, BaseEstimator):
             EncoderMismatchError: the store's tile encoder differs from the training one.
             InputError: unknown slide ids, NaN features (the slide is named).
         """
-        from wsi_ssl._utils import progress, resolve_device
-        from wsi_ssl._version import __version__
-        from wsi_ssl.pretrain._slide_data import head_reads_coords, ordered_map
-        from wsi_ssl.store import SlideEmbeddings
-
         self._check_fitted()
         if dtype not in ("float16", "float32"):
             raise ConfigError(f"transform dtype={dtype!r}; use 'float16' or 'float32'.")
@@ -338,6 +395,22 @@ class SlideSSL(TransformerMixin, BaseEstimator):
                 f"{enc!r} but this SlideSSL model was trained on features of "
                 f"{self.encoder_fingerprint_!r}; embed the slides with the training encoder.")
         ids = store_slide_ids(store, slide_ids)
+        out_ids, rows, skipped = self._embed_slides(store, ids)
+        if skipped:
+            warnings.warn(f"skipped {len(skipped)} slide(s) without tiles: {skipped[:10]}",
+                          UserWarning, stacklevel=2)
+        if not rows:
+            raise InputError("no slide with tiles to embed among the selected slides.")
+        prov = {"method": "wsi_ssl.pretrain.SlideSSL (Giga-SSL)", "version": __version__,
+                "store_fingerprint": str(getattr(store, "fingerprint", "")),
+                "encoder_fingerprint": enc, "model": self._json_params(),
+                "model_fingerprint": self._weights_hash(), "skipped": skipped}
+        emb = np.stack(rows).astype(dtype)
+        return SlideEmbeddings(tuple(out_ids), emb, prov)
+
+    def _embed_slides(self, store: Any, ids: list[str]
+                      ) -> tuple[list[str], list[np.ndarray], list[str]]:
+        """``(embedded ids, their rows, skipped empty ids)``; slides read ahead by the readers."""
         device = resolve_device(self.device)
         net = self.net_.to(device).eval()
         coords = head_reads_coords(net.head, self.n_features_in_)
@@ -359,23 +432,11 @@ class SlideSSL(TransformerMixin, BaseEstimator):
                 out_ids.append(sid)
         finally:
             reads.close()
-        if skipped:
-            warnings.warn(f"skipped {len(skipped)} slide(s) without tiles: {skipped[:10]}",
-                          UserWarning, stacklevel=2)
-        if not rows:
-            raise InputError("no slide with tiles to embed among the selected slides.")
-        prov = {"method": "wsi_ssl.pretrain.SlideSSL (Giga-SSL)", "version": __version__,
-                "store_fingerprint": str(getattr(store, "fingerprint", "")),
-                "encoder_fingerprint": enc, "model": self._json_params(),
-                "model_fingerprint": self._weights_hash(), "skipped": skipped}
-        emb = np.stack(rows).astype(dtype)
-        return SlideEmbeddings(tuple(out_ids), emb, prov)
+        return out_ids, rows, skipped
 
     def _embed_slide(self, net: Any, sid: str, feats: np.ndarray, grid: np.ndarray | None,
                      device: Any) -> np.ndarray:
         """Mean of the head's output over the slide's k-tile chunks, L2-normalised (float64)."""
-        import torch
-
         if not np.isfinite(feats).all():
             raise InputError(f"slide '{sid}' has NaN/inf values in its tile features; re-embed "
                              "it (or drop it from the store) before encoding it.")
@@ -393,11 +454,39 @@ class SlideSSL(TransformerMixin, BaseEstimator):
 
     def fit_transform(self, store: Any, y: None = None, *,
                       slide_ids: Sequence[str] | None = None, resume: bool = False,
-                      dtype: Literal["float16", "float32"] = "float16"):
+                      dtype: Literal["float16", "float32"] = "float16") -> SlideEmbeddings:
         """``fit`` on ``slide_ids`` (default all complete slides) and embed **those same
         slides**: ``fit(store, slide_ids=slide_ids).transform(store, slide_ids=slide_ids)``."""
         return self.fit(store, slide_ids=slide_ids, resume=resume).transform(
             store, slide_ids=slide_ids, dtype=dtype)
+
+    def attention(self, bag: Any, *, coords: Any | None = None) -> np.ndarray:
+        """Attention weights of the MIL head over all the tiles of one slide, taken as one bag
+        (standardised like in training; no chunks, no projection).
+
+        Args:
+            bag: the slide's tile features.
+            coords: the tiles' positions in grid units (level-0 px / ``stride_level0``); needed
+                by coordinate-aware heads, used by heads that read them.
+
+        Shape:
+            bag ``(n, D)``, coords ``(n, 2)`` -> ``(n,)`` float32 weights summing to 1.
+
+        Raises:
+            NotFittedError: before ``fit`` / ``load``.
+            ConfigError: the head pools without attention weights (the message names the heads
+                that have them).
+            InputError: a bag of the wrong shape, NaN/inf features, missing coords.
+        """
+        self._check_fitted()
+        net = self.net_
+        require_attention(net.head, "SlideSSL", self.head)
+        x, c = _bag_tensors("SlideSSL", bag, coords, self.n_features_in_,
+                            next(net.parameters()).device)
+        x = (x - net.feat_mean) / net.feat_std
+        with torch.no_grad():
+            att = net.head(x[None], None, None if c is None else c[None]).attention
+        return att[0].cpu().numpy().astype(np.float32)
 
     # -- persistence ------------------------------------------------------------------------------
     def _weights_hash(self) -> str:
@@ -408,96 +497,85 @@ class SlideSSL(TransformerMixin, BaseEstimator):
         return h.hexdigest()[:16]
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write ``model.safetensors`` (weights) and ``config.json`` into directory ``path``."""
-        from wsi_ssl._utils import atomic_write_bytes
-        from wsi_ssl._version import __version__
-        from wsi_ssl.pretrain._checkpoint import save_safetensors_atomic
-
+        """Write ``model.safetensors`` (weights) and ``config.json`` (format, parameters,
+        fitted state) into directory ``path`` (:func:`wsi_ssl._persist.save_estimator`)."""
         self._check_fitted()
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().cpu().clone().contiguous()
-                   for k, v in self.net_.state_dict().items()}
-        save_safetensors_atomic(tensors, path / _MODEL_FILE, {"format": _FORMAT})
-        cfg = {"format": _FORMAT, "version": __version__, "params": self._json_params(),
-               "n_features_in": self.n_features_in_,
-               "encoder_fingerprint": self.encoder_fingerprint_,
-               "store_fingerprint": self.store_fingerprint_, "history": self.history_,
-               "slide_ids": list(self.slide_ids_), "skipped_slides": list(self.skipped_slides_),
-               "excluded_slides": list(self.excluded_slides_),
-               "settings": {"tiles_per_view": self.tiles_per_view_,
-                            "batch_size": self.batch_size_, "epochs": self.epochs_,
-                            "lr": self.lr_, "temperature": self.temperature_,
-                            "reason": self.settings_reason_},
-               "train_views_per_s": self.train_views_per_s_}
-        atomic_write_bytes(path / _CONFIG_FILE, json.dumps(cfg, indent=2).encode())
-        return path
+        return save_estimator(path, format=_FORMAT, params=self._json_params(),
+                              tensors=self.net_.state_dict(), state={
+            "n_features_in": self.n_features_in_,
+            "encoder_fingerprint": self.encoder_fingerprint_,
+            "store_fingerprint": self.store_fingerprint_, "history": self.history_,
+            "slide_ids": list(self.slide_ids_), "skipped_slides": list(self.skipped_slides_),
+            "excluded_slides": list(self.excluded_slides_),
+            "settings": {"tiles_per_view": self.tiles_per_view_,
+                         "batch_size": self.batch_size_, "epochs": self.epochs_,
+                         "lr": self.lr_, "temperature": self.temperature_,
+                         "reason": self.settings_reason_},
+            "train_views_per_s": self.train_views_per_s_})
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, device: str | None = None) -> SlideSSL:
-        """Load a model written by :meth:`save` (or ``wsi-ssl pretrain-slides --out``); files of
-        older versions are migrated on the fly (:func:`_migrate_params`)."""
-        from safetensors.torch import load_file
-
-        from wsi_ssl.pretrain._presets import AUTO_PARAMS
-
+        """Load a model written by :meth:`save` (or ``wsi-ssl pretrain-slides --out``);
+        ``device`` overrides the saved one."""
         path = Path(path)
-        cfg_path, w_path = path / _CONFIG_FILE, path / _MODEL_FILE
-        if not cfg_path.is_file() or not w_path.is_file():
-            raise WeightsError(f"'{path}' is not a SlideSSL model directory (needs {_CONFIG_FILE} "
-                               f"and {_MODEL_FILE}); train one with `wsi-ssl pretrain-slides`.")
+        cfg, tensors = load_estimator(path, format=_FORMAT, owner="SlideSSL model",
+                                      hint="train one with `wsi-ssl pretrain-slides`")
         try:
-            cfg = json.loads(cfg_path.read_text())
-            if cfg.get("format") != _FORMAT:
-                raise ValueError(f"format={cfg.get('format')!r}")
-            tensors = load_file(str(w_path))
-            params = _migrate_params(cls._from_json_params(cfg["params"]), tensors)
-        except Exception as err:
-            raise WeightsError(f"cannot read the SlideSSL model in '{path}': {err}") from err
+            params = cls._from_json_params(cfg["params"])
+            n_features, settings = int(cfg["n_features_in"]), dict(cfg["settings"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise WeightsError(f"cannot read the SlideSSL model in '{path}': config.json lacks "
+                               f"or garbles {err}; save the model again.") from err
         if device is not None:
             params["device"] = device
         model = cls(**params)
-        net = model._build_net(int(cfg["n_features_in"]))
+        net = model._build_net(n_features)
         try:
             net.load_state_dict(tensors, strict=True)
         except RuntimeError as err:
-            raise WeightsError(f"weights in '{w_path}' do not fit the configured model: "
-                               f"{err}") from err
-        model.net_ = net.eval()
-        model.history_ = list(cfg.get("history", []))
-        model.start_epoch_ = 0
-        model.slide_ids_ = tuple(cfg.get("slide_ids", []))
-        model.skipped_slides_ = tuple(cfg.get("skipped_slides", []))
-        model.excluded_slides_ = tuple(cfg.get("excluded_slides", []))
-        fitted = cfg.get("settings") or {k: params[k] for k in AUTO_PARAMS}  # older files
-        if any(v == "auto" for v in fitted.values()):
-            raise WeightsError(f"'{cfg_path}' has 'auto' settings but not the values fit chose; "
-                               "re-save the model with this version of wsi-ssl.")
-        model._set_settings(fitted, str(fitted.get("reason", "")))
-        model.read_stats_ = None
-        model.n_features_in_ = int(cfg["n_features_in"])
-        model.encoder_fingerprint_ = str(cfg.get("encoder_fingerprint", ""))
-        model.store_fingerprint_ = str(cfg.get("store_fingerprint", ""))
-        model.train_views_per_s_ = float(cfg.get("train_views_per_s", float("nan")))
+            raise WeightsError(f"weights in '{path / MODEL_FILE}' do not fit the configured "
+                               f"model: {err}") from err
+        model._set_loaded(net, cfg, settings)
         return model
 
+    def _set_loaded(self, net: SlideNet, cfg: dict[str, Any], settings: dict[str, Any]) -> None:
+        """The fitted attributes of a loaded model."""
+        self.net_ = net.eval()
+        self.history_ = list(cfg.get("history", []))
+        self.start_epoch_ = 0
+        self.slide_ids_ = tuple(cfg.get("slide_ids", []))
+        self.skipped_slides_ = tuple(cfg.get("skipped_slides", []))
+        self.excluded_slides_ = tuple(cfg.get("excluded_slides", []))
+        self._set_settings(settings, str(settings.get("reason", "")))
+        self.read_stats_ = None
+        self.n_features_in_ = int(cfg["n_features_in"])
+        self.encoder_fingerprint_ = str(cfg.get("encoder_fingerprint", ""))
+        self.store_fingerprint_ = str(cfg.get("store_fingerprint", ""))
+        self.train_views_per_s_ = float(cfg.get("train_views_per_s", float("nan")))
 
-def _migrate_params(params: dict[str, Any], tensors: dict[str, Any]) -> dict[str, Any]:
-    """Constructor parameters of a saved model, updated for changes of the defaults since it was
-    written (so that it rebuilds the same network)."""
-    hk = dict(params.get("head_kwargs") or {})
-    if (str(params.get("head", "")).lower() == "sparseconv" and "pooling" not in hk
-            and not any(".attn_" in k for k in tensors)):
-        # written before sparseconv pooled with attention by default (wsi-ssl 0.1 dev)
-        params = {**params, "head_kwargs": {**hk, "pooling": "mean"}}
-    return params
+
+def _bag_tensors(owner: str, bag: Any, coords: Any | None, n_features: int, device: Any
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One bag ``(n, D)`` and its coords ``(n, 2)`` (or None) as float32 tensors, checked."""
+    x = np.asarray(bag, dtype=np.float32)
+    if x.ndim != 2 or x.shape[1] != n_features or len(x) == 0:
+        raise InputError(f"{owner}.attention: bag has shape {x.shape}; expected (n, "
+                         f"{n_features}) tile features with n >= 1.")
+    if not np.isfinite(x).all():
+        raise InputError(f"{owner}.attention: the bag has NaN/inf features; clean them first.")
+    c = None
+    if coords is not None:
+        c = np.asarray(coords, dtype=np.float32)
+        if c.shape != (len(x), 2):
+            raise InputError(f"{owner}.attention: coords shape {c.shape}, expected "
+                             f"{(len(x), 2)}.")
+        c = torch.from_numpy(c).to(device)
+    return torch.from_numpy(x).to(device), c
 
 
 def _read_clean(store: Any, sid: str, *, coords: bool) -> tuple[np.ndarray, np.ndarray | None]:
     """A slide's clean features ``(N, D)`` and, when the head reads them, its grid-unit
     coordinates ``(N, 2)`` float32 (never the view bank)."""
-    from wsi_ssl.mil import to_grid_units
-
     feats = np.asarray(store.read_features(sid))
     if feats.ndim != 2:
         raise StoreFormatError(f"slide '{sid}': features must be (n_tiles, dim); got shape "

@@ -1,10 +1,9 @@
 """Training machinery of slide SSL, kept out of ``SlideSSL.fit``: the trainer (network,
-optimiser, schedule, one epoch of NT-Xent steps), the checkpoint callback (resume, atomic
-safetensors checkpoints, the loss-curve picture) and parameter validation."""
+optimiser, schedule, one epoch of NT-Xent steps) and the checkpoint callback (resume, atomic
+safetensors checkpoints, the loss-curve picture)."""
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
 import os
@@ -16,10 +15,26 @@ from typing import Any
 import numpy as np
 import torch
 
-from wsi_ssl.errors import CheckpointError, ConfigError
+from wsi_ssl.errors import CheckpointError
+from wsi_ssl.pretrain._checkpoint import (
+    _tensors,
+    load_state,
+    optimizer_tensors,
+    restore_optimizer,
+    save_state,
+)
+from wsi_ssl.pretrain._losses import NTXentLoss
+from wsi_ssl.pretrain._optim import build_optimizer, warmup_cosine
+from wsi_ssl.pretrain._slide_data import (
+    CoordsCache,
+    ViewReader,
+    head_reads_coords,
+    ordered_map,
+    plan_step,
+)
 
-__all__ = ["validate_params", "plot_loss", "json_params", "SlideTrainer", "SlideCheckpoint", "TrainProgress",
-           "CHECKPOINT_NAME"]
+__all__ = ["plot_loss", "SlideTrainer", "SlideCheckpoint", "TrainProgress", "CHECKPOINT_NAME",
+           "RESUME_FREE"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,15 +75,9 @@ class SlideTrainer:
 
     def __init__(self, model: Any, cohort: Any, settings: Any, store: Any,
                  device: torch.device) -> None:
-        from wsi_ssl.pretrain._losses import NTXentLoss
-        from wsi_ssl.pretrain._optim import build_optimizer
-        from wsi_ssl.pretrain._slide_data import CoordsCache, ViewReader, head_reads_coords
-
         self.model, self.cohort, self.settings, self.device = model, cohort, settings, device
-        self.k = int(settings.tiles_per_view)
-        self.bsz = int(settings.batch_size)
         self.epochs = int(settings.epochs)
-        self.steps_per_epoch = len(cohort) // self.bsz
+        self.steps_per_epoch = len(cohort) // int(settings.batch_size)
         self.total_steps = self.steps_per_epoch * self.epochs
         self.net = model._build_net(cohort.dim)
         if model.standardize:
@@ -92,8 +101,6 @@ class SlideTrainer:
 
     def schedule(self, start_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
         """The lr schedule positioned at the first step of ``start_epoch``."""
-        from wsi_ssl.pretrain._optim import warmup_cosine
-
         return warmup_cosine(self.opt, base_lr=float(self.settings.lr),
                              total_steps=self.total_steps,
                              warmup_steps=self.steps_per_epoch * int(self.model.warmup_epochs),
@@ -101,19 +108,17 @@ class SlideTrainer:
 
     def plans(self, epoch: int) -> Any:
         """The epoch's step plans (a generator drawing from the ``(seed, epoch)`` stream)."""
-        from wsi_ssl.pretrain._slide_data import plan_step
-
         rng = np.random.default_rng([int(self.model.seed), epoch])
         order = rng.permutation(len(self.cohort))
+        bsz = int(self.settings.batch_size)
         for s in range(self.steps_per_epoch):
-            yield plan_step(rng, order[s * self.bsz:(s + 1) * self.bsz], self.cohort, self.k,
-                            self.coord_aug)
+            yield plan_step(rng, order[s * bsz:(s + 1) * bsz], self.cohort,
+                            tiles_per_view=int(self.settings.tiles_per_view),
+                            coord_aug=self.coord_aug)
 
     def _batches(self, epoch: int) -> Any:
         """The batches from the first step of ``epoch`` to the end of training, read ahead by
         the readers across epoch boundaries (one stream, reopened only after a jump)."""
-        from wsi_ssl.pretrain._slide_data import ordered_map
-
         if self._stream is None or self._stream_epoch != epoch:
             self.close()
             plans = (p for e in range(epoch, self.epochs) for p in self.plans(e))
@@ -130,7 +135,7 @@ class SlideTrainer:
     def run_epoch(self, epoch: int, progress: TrainProgress, bar: Any) -> None:
         """One pass over the slides (one view pair per slide), seeded by ``(seed, epoch)``."""
         torch.manual_seed(int(self.model.seed) * 100_003 + epoch)
-        bsz, nb = self.bsz, self.device.type == "cuda"
+        bsz, nb = int(self.settings.batch_size), self.device.type == "cuda"
         self.net.train()
         losses = []
         batches = self._batches(epoch)
@@ -184,8 +189,6 @@ class SlideCheckpoint:
 
     def restore(self, trainer: SlideTrainer, *, resume: bool) -> TrainProgress:
         """Load the checkpoint into ``trainer`` when ``resume`` (else warn before overwriting)."""
-        from wsi_ssl.pretrain._checkpoint import load_state, restore_optimizer
-
         if not resume:
             if self.path.exists():
                 logger.warning("overwriting the checkpoint at '%s' (pass resume=True to continue "
@@ -221,8 +224,6 @@ class SlideCheckpoint:
 
     def on_epoch_end(self, progress: TrainProgress, trainer: SlideTrainer) -> None:
         """Save every ``every`` epochs and after the last one."""
-        from wsi_ssl.pretrain._checkpoint import _tensors, optimizer_tensors, save_state
-
         if progress.epoch % self.every and progress.epoch != trainer.epochs:
             return
         tensors = _tensors(trainer.net, prefix="model.")
@@ -246,8 +247,8 @@ def plot_loss(history: Any, path: str | os.PathLike, *,
         path: the ``.png`` to write.
         title: the plot title.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # lazy: matplotlib, at the end
+    from matplotlib.figure import Figure  # lazy: matplotlib
 
     values = list(getattr(history, "history_", history))
     path = Path(path)
@@ -263,63 +264,3 @@ def plot_loss(history: Any, path: str | os.PathLike, *,
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     return path
-
-
-def validate_params(m: Any) -> None:
-    """Check the parameters of a SlideSSL (ConfigError naming the bad one)."""
-    from wsi_ssl.pretrain._slide_data import CoordAugment
-
-    def pos_int(name: str, minimum: int = 1) -> None:
-        v = getattr(m, name)
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum:
-            raise ConfigError(f"SlideSSL {name}={v!r} must be an integer >= {minimum}.")
-
-    def is_auto(name: str) -> bool:
-        v = getattr(m, name)
-        if isinstance(v, str) and v != "auto":
-            raise ConfigError(f"SlideSSL {name}={v!r}: the only text value is 'auto' (chosen "
-                              "from the store at fit time); otherwise give a number.")
-        return v == "auto"
-
-    for name in ("embed_dim", "inference_batch", "checkpoint_every"):
-        pos_int(name)
-    for name in ("tiles_per_view", "epochs"):
-        if not is_auto(name):
-            pos_int(name)
-    pos_int("warmup_epochs", 0)
-    pos_int("readers", 0)
-    if not is_auto("batch_size"):
-        pos_int("batch_size", 2)
-    if m.inference_chunks is not None:
-        pos_int("inference_chunks")
-    for name in ("temperature", "lr"):
-        v = getattr(m, name)
-        if not is_auto(name) and (isinstance(v, bool) or not isinstance(v, (int, float))
-                                  or not v > 0):
-            raise ConfigError(f"SlideSSL {name}={v!r} must be a number > 0 or 'auto'.")
-    if not isinstance(m.weight_decay, (int, float)) or m.weight_decay < 0:
-        raise ConfigError(f"SlideSSL weight_decay={m.weight_decay!r} must be >= 0.")
-    if m.optimizer not in ("adamw", "adam"):
-        raise ConfigError(f"SlideSSL optimizer={m.optimizer!r}; use 'adamw' or 'adam'.")
-    dims = tuple(m.proj_dims)
-    if not dims or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in dims):
-        raise ConfigError(f"SlideSSL proj_dims={m.proj_dims!r} must be positive integers, "
-                          "e.g. (512, 512, 256).")
-    if m.coord_augment is not None and not isinstance(m.coord_augment, CoordAugment):
-        raise ConfigError("SlideSSL coord_augment must be a CoordAugment or None; got "
-                          f"{type(m.coord_augment).__name__}.")
-    if m.head_kwargs is not None and not isinstance(m.head_kwargs, dict):
-        raise ConfigError(f"SlideSSL head_kwargs={m.head_kwargs!r} must be a dict or None.")
-
-
-def json_params(params: dict[str, Any]) -> dict[str, Any]:
-    """SlideSSL parameters as JSON values (config.json, checkpoints, provenance)."""
-    import json
-
-    p = dict(params)
-    p["proj_dims"] = [int(d) for d in p["proj_dims"]]
-    ca = p["coord_augment"]
-    p["coord_augment"] = dataclasses.asdict(ca) if ca is not None else None
-    p["checkpoint_dir"] = str(p["checkpoint_dir"]) if p["checkpoint_dir"] else None
-    p["head_kwargs"] = dict(p["head_kwargs"] or {})
-    return json.loads(json.dumps(p))

@@ -26,7 +26,17 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from wsi_ssl.errors import ConfigError, InputError, WsiSslError
+from wsi_ssl._validation import Interval, validate_params
+from wsi_ssl.errors import InputError, WsiSslError
+
+_DATASET_CONSTRAINTS: dict[str, list[Any]] = {
+    "tile_size": [Interval(int, 8, None)],
+    "batch_size": [Interval(int, 2, None)],
+    "batches_per_epoch": [Interval(int, 1, None)],
+    "tiles_per_slide": [Interval(int, 1, None)],
+    "max_open_slides": [Interval(int, 1, None)],
+    "mpp": [Interval(float, 0, None, closed="neither")],
+}
 
 __all__ = ["TileSSLDataset", "make_tile_loader"]
 
@@ -63,14 +73,11 @@ class TileSSLDataset(IterableDataset):
         self.slides = [Path(p) for p in slides]
         if not self.slides:
             raise InputError("TileSSLDataset got no slides; pass at least one slide file.")
-        for name, v, lo in (("tile_size", tile_size, 8), ("batch_size", batch_size, 2),
-                            ("batches_per_epoch", batches_per_epoch, 1),
-                            ("tiles_per_slide", tiles_per_slide, 1),
-                            ("max_open_slides", max_open_slides, 1)):
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
-                raise ConfigError(f"{name}={v!r} must be an integer >= {lo}.")
-        if not float(mpp) > 0:
-            raise ConfigError(f"mpp={mpp!r} must be > 0 (µm/px, e.g. 0.5 for 20x).")
+        validate_params("TileSSLDataset", {
+            "tile_size": tile_size, "batch_size": batch_size,
+            "batches_per_epoch": batches_per_epoch, "tiles_per_slide": tiles_per_slide,
+            "max_open_slides": max_open_slides, "mpp": mpp}, _DATASET_CONSTRAINTS,
+            hint="(mpp: µm/px, e.g. 0.5 for 20x)")
         self.tile_size = int(tile_size)
         self.mpp = float(mpp)
         self.batch_size = int(batch_size)
@@ -198,8 +205,8 @@ def make_tile_loader(dataset: TileSSLDataset, *, num_workers: int = 0,
     """
     from torch.utils.data import DataLoader
 
-    if num_workers < 0:
-        raise ConfigError(f"num_workers={num_workers!r} must be >= 0.")
+    validate_params("make_tile_loader", {"num_workers": num_workers},
+                    {"num_workers": [Interval(int, 0, None)]})
     kw: dict[str, Any] = {}
     if num_workers > 0:
         kw = {"prefetch_factor": max(1, int(prefetch)), "persistent_workers": False,
