@@ -70,6 +70,22 @@ logger = logging.getLogger(__name__)
 
 STORE_FORMAT = "wsi-ssl-tile-store"
 STORE_FORMAT_VERSION = 2
+
+
+def store_format_version(path: Path, meta: Mapping[str, Any]) -> int:
+    """The ``format_version`` of a tile store's root ``zarr.json`` (``meta``); a
+    :class:`StoreFormatError` when it is not a wsi-ssl tile store or is newer than this
+    wsi-ssl (an older one is the caller's business: refused, or upgraded)."""
+    attrs = meta.get("attributes") or {}
+    if meta.get("zarr_format") != 3 or attrs.get("format") != STORE_FORMAT:
+        raise StoreFormatError(f"'{path}' is a zarr group but not a wsi-ssl tile store "
+                               f"(format={attrs.get('format')!r}); choose a new path.")
+    ver = attrs.get("format_version")
+    if not isinstance(ver, int) or ver > STORE_FORMAT_VERSION:
+        raise StoreFormatError(f"tile store '{path}' has format_version={ver!r}; newer than this "
+                               f"wsi-ssl (it reads format {STORE_FORMAT_VERSION}): upgrade "
+                               "wsi-ssl.")
+    return ver
 _ARRAYS = ("features", "coords", "views", "view_index")  # the logical arrays of a slide
 _STORED = {"features": "features", "views": "views", "coords": "index", "view_index": "index"}
 _CACHE_SLIDES = 64  # open slides kept per TileStore (metadata and zarr arrays, a few KB each)
@@ -262,13 +278,7 @@ class TileStore:
     def _check_format(self) -> None:
         meta = self._root_meta()
         attrs = meta.get("attributes", {})
-        if meta.get("zarr_format") != 3 or attrs.get("format") != STORE_FORMAT:
-            raise StoreFormatError(f"'{self.path}' is a zarr group but not a wsi-ssl tile store "
-                                   f"(format={attrs.get('format')!r}); choose a new path.")
-        ver = attrs.get("format_version")
-        if not isinstance(ver, int) or ver > STORE_FORMAT_VERSION:
-            raise StoreFormatError(f"tile store '{self.path}' has format_version={ver!r}; this "
-                                   f"wsi-ssl reads format {STORE_FORMAT_VERSION}: upgrade wsi-ssl.")
+        ver = store_format_version(self.path, meta)
         if ver < STORE_FORMAT_VERSION or attrs.get("upgrading_to") is not None:
             what = ("an interrupted upgrade to format 2" if attrs.get("upgrading_to") is not None
                     else f"format {ver}")
