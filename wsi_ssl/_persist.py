@@ -34,7 +34,7 @@ def save_estimator(path: str | os.PathLike, *, format: str, format_version: int 
                    state: Mapping[str, Any]) -> Path:
     """Write ``tensors`` (torch tensors) and ``config.json`` = format, version, ``params`` and
     ``state`` (JSON-serialisable) into directory ``path``; returns ``path``."""
-    from safetensors.torch import save as to_bytes  # torch-side safetensors; heavy import
+    from safetensors.torch import save as to_bytes  # lazy: torch, only when saving
 
     path = Path(path)
     cfg = {"format": format, "format_version": int(format_version), "version": __version__,
@@ -58,7 +58,7 @@ def load_estimator(path: str | os.PathLike, *, format: str, owner: str, hint: st
     Raises:
         WeightsError: missing files, another format, a newer format version, unreadable files.
     """
-    from safetensors.torch import load_file  # heavy import, only when loading
+    from safetensors.torch import load_file  # lazy: torch, only when loading
 
     path = Path(path)
     if not (path / CONFIG_FILE).is_file() or not (path / MODEL_FILE).is_file():

@@ -38,7 +38,7 @@ import numpy as np
 from wsi_ssl.errors import ConfigError, InputError
 
 if TYPE_CHECKING:  # pragma: no cover
-    import torch
+    import torch  # lazy: torch, only on tensors
 
 __all__ = [
     "AugmentConfig",
@@ -241,7 +241,7 @@ def sample_params(rng: np.random.Generator, cfg: str | AugmentConfig = "histo") 
 
 
 def _as_float_nchw(tiles: Any) -> torch.Tensor:
-    import torch
+    import torch  # lazy: torch, only on tensors
 
     if isinstance(tiles, np.ndarray):
         tiles = torch.from_numpy(np.ascontiguousarray(tiles))
@@ -260,7 +260,7 @@ def _as_float_nchw(tiles: Any) -> torch.Tensor:
 
 
 def _stack(params: Sequence[AugmentParams], device: torch.device) -> dict[str, torch.Tensor]:
-    import torch
+    import torch  # lazy: torch, only on tensors
 
     def t(name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return torch.tensor([getattr(p, name) for p in params], dtype=dtype, device=device)
@@ -282,7 +282,7 @@ def _gray(x: torch.Tensor) -> torch.Tensor:
 
 
 def _hed_jitter(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    import torch
+    import torch  # lazy: torch, only on tensors
 
     m = torch.tensor(RGB_FROM_HED, dtype=torch.float64)
     m = m / m.norm(dim=1, keepdim=True)
@@ -298,7 +298,7 @@ def _hed_jitter(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> to
 
 def _hue_rotate(x: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
     """Hue rotation as a rotation of the chroma plane in YIQ (batched, differentiable)."""
-    import torch
+    import torch  # lazy: torch, only on tensors
 
     to_yiq = x.new_tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322],
                            [0.211, -0.523, 0.312]])
@@ -313,8 +313,8 @@ def _hue_rotate(x: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
 
 def _blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """Per-tile gaussian blur as one grouped separable convolution (sigma 0 = identity)."""
-    import torch
-    import torch.nn.functional as F
+    import torch  # lazy: torch, only on tensors
+    import torch.nn.functional as F  # lazy: torch
 
     smax = float(sigma.max())
     if smax <= 0:
@@ -337,8 +337,8 @@ def _blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
 
 
 def _apply(x: torch.Tensor, p: dict[str, torch.Tensor], out_size: int) -> torch.Tensor:
-    import torch
-    from torchvision.ops import roi_align
+    import torch  # lazy: torch, only on tensors
+    from torchvision.ops import roi_align  # lazy: torchvision, only for crops
 
     b, _, h, w = x.shape
     crop = p["crop"]

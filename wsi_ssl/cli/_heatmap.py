@@ -27,7 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from wsi_ssl.eval import heatmap
+    from wsi_ssl.eval import heatmap  # lazy: keeps `wsi-ssl --help` fast
 
     res = heatmap(args.slide, args.store, args.model, slide_id=args.slide_id, out_dir=args.out,
                   mpp=args.assume_mpp)

@@ -38,7 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from wsi_ssl.pretrain import TileSSLConfig, pretrain_tile_encoder
+    from wsi_ssl.pretrain import TileSSLConfig, pretrain_tile_encoder  # lazy: torch, timm
 
     cfg = TileSSLConfig(
         arch=args.arch, method=args.method, tile_size=args.tile_size, mpp=args.mpp,

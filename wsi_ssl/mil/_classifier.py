@@ -12,6 +12,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, ClassifierMixin
+from torch.nn.functional import cross_entropy
 
 from wsi_ssl._persist import MODEL_FILE, load_estimator, save_estimator
 from wsi_ssl._utils import resolve_device
@@ -287,8 +288,6 @@ class MILClassifier(ClassifierMixin, BaseEstimator):
                dev: Any) -> tuple[list[dict[str, float]], int]:
         """The epoch loop; with a validation split, stop after ``early_stopping`` epochs without
         a better validation loss and restore the best weights. Returns (history, best epoch)."""
-        from torch.nn.functional import cross_entropy
-
         weight = self._class_weight_tensor(y_idx[train], dev)
         opt = torch.optim.Adam(head.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         yt = torch.as_tensor(y_idx, device=dev)

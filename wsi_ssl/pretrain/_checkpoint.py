@@ -29,8 +29,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save
 from torch import nn
 
+from wsi_ssl._utils import atomic_write_bytes
 from wsi_ssl.encoders import CHECKPOINT_FORMAT
 from wsi_ssl.errors import CheckpointError
 
@@ -57,10 +60,6 @@ def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path,
                             metadata: dict[str, str]) -> None:
     """A safetensors file written with the package's one atomic writer
     (:func:`wsi_ssl._utils.atomic_write_bytes`: temporary sibling, fsync, ``os.replace``)."""
-    from safetensors.torch import save
-
-    from wsi_ssl._utils import atomic_write_bytes
-
     atomic_write_bytes(path, save(tensors, metadata=metadata))
 
 
@@ -87,8 +86,6 @@ def load_state(path: str | os.PathLike, *, fmt: str) -> tuple[dict[str, torch.Te
     Raises:
         CheckpointError: unreadable, or written with another ``format``.
     """
-    from safetensors import safe_open
-
     path = Path(path)
     try:
         with safe_open(str(path), framework="pt") as fh:
@@ -204,8 +201,6 @@ def clear_checkpoints(ckpt_dir: Path) -> None:
 def load_checkpoint(path: Path, method: nn.Module) -> tuple[dict[str, torch.Tensor],
                                                             dict[str, Any]]:
     """Load the method weights in place; return the state's ``(tensors, info)``."""
-    from safetensors.torch import load_file
-
     if not (path / "state.safetensors").is_file():
         raise CheckpointError(
             f"checkpoint '{path}' was written by an older wsi-ssl (pickled state.pt, no longer "

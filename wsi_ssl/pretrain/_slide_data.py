@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 
 import numpy as np
+import torch
 
 from wsi_ssl._validation import Interval, Pair, validate_params
 from wsi_ssl.errors import InputError, StoreFormatError
@@ -247,6 +248,19 @@ def load_cohort(store: Any, slide_ids: Sequence[str] | None = None) -> SlideCoho
         kept.append(sid)
         n_versions.append(int(st.n_views))
         view_tiles.append(int(st.view_tiles))
+    _check_left_out(where, kept, skipped, excluded, no_views)
+    mean = total / n_tiles
+    var = np.maximum(sq / n_tiles - mean * mean, 0.0)
+    return SlideCohort(tuple(kept), tuple(skipped), tuple(excluded),
+                       np.asarray(n_versions, np.int64), np.asarray(view_tiles, np.int64),
+                       int(dim), mean.astype(np.float32),  # type: ignore[arg-type]
+                       np.sqrt(var + 1e-6).astype(np.float32), where)
+
+
+def _check_left_out(where: str, kept: list[str], skipped: list[str], excluded: list[str],
+                    no_views: list[str]) -> None:
+    """Refuse slides without a view bank and an empty selection; warn about the slides left
+    out (empty, non-finite)."""
     if no_views:
         raise StoreFormatError(
             f"tile store '{where}' has no augmentation view bank for {len(no_views)} slide(s), "
@@ -255,21 +269,15 @@ def load_cohort(store: Any, slide_ids: Sequence[str] | None = None) -> SlideCoho
             "embed_slides(..., views=N)).")
     if skipped:
         warnings.warn(f"skipping {len(skipped)} slide(s) without tiles: {skipped[:10]}",
-                      UserWarning, stacklevel=3)
+                      UserWarning, stacklevel=4)
     if excluded:
         warnings.warn(f"excluding {len(excluded)} slide(s) whose tile features or views hold "
                       f"NaN/inf values (per their stored statistics): {excluded[:10]}; re-embed "
                       "them (or drop them from the store) to train on them.", UserWarning,
-                      stacklevel=3)
+                      stacklevel=4)
     if not kept:
         raise InputError(f"tile store '{where}': every selected slide is empty or non-finite; "
                          "nothing to use.")
-    mean = total / n_tiles
-    var = np.maximum(sq / n_tiles - mean * mean, 0.0)
-    return SlideCohort(tuple(kept), tuple(skipped), tuple(excluded),
-                       np.asarray(n_versions, np.int64), np.asarray(view_tiles, np.int64),
-                       int(dim), mean.astype(np.float32),  # type: ignore[arg-type]
-                       np.sqrt(var + 1e-6).astype(np.float32), where)
 
 
 # -- per-step plans (main process) ------------------------------------------------------------------
@@ -407,8 +415,6 @@ class ViewReader:
             rows are the first view of every slide) and ``coords`` ``(n_views * B, k, 2)`` (None
             when the head ignores coordinates).
         """
-        import torch
-
         n_views, b, k = plan.tiles.shape
         xt = torch.empty((n_views, b, k, self.cohort.dim), dtype=torch.float32,
                          pin_memory=self.pin)
@@ -494,8 +500,6 @@ def head_reads_coords(head: Any, in_dim: int) -> bool:
     (the same 6 tiles with and without positions, eval mode, a local generator; TransMIL-like
     heads read coordinates when given). Reading coordinates is skipped for heads that ignore
     them."""
-    import torch
-
     if getattr(head, "uses_coords", False):
         return True
     try:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import multiprocessing as mp
 import os
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -24,10 +25,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from wsi_ssl._validation import Interval, validate_params
 from wsi_ssl.errors import InputError, WsiSslError
+from wsi_ssl.tiling import open_slide, read_tiles, tile_grid
+
+__all__ = ["TileSSLDataset", "make_tile_loader"]
+
+logger = logging.getLogger(__name__)
 
 _DATASET_CONSTRAINTS: dict[str, list[Any]] = {
     "tile_size": [Interval(int, 8, None)],
@@ -37,10 +43,6 @@ _DATASET_CONSTRAINTS: dict[str, list[Any]] = {
     "max_open_slides": [Interval(int, 1, None)],
     "mpp": [Interval(float, 0, None, closed="neither")],
 }
-
-__all__ = ["TileSSLDataset", "make_tile_loader"]
-
-logger = logging.getLogger(__name__)
 
 
 class TileSSLDataset(IterableDataset):
@@ -112,8 +114,6 @@ class TileSSLDataset(IterableDataset):
         if i in self._cache:
             self._cache.move_to_end(i)
             return self._cache[i]
-        from wsi_ssl.tiling import open_slide, tile_grid
-
         path = self.slides[i]
         try:
             slide = open_slide(path, mpp=self.assume_mpp)
@@ -143,8 +143,6 @@ class TileSSLDataset(IterableDataset):
 
     def _read(self, slide: Any, grid: Any, idx: np.ndarray) -> np.ndarray:
         """Tiles at grid positions ``idx`` (duplicates allowed), in the order of ``idx``."""
-        from wsi_ssl.tiling import read_tiles
-
         uniq = np.unique(idx)
         tiles, got = [], []
         for b in read_tiles(slide, grid, batch_size=len(uniq), read_threads=1, indices=uniq):
@@ -203,8 +201,6 @@ def make_tile_loader(dataset: TileSSLDataset, *, num_workers: int = 0,
     Memory is bounded by ``num_workers * prefetch`` batches in flight plus each worker's
     ``max_open_slides`` open slides.
     """
-    from torch.utils.data import DataLoader
-
     validate_params("make_tile_loader", {"num_workers": num_workers},
                     {"num_workers": [Interval(int, 0, None)]})
     kw: dict[str, Any] = {}
@@ -218,8 +214,6 @@ def make_tile_loader(dataset: TileSSLDataset, *, num_workers: int = 0,
 def _mp_context() -> str | None:
     # fork is fast and keeps the parent's imports, but is unsafe once CUDA or many threads are
     # initialised; forkserver is the safe default on Linux, spawn elsewhere.
-    import multiprocessing as mp
-
     methods = mp.get_all_start_methods()
     return "forkserver" if "forkserver" in methods else None
 

@@ -43,6 +43,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from wsi_ssl._utils import atomic_write_bytes
 from wsi_ssl.errors import (
     ConfigError,
     EncoderMismatchError,
@@ -50,6 +51,7 @@ from wsi_ssl.errors import (
     StoreError,
     StoreFormatError,
 )
+from wsi_ssl.store._h5 import export_h5, import_h5
 from wsi_ssl.store._index import INDEX_NAME, SlideIndex
 from wsi_ssl.store._integrity import VerifyReport, array_checksum
 from wsi_ssl.store._layout import (
@@ -60,6 +62,7 @@ from wsi_ssl.store._layout import (
     write_arrays,
 )
 from wsi_ssl.store._lock import LOCK_NAME, LockHolder, StoreLock, StoreLockedError
+from wsi_ssl.store._maintenance import cleanup_store, verify_store
 from wsi_ssl.store._stats import SlideStats, compute_stats, stats_from_json, stats_to_json
 from wsi_ssl.store._summary import StoreSummary
 
@@ -628,8 +631,6 @@ class TileStore:
         return stats
 
     def _cache_stats(self, h: _Handle, stats: SlideStats) -> None:
-        from wsi_ssl._utils import atomic_write_bytes
-
         if self.mode == "r":
             return
         try:
@@ -807,8 +808,6 @@ class TileStore:
         whose ``zarr.json`` cannot be read are left alone and reported (:attr:`unreadable`).
         The slide index is rebuilt when it is missing or disagrees with the folders.
         """
-        from wsi_ssl.store._maintenance import cleanup_store
-
         self._writable()
         return cleanup_store(self)
 
@@ -843,8 +842,6 @@ class TileStore:
         metadata cannot be read are listed too. Reads everything, in ``threads`` threads
         (default: up to 4); never takes the lock (so repair can verify before locking).
         ``progress`` shows a bar (``None``: on a terminal)."""
-        from wsi_ssl.store._maintenance import verify_store
-
         return verify_store(self, slide_ids, threads=threads, progress=progress)
 
     # -- ecosystem files -----------------------------------------------------------------------
@@ -857,16 +854,12 @@ class TileStore:
 
         See :func:`wsi_ssl.store._h5.import_h5`.
         """
-        from wsi_ssl.store._h5 import import_h5
-
         return import_h5(self, paths, encoder=encoder, slide_ids=slide_ids, overwrite=overwrite,
                          dtype=dtype, wait=wait)
 
     def export_h5(self, out_dir: str | os.PathLike, slide_ids: Sequence[str] | None = None, *,
                   layout: Literal["clam", "stamp"] = "clam") -> list[Path]:
         """Write one ``<slide_id>.h5`` per slide (see :func:`wsi_ssl.store._h5.export_h5`)."""
-        from wsi_ssl.store._h5 import export_h5
-
         return export_h5(self, out_dir, slide_ids, layout=layout)
 
     def summary(self) -> StoreSummary:

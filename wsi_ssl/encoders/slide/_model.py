@@ -11,6 +11,7 @@ is named ("looks like 'gigapath-slide' weights, not 'titan'").
 
 from __future__ import annotations
 
+import difflib
 import functools
 import logging
 import math
@@ -23,7 +24,25 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from wsi_ssl.encoders.slide._presets import SLIDE_PRESETS, SlideEncoderPreset, get_slide_preset
+from wsi_ssl.encoders._hub import resolve_weights
+from wsi_ssl.encoders._loading import (
+    _Shape,
+    assign_state_dict,
+    identify_weights,
+    init_random_,
+    misfit_error,
+)
+from wsi_ssl.encoders._weights import match_state_dict, read_weights
+from wsi_ssl.encoders.slide._abmil import ABMILSlideModel
+from wsi_ssl.encoders.slide._gigapath import LongNetSlideModel
+from wsi_ssl.encoders.slide._presets import (
+    _BY_NAME,
+    SLIDE_PRESETS,
+    SlideEncoderPreset,
+    get_slide_preset,
+)
+from wsi_ssl.encoders.slide._prism import PrismSlideModel
+from wsi_ssl.encoders.slide._titan import TitanSlideModel
 from wsi_ssl.errors import ConfigError, InputError, WeightsError
 
 __all__ = ["SlideEncoder", "create_slide_encoder", "build_slide_model", "slide_expected_shapes",
@@ -40,21 +59,13 @@ _DIM_KEYS = {"titan": ("in_dim", "dim"), "longnet-vit": ("in_dim", "dim"),
 def _module(preset: SlideEncoderPreset, overrides: Mapping[str, Any] | None) -> nn.Module:
     kw = {**preset.kwargs, **(overrides or {})}
     if preset.arch == "titan":
-        from wsi_ssl.encoders.slide._titan import TitanSlideModel
-
         return TitanSlideModel(**kw)
     if preset.arch == "longnet-vit":
-        from wsi_ssl.encoders.slide._gigapath import LongNetSlideModel
-
         return LongNetSlideModel(**kw)
     if preset.arch == "prism-perceiver":
-        from wsi_ssl.encoders.slide._prism import PrismSlideModel
-
         if "depth" in kw:  # the spelling shared by every preset (tests, identification)
             kw["perceiver_depth"] = kw.pop("depth")
         return PrismSlideModel(**kw)
-    from wsi_ssl.encoders.slide._abmil import ABMILSlideModel
-
     if "depth" in kw:
         raise TypeError("ABMIL has no depth")
     return ABMILSlideModel(**kw)
@@ -122,9 +133,6 @@ def identify_slide_weights(sd: Mapping[str, Any], *, exclude: str | None = None,
                            overrides: Mapping[str, Any] | None = None) -> str | None:
     """The slide preset whose architecture (with ``overrides``) ``sd`` matches exactly, or
     ``None``. Meta builds, cached."""
-    from wsi_ssl.encoders._loading import _Shape
-    from wsi_ssl.encoders._weights import match_state_dict
-
     for preset in SLIDE_PRESETS:
         if preset.name == exclude:
             continue
@@ -142,9 +150,6 @@ def identify_slide_weights(sd: Mapping[str, Any], *, exclude: str | None = None,
 
 def _load(preset: SlideEncoderPreset, path: Path, overrides: Mapping[str, Any] | None
           ) -> nn.Module:
-    from wsi_ssl.encoders._loading import assign_state_dict, misfit_error
-    from wsi_ssl.encoders._weights import match_state_dict, read_weights
-
     raw = read_weights(path)
     model = build_slide_model(preset, overrides)
     groups = _alias_groups(model)
@@ -153,8 +158,6 @@ def _load(preset: SlideEncoderPreset, path: Path, overrides: Mapping[str, Any] |
     if problems:
         other = identify_slide_weights(raw, exclude=preset.name, overrides=overrides)
         if other is None:
-            from wsi_ssl.encoders._loading import identify_weights
-
             tile = identify_weights(raw, overrides=overrides)
             if tile is not None:
                 problems.append(f"it looks like the weights of the tile encoder {tile!r}")
@@ -172,8 +175,6 @@ def _random(preset: SlideEncoderPreset, overrides: Mapping[str, Any] | None,
     """A deterministic random instance (tests, architecture checks): matrices N(0, 0.02),
     biases 0, norm weights 1, drawn in key order."""
     model = build_slide_model(preset, overrides).to_empty(device="cpu")
-    from wsi_ssl.encoders._loading import init_random_
-
     return init_random_(model, seed)
 
 
@@ -324,10 +325,6 @@ def create_slide_encoder(name: str, *, weights: str | os.PathLike | None = None,
     """
     preset = get_slide_preset(name)
     if preset is None:
-        import difflib
-
-        from wsi_ssl.encoders.slide._presets import _BY_NAME
-
         close = difflib.get_close_matches(str(name).lower(), list(_BY_NAME), n=4, cutoff=0.5)
         raise ConfigError(f"unknown slide encoder {name!r}; known: "
                           f"{', '.join(p.name for p in SLIDE_PRESETS)}"
@@ -338,8 +335,6 @@ def create_slide_encoder(name: str, *, weights: str | os.PathLike | None = None,
     if random_weights:
         model, path = _random(preset, overrides, INIT_SEED), None
     else:
-        from wsi_ssl.encoders._hub import resolve_weights
-
         path = resolve_weights(preset, weights)
         model = _load(preset, Path(path), overrides)
     n = sum(math.prod(p.shape) for p in model.parameters())
