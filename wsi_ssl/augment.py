@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from wsi_ssl._validation import Interval, Pair, validate_params
 from wsi_ssl.errors import ConfigError, InputError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -60,16 +61,18 @@ RGB_FROM_HED: tuple[tuple[float, float, float], ...] = (
 )
 
 
-def _check_range(name: str, value: Sequence[float], lo: float, hi: float) -> tuple[float, float]:
-    try:
-        a, b = (float(v) for v in value)
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"AugmentConfig.{name}={value!r} must be a pair (low, high).") from err
-    if not (lo <= a <= b <= hi):
-        raise ConfigError(
-            f"AugmentConfig.{name}={value!r} must satisfy {lo} <= low <= high <= {hi}."
-        )
-    return a, b
+_AUGMENT_RANGES: dict[str, list[Any]] = {
+    "crop_scale": [Pair(Interval(float, 0, 1, closed="right"))],
+    "crop_ratio": [Pair(Interval(float, 1e-3, 1e3))],
+    "blur_sigma": [Pair(Interval(float, 0, 50))],
+    "hed_scale": [Interval(float, 0, 1)],
+    "hed_shift": [Interval(float, 0, 2)],
+    "brightness": [Interval(float, 0, 1)],
+    "contrast": [Interval(float, 0, 1)],
+    "saturation": [Interval(float, 0, 1)],
+    "hue": [Interval(float, 0, 0.5)],
+}
+_AUGMENT_PROBABILITIES = ("hflip", "vflip", "jitter_prob", "grayscale", "blur_prob")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -112,22 +115,13 @@ class AugmentConfig:
     blur_sigma: tuple[float, float] = (0.1, 1.5)
 
     def __post_init__(self) -> None:
-        s = _check_range("crop_scale", self.crop_scale, 0.0, 1.0)
-        if s[0] <= 0:
-            raise ConfigError(f"AugmentConfig.crop_scale={self.crop_scale!r} must be > 0.")
-        object.__setattr__(self, "crop_scale", s)
-        r = _check_range("crop_ratio", self.crop_ratio, 1e-3, 1e3)
-        object.__setattr__(self, "crop_ratio", r)
-        object.__setattr__(self, "blur_sigma", _check_range("blur_sigma", self.blur_sigma, 0, 50))
-        for name in ("hflip", "vflip", "jitter_prob", "grayscale", "blur_prob"):
-            v = getattr(self, name)
-            if not 0.0 <= float(v) <= 1.0:
-                raise ConfigError(f"AugmentConfig.{name}={v!r} is a probability; use 0 <= p <= 1.")
-        for name, hi in (("hed_scale", 1.0), ("hed_shift", 2.0), ("brightness", 1.0),
-                         ("contrast", 1.0), ("saturation", 1.0), ("hue", 0.5)):
-            v = getattr(self, name)
-            if not 0.0 <= float(v) <= hi:
-                raise ConfigError(f"AugmentConfig.{name}={v!r} must be in [0, {hi}].")
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        validate_params("AugmentConfig", values,
+                        {name: [Interval(float, 0, 1)] for name in _AUGMENT_PROBABILITIES},
+                        hint="It is a probability.")
+        validate_params("AugmentConfig", values, _AUGMENT_RANGES)
+        for name in ("crop_scale", "crop_ratio", "blur_sigma"):
+            object.__setattr__(self, name, tuple(float(v) for v in values[name]))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable form (for run configs written next to outputs)."""
@@ -380,9 +374,9 @@ def _apply(x: torch.Tensor, p: dict[str, torch.Tensor], out_size: int) -> torch.
     return x.clamp_(0.0, 1.0).contiguous()
 
 
-def _check_out_size(out_size: int) -> int:
-    if isinstance(out_size, bool) or not isinstance(out_size, (int, np.integer)) or out_size < 8:
-        raise ConfigError(f"out_size={out_size!r} must be an integer >= 8 (output tile edge, px).")
+def _check_out_size(owner: str, out_size: int) -> int:
+    validate_params(owner, {"out_size": out_size}, {"out_size": [Interval(int, 8, None)]},
+                    hint="(the output tile edge, px)")
     return int(out_size)
 
 
@@ -403,7 +397,7 @@ def apply_params(tiles: Any, params: AugmentParams, *, out_size: int) -> torch.T
     """
     if not isinstance(params, AugmentParams):
         raise ConfigError(f"params must be an AugmentParams; got {type(params).__name__}.")
-    out_size = _check_out_size(out_size)
+    out_size = _check_out_size("apply_params", out_size)
     x = _as_float_nchw(tiles)
     if x.shape[0] == 0:
         return x.new_zeros((0, 3, out_size, out_size))
@@ -425,7 +419,7 @@ def random_augment(
     Shape:
         ``(B, 3, H, W)`` uint8 or float in [0, 1] ``-> (B, 3, out_size, out_size)`` float32.
     """
-    out_size = _check_out_size(out_size)
+    out_size = _check_out_size("random_augment", out_size)
     c = get_augment_config(cfg)
     x = _as_float_nchw(tiles)
     if x.shape[0] == 0:

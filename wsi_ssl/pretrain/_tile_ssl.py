@@ -215,8 +215,8 @@ def pretrain_tile_encoder(
     if bad:
         raise ConfigError(f"unknown option(s) {bad} for pretrain_tile_encoder; known: "
                           f"{sorted(known)}.")
-    if config is not None and not isinstance(config, TileSSLConfig):
-        raise ConfigError(f"config must be a TileSSLConfig; got {type(config).__name__}.")
+    validate_params("pretrain_tile_encoder", {"config": config},
+                    {"config": [TileSSLConfig, None]})
     cfg = dataclasses.replace(config or TileSSLConfig(), **options)
     if cfg.num_workers is None:
         cfg = dataclasses.replace(cfg, num_workers=min(8, max(0, (os.cpu_count() or 1) - 1)))
