@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from wsi_ssl.store._tilestore import TileStore
+
 __all__ = ["measure_write_rate", "synthetic_slide"]
 
 
@@ -40,8 +42,6 @@ def measure_write_rate(path: str | os.PathLike, *, n_slides: int = 8, tiles: int
     Returns:
         ``{"slides", "seconds", "slides_per_s", "mb_per_s", "files_per_slide", "bytes_per_slide"}``.
     """
-    from wsi_ssl.store import TileStore
-
     rng = np.random.default_rng(seed)
     made = [synthetic_slide(rng, tiles, dim, views, view_tiles, dtype) for _ in range(2)]
     store = TileStore(path, mode="w")

@@ -17,7 +17,9 @@ from typing import Any
 
 import numpy as np
 
+from wsi_ssl._utils import atomic_write_bytes
 from wsi_ssl.errors import InputError, StoreFormatError
+from wsi_ssl.store._anndata import embeddings_to_anndata
 
 __all__ = ["SlideEmbeddings", "load_embeddings"]
 
@@ -88,8 +90,6 @@ class SlideEmbeddings:
         "wsi-ssl[anndata]"``): ``X`` the embeddings, ``obs`` indexed by slide id and joined with
         ``labels`` (a DataFrame or .csv/.tsv/.parquet with ``id_col``), ``uns["wsi_ssl"]`` the
         provenance. See :func:`wsi_ssl.store.embeddings_to_anndata`."""
-        from wsi_ssl.store._anndata import embeddings_to_anndata
-
         return embeddings_to_anndata(self, labels, id_col=id_col)
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -104,8 +104,6 @@ class SlideEmbeddings:
             embeddings=self.embeddings,
             provenance=np.asarray(json.dumps(self.provenance, default=str)),
         )
-        from wsi_ssl._utils import atomic_write_bytes
-
         atomic_write_bytes(path, buf.getvalue())
         return path
 

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from wsi_ssl._utils import atomic_write_bytes, file_fingerprint, sanitize_id
+from wsi_ssl._version import __version__
 from wsi_ssl.errors import ConfigError, InputError, StoreFormatError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -106,8 +108,6 @@ def import_h5(store: TileStore, paths: str | os.PathLike | Sequence[str | os.Pat
 def _import_h5(store: TileStore, paths: str | os.PathLike | Sequence[str | os.PathLike], *,
                encoder: str, slide_ids: Sequence[str] | None, overwrite: bool,
                dtype: FeatureDtype) -> list[str]:
-    from wsi_ssl._utils import file_fingerprint, sanitize_id
-
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     files: list[Path] = []
@@ -138,8 +138,6 @@ def _import_h5(store: TileStore, paths: str | os.PathLike | Sequence[str | os.Pa
         for key in ("h5.coords.patch_size", "h5.patch_size"):
             if isinstance(attrs.get(key), int):
                 attrs.setdefault("tile_size_level0", attrs[key])
-        from wsi_ssl._version import __version__
-
         attrs["wsi_ssl_version"] = __version__
         store.write_slide(sid, feats, coords, attrs=attrs, dtype=dtype)
         written.append(sid)
@@ -151,8 +149,6 @@ def export_h5(store: TileStore, out_dir: str | os.PathLike, slide_ids: Sequence[
     """Write ``<out_dir>/<slide_id>.h5`` per slide: ``features`` (CLAM/TRIDENT layout) or ``feats``
     (STAMP) float32 ``(N, D)`` and ``coords`` int64 ``(N, 2)``; slide attrs become HDF5 attrs."""
     import h5py
-
-    from wsi_ssl._utils import atomic_write_bytes
 
     if layout not in ("clam", "stamp"):
         raise ConfigError(f"layout={layout!r} must be 'clam' (dataset 'features') or 'stamp' "

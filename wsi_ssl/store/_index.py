@@ -23,6 +23,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from wsi_ssl._utils import atomic_write_bytes
+
 __all__ = ["SlideIndex", "INDEX_NAME"]
 
 INDEX_NAME = "slides.index"
@@ -119,8 +121,6 @@ class SlideIndex:
 
     def rewrite(self, entries: dict[str, dict[str, Any]]) -> None:
         """Replace the index with ``entries`` (atomically; the caller holds the store's lock)."""
-        from wsi_ssl._utils import atomic_write_bytes
-
         lines = [json.dumps(_HEADER)]
         lines += [json.dumps({"+": sid, **{k: e.get(k) for k in _FIELDS}})
                   for sid, e in sorted(entries.items())]
