@@ -1,4 +1,5 @@
-"""Shared fixtures: the real test data folder and small generated pyramidal slides."""
+"""Shared fixtures: the real test data folder, small generated pyramidal slides, and the
+single-node Slurm cluster of the ``slurm`` tests (tests/cluster/, tests/test_chaos.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from pathlib import Path
 import pytest
 
 from tests._synthetic import tissue_image
+from tests.cluster.slurm_local import LocalSlurm, SlurmUnavailable
+from wsi_ssl.datasets import write_pyramidal_tiff
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -23,7 +26,7 @@ def single_thread_torch():
     threads spinning against other processes made tiny models ~100x slower. Opt in with
     ``pytestmark = pytest.mark.usefixtures("single_thread_torch")`` (module-scoped, so the
     module's own module-scoped fixtures that train models run single-threaded too)."""
-    import torch
+    import torch  # lazy: only the modules that opt in pay for importing torch here
 
     before = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -50,7 +53,37 @@ def slides_dir(data_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def synthetic_slide(tmp_path_factory) -> Path:
     """A 4096 x 3072 pyramidal JPEG TIFF at 0.5 µm/px with tissue blobs (3 levels)."""
-    from wsi_ssl.datasets import write_pyramidal_tiff
-
     path = tmp_path_factory.mktemp("slides") / "synthetic.svs"
     return write_pyramidal_tiff(path, tissue_image(4096, 3072), mpp=0.5, n_levels=3, downsample=2)
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    """A real single-node Slurm cluster (slurm_local.LocalSlurm), session scoped: munged,
+    slurmctld and slurmd start once (about a second), ``SLURM_CONF`` is set in this process's
+    environment (so every subprocess a test starts, the ``wsi-ssl`` CLI included, talks to it)
+    with ``SBATCH_OUTPUT`` (job output goes to the fixture's temp folder, never into the
+    checkout), and the daemons are stopped at the end. Where they cannot start the tests skip
+    with the daemon's own error, except in CI (``CI=true``), where that is a failure."""
+    root = Path(tmp_path_factory.mktemp("slurm"))
+    try:
+        s = LocalSlurm(root).start()
+    except SlurmUnavailable as err:
+        if _in_ci():
+            pytest.fail(f"CI=true but the test Slurm cluster cannot start: {err}")
+        pytest.skip(f"no Slurm cluster here: {err}")
+    before = {k: os.environ.get(k) for k in s.env_vars()}
+    os.environ.update(s.env_vars())  # every process a test starts talks to this cluster
+    try:
+        yield s
+    finally:
+        s.stop()
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

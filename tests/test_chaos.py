@@ -24,6 +24,7 @@ is printed.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -32,8 +33,10 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from tests._helpers import poll_until, wait_until
 from tests.cluster.cluster_helpers import (
     EMBED_KW,
     SLURM_ARGS,
@@ -42,33 +45,14 @@ from tests.cluster.cluster_helpers import (
     processes_matching,
     store_arrays,
 )
-from tests.cluster.slurm_local import LocalSlurm, SlurmUnavailable
+from tests.cluster.slurm_local import LocalSlurm
+from wsi_ssl.store import TileStore
+from wsi_ssl.tiling import embed_slides
 
 pytestmark = [pytest.mark.slow, pytest.mark.chaos, pytest.mark.slurm]
 
 KINDS = ("worker", "all-workers", "scheduler", "driver", "scancel")
 N_SLIDES = 20
-
-
-@pytest.fixture(scope="module")
-def slurm(tmp_path_factory):
-    try:
-        s = LocalSlurm(tmp_path_factory.mktemp("chaos-slurm")).start()
-    except SlurmUnavailable as err:
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(f"CI=true but the test Slurm cluster cannot start: {err}")
-        pytest.skip(f"no Slurm cluster here: {err}")
-    before = {k: os.environ.get(k) for k in s.env_vars()}
-    os.environ.update(s.env_vars())  # every process a test starts talks to this cluster
-    try:
-        yield s
-    finally:
-        s.stop()
-        for k, v in before.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 # ------------------------------------------------------------------------------ processes
@@ -97,24 +81,24 @@ def _worker_processes() -> list[int]:
     return sorted(out)
 
 
+def _running(slurm: LocalSlurm) -> list[str]:
+    left = [f"job {j}" for j in slurm.jobs()]
+    for text in ("distributed.cli.dask_worker", "wsi_ssl.tiling._jobguard",
+                 "distributed.cli.dask_scheduler", "wsi_ssl embed"):
+        left += processes_matching(text)
+    return left
+
+
 def _leftovers(slurm: LocalSlurm) -> list[str]:
-    """Jobs, workers, schedulers and reapers still around (polled for up to 60 s)."""
-    deadline = time.monotonic() + 60
-    while True:
-        left = [f"job {j}" for j in slurm.jobs()]
-        for text in ("distributed.cli.dask_worker", "wsi_ssl.tiling._jobguard",
-                     "distributed.cli.dask_scheduler", "wsi_ssl embed"):
-            left += processes_matching(text)
-        if not left or time.monotonic() > deadline:
-            return left
-        time.sleep(0.5)
+    """Jobs, workers, schedulers and reapers still around (other processes: polled for up to
+    60 s)."""
+    poll_until(lambda: not _running(slurm), 60, interval=0.5)
+    return _running(slurm)
 
 
 def _n_complete(store: Path) -> int:
     if not (store / "zarr.json").exists():
         return 0
-    from wsi_ssl.store import TileStore
-
     try:
         return len(TileStore(store, mode="r").slide_ids)
     except Exception:  # noqa: BLE001 - being written right now
@@ -147,11 +131,12 @@ class Round:
             [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
              "--port", "0", "--no-dashboard", "--scheduler-file", str(sf)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 60
-        while not sf.exists() or not sf.read_text().strip():
-            assert time.monotonic() < deadline and self._sched.poll() is None, "no scheduler"
-            time.sleep(0.1)
-        import json
+
+        def written() -> bool:
+            assert self._sched.poll() is None, "the dask scheduler exited"
+            return sf.exists() and bool(sf.read_text().strip())
+
+        wait_until(written, 60, "the dask scheduler's file", interval=0.1)  # another process
 
         addr = json.loads(sf.read_text())["address"]
         for i in range(2):
@@ -208,8 +193,6 @@ class Round:
             assert again.returncode == 0, again.stderr[-3000:]
         if self.kind == "scheduler":
             self._stop_hand_started()
-        from wsi_ssl.store import TileStore
-
         self._check_arrays(store_arrays(self.store), subset=False)
         assert TileStore(self.store, mode="r").verify().ok
         left = _leftovers(self.slurm)
@@ -217,14 +200,14 @@ class Round:
         self.say("store identical to the clean run, verify clean, nothing left running")
 
     def _strike(self, proc: subprocess.Popen, after: int, delay: float) -> str | None:
-        deadline = time.monotonic() + 180
-        while _n_complete(self.store) < after or not self._ready():
-            if proc.poll() is not None:
-                self.say("the run ended before the strike")
-                return None
-            assert time.monotonic() < deadline, "no progress before the strike"
-            time.sleep(0.1)
-        time.sleep(delay)
+        # the run is other processes: its store and workers are polled with a deadline
+        wait_until(lambda: proc.poll() is not None or (
+            _n_complete(self.store) >= after and self._ready()), 180,
+            "progress before the strike", interval=0.1)
+        if proc.poll() is not None:
+            self.say("the run ended before the strike")
+            return None
+        time.sleep(delay)  # not synchronisation: the random moment of the strike
         n = _n_complete(self.store)
         if proc.poll() is not None:
             self.say("the run ended before the strike")
@@ -263,8 +246,6 @@ class Round:
         return True
 
     def _check_arrays(self, got: dict, *, subset: bool) -> None:
-        import numpy as np
-
         if not subset:
             assert sorted(got) == sorted(self.ref), (sorted(got), sorted(self.ref))
         for sid, arrays in got.items():
@@ -275,8 +256,7 @@ class Round:
 
 
 def test_chaos(slurm, tmp_path):
-    from wsi_ssl.tiling import embed_slides
-
+    """``slurm``: the session's test Slurm cluster (tests/conftest.py)."""
     budget = float(os.environ.get("WSI_SSL_CHAOS_BUDGET_S", "300"))
     rounds = int(os.environ.get("WSI_SSL_CHAOS_ROUNDS", "10"))
     base = int(os.environ.get("WSI_SSL_CHAOS_SEED", "1000"))

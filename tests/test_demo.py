@@ -10,11 +10,15 @@ import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from wsi_ssl.cli import main
 from wsi_ssl.demo import QUICK, DemoConfig, run_demo, summary_table
 from wsi_ssl.errors import ConfigError
+from wsi_ssl.eval import linear_probe
+from wsi_ssl.pretrain import mean_pool_embeddings
+from wsi_ssl.store import SlideEmbeddings, TileStore
 
 pytestmark = pytest.mark.slow
 
@@ -59,18 +63,25 @@ class _Page(HTMLParser):
                 buf.append(data)
 
 
-def test_demo_cli_runs_every_stage_quietly_and_resumes(tmp_path):
-    out = tmp_path / "demo"
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory) -> tuple[Path, str]:
+    """``wsi-ssl demo --quick`` run once, end to end, as a user runs it (a fresh process):
+    ``(output folder, console text)``."""
+    tmp = tmp_path_factory.mktemp("demo")
+    out = tmp / "demo"
     env = {**os.environ, "WSI_SSL_PROGRESS": "0", "MPLBACKEND": "Agg"}
     env.pop("DASK_LOGGING__DISTRIBUTED", None)
     proc = subprocess.run([sys.executable, "-m", "wsi_ssl", "demo", "--quick", "--out", str(out)],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+                          cwd=tmp, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    console = proc.stdout + proc.stderr
+    return out, proc.stdout + proc.stderr
+
+
+def test_demo_cli_runs_every_stage_quietly(quick_demo):
+    out, console = quick_demo
     # our own progress lines only: no dask scheduler / nanny / worker INFO chatter
     assert "[8] report" in console and "AUC slide-ssl" in console
     assert "INFO" not in console and "distributed.scheduler" not in console, console[-3000:]
-
     for rel in ("cohort/labels.csv", "tiles.zarr", "slide_model/config.json",
                 "slide_embeddings.npz", "figures/tiling_qc.png", "figures/retrieval.png",
                 "summary.json", "report.md", "retrieval/slide-ssl/retrieval.json"):
@@ -82,6 +93,9 @@ def test_demo_cli_runs_every_stage_quietly_and_resumes(tmp_path):
     assert s["localisation"]["slides"] >= 1
     assert "C-index" in summary_table(s) and "mAP@5" in summary_table(s)
 
+
+def test_demo_html_report_has_real_tables_and_pictures(quick_demo):
+    out, _ = quick_demo
     page = _Page()
     page.feed((out / "report.html").read_text())
     assert page.pre == 0  # no raw text blocks: real tables
@@ -103,20 +117,20 @@ def test_demo_cli_runs_every_stage_quietly_and_resumes(tmp_path):
         assert (out / img["src"]).is_file(), img["src"]
         assert img["alt"] and int(img["width"]) <= 1000
 
-    # the tables hold what the steps computed: each probe row is what linear_probe gives on the
-    # saved slide-SSL embeddings and on the mean-pooled tile features of the store
-    import pandas as pd
 
-    from wsi_ssl.eval import linear_probe
-    from wsi_ssl.pretrain import mean_pool_embeddings
-    from wsi_ssl.store import SlideEmbeddings, TileStore
-
+def test_demo_tables_hold_what_the_steps_computed(quick_demo):
+    """Each probe row is what linear_probe gives on the saved slide-SSL embeddings and on the
+    mean-pooled tile features of the store (the means do not depend on the bootstrap, so the
+    check skips the intervals: ``n_bootstrap=0``); the retrieval values are the saved ones."""
+    out, _ = quick_demo
+    s = json.loads((out / "summary.json").read_text())
     ssl = SlideEmbeddings.load(out / "slide_embeddings.npz")
     labels = pd.read_csv(out / "cohort" / "labels.csv", dtype={"slide_id": str})
     store = TileStore(out / "tiles.zarr", mode="r")
     for name, emb in (("slide-ssl", ssl), ("mean-pool", mean_pool_embeddings(store, ssl.slide_ids))):
         rep = linear_probe(emb, labels, n_labeled=(*QUICK.n_labeled, None), repeats=QUICK.repeats,
-                           test_size=QUICK.test_size, seed=QUICK.seed).to_frame().set_index("name")
+                           test_size=QUICK.test_size, seed=QUICK.seed, n_bootstrap=0
+                           ).to_frame().set_index("name")
         assert set(s["probe"][name]) == set(rep.index)
         for row, vals in s["probe"][name].items():
             assert vals["auc_mean"] == pytest.approx(rep.loc[row, "auc_mean"], abs=1e-9), (name, row)
@@ -125,9 +139,11 @@ def test_demo_cli_runs_every_stage_quietly_and_resumes(tmp_path):
         assert {m: v["value"] for m, v in saved.items()} == pytest.approx(
             s["retrieval"]["value"][name])
 
-    # a rerun reuses every finished step: nothing is embedded or trained again
+
+def test_demo_rerun_reuses_every_finished_step(quick_demo):
+    out, _ = quick_demo
     again: list[str] = []
-    res2 = run_demo(out, QUICK, say=again.append)
+    res2 = run_demo(out, QUICK, say=again.append)  # nothing is embedded or trained again
     text = "\n".join(again)
     assert "0 embedded, 10 reused" in text and "reusing the trained model" in text
     assert res2.summary["n_slides"] == 10

@@ -12,6 +12,7 @@ import numpy as np
 
 from tests._synthetic import tissue_image
 from wsi_ssl.datasets import write_pyramidal_tiff
+from wsi_ssl.store import TileStore
 
 TILE = 64
 #: the settings of every cluster test run (tiny slides, the tiny CNN, a small view bank)
@@ -41,8 +42,6 @@ def embed_cmd(slides: list[Path], store: Path, *extra: str) -> list[str]:
 
 
 def store_arrays(path: Path) -> dict[str, tuple[np.ndarray, ...]]:
-    from wsi_ssl.store import TileStore
-
     s = TileStore(path, mode="r")
     return {sid: (s[sid].features, s[sid].coords, s[sid].views, s[sid].view_index)
             for sid in s.slide_ids}

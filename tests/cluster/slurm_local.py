@@ -7,7 +7,7 @@ every Slurm command and every process that submits jobs must get (``SLURM_CONF``
 cancels every job and stops the daemons. Needs ``apt-get install slurm-wlm munge`` and root
 (``SlurmdUser=root``); :class:`SlurmUnavailable` carries the daemon's own error otherwise.
 
-Also a script: ``python tests/cluster/slurm_local.py`` starts one, prints ``SLURM_CONF`` and
+Also a script: ``python -m tests.cluster.slurm_local`` (from the checkout) starts one, prints ``SLURM_CONF`` and
 waits for Ctrl-C (handy to try ``wsi-ssl embed --cluster slurm`` by hand).
 """
 
@@ -18,8 +18,9 @@ import shutil
 import signal
 import socket
 import subprocess
-import time
 from pathlib import Path
+
+from tests._helpers import poll_until, wait_until
 
 __all__ = ["LocalSlurm", "SlurmUnavailable", "slurm_jobs", "NODE_CPUS"]
 
@@ -118,12 +119,13 @@ class LocalSlurm:
                                                  stderr=open(mdir / "munged.err", "w"),
                                                  start_new_session=True,
                                                  preexec_fn=_die_with_parent)
-        deadline = time.monotonic() + 15
-        while not self.munge_socket.exists():
-            if self._procs["munged"].poll() is not None or time.monotonic() > deadline:
-                raise SlurmUnavailable("munged did not start: "
-                                       + _tail(mdir / "munged.err") + " " + _tail(log))
-            time.sleep(0.1)
+        # another process: its socket file is polled with a deadline
+        wait_until(lambda: self.munge_socket.exists() or self._procs["munged"].poll() is not None,
+                   15, lambda: "munged: " + _tail(mdir / "munged.err") + " " + _tail(log),
+                   interval=0.1, error=SlurmUnavailable)
+        if not self.munge_socket.exists():
+            raise SlurmUnavailable("munged did not start: "
+                                   + _tail(mdir / "munged.err") + " " + _tail(log))
 
     def _write_conf(self) -> None:
         for d in ("state", "spool", "log", "run"):
@@ -181,9 +183,9 @@ class LocalSlurm:
             ["slurmd", "-D", "-N", "wsinode", "-f", str(self.conf)], env=self.env(),
             stdout=subprocess.DEVNULL, stderr=open(logs / "slurmd.err", "w"),
             start_new_session=True, preexec_fn=_die_with_parent)
-        deadline = time.monotonic() + timeout
-        state = ""
-        while time.monotonic() < deadline:
+        state = [""]
+
+        def node_up() -> bool:
             for name in ("slurmctld", "slurmd"):
                 if self._procs[name].poll() is not None:
                     raise SlurmUnavailable(
@@ -191,13 +193,13 @@ class LocalSlurm:
                         + _tail(logs / f"{name}.err") + " " + _tail(logs / f"{name}.log"))
             out = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], env=self.env(),
                                  capture_output=True, text=True, timeout=30)
-            state = (out.stdout.strip() or out.stderr.strip())
-            if out.returncode == 0 and state in ("idle", "mixed", "allocated"):
-                return
-            time.sleep(0.3)
-        raise SlurmUnavailable(f"the Slurm node is not idle after {timeout:.0f} s (sinfo: "
-                               f"{state!r}): " + _tail(logs / "slurmd.log") + " "
-                               + _tail(logs / "slurmctld.log"))
+            state[0] = (out.stdout.strip() or out.stderr.strip())
+            return out.returncode == 0 and state[0] in ("idle", "mixed", "allocated")
+
+        # other processes (the daemons): sinfo is polled with a deadline
+        wait_until(node_up, timeout, lambda: f"the Slurm node to be idle (sinfo: {state[0]!r}): "
+                   + _tail(logs / "slurmd.log") + " " + _tail(logs / "slurmctld.log"),
+                   interval=0.3, error=SlurmUnavailable)
 
     def cancel_all(self) -> None:
         if self.conf.exists() and "slurmctld" in self._procs:
@@ -226,12 +228,8 @@ class LocalSlurm:
 
     def wait_no_jobs(self, timeout: float = 30) -> list[tuple[str, str, str]]:
         """Poll ``squeue`` until it lists nothing (or ``timeout``); return what is left."""
-        deadline = time.monotonic() + timeout
-        left = self.jobs()
-        while left and time.monotonic() < deadline:
-            time.sleep(0.3)
-            left = self.jobs()
-        return left
+        poll_until(lambda: not self.jobs(), timeout, interval=0.3)
+        return self.jobs()
 
 
 def slurm_jobs(env: dict[str, str]) -> list[tuple[str, str, str]]:

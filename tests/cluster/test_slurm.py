@@ -7,11 +7,11 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
+from tests._helpers import poll_until, wait_until
 from tests.cluster.cluster_helpers import (
     EMBED_KW,
     SLURM_ARGS,
@@ -60,13 +60,13 @@ def test_cli_embed_on_slurm_equals_the_in_process_run(slurm, cohort, reference, 
 
 
 def _wait_running(slurm, n: int, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if sum(st == "RUNNING" for _, _, st in slurm.jobs()) >= n:
-            return
+    """Poll squeue (Slurm runs the jobs in other processes) until ``n`` jobs run."""
+
+    def running() -> bool:
         assert proc.poll() is None, proc.communicate()[1][-3000:]
-        time.sleep(0.2)
-    raise AssertionError(f"{n} jobs not running after {timeout} s: {slurm.jobs()}")
+        return sum(st == "RUNNING" for _, _, st in slurm.jobs()) >= n
+
+    wait_until(running, timeout, lambda: f"{n} running jobs: {slurm.jobs()}", interval=0.2)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL],
@@ -94,10 +94,9 @@ def test_no_job_outlives_the_driver(slurm, cohort, tmp_path, sig):
         assert proc.returncode == 130, err[-3000:]
         assert "interrupted; rerun the same command" in err
     assert slurm.wait_no_jobs() == [], "a worker job outlived the driver"
-    deadline = time.monotonic() + 30
-    while processes_matching("wsi_ssl.tiling._jobguard") and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert processes_matching("wsi_ssl.tiling._jobguard") == []  # the reaper is gone too
+    # the reaper is gone too (another process: polled with a deadline)
+    assert poll_until(lambda: not processes_matching("wsi_ssl.tiling._jobguard"), 30,
+                      interval=0.2), processes_matching("wsi_ssl.tiling._jobguard")
     assert processes_matching("distributed.cli.dask_worker") == []
 
 

@@ -7,7 +7,18 @@ import torch
 from torch.nn import functional as F
 
 from wsi_ssl.errors import ConfigError, InputError
-from wsi_ssl.mil import MILOutput, SparseConv2d, SparseGrid, create_head, list_heads
+from wsi_ssl.mil import (
+    MeanPool,
+    MILOutput,
+    SparseConv2d,
+    SparseGrid,
+    create_head,
+    grid_stride,
+    list_heads,
+    register_head,
+    to_grid_units,
+)
+from wsi_ssl.mil._base import _REGISTRY
 
 pytestmark = pytest.mark.usefixtures("single_thread_torch")
 
@@ -29,9 +40,6 @@ def test_list_heads_has_the_spec_heads():
 
 
 def test_register_head_refuses_an_existing_name_unless_overwrite():
-    from wsi_ssl.mil import MeanPool, register_head
-    from wsi_ssl.mil._base import _REGISTRY
-
     class Other(MeanPool):
         pass
 
@@ -48,8 +56,6 @@ def test_register_head_refuses_an_existing_name_unless_overwrite():
 
 def test_grid_units_from_attrs_or_coordinate_steps():
     import numpy as np
-
-    from wsi_ssl.mil import grid_stride, to_grid_units
 
     xy = np.array([[1000, 1000], [1448, 1000], [1224, 1672]])
     assert grid_stride(xy, {"stride_level0": 100}) == 100
@@ -263,7 +269,7 @@ def test_transmil_nystrom_close_to_full_attention_on_short_bags():
 
 
 _PEAK_MEMORY_SCRIPT = """
-import json, os, threading, time, torch
+import json, os, threading, torch
 from wsi_ssl.mil import create_head
 torch.set_num_threads(1)
 torch.manual_seed(0)
@@ -283,9 +289,8 @@ def peak_growth_mib(x, c):
     before, peak, done = rss(), [0], threading.Event()
 
     def sample():
-        while not done.is_set():
+        while not done.wait(0.0005):  # a sampling period; returns at once when the forward ends
             peak[0] = max(peak[0], rss())
-            time.sleep(0.0005)
 
     t = threading.Thread(target=sample)
     t.start()

@@ -4,16 +4,15 @@ seeded synthetic features whose slide label lives in a minority of tiles."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tests._helpers import wait_for_line
 from wsi_ssl.errors import (
     CheckpointError,
     ConfigError,
@@ -23,9 +22,10 @@ from wsi_ssl.errors import (
     StoreFormatError,
     WeightsError,
 )
-from wsi_ssl.pretrain import SlideSSL
+from wsi_ssl.pretrain import SlideSSL, mean_pool_embeddings, plot_loss
 from wsi_ssl.pretrain._optim import build_optimizer, warmup_cosine, warmup_cosine_factor
 from wsi_ssl.pretrain._slide_data import CoordAugment, augment_coords, grid_stride
+from wsi_ssl.pretrain._slide_train import SlideCheckpoint
 from wsi_ssl.store import SlideEmbeddings, TileStore
 
 DIM = 32
@@ -247,11 +247,15 @@ from wsi_ssl.pretrain import _slide_train
 from wsi_ssl.pretrain import SlideSSL
 from wsi_ssl.store import TileStore
 orig = _slide_train.SlideCheckpoint.on_epoch_end
-def slow_save(*a, **k):
+calls = []
+def save_then_stop(*a, **k):
     out = orig(*a, **k)
-    time.sleep(0.4)  # give the parent time to kill us between epochs
+    calls.append(1)
+    if len(calls) == 2:  # the checkpoint of epoch 2 is on disk: tell the parent, which kills us
+        print("SAVED-2", flush=True)
+        time.sleep(600)  # not synchronisation: stands in for the rest of the training
     return out
-_slide_train.SlideCheckpoint.on_epoch_end = slow_save
+_slide_train.SlideCheckpoint.on_epoch_end = save_then_stop
 kw = dict(embed_dim=32, proj_dims=(32, 16), batch_size=8, epochs=8, lr=2e-3, warmup_epochs=1,
           temperature=0.1, device="cpu", seed=3, checkpoint_dir=sys.argv[2])
 SlideSSL("abmil", **kw).fit(TileStore(sys.argv[1], mode="r"))
@@ -274,20 +278,13 @@ def test_resume_after_sigkill(cohort, tmp_path):
               warmup_epochs=1, temperature=0.1, device="cpu", seed=3)
     ckpt = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT, str(store.path), str(ckpt)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    killed_at = 0
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and proc.poll() is None:
-            killed_at = _ckpt_epoch(ckpt / "checkpoint.safetensors")
-            if killed_at >= 2:
-                os.kill(proc.pid, signal.SIGKILL)
-                break
-            time.sleep(0.02)
+        wait_for_line(proc, "SAVED-2", timeout=120)  # exited early or hung: fails, with stderr
     finally:
-        if proc.poll() is None and killed_at < 2:
-            proc.kill()
+        proc.kill()  # SIGKILL
         _, err = proc.communicate(timeout=60)
+    killed_at = _ckpt_epoch(ckpt / "checkpoint.safetensors")
     assert proc.returncode == -signal.SIGKILL, err.decode()[-2000:]
     assert 2 <= _ckpt_epoch(ckpt / "checkpoint.safetensors") < 8
     resumed = SlideSSL("abmil", checkpoint_dir=ckpt, **kw).fit(store, resume=True)
@@ -374,8 +371,6 @@ def test_not_fitted_bad_config_and_unknown_ids(cohort, tmp_path):
 
 
 def test_mean_pool_embeddings_is_the_mean_of_the_clean_tiles(cohort):
-    from wsi_ssl.pretrain import mean_pool_embeddings
-
     store, _ = cohort
     ids = store.slide_ids[3:6]
     emb = mean_pool_embeddings(store, ids)
@@ -393,9 +388,6 @@ def test_plot_loss_and_older_checkpoints_resume(cohort, tmp_path, monkeypatch):
 
     from safetensors import safe_open
     from safetensors.torch import save_file
-
-    from wsi_ssl.pretrain import plot_loss
-    from wsi_ssl.pretrain._slide_train import SlideCheckpoint
 
     store, _ = cohort
     kw = dict(head="abmil", epochs=4, checkpoint_dir=tmp_path / "run", checkpoint_every=2)

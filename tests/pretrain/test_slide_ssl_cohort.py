@@ -9,18 +9,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from wsi_ssl.datasets import make_cohort
+from wsi_ssl.eval import linear_probe
 from wsi_ssl.pretrain import SlideSSL, mean_pool_embeddings
-from wsi_ssl.store import SlideEmbeddings
+from wsi_ssl.store import SlideEmbeddings, TileStore
+from wsi_ssl.tiling import embed_slides
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def cohort_store(tmp_path_factory):
-    from wsi_ssl.datasets import make_cohort
-    from wsi_ssl.store import TileStore
-    from wsi_ssl.tiling import embed_slides
-
     root = tmp_path_factory.mktemp("ssl-cohort")
     cohort = make_cohort(root / "cohort", n_slides=40, size=(2048, 2048), seed=0, n_workers=2)
     embed_slides(cohort.slides_dir, "tiny-cnn", root / "tiles.zarr", tile_size=112, views=8,
@@ -30,8 +29,6 @@ def cohort_store(tmp_path_factory):
 
 def _cv_auc(emb: SlideEmbeddings, labels) -> float:
     """Mean AUC of 5 shuffled 4-fold cross-validated linear probes (wsi_ssl.eval.linear_probe)."""
-    from wsi_ssl.eval import linear_probe
-
     return float(np.mean([
         linear_probe(emb, labels, n_labeled=(), folds=4, groups=None, C=1.0, n_bootstrap=0,
                      seed=s).cv.auc_mean

@@ -4,21 +4,21 @@ resume after SIGKILL, clear errors."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from tests._helpers import wait_for_line
 from wsi_ssl.encoders import create_encoder
-from wsi_ssl.errors import CheckpointError, ConfigError
-from wsi_ssl.pretrain import pretrain_tile_encoder
+from wsi_ssl.errors import CheckpointError, ConfigError, InputError
+from wsi_ssl.pretrain import TileSSLConfig, pretrain_tile_encoder
+from wsi_ssl.tiling import open_slide, read_tiles, tile_grid
 
 pytestmark = pytest.mark.usefixtures("single_thread_torch")
 
@@ -32,8 +32,6 @@ def cmu(slides_dir: Path) -> Path:
 
 
 def _tiles(cmu: Path, n: int = 16) -> np.ndarray:
-    from wsi_ssl.tiling import open_slide, read_tiles, tile_grid
-
     with open_slide(cmu) as s:
         grid = tile_grid(s, mpp=1.0, tile_size=32)
         return next(iter(read_tiles(s, grid, batch_size=n, indices=np.arange(n),
@@ -96,32 +94,25 @@ def test_byol_trains_and_resumes_when_done(cmu, tmp_path):
 _KILLED_RUN = """
 import sys, time, torch
 torch.set_num_threads(1)
-from pathlib import Path
 from wsi_ssl.pretrain import pretrain_tile_encoder
-flag = Path(sys.argv[3])
 def cb(epoch, step, loss):
     if epoch == 2 and step == 2:          # mid-way through epoch 2, after checkpoint 1
-        flag.touch()
-        time.sleep(600)
+        print("IN-EPOCH-2", flush=True)
+        time.sleep(600)                   # not synchronisation: stands in for the rest of the
+                                          # epoch; the test kills us here
 pretrain_tile_encoder([sys.argv[1]], epochs=3, out=sys.argv[2], callback=cb, **{kw})
 """
 
 
 def test_sigkill_mid_epoch_then_resume(cmu, tmp_path):
     out = tmp_path / "enc.safetensors"
-    flag = tmp_path / "in-epoch-2"
     script = textwrap.dedent(_KILLED_RUN).replace("{kw}", repr(TINY))
-    proc = subprocess.Popen([sys.executable, "-c", script, str(cmu), str(out), str(flag)],
+    proc = subprocess.Popen([sys.executable, "-c", script, str(cmu), str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 240
-    while not flag.exists():
-        if proc.poll() is not None:
-            pytest.fail(f"training exited early: {proc.stderr.read().decode()[-2000:]}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail("training did not reach epoch 2 within 240 s")
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
+    try:
+        wait_for_line(proc, "IN-EPOCH-2", timeout=240)  # training exited early or hung: fails
+    finally:
+        proc.kill()  # SIGKILL
     proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
     ckpt = out.with_name("enc.ckpt")
@@ -152,7 +143,6 @@ def test_bad_arguments(cmu, tmp_path):
         pretrain_tile_encoder([cmu], temprature=0.1, out=tmp_path / "x.safetensors")
     with pytest.raises(ConfigError, match="epochs=0"):
         pretrain_tile_encoder([cmu], epochs=0, out=tmp_path / "x.safetensors")
-    from wsi_ssl.errors import InputError
 
     with pytest.raises(InputError, match="nope.svs"):
         pretrain_tile_encoder([tmp_path / "nope.svs"], out=tmp_path / "x.safetensors")
@@ -161,8 +151,6 @@ def test_bad_arguments(cmu, tmp_path):
 def test_takes_its_config_and_refuses_pickled_checkpoints(cmu, tmp_path):
     """The run is a TileSSLConfig (keyword overrides validated the same way); an epoch directory
     with a pickled ``state.pt`` (older versions) is never unpickled: a clear CheckpointError."""
-    from wsi_ssl.pretrain import TileSSLConfig
-
     cfg = TileSSLConfig(**{**TINY, "epochs": 1, "tiles_per_epoch": 8})
     assert cfg.augment == TileSSLConfig(augment="histo").augment  # stored as the preset's fields
     with pytest.raises(ConfigError, match="batch_size=1"):

@@ -11,26 +11,24 @@ import socket
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tests._helpers import wait_until
+from wsi_ssl.cli import main
 from wsi_ssl.store import StoreLockedError, TileStore
 
 _HOLDER = """
-import sys, time
-from pathlib import Path
+import sys
 import numpy as np
 from wsi_ssl.store import TileStore, StoreLockedError
 store = TileStore(sys.argv[1])
 store.bind_encoder("enc", "fp", 4)
-go = Path(sys.argv[2])
 with store.lock(command="holder-run"):
     print("HELD", flush=True)
-    while not go.exists():
-        time.sleep(0.02)
+    sys.stdin.readline()  # blocks until the test says "go" (or closes the pipe)
     try:
         store.write_slide("late", np.ones((3, 4)), np.zeros((3, 2)))
         print("WROTE", flush=True)
@@ -61,15 +59,25 @@ def _env(lease: float | None = None) -> dict[str, str]:
     return env
 
 
+class _Go:
+    """Tells the holder process to go on: one line on its stdin (a pipe, no polling)."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.proc = proc
+
+    def send(self) -> None:
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+
+
 def _start_holder(tmp_path: Path, store: Path, lease: float | None = None):
     script = tmp_path / "holder.py"
     script.write_text(textwrap.dedent(_HOLDER))
-    go = tmp_path / "go"
-    proc = subprocess.Popen([sys.executable, str(script), str(store), str(go)],
+    proc = subprocess.Popen([sys.executable, str(script), str(store)], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=_env(lease))
     assert proc.stdout.readline().strip() == "HELD", proc.stderr.read()
-    return proc, go
+    return proc, _Go(proc)
 
 
 def test_second_writer_fails_at_once_naming_the_holder_and_wait_queues(tmp_path, capsys):
@@ -88,14 +96,12 @@ def test_second_writer_fails_at_once_naming_the_holder_and_wait_queues(tmp_path,
         with pytest.raises(StoreLockedError, match="rerun with --wait"):
             store.record_failure("x", "/x.svs", "err")
         assert store.writer.pid == proc.pid and store.writer.command == "holder-run"
-        from wsi_ssl.cli import main
-
         assert main(["info", str(path)]) == 0  # readers never wait for the lock
         assert f"writer         host {socket.gethostname()}, PID {proc.pid}; command " \
                "'holder-run'" in capsys.readouterr().out
         assert store.failures == {} and "x" not in store
         assert not any((path / ".tmp").glob("x.*"))
-        go.touch()  # the holder writes its slide and releases; wait=True queues behind it
+        go.send()  # the holder writes its slide and releases; wait=True queues behind it
         with store.lock(wait=True):
             assert "late" in store
             store.write_slide("mine", np.ones((2, 4)), np.zeros((2, 2)))
@@ -115,8 +121,10 @@ def test_stalled_holder_is_taken_over_after_its_lease_and_cannot_commit(tmp_path
     proc, go = _start_holder(tmp_path, path, lease=lease)
     try:
         os.kill(proc.pid, signal.SIGSTOP)  # alive (PID exists) but no longer refreshing
-        time.sleep(lease * 1.5)
         store = TileStore(path)
+        # the stopped process's heartbeat ages on the file system: polled with a deadline
+        wait_until(lambda: (store.writer.heartbeat_age or 0) > lease * 1.2, 30,
+                   lambda: f"the lease to run out (holder: {store.writer})")
         with caplog.at_level(logging.WARNING, logger="wsi_ssl.store._lock"):
             with store.lock():
                 assert "looks stale" in caplog.text
@@ -124,7 +132,7 @@ def test_stalled_holder_is_taken_over_after_its_lease_and_cannot_commit(tmp_path
                        f"host {socket.gethostname()}, PID {proc.pid}; command 'holder-run'" \
                        in caplog.text
                 os.kill(proc.pid, signal.SIGCONT)
-                go.touch()
+                go.send()
                 out = proc.stdout.readline()
                 # the woken holder sees it lost the lock and does not write
                 assert out.startswith("LOST lost the lock of tile store"), out

@@ -9,13 +9,12 @@ import numpy as np
 import pytest
 
 from tests._synthetic import tissue_image
+from wsi_ssl.datasets import write_pyramidal_tiff
 
 
 @pytest.fixture(scope="session")
 def slide_025(tmp_path_factory) -> Path:
     """2048 x 1536 H&E-like slide at 0.25 µm/px, JPEG q95, levels 1 and 1/4 (OpenSlide sees both)."""
-    from wsi_ssl.datasets import write_pyramidal_tiff
-
     path = tmp_path_factory.mktemp("s025") / "fine.tif"
     return write_pyramidal_tiff(path, tissue_image(2048, 1536, seed=3), mpp=0.25, n_levels=2,
                                 downsample=4, quality=95)
@@ -24,8 +23,6 @@ def slide_025(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def white_slide(tmp_path_factory) -> Path:
     """An all-glass (near-white) slide at 0.5 µm/px: no tissue anywhere."""
-    from wsi_ssl.datasets import write_pyramidal_tiff
-
     img = np.full((1024, 1280, 3), 243, np.uint8)
     return write_pyramidal_tiff(tmp_path_factory.mktemp("white") / "white.svs", img, mpp=0.5,
                                 n_levels=1)

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from wsi_ssl.errors import ConfigError
+from wsi_ssl.errors import ConfigError, InputError
 from wsi_ssl.tiling._cluster import (
     ClusterPlan,
     plan_cluster,
@@ -15,6 +15,9 @@ from wsi_ssl.tiling._cluster import (
     visible_gpus,
     worker_device,
 )
+from wsi_ssl.tiling._embed import _Writer
+from wsi_ssl.tiling._jobguard import JobReaper, gpu_for_worker
+from wsi_ssl.tiling._jobqueue import check_inputs_on_cluster
 
 
 def test_one_slide_or_one_worker_runs_in_process():
@@ -119,8 +122,6 @@ def test_worker_device_without_gpu():
 
 
 def test_gpu_for_worker_uses_the_one_node_rule_on_the_jobs_allocation():
-    from wsi_ssl.tiling._jobguard import gpu_for_worker
-
     alloc = {"CUDA_VISIBLE_DEVICES": "3,5"}  # what Slurm gave the job
     assert gpu_for_worker("SLURMCluster-7-0", 2, alloc) == "3"
     assert gpu_for_worker("SLURMCluster-7-1", 2, alloc) == "5"
@@ -164,8 +165,6 @@ def test_reaper_cancels_what_is_left_when_the_driver_goes(tmp_path):
     import stat
     import sys
 
-    from wsi_ssl.tiling._jobguard import JobReaper
-
     log = tmp_path / "cancelled.txt"
     cancel = tmp_path / "fake-scancel"  # records its arguments (the real scancel: tests/cluster)
     cancel.write_text(f"#!{sys.executable}\nimport sys\nopen({str(log)!r}, 'a').write("
@@ -186,8 +185,6 @@ def test_reaper_cancels_what_is_left_when_the_driver_goes(tmp_path):
 
 def test_writer_queue_is_bounded_and_a_failed_write_stops_the_run():
     import threading
-
-    from wsi_ssl.tiling._embed import _Writer
 
     gate = threading.Event()
     written = []
@@ -219,9 +216,6 @@ def test_writer_queue_is_bounded_and_a_failed_write_stops_the_run():
 
 def test_workers_that_cannot_see_the_inputs_stop_the_run_in_one_line(tmp_path):
     from distributed import Client, LocalCluster
-
-    from wsi_ssl.errors import InputError
-    from wsi_ssl.tiling._jobqueue import check_inputs_on_cluster
 
     seen = tmp_path / "a.svs"
     seen.write_bytes(b"x")

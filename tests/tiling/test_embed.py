@@ -9,18 +9,23 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
+from tests._helpers import assert_same_store as _assert_same_store
+from tests._helpers import wait_until
 from tests._synthetic import tissue_image
+from wsi_ssl.augment import apply_params, sample_params
+from wsi_ssl.cli import main
 from wsi_ssl.datasets import write_pyramidal_tiff
 from wsi_ssl.encoders import create_encoder, spec_fingerprint
 from wsi_ssl.errors import ConfigError, EncoderMismatchError, InputError
 from wsi_ssl.store import TileStore
-from wsi_ssl.tiling import EmbedReport, embed_slides
+from wsi_ssl.tiling import EmbedReport, embed_slides, open_slide, read_tiles, tile_grid
+from wsi_ssl.tiling._embed_worker import seed_for
 
 TILE = 64
 KW = {"mpp": 0.5, "tile_size": TILE, "views": 3, "view_tiles": 8, "batch_size": 32}
@@ -55,21 +60,38 @@ def _good(cohort: Path) -> list[Path]:
     return sorted(cohort.glob("slide*.svs"))[:3]
 
 
-def _assert_same_store(a: TileStore, b: TileStore) -> None:
-    assert a.slide_ids == b.slide_ids and a.encoder == b.encoder
-    for sid in a.slide_ids:
-        ra, rb = a[sid], b[sid]
-        for name in ("features", "coords", "views", "view_index"):
-            np.testing.assert_array_equal(getattr(ra, name), getattr(rb, name), err_msg=name)
-        assert ra.attrs == rb.attrs
+def _assert_equals_direct_computation(rec, path: Path) -> None:
+    """A stored slide's features and view bank equal the same computation done here, by hand."""
+    enc = create_encoder("tiny-cnn", device="cpu")
+    with open_slide(path) as slide:
+        grid = tile_grid(slide, mpp=0.5, tile_size=TILE)
+        tiles = np.zeros((len(grid), TILE, TILE, 3), np.uint8)
+        for b in read_tiles(slide, grid, batch_size=50):
+            tiles[b.indices] = b.tiles
+    np.testing.assert_array_equal(rec.coords, grid.coords)
+    assert rec.features.shape == (len(grid), enc.embed_dim) and rec.features.dtype == np.float16
+    np.testing.assert_allclose(rec.features, enc.embed(tiles).numpy(), rtol=1e-2, atol=1e-2)
+    # the view bank: per version T grid tiles, ONE augmentation draw, rng seeded by (seed, id)
+    rng = np.random.default_rng(seed_for(0, path.stem))
+    assert rec.views.shape == (3, 8, enc.embed_dim) and rec.view_index.shape == (3, 8)
+    for v in range(3):
+        idx = rng.choice(len(grid), size=8, replace=False)
+        params = sample_params(rng, "histo")
+        np.testing.assert_array_equal(rec.view_index[v], idx)
+        x = apply_params(torch.from_numpy(tiles[idx]).permute(0, 3, 1, 2), params,
+                         out_size=enc.input_size)
+        np.testing.assert_allclose(rec.views[v], enc.embed(x).numpy(), rtol=1e-2, atol=1e-2)
+    # augmented versions differ from each other and from the plain features
+    assert not np.allclose(rec.views[0], rec.features[rec.view_index[0]], atol=1e-2)
+    a = rec.attrs
+    assert a["complete"] and a["mpp"] == 0.5 and a["slide_mpp"] == 0.5 and not a["mpp_assumed"]
+    assert a["tile_size"] == TILE and a["level"] == 0 and a["stride_level0"] == TILE
+    assert a["encoder_fingerprint"] == spec_fingerprint(enc.spec) and a["augment"]["rot90"] is True
+    assert a["source_file"]["size"] == path.stat().st_size
 
 
 def test_embed_on_local_cluster_matches_direct_computation(cohort, no_mpp_slide, slides_dir,
                                                            client, tmp_path):
-    from wsi_ssl.augment import apply_params, sample_params
-    from wsi_ssl.tiling import open_slide, read_tiles, tile_grid
-    from wsi_ssl.tiling._embed_worker import seed_for
-
     slides = [*_good(cohort), slides_dir / "broken.svs", no_mpp_slide]
     report = embed_slides(slides, "tiny-cnn", tmp_path / "s.zarr", client=client, **KW)
     assert isinstance(report, EmbedReport)
@@ -85,35 +107,7 @@ def test_embed_on_local_cluster_matches_direct_computation(cohort, no_mpp_slide,
     assert report.n_view_tiles == 3 * 3 * 8 and report.tiles_per_second > 0
 
     # the worker's output equals the same computation done here, by hand
-    enc = create_encoder("tiny-cnn", device="cpu")
-    rec = store["slide1"]
-    with open_slide(cohort / "slide1.svs") as slide:
-        grid = tile_grid(slide, mpp=0.5, tile_size=TILE)
-        tiles = np.zeros((len(grid), TILE, TILE, 3), np.uint8)
-        for b in read_tiles(slide, grid, batch_size=50):
-            tiles[b.indices] = b.tiles
-    np.testing.assert_array_equal(rec.coords, grid.coords)
-    assert rec.features.shape == (len(grid), enc.embed_dim) and rec.features.dtype == np.float16
-    np.testing.assert_allclose(rec.features, enc.embed(tiles).numpy(), rtol=1e-2, atol=1e-2)
-    # the view bank: per version T grid tiles, ONE augmentation draw, rng seeded by (seed, id)
-    rng = np.random.default_rng(seed_for(0, "slide1"))
-    assert rec.views.shape == (3, 8, enc.embed_dim) and rec.view_index.shape == (3, 8)
-    for v in range(3):
-        idx = rng.choice(len(grid), size=8, replace=False)
-        params = sample_params(rng, "histo")
-        np.testing.assert_array_equal(rec.view_index[v], idx)
-        import torch
-
-        x = apply_params(torch.from_numpy(tiles[idx]).permute(0, 3, 1, 2), params,
-                         out_size=enc.input_size)
-        np.testing.assert_allclose(rec.views[v], enc.embed(x).numpy(), rtol=1e-2, atol=1e-2)
-    # augmented versions differ from each other and from the plain features
-    assert not np.allclose(rec.views[0], rec.features[rec.view_index[0]], atol=1e-2)
-    a = rec.attrs
-    assert a["complete"] and a["mpp"] == 0.5 and a["slide_mpp"] == 0.5 and not a["mpp_assumed"]
-    assert a["tile_size"] == TILE and a["level"] == 0 and a["stride_level0"] == TILE
-    assert a["encoder_fingerprint"] == spec_fingerprint(enc.spec) and a["augment"]["rot90"] is True
-    assert a["source_file"]["size"] == (cohort / "slide1.svs").stat().st_size
+    _assert_equals_direct_computation(store["slide1"], cohort / "slide1.svs")
 
     # rerun: complete slides are skipped; failures are retried; --assume-mpp fixes the one
     again = embed_slides(slides, "tiny-cnn", store.path, client=client, assume_mpp=0.5, **KW)
@@ -178,13 +172,11 @@ def test_sigkill_then_rerun_equals_uninterrupted_run(cohort, client, tmp_path, c
     proc = subprocess.Popen([sys.executable, str(script), *slides, str(killed),
                              client.scheduler.address], start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 240
-    n_done = 0
-    while time.monotonic() < deadline and proc.poll() is None:
-        n_done = len(list((killed / "slides").glob("*/features"))) if killed.exists() else 0
-        if n_done >= 1:
-            break
-        time.sleep(0.02)
+    # another process writes the store: polled (every 20 ms, to strike early) with a deadline;
+    # if the run ends first, the returncode assertion below says so
+    wait_until(lambda: proc.poll() is not None or (
+        killed.exists() and any((killed / "slides").glob("*/features"))), 240,
+        "the run to complete its first slide", interval=0.02)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
@@ -206,8 +198,6 @@ def test_sigkill_then_rerun_equals_uninterrupted_run(cohort, client, tmp_path, c
 
 
 def test_cli_embed_and_info(cohort, slides_dir, client, tmp_path, capsys):
-    from wsi_ssl.cli import main
-
     manifest = tmp_path / "manifest.csv"
     rows = [f"{p},{p.stem.upper()}," for p in _good(cohort)[:2]]
     manifest.write_text("path,slide_id,mpp\n" + "\n".join(rows) + "\n"

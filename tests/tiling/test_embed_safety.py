@@ -12,17 +12,19 @@ import shlex
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from tests._helpers import assert_same_store as _same
+from tests._helpers import wait_until
 from tests._synthetic import tissue_image
+from wsi_ssl.cli import main
 from wsi_ssl.datasets import write_pyramidal_tiff
 from wsi_ssl.store import TileStore
-from wsi_ssl.tiling import embed_slides
+from wsi_ssl.tiling import EmbedConfig, SlideFailure, embed_slides
+from wsi_ssl.tiling._embed_worker import EncoderPayload, run_job
 
 BIN = Path(sys.executable).parent
 TILE = 64
@@ -47,14 +49,6 @@ def reference(cohort, tmp_path_factory) -> TileStore:
     rep = embed_slides(sorted(cohort.glob("*.svs")), "tiny-cnn", path, client="sync", **KW)
     assert rep.ok and len(rep.done) == 3
     return TileStore(path, mode="r")
-
-
-def _wait_for(cond, what: str, timeout: float = 180.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 def _holder_pid(store: Path) -> int | None:
@@ -85,8 +79,9 @@ def test_one_writer_per_store_and_a_real_cluster_started_elsewhere(cohort, refer
     try:
         start([str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", "0",
                "--no-dashboard", "--scheduler-file", str(sched_file)], cwd=elsewhere, name="sched")
-        _wait_for(lambda: sched_file.exists() and "address" in sched_file.read_text(),
-                  "the scheduler")
+        # other processes: polled with a deadline
+        wait_until(lambda: sched_file.exists() and "address" in sched_file.read_text(), 180,
+                   lambda: f"the scheduler file; its log: {log('sched')[-2000:]}")
         address = json.loads(sched_file.read_text())["address"]
         rel = ["slide0.svs", "slide1.svs", "slide2.svs"]  # relative to the cohort folder
         cmd = [str(BIN / "wsi-ssl"), "embed", *rel, *FLAGS, "--scheduler", address, "--store"]
@@ -94,8 +89,9 @@ def test_one_writer_per_store_and_a_real_cluster_started_elsewhere(cohort, refer
         rel_new = os.path.relpath(new, cohort)
         a = start([*cmd, rel_new], cwd=cohort, name="a")                     # a new store
         e = start([*cmd, str(existing)], cwd=cohort, name="e")               # an existing one
-        _wait_for(lambda: _holder_pid(new) == a.pid and _holder_pid(existing) == e.pid,
-                  "both runs to hold their store's lock")
+        wait_until(lambda: _holder_pid(new) == a.pid and _holder_pid(existing) == e.pid, 180,
+                   lambda: f"both runs to hold their store's lock; logs: {log('a')[-1000:]} "
+                           f"{log('e')[-1000:]}")
         # the same command again on a held store: fails at once, naming the holder
         b = subprocess.run([*cmd, rel_new], cwd=cohort, env=env, capture_output=True,
                            text=True, timeout=180)
@@ -104,8 +100,8 @@ def test_one_writer_per_store_and_a_real_cluster_started_elsewhere(cohort, refer
         assert "--wait" in b.stderr
         f = start([*cmd, str(existing), "--wait"], cwd=cohort, name="f")     # queues behind e
         # nobody is computing yet: the runs say so, naming the scheduler
-        _wait_for(lambda: f"no dask workers have been connected to the scheduler {address}"
-                  in log("a"), "the no-worker warning")
+        wait_until(lambda: f"no dask workers have been connected to the scheduler {address}"
+                   in log("a"), 180, lambda: f"the no-worker warning; log: {log('a')[-2000:]}")
         for i in range(2):
             start([str(BIN / "dask"), "worker", "--scheduler-file", str(sched_file),
                    "--nthreads", "1", "--no-dashboard"], cwd=elsewhere, name=f"worker{i}")
@@ -134,8 +130,6 @@ def _chunk_file(store: Path, sid: str, array: str) -> Path:
 
 def test_unreadable_metadata_survives_and_damage_is_repaired(cohort, reference, tmp_path,
                                                              capsys):
-    from wsi_ssl.cli import main
-
     store = tmp_path / "s.zarr"
     embed_slides([cohort / "slide0.svs", cohort / "slide1.svs"], "tiny-cnn", store,
                  client="sync", **KW)
@@ -183,8 +177,6 @@ def test_unreadable_metadata_survives_and_damage_is_repaired(cohort, reference, 
 
 
 def test_missing_path_among_several_is_that_slides_failure(cohort, tmp_path, capsys):
-    from wsi_ssl.cli import main
-
     store = tmp_path / "m.zarr"
     rc = main(["embed", str(cohort / "slide0.svs"), str(tmp_path / "typo.svs"), "--store",
                str(store), *FLAGS, "--views", "0", "--scheduler", "sync"])
@@ -197,9 +189,6 @@ def test_missing_path_among_several_is_that_slides_failure(cohort, tmp_path, cap
 
 
 def test_a_worker_that_cannot_see_the_slide_says_so(tmp_path):
-    from wsi_ssl.tiling import EmbedConfig, SlideFailure
-    from wsi_ssl.tiling._embed_worker import EncoderPayload, run_job
-
     job = {"path": str(tmp_path / "only-on-the-driver.svs"), "slide_id": "x", "slide_mpp": None}
     res = run_job(job, EncoderPayload(fingerprint="unused"), EmbedConfig())
     assert isinstance(res, SlideFailure)  # data, not an exception: the batch goes on

@@ -19,12 +19,28 @@ import numpy as np
 import pytest
 import torch
 
+import wsi_ssl.encoders._loading as loading
+import wsi_ssl.encoders._registry as registry
+import wsi_ssl.store as store_mod
+import wsi_ssl.tiling._cluster as cluster
+import wsi_ssl.tiling._embed_worker as worker
 from tests._synthetic import tissue_image
+from wsi_ssl._utils import file_fingerprint
+from wsi_ssl.augment import get_augment_config
 from wsi_ssl.datasets import write_pyramidal_tiff
-from wsi_ssl.encoders import create_encoder, encoder_identity, register_encoder, spec_fingerprint
-from wsi_ssl.errors import ConfigError, EncoderMismatchError
+from wsi_ssl.encoders import (
+    create_encoder,
+    encoder_identity,
+    get_preset,
+    register_encoder,
+    spec_fingerprint,
+)
+from wsi_ssl.encoders._tiny import TinyCNN
+from wsi_ssl.errors import ConfigError, EncoderMismatchError, WeightsError
 from wsi_ssl.store import TileStore
-from wsi_ssl.tiling import EmbedConfig, SlideFailure, SlideResult, embed_slides
+from wsi_ssl.tiling import EmbedConfig, SlideFailure, SlideResult, embed_slides, grid_settings
+from wsi_ssl.tiling._config import embed_config
+from wsi_ssl.tiling._embed_worker import EncoderPayload, run_job
 
 TILE = 64
 KW = {"mpp": 0.5, "tile_size": TILE, "batch_size": 32}
@@ -45,9 +61,6 @@ def _arrays(path: Path) -> dict[str, tuple[np.ndarray, ...]]:
 
 def _no_model_in_this_process(monkeypatch) -> None:
     """Any encoder built in this (the driver's) process fails the test."""
-    import wsi_ssl.encoders._loading as loading
-    import wsi_ssl.encoders._registry as registry
-
     def boom(*a, **k):
         raise AssertionError("the driver built an encoder model")
 
@@ -81,8 +94,6 @@ def test_two_fake_gpus_get_one_pinned_worker_each_and_the_driver_builds_nothing(
     """A real local cluster planned for 2 GPUs (faked: this machine has none): one worker per
     GPU with its own CUDA_VISIBLE_DEVICES, slide tasks holding one GPU resource each, the
     encoder built only on the workers, and the same store as in-process."""
-    import wsi_ssl.tiling._cluster as cluster
-
     monkeypatch.setattr(cluster, "visible_gpus", lambda n_gpus=None: ("0", "1"))
     _no_model_in_this_process(monkeypatch)
     with caplog.at_level(logging.INFO, logger="wsi_ssl.tiling._embed"):
@@ -117,8 +128,6 @@ def test_the_encoder_is_built_once_per_process_never_by_the_driver_as_well(cohor
     def build():
         with open(log, "a") as fh:
             fh.write(f"{os.getpid()}\n")
-        from wsi_ssl.encoders._tiny import TinyCNN
-
         return TinyCNN(8)
 
     register_encoder("test-counting-cnn", build, input_size=64, embed_dim=32, overwrite=True)
@@ -159,8 +168,6 @@ def test_spec_fingerprint_follows_the_weights_bytes_and_the_store_refuses_others
 
 
 def test_a_worker_with_other_weights_bytes_refuses_to_embed(cohort, tmp_path):
-    from wsi_ssl.tiling._embed_worker import EncoderPayload, run_job
-
     enc = create_encoder("tiny-cnn", device="cpu")
     w = tmp_path / "w2.pth"
     torch.save(enc.model.state_dict(), w)
@@ -175,9 +182,6 @@ def test_a_worker_with_other_weights_bytes_refuses_to_embed(cohort, tmp_path):
 
 
 def test_weights_that_do_not_fit_stop_an_in_process_run_with_one_error(cohort, tmp_path):
-    from wsi_ssl.errors import WeightsError
-    from wsi_ssl.tiling._embed_worker import EncoderPayload, run_job
-
     bad = tmp_path / "bad.pth"
     torch.save({"features.0.weight": torch.zeros(5, 5)}, bad)
     with pytest.raises(WeightsError, match=re.escape(str(bad))):
@@ -198,9 +202,6 @@ def test_weights_that_do_not_fit_stop_an_in_process_run_with_one_error(cohort, t
 def _old_settings_hash(path: Path, fingerprint: str) -> str:
     """The settings hash exactly as embed_slides computed it before EmbedConfig (tile_size=64,
     other settings at their defaults)."""
-    from wsi_ssl._utils import file_fingerprint
-    from wsi_ssl.augment import get_augment_config
-
     blob = {"mpp": 0.5, "tile_size": TILE, "overlap": 0, "min_tissue": 0.25, "views": 0,
             "view_tiles": 256, "augment_cfg": get_augment_config("histo").to_dict(), "seed": 0,
             "dtype": "float16", "fingerprint": fingerprint, "backend": "auto"}
@@ -234,9 +235,6 @@ def test_a_store_made_before_spec_fingerprints_is_still_accepted_and_skipped(coh
 
 def test_next_slide_is_prepared_while_this_one_encodes_and_writes_run_in_a_thread(
         cohort, tmp_path, monkeypatch):
-    import wsi_ssl.store as store_mod
-    import wsi_ssl.tiling._embed_worker as worker
-
     prepared: dict[str, threading.Event] = {}
     overlapped: list[bool] = []
     writers: list[str] = []
@@ -278,8 +276,6 @@ def test_view_bank_augmented_by_the_consumer_equals_the_reader_path(cohort, tmp_
                                                                     monkeypatch):
     """The GPU path (uint8 tiles to the encoder's device, augmentations there) run on the CPU:
     the same bank as augmenting in the reader thread."""
-    import wsi_ssl.tiling._embed_worker as worker
-
     kw = KW | {"views": 3, "view_tiles": 40, "batch_size": 16, "client": "sync"}
     ref = embed_slides(cohort[:2], "tiny-cnn", tmp_path / "reader.zarr", **kw)
     monkeypatch.setattr(worker, "_augment_on_device", lambda enc: True)
@@ -329,8 +325,6 @@ def test_config_and_keywords_give_the_same_store(cohort, tmp_path):
     assert ha["settings_hash"] == hb["settings_hash"] and ha["embed_settings"] == hb["embed_settings"]
     assert ha["embed_settings"]["settings_from_preset"] is None
     # keywords are EmbedConfig fields applied over config= (dataclasses.replace)
-    from wsi_ssl.tiling._config import embed_config
-
     merged = embed_config("tiny-cnn", EmbedConfig(**KW), {"seed": 3})
     assert merged == dataclasses.replace(EmbedConfig(**KW), seed=3)
     with pytest.raises(ConfigError, match="unknown setting view_tile=8; did you mean view_tiles"):
@@ -338,9 +332,6 @@ def test_config_and_keywords_give_the_same_store(cohort, tmp_path):
 
 
 def test_mpp_and_tile_size_default_to_the_preset_else_half_micron_224():
-    from wsi_ssl.encoders import get_preset
-    from wsi_ssl.tiling import grid_settings
-
     p = get_preset("uni_v1")  # a TRIDENT alias of "uni"
     assert (p.name, p.mpp, p.tile_size) == ("uni", 0.5, 256)
     assert grid_settings("uni_v1") == (0.5, 256, "uni")
@@ -371,8 +362,6 @@ def test_gpu_embedding_with_views_agrees_with_the_cpu(cohort, tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_tiles_travel_in_pinned_memory(cohort, monkeypatch):
-    import wsi_ssl.tiling._embed_worker as worker
-
     enc = create_encoder("tiny-cnn", device="cuda")
     seen: list[bool] = []
     real = enc.embed

@@ -7,7 +7,8 @@ import pytest
 from PIL import Image
 
 from wsi_ssl.errors import ConfigError, MissingMPPError, ResolutionError, TissueWarning
-from wsi_ssl.tiling import TileGrid, open_slide, read_tiles, tile_grid
+from wsi_ssl.tiling import TileGrid, open_slide, read_tiles, tile_grid, tile_slides
+from wsi_ssl.tiling._batch import SavedGrid, load_grid
 
 
 def test_ndpi_40x_reads_level_with_downsample_2_and_resizes(slides_dir):
@@ -101,9 +102,6 @@ def test_overlap_and_bad_arguments(slides_dir):
 
 def test_load_grid_reads_back_the_tile_grid(slides_dir, tmp_path):
     """tile_slides writes a grid; load_grid returns it as a dataclass holding the same TileGrid."""
-    from wsi_ssl.tiling import tile_slides
-    from wsi_ssl.tiling._batch import SavedGrid, load_grid
-
     cmu = slides_dir / "cmu-1-small-region.svs"
     tile_slides([cmu], tmp_path, mpp=0.5, tile_size=224, plot=False)
     saved = load_grid(tmp_path / "cmu-1-small-region")

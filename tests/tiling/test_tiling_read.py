@@ -5,8 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from wsi_ssl.datasets import write_pyramidal_tiff
 from wsi_ssl.errors import ConfigError, SlideOpenError
-from wsi_ssl.tiling import TileBatch, open_slide, plot_grid, read_tiles, tile_grid, tiles_as_dask
+from wsi_ssl.tiling import (
+    TileBatch,
+    detect_tissue,
+    open_slide,
+    plot_grid,
+    read_tiles,
+    tile_grid,
+    tiles_as_dask,
+)
 from wsi_ssl.tiling._read import _read_region_tiles, plan_regions
 
 
@@ -71,8 +80,6 @@ def test_memory_is_bounded_by_regions_in_flight_not_by_slide_size(synthetic_slid
 def test_indices_subset_and_backends_agree(synthetic_slide):
     with open_slide(synthetic_slide, backend="tiffslide") as a, \
             open_slide(synthetic_slide, backend="openslide") as b:
-        from wsi_ssl.tiling import detect_tissue
-
         tissue = detect_tissue(a)  # thumbnails come from different levels: share one mask
         ga = tile_grid(a, mpp=0.5, min_tissue=0.1, tissue=tissue)
         gb = tile_grid(b, mpp=0.5, min_tissue=0.1, tissue=tissue)
@@ -111,8 +118,6 @@ def ruled_slides(tmp_path_factory):
     """A ruled slide at 0.2282 µm/px (like a 40x NDPI) written with one and with two levels:
     read at 0.5 µm/px from level 0 (f = 2.19: 2x2 block average + bilinear 1.096) and from level 1
     (f = 1.096: bilinear only)."""
-    from wsi_ssl.datasets import write_pyramidal_tiff
-
     img = np.full((1800, 2600, 3), 250, np.uint8)
     for v in range(LINE0, 2600, PERIOD0):
         img[:, v: v + 3] = 30
@@ -214,8 +219,6 @@ def test_tiles_as_dask(synthetic_slide):
 
 def test_plot_grid_returns_figure(slides_dir, tmp_path):
     from matplotlib.figure import Figure
-
-    from wsi_ssl.tiling import detect_tissue
 
     with open_slide(slides_dir / "cmu-1-small-region.svs") as slide:
         tissue = detect_tissue(slide)

@@ -9,6 +9,7 @@ from PIL import Image
 from tests._helpers import dice
 from wsi_ssl.errors import ConfigError
 from wsi_ssl.tiling import TissueMask, detect_tissue, open_slide, tissue_mask_from_rgb
+from wsi_ssl.tiling._tissue import _hsv
 
 
 def _at_reference_scale(mask: TissueMask, ref: np.ndarray) -> np.ndarray:
@@ -100,8 +101,6 @@ def test_region_fractions():
 
 def test_hsv_is_scikit_image_in_degrees():
     """The HSV conversion behind the thresholds: scikit-image's, hue in degrees."""
-    from wsi_ssl.tiling._tissue import _hsv
-
     rgb = np.array([[[255, 0, 0], [0, 255, 0], [0, 0, 255], [128, 128, 128], [200, 100, 150]]],
                    np.uint8)
     hue, sat, val = _hsv(rgb)
