@@ -30,10 +30,12 @@ from typing import Any
 import numpy as np
 
 from wsi_ssl._validation import Interval, Pattern, validate_params
+from wsi_ssl._version import __version__
 from wsi_ssl.datasets import make_cohort
 from wsi_ssl.encoders import create_encoder
 from wsi_ssl.errors import ConfigError
 from wsi_ssl.eval import (
+    ReportSection,
     cluster_map,
     heatmap,
     linear_probe,
@@ -41,6 +43,7 @@ from wsi_ssl.eval import (
     retrieval_report,
     survival,
     tile_scores,
+    write_html_report,
 )
 from wsi_ssl.pretrain import SlideSSL, mean_pool_embeddings
 from wsi_ssl.store import SlideEmbeddings, TileStore
@@ -435,8 +438,6 @@ def _retrieval_frame(retrieval: dict[str, Any]):
 def _write_report(out: Path, cfg: DemoConfig, summary: dict[str, Any], qc_png: Path,
                   loss_png: Path | None, inspect: dict[str, Any]) -> tuple[Path, Path]:
     """``report.html`` and ``report.md``: the settings, the tables and the pictures."""
-    from wsi_ssl.eval import write_html_report
-
     settings = _report_settings(cfg, summary)
     sections = _report_sections(out, summary, qc_png, loss_png, inspect)
     html_path = write_html_report(
@@ -454,8 +455,6 @@ def _write_report(out: Path, cfg: DemoConfig, summary: dict[str, Any], qc_png: P
 
 
 def _report_settings(cfg: DemoConfig, summary: dict[str, Any]) -> dict[str, str]:
-    from wsi_ssl._version import __version__
-
     secs = ", ".join(f"{k}: {v:.0f} s" for k, v in summary["seconds"].items())
     return {
         "slides": f"{summary['n_slides']} generated (label in 3-15 % of the tissue, decoys in "
@@ -475,8 +474,6 @@ def _report_settings(cfg: DemoConfig, summary: dict[str, Any]) -> dict[str, str]
 
 def _report_sections(out: Path, summary: dict[str, Any], qc_png: Path, loss_png: Path | None,
                      inspect: dict[str, Any]) -> list[Any]:
-    from wsi_ssl.eval import ReportSection
-
     def found(pattern: str) -> tuple[Path, ...]:
         return tuple(sorted(out.glob(pattern)))
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from wsi_ssl.cli._embed import add_batch_arguments, cluster_spec
+
 HELP = "submit one short batch job and report what its workers see (run this first on a cluster)"
 DESCRIPTION = (
     "Submit one job with the same options `wsi-ssl embed --cluster ...` takes (GPUs, cores, "
@@ -16,8 +18,6 @@ DESCRIPTION = (
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from wsi_ssl.cli._embed import add_batch_arguments
-
     p.add_argument("--store", default=None, help="a tile store path the workers must see")
     p.add_argument("--slides", nargs="*", default=(),
                    help="slide files, folders or globs (a sample of 64 is checked)")
@@ -31,8 +31,7 @@ def run(args: argparse.Namespace) -> int:
     import dataclasses
     import json
 
-    from wsi_ssl.cli._embed import cluster_spec
-    from wsi_ssl.tiling import check_cluster
+    from wsi_ssl.tiling import check_cluster  # lazy: dask; keeps wsi-ssl --help light
 
     spec = cluster_spec(args)
     if args.dry_run:

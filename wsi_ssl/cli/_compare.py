@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import argparse
 
+from wsi_ssl.cli._probe import _sizes, c_value
+from wsi_ssl.errors import ConfigError
+
 HELP = "compare slide-embedding files on one table (probe AUC, C-index, paired 95% CI) -> CSV/MD/PNG"
 DESCRIPTION = (
     "Runs the same few-shot and k-fold linear probes (and, with --time-col, the same penalised "
@@ -52,8 +55,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _files(values: list[str]) -> dict[str, str]:
     from pathlib import Path
 
-    from wsi_ssl.errors import ConfigError
-
     out: dict[str, str] = {}
     for v in values:
         name, sep, path = v.partition("=")
@@ -67,8 +68,7 @@ def _files(values: list[str]) -> dict[str, str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from wsi_ssl.cli._probe import _sizes, c_value
-    from wsi_ssl.eval import compare_embeddings
+    from wsi_ssl.eval import compare_embeddings  # lazy: keeps wsi-ssl --help light
 
     report = compare_embeddings(
         _files(args.embeddings), args.labels,

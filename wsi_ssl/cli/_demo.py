@@ -28,7 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from wsi_ssl.demo import QUICK, DemoConfig, run_demo, summary_table
+    from wsi_ssl.demo import QUICK, DemoConfig, run_demo, summary_table  # lazy: torch
 
     if args.quick:
         cfg = replace(QUICK, seed=args.seed)

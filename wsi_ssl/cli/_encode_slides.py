@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from wsi_ssl.errors import ConfigError
+
 HELP = "embed every slide of a tile store with a slide encoder into SLIDES.npz"
 DESCRIPTION = (
     "Slide embeddings written as .npz (ids, embeddings, provenance). With --model: a SlideSSL "
@@ -52,19 +54,17 @@ def _summary(emb, path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from wsi_ssl.errors import ConfigError
-
     if args.model is not None:
         if args.weights or args.random_weights or args.force:
             raise ConfigError("--weights, --random-weights and --force go with --slide-encoder, "
                               "not --model.")
-        from wsi_ssl.pretrain import encode_slides
+        from wsi_ssl.pretrain import encode_slides  # lazy: torch; keeps wsi-ssl --help light
 
         res = encode_slides(args.store, args.model, args.out, dtype=args.dtype or "float16",
                             device=args.device)
         _summary(res.embeddings, res.path)
         return 0
-    from wsi_ssl.encoders.slide import encode_store
+    from wsi_ssl.encoders.slide import encode_store  # lazy: torch; keeps wsi-ssl --help light
 
     res = encode_store(args.store, args.slide_encoder, weights=args.weights, out=args.out,
                        force=args.force, batch_size=args.batch_size,

@@ -25,11 +25,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.slide:
-        from wsi_ssl.encoders.slide import slide_encoder_table
+        from wsi_ssl.encoders.slide import slide_encoder_table  # lazy: torch (--help light)
 
         print(slide_encoder_table(tuple(args.search)))
         return 0
-    from wsi_ssl.encoders import encoder_table
+    from wsi_ssl.encoders import encoder_table  # lazy: torch; keeps wsi-ssl --help light
 
     print(encoder_table(args.pattern, search=tuple(args.search)))
     return 0

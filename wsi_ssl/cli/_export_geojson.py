@@ -32,7 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from wsi_ssl.eval import export_geojson
+    from wsi_ssl.eval import export_geojson  # lazy: keeps wsi-ssl --help light
 
     res = export_geojson(args.slide, args.out, store=args.store, slide_id=args.slide_id,
                          model=args.model, n_clusters=args.clusters, mpp=args.mpp,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from wsi_ssl.errors import ConfigError
+
 HELP = "few-shot + k-fold linear probes of slide embeddings (AUC, 95% CI) -> JSON + PNG"
 DESCRIPTION = (
     "Standardise + balanced logistic regression on slide embeddings (.npz, or any CSV/parquet "
@@ -45,8 +47,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _sizes(values: list[str]) -> tuple[int | None, ...]:
-    from wsi_ssl.errors import ConfigError
-
     out: list[int | None] = []
     for v in values:
         if v.lower() in ("all", "none"):
@@ -61,8 +61,6 @@ def _sizes(values: list[str]) -> tuple[int | None, ...]:
 
 def c_value(text: str) -> str | float:
     """``--C``: ``"cv"`` (inner cross-validated search) or a positive number."""
-    from wsi_ssl.errors import ConfigError
-
     if text == "cv":
         return "cv"
     try:
@@ -72,7 +70,7 @@ def c_value(text: str) -> str | float:
 
 
 def run(args: argparse.Namespace) -> int:
-    from wsi_ssl.eval import linear_probe
+    from wsi_ssl.eval import linear_probe  # lazy: keeps wsi-ssl --help light
 
     report = linear_probe(
         args.embeddings, args.labels, label_col=args.label_col, id_col=args.id_col,

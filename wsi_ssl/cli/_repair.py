@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import shlex
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from wsi_ssl.errors import RepairSettingsError
-from wsi_ssl.store import RepairPlan
+
+if TYPE_CHECKING:  # pragma: no cover
+    from wsi_ssl.store import RepairPlan
 
 __all__ = ["repair_command", "with_repair_command"]
 

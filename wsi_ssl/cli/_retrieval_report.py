@@ -31,7 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from wsi_ssl.eval import retrieval_report
+    from wsi_ssl.eval import retrieval_report  # lazy: keeps wsi-ssl --help light
 
     rep = retrieval_report(args.embeddings, args.labels, label_col=args.label_col,
                            id_col=args.id_col, patient_col=args.patient_col, ks=args.k,

@@ -26,7 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from wsi_ssl.eval import similar
+    from wsi_ssl.eval import similar  # lazy: keeps wsi-ssl --help light
 
     res = similar(args.embeddings, args.query, args.k, patients=args.patients,
                   id_col=args.id_col, patient_col=args.patient_col,

@@ -29,9 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.store_command == "upgrade":
-        from wsi_ssl.store import upgrade_store
+    from wsi_ssl.store import TileStore, upgrade_store  # lazy: keeps wsi-ssl --help light
 
+    if args.store_command == "upgrade":
         rep = upgrade_store(args.path, wait=bool(args.wait), drop_damaged=bool(args.drop_damaged))
         if rep.from_version == 2 and not (rep.converted or rep.already):
             print(f"{rep.store}: format 2 already, nothing to do")
@@ -46,8 +46,6 @@ def run(args: argparse.Namespace) -> int:
         for sid, why in sorted(rep.unreadable.items()):
             print(f"  unreadable: {sid:<27} {why}  (restore its zarr.json, rerun the upgrade)")
         return 0
-    from wsi_ssl.store import TileStore
-
     store = TileStore(args.path, mode="a")
     ids = store.rescan()
     print(f"index          {store.path}: {len(ids)} complete slides indexed")

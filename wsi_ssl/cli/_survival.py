@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from wsi_ssl.errors import ConfigError
+
 HELP = "cross-validated Cox survival on slide embeddings (C-index, KM, log-rank) -> JSON + PNG"
 DESCRIPTION = (
     "Standardise + elastic-net Cox (scikit-survival coxnet; penalty and l1_ratio chosen by inner "
@@ -52,8 +54,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from wsi_ssl.errors import ConfigError
-    from wsi_ssl.eval import survival
+    from wsi_ssl.eval import survival  # lazy: keeps wsi-ssl --help light
 
     try:
         alpha: str | float = "cv" if args.alpha == "cv" else float(args.alpha)

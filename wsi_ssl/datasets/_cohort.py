@@ -35,7 +35,8 @@ from typing import Any
 import numpy as np
 
 from wsi_ssl._utils import progress
-from wsi_ssl.datasets._render import REGION_CODES
+from wsi_ssl.datasets._render import REGION_CODES, SlideModel
+from wsi_ssl.datasets._tiff import write_pyramidal_tiff
 from wsi_ssl.errors import ConfigError, InputError
 
 __all__ = ["SlideInfo", "CohortInfo", "make_slide", "make_cohort", "region_fractions",
@@ -204,9 +205,6 @@ def make_slide(
         quality: JPEG quality.
         mask_path: where to write the region map PNG (codes 0-3, 1/16 scale); None = not written.
     """
-    from wsi_ssl.datasets._render import SlideModel
-    from wsi_ssl.datasets._tiff import write_pyramidal_tiff
-
     w0, h0 = _check_size_mpp(size, mpp)
     _check_range("tumor_fraction", tumor_fraction, 0.0, 0.9)
     _check_range("decoy_fraction", decoy_fraction, 0.0, 0.9)

@@ -24,7 +24,7 @@ from typing import Any
 import torch.nn as nn
 
 from wsi_ssl.encoders._presets import EncoderPreset, _resolve_kwargs, transformers_config
-from wsi_ssl.encoders._weights import describe_key_problems
+from wsi_ssl.encoders._weights import describe_key_problems, read_weights
 from wsi_ssl.errors import WeightsError
 
 __all__ = ["load_transformers_trunk"]
@@ -85,8 +85,6 @@ def load_transformers_trunk(preset: EncoderPreset, path: Path,
     Raises:
         WeightsError: the file cannot be read at all.
     """
-    from wsi_ssl.encoders._weights import read_weights
-
     model_cls, config, init_kwargs = transformers_config(
         preset, _resolve_kwargs({**preset.kwargs, **(overrides or {})}))
     with tempfile.TemporaryDirectory(prefix="wsi-ssl-hf-") as tmp, _quiet_transformers():

@@ -26,9 +26,10 @@ from typing import Any, Literal
 import torch
 import torch.nn as nn
 
+from wsi_ssl.encoders._slide_conch import ConchVisionTower
 from wsi_ssl.errors import BackendUnavailableError, ConfigError
 
-__all__ = ["EncoderPreset", "PresetModel", "get_preset", "list_presets", "register_preset",
+__all__ = ["EncoderPreset", "HubPreset", "PresetModel", "get_preset", "list_presets", "register_preset",
            "build_trunk", "transformers_config",
            "IMAGENET", "BIOPTIMUS", "HIBOU", "HALF"]
 
@@ -46,8 +47,30 @@ Family = Literal["timm", "transformers", "conch"]
 _LAYERS = {"swiglu_packed": ("timm.layers", "SwiGLUPacked"), "silu": ("torch.nn", "SiLU")}
 
 
+class HubPreset:
+    """What tile and slide presets share: weights in a Hugging Face hub repo (``hub_repo``),
+    and a JSON-friendly description. Subclasses are frozen keyword-only dataclasses."""
+
+    hub_repo: str
+
+    @property
+    def download_command(self) -> str:
+        """The command that fetches the weights on a connected machine."""
+        return f"huggingface-cli download {self.hub_repo} --local-dir {self.local_dir_name}/"
+
+    @property
+    def local_dir_name(self) -> str:
+        return self.hub_repo.split("/")[-1]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly description (store attrs, ``wsi-ssl encoders``)."""
+        d = dataclasses.asdict(self)  # type: ignore[call-overload]
+        d["kwargs"] = dict(self.kwargs)  # type: ignore[attr-defined]
+        return d
+
+
 @dataclass(frozen=True, kw_only=True)
-class EncoderPreset:
+class EncoderPreset(HubPreset):
     """A published tile encoder, described exactly.
 
     Attributes:
@@ -112,22 +135,6 @@ class EncoderPreset:
         if self.family not in ("timm", "transformers", "conch"):
             raise ConfigError(f"preset {self.name!r}: family={self.family!r} must be 'timm', "
                               "'transformers' or 'conch'.")
-
-    @property
-    def download_command(self) -> str:
-        """The command that fetches the weights on a connected machine."""
-        return f"huggingface-cli download {self.hub_repo} --local-dir {self.local_dir_name}/"
-
-    @property
-    def local_dir_name(self) -> str:
-        return self.hub_repo.split("/")[-1]
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-friendly description (store attrs, ``wsi-ssl encoders``)."""
-        d = dataclasses.asdict(self)
-        d["kwargs"] = dict(self.kwargs)
-        return d
-
 
 def _timm(name: str, arch: str, dim: int, params: float, **kw: Any) -> EncoderPreset:
     timm_kwargs = kw.pop("kwargs")
@@ -339,8 +346,6 @@ def build_trunk(preset: EncoderPreset, overrides: Mapping[str, Any] | None = Non
     for tests)."""
     kwargs = _resolve_kwargs({**preset.kwargs, **(overrides or {})})
     if preset.family == "conch":
-        from wsi_ssl.encoders._slide_conch import ConchVisionTower
-
         return ConchVisionTower(**kwargs)
     if preset.family == "timm":
         import timm

@@ -8,7 +8,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from wsi_ssl.encoders._presets import list_presets
+from wsi_ssl.encoders._hub import locate_weights
+from wsi_ssl.encoders._loading import expected_shapes
+from wsi_ssl.encoders._presets import _PRESETS, list_presets
 from wsi_ssl.encoders._registry import _REGISTRY
 
 __all__ = ["EncoderInfo", "encoder_infos", "encoder_table", "list_encoders"]
@@ -48,10 +50,6 @@ def encoder_infos(pattern: str | None = None, *, search: tuple[str | os.PathLike
     """A row per preset and registered encoder (``pattern``: glob on the name). Weights are
     looked for in the local Hugging Face cache and in ``search`` folders (``search/UNI/...``).
     Parameter counts come from meta-device builds (no memory, no weights)."""
-    from wsi_ssl.encoders._hub import locate_weights
-    from wsi_ssl.encoders._loading import expected_shapes
-    from wsi_ssl.encoders._presets import _PRESETS
-
     rows = []
     for p in _PRESETS:
         if pattern and not fnmatch.fnmatch(p.name, pattern):

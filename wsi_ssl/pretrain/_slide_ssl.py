@@ -90,10 +90,11 @@ class SlideSSL(TransformerMixin, BaseEstimator):
     only the bank versions its views use, in ``readers`` threads ahead of the model; inference
     reads clean features (and coordinates for heads that read them), prefetched the same way.
 
-    Defaults are the paper's (Lazard et al. 2023 and its reference configuration): k=5 tiles
-    per view, embedding 512, projection 512-512-512-256, NT-Xent temperature 0.05, batch 256
-    slides, Adam(W) at lr 0.03 with weight decay 5e-4, 10 warm-up epochs then cosine decay to 0,
-    3000 epochs. On small cohorts (tens to hundreds of slides, CPU) use a smaller batch (it is
+    Defaults (:data:`~wsi_ssl.pretrain.SLIDE_SSL_DEFAULTS`, their one copy, shared with
+    ``wsi-ssl pretrain-slides``) are the paper's (Lazard et al. 2023 and its reference
+    configuration): k=5 tiles per view, embedding 512, projection 512-512-512-256, NT-Xent
+    temperature 0.05, batch 256 slides, Adam(W) at lr 0.03 with weight decay 5e-4, 10 warm-up
+    epochs then cosine decay to 0, 3000 epochs. On small cohorts (tens to hundreds of slides, CPU) use a smaller batch (it is
     clamped to the cohort anyway), fewer epochs and a smaller lr, and when the label lives in a
     small part of the tissue, more tiles per view so that a view is likely to contain some of it:
     ``SlideSSL("abmil", tiles_per_view=64, batch_size=32, epochs=300, lr=1e-3,

@@ -19,7 +19,6 @@ from typing import Any
 import numpy as np
 
 from wsi_ssl.errors import BackendUnavailableError, InputError
-from wsi_ssl.store._tilestore import TileStore
 
 __all__ = ["tiles_to_anndata", "embeddings_to_anndata"]
 
@@ -53,6 +52,8 @@ def tiles_to_anndata(store: Any, slide_id: str) -> Any:
 
     ad = _anndata()
     if isinstance(store, (str, os.PathLike)):
+        from wsi_ssl.store._tilestore import TileStore  # lazy: `import wsi_ssl.store` stays light
+
         store = TileStore(store, mode="r")
     if slide_id not in store:
         raise InputError(f"slide_id={slide_id!r} is not a complete slide of tile store "

@@ -16,9 +16,13 @@ from typing import Any, Literal
 
 import numpy as np
 
+from wsi_ssl._utils import progress
+from wsi_ssl._version import __version__
+from wsi_ssl.encoders._presets import get_preset
 from wsi_ssl.encoders.slide._model import SlideEncoder, create_slide_encoder
 from wsi_ssl.encoders.slide._presets import SlideEncoderPreset
 from wsi_ssl.errors import EncoderMismatchError, InputError, StoreError
+from wsi_ssl.store import SlideEmbeddings, TileStore
 
 __all__ = ["check_store", "encode_store", "SlideEncodeResult"]
 
@@ -44,8 +48,6 @@ class SlideEncodeResult:
 
 
 def _tile_name(name: str | None) -> str | None:
-    from wsi_ssl.encoders._presets import get_preset
-
     if name is None:
         return None
     p = get_preset(name)
@@ -152,10 +154,6 @@ def encode_store(store: Any, slide_encoder: SlideEncoder | str, *,
         :class:`~wsi_ssl.store.SlideEmbeddings` (slides without tiles are skipped and listed in
         ``provenance["skipped"]``).
     """
-    from wsi_ssl import __version__
-    from wsi_ssl._utils import progress
-    from wsi_ssl.store import SlideEmbeddings, TileStore
-
     if isinstance(store, (str, os.PathLike)):
         if not Path(store).exists():
             raise StoreError(f"tile store '{store}' does not exist; create it with `wsi-ssl "

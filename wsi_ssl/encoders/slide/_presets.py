@@ -15,11 +15,11 @@ size:
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from wsi_ssl.encoders._presets import HubPreset
 from wsi_ssl.errors import ConfigError
 
 __all__ = ["SlideEncoderPreset", "get_slide_preset", "list_slide_encoders", "SLIDE_PRESETS"]
@@ -30,7 +30,7 @@ Precision = Literal["float16", "bfloat16", "float32"]
 
 
 @dataclass(frozen=True, kw_only=True)
-class SlideEncoderPreset:
+class SlideEncoderPreset(HubPreset):
     """A published slide encoder, described exactly.
 
     Attributes:
@@ -95,24 +95,10 @@ class SlideEncoderPreset:
                               "float16, bfloat16 or float32.")
 
     @property
-    def download_command(self) -> str:
-        """The command that fetches the weights on a connected machine."""
-        return f"huggingface-cli download {self.hub_repo} --local-dir {self.local_dir_name}/"
-
-    @property
-    def local_dir_name(self) -> str:
-        return self.hub_repo.split("/")[-1]
-
-    @property
     def embed_command(self) -> str:
         """The ``wsi-ssl embed`` command that makes the tiles this slide encoder needs."""
         return (f"wsi-ssl embed SLIDES/ --store NEW.zarr --encoder {self.tile_encoder} "
                 f"--mpp {self.mpp:g} --tile-size {self.tile_size}")
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["kwargs"] = dict(self.kwargs)
-        return d
 
 
 _MAHMOOD = dict(license="CC-BY-NC-ND-4.0", gated=True)

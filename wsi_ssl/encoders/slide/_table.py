@@ -5,16 +5,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from wsi_ssl.encoders._hub import locate_weights
+from wsi_ssl.encoders.slide._model import slide_param_count
+from wsi_ssl.encoders.slide._presets import SLIDE_PRESETS
+
 __all__ = ["slide_encoder_table"]
 
 
 def slide_encoder_table(search: tuple[str | os.PathLike, ...] = ()) -> str:
     """One line per slide-encoder preset: name, tile encoder and grid it needs, dimension,
     parameters (meta-device build), licence, and where this machine has the weights."""
-    from wsi_ssl.encoders._hub import locate_weights
-    from wsi_ssl.encoders.slide._model import slide_param_count
-    from wsi_ssl.encoders.slide._presets import SLIDE_PRESETS
-
     head = ("name", "tile encoder", "µm/px", "tile", "dim", "params", "licence",
             "weights (this machine)")
     rows = []
