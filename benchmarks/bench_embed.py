@@ -57,7 +57,7 @@ def _child(args: argparse.Namespace) -> None:
     from wsi_ssl.tiling import embed_slides
 
     torch.set_num_threads(args.threads)
-    enc = create_encoder(args.encoder, device=args.device)
+    enc = create_encoder(args.encoder, device=args.device, random_weights=True)  # speed only
     out = Path(tempfile.mkdtemp())
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     rep = embed_slides([args.child], enc, out / "s.zarr", tile_size=args.tile_size,
@@ -98,7 +98,7 @@ def main() -> None:
     from wsi_ssl.tiling import embed_slides, open_slide, read_tiles, tile_grid
 
     torch.set_num_threads(args.threads)
-    enc = create_encoder(args.encoder, device=args.device)
+    enc = create_encoder(args.encoder, device=args.device, random_weights=True)  # speed only
     work = Path(tempfile.mkdtemp(prefix="bench-embed-"))
     print(f"encoder {enc.name} (dim {enc.embed_dim}, input {enc.input_size}), tile "
           f"{args.tile_size} px @ 0.5 µm/px, batch {args.batch_size}, torch threads "

@@ -86,7 +86,7 @@ def tissue_bg_sets(slides: list[Path], size: int, mpp: float, n_per_class: int, 
     rng = np.random.default_rng(seed)
     sets = []
     for path in slides[:2]:
-        with open_slide(path, mpp=None if "cmu" in path.name else 0.5) as s:
+        with open_slide(path, slide_mpp=None if "cmu" in path.name else 0.5) as s:
             grid = tile_grid(s, mpp=mpp, tile_size=size, min_tissue=0.0,
                              tissue=detect_tissue(s))
             frac = grid.tissue_fraction

@@ -66,7 +66,7 @@ print("slide:", slide_path)
 # %%
 slide = open_slide(slide_path)
 print(f"{slide.slide_id}: {slide.dimensions[0]} x {slide.dimensions[1]} px, "
-      f"{slide.level_count} level(s), {slide.mpp:.3f} µm/px, backend {slide.backend}")
+      f"{slide.level_count} level(s), {slide.slide_mpp:.3f} µm/px, backend {slide.backend}")
 
 # %% [markdown]
 # ## Tissue detection and the tile grid

@@ -21,6 +21,7 @@ __all__ = [
     "ResolutionError",
     "BackendUnavailableError",
     "TissueWarning",
+    "RandomWeightsWarning",
     "StoreError",
     "StoreFormatError",
     "StoreLockedError",
@@ -58,6 +59,12 @@ class BackendUnavailableError(WsiSslError, ImportError):
 
 class TissueWarning(UserWarning):
     """Warned (not raised) when a slide has no tissue at the requested settings."""
+
+
+class RandomWeightsWarning(UserWarning):
+    """Warned (once per process per model name) when an encoder without built-in weights is
+    built with a random initialisation because no weights were given (``random_weights=True``
+    says it is on purpose and silences it)."""
 
 
 class StoreError(WsiSslError, OSError):

@@ -92,7 +92,7 @@ def test_cuda_asked_for_without_cuda_is_a_config_error(monkeypatch):
 
 
 def test_timm_name_without_download():
-    enc = create_encoder("resnet18", device="cpu")
+    enc = create_encoder("resnet18", device="cpu", random_weights=True)
     assert enc.embed_dim == 512 and enc.input_size == 224
     assert enc.mean == pytest.approx((0.485, 0.456, 0.406))
     assert enc.embed(np.zeros((1, 224, 224, 3), np.uint8)).shape == (1, 512)

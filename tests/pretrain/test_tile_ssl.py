@@ -60,7 +60,7 @@ def test_resnet18_weights_load_as_tile_encoder(cmu, tmp_path):
     # ... and the encoders package loads them (both spellings)
     enc = create_encoder("resnet18", weights=out, device="cpu")
     enc2 = create_encoder(str(out), device="cpu")
-    rand = create_encoder("resnet18", device="cpu")
+    rand = create_encoder("resnet18", device="cpu", random_weights=True)
     assert enc.fingerprint == enc2.fingerprint != rand.fingerprint
     # the encoder expects the tile size it was pretrained at (from the checkpoint metadata)
     assert enc.input_size == enc2.input_size == 32 and rand.input_size == 224

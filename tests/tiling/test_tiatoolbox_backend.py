@@ -21,7 +21,7 @@ def test_svs_pixels_match_openslide(slides_dir):
     with open_slide(path, backend="tiatoolbox") as tia, open_slide(path, backend="openslide") as osl:
         assert tia.backend == "tiatoolbox"
         assert tia.dimensions == osl.dimensions
-        assert tia.mpp == pytest.approx(0.499, rel=1e-3)
+        assert tia.slide_mpp == pytest.approx(0.499, rel=1e-3)
         a = tia.read_region((500, 700), 0, (256, 200))
         b = osl.read_region((500, 700), 0, (256, 200))
         assert a.shape == b.shape == (200, 256, 3)
@@ -29,7 +29,7 @@ def test_svs_pixels_match_openslide(slides_dir):
 
 
 def test_plain_strip_tiff_opens(slides_dir):
-    with open_slide(slides_dir / "kidney-48-5.tif", backend="tiatoolbox", mpp=0.5) as slide:
+    with open_slide(slides_dir / "kidney-48-5.tif", backend="tiatoolbox", slide_mpp=0.5) as slide:
         assert slide.dimensions == (1493, 901)
         assert slide.read_region((700, 400), 0, (32, 32)).std() > 0
 
@@ -37,7 +37,7 @@ def test_plain_strip_tiff_opens(slides_dir):
 def test_numpy_array_as_virtual_slide():
     rng = np.random.default_rng(0)
     img = rng.integers(0, 255, (600, 800, 3), dtype=np.uint8)
-    with open_slide(img, backend="tiatoolbox", mpp=0.5) as slide:
+    with open_slide(img, backend="tiatoolbox", slide_mpp=0.5) as slide:
         assert slide.backend == "tiatoolbox" and slide.dimensions == (800, 600)
         assert np.array_equal(slide.read_region((100, 50), 0, (64, 64)), img[50:114, 100:164])
         grid = tile_grid(slide, mpp=0.5, tile_size=100, min_tissue=0.0)

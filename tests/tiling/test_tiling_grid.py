@@ -16,7 +16,7 @@ def test_ndpi_40x_reads_level_with_downsample_2_and_resizes(slides_dir):
         grid = tile_grid(slide, mpp=0.5, tile_size=224, min_tissue=0.0)
         assert slide.level_downsamples[grid.level] == pytest.approx(2.0)
         assert grid.read_size == round(224 * 0.5 / (0.228175 * 2))  # 245 px read, resized to 224
-        assert grid.stride_level0 == pytest.approx(224 * 0.5 / slide.mpp)
+        assert grid.stride_level0 == pytest.approx(224 * 0.5 / slide.slide_mpp)
         assert grid.grid_shape == (int(4864 * 0.228175 / 0.5 // 224), int(3968 * 0.228175 / 0.5 // 224))
         batch = next(read_tiles(slide, grid, batch_size=4))
         assert batch.tiles.shape == (4, 224, 224, 3)
@@ -75,7 +75,7 @@ def test_missing_mpp_then_override(slides_dir):
     with open_slide(path) as slide:
         with pytest.raises(MissingMPPError, match="mpp="):
             tile_grid(slide)
-    with open_slide(path, mpp=0.25) as slide:
+    with open_slide(path, slide_mpp=0.25) as slide:
         grid = tile_grid(slide, mpp=0.5)
         assert grid.level == 1 and len(grid) > 20
 

@@ -190,7 +190,7 @@ def test_opencv_resize_is_close_to_the_antialiased_pil_resize(slides_dir, synthe
 def test_read_error_is_a_slide_open_error():
     # a slide whose pixels go away after opening: the backend error is wrapped, naming the slide
     img = np.zeros((64, 64, 3), np.uint8)
-    with open_slide(img, mpp=0.5) as slide:
+    with open_slide(img, slide_mpp=0.5) as slide:
         grid = tile_grid(slide, mpp=0.5, tile_size=16, min_tissue=0.0)
 
         def boom(*a, **k):

@@ -34,11 +34,11 @@ def test_every_real_slide_opens(slides_dir, name):
         assert slide.level_downsamples[0] == 1.0
         assert len(slide.level_downsamples) == slide.level_count >= 1
         if mpp is not None:
-            assert slide.mpp == pytest.approx(mpp, rel=1e-3)
+            assert slide.slide_mpp == pytest.approx(mpp, rel=1e-3)
             assert slide.mpp_assumed is False
         else:
             with pytest.raises(MissingMPPError, match="mpp="):
-                _ = slide.mpp
+                _ = slide.slide_mpp
         region = slide.read_region((0, 0), 0, (min(64, dims[0]), min(48, dims[1])))
         assert region.dtype == np.uint8 and region.shape == (min(48, dims[1]), min(64, dims[0]), 3)
         thumb = slide.thumbnail(128)
@@ -66,16 +66,16 @@ def test_missing_mpp_is_lazy_and_overridable(slides_dir):
     with open_slide(path) as slide:
         assert slide.thumbnail(64).shape[1] == 64  # looking at it works without MPP
         with pytest.raises(MissingMPPError, match=r"tcga-cr-7395-01a-01-ts1\.svs.*mpp=.*--assume-mpp"):
-            _ = slide.mpp
-    with open_slide(path, mpp=0.25) as slide:
-        assert slide.mpp == 0.25 and slide.mpp_assumed is True
+            _ = slide.slide_mpp
+    with open_slide(path, slide_mpp=0.25) as slide:
+        assert slide.slide_mpp == 0.25 and slide.mpp_assumed is True
 
 
 def test_mpp_override_replaces_metadata(slides_dir):
-    with open_slide(slides_dir / "cmu-1-small-region.svs", mpp=0.3) as slide:
-        assert slide.mpp == 0.3 and slide.mpp_assumed
-    with pytest.raises(ConfigError, match="mpp=-1"):
-        open_slide(slides_dir / "cmu-1-small-region.svs", mpp=-1)
+    with open_slide(slides_dir / "cmu-1-small-region.svs", slide_mpp=0.3) as slide:
+        assert slide.slide_mpp == 0.3 and slide.mpp_assumed
+    with pytest.raises(ConfigError, match="slide_mpp=-1"):
+        open_slide(slides_dir / "cmu-1-small-region.svs", slide_mpp=-1)
 
 
 def test_kidney_plain_strip_tiff_opens_via_tiffslide_not_openslide(slides_dir):
@@ -106,7 +106,7 @@ def test_tiffslide_and_openslide_agree_on_pixels(slides_dir, name, level):
 
 def test_generated_tiff_agrees_between_backends(slide_025):
     with open_slide(slide_025, backend="tiffslide") as a, open_slide(slide_025, backend="openslide") as b:
-        assert a.mpp == pytest.approx(0.25) and b.mpp == pytest.approx(0.25)
+        assert a.slide_mpp == pytest.approx(0.25) and b.slide_mpp == pytest.approx(0.25)
         ra = a.read_region((517, 333), 0, (700, 500))
         rb = b.read_region((517, 333), 0, (700, 500))
         assert np.array_equal(ra, rb)
@@ -141,9 +141,9 @@ def test_backend_errors(slides_dir):
 def test_numpy_array_virtual_slide():
     img = np.zeros((300, 400, 3), np.uint8)
     img[100:200, 50:150] = (200, 30, 90)
-    with open_slide(img, mpp=0.5) as slide:
+    with open_slide(img, slide_mpp=0.5) as slide:
         assert slide.backend == "numpy" and slide.dimensions == (400, 300)
-        assert slide.mpp == 0.5
+        assert slide.slide_mpp == 0.5
         assert np.array_equal(slide.read_region((50, 100), 0, (100, 100)), img[100:200, 50:150])
     with pytest.raises(ConfigError, match="uint8"):
         open_slide(np.zeros((10, 10), np.float32))
@@ -160,7 +160,7 @@ def test_16bit_slide_regions_share_one_intensity_scale(tmp_path):
     img[100:140, 356:396] = 30000
     path = tmp_path / "sixteen.tif"
     tifffile.imwrite(path, img, tile=(128, 128), photometric="rgb")
-    with open_slide(path, mpp=0.5) as slide:
+    with open_slide(path, slide_mpp=0.5) as slide:
         left = slide.read_level((0, 0), 0, (256, 256))
         right = slide.read_level((256, 0), 0, (256, 256))
     assert left.dtype == right.dtype == np.uint8

@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import typing
+from typing import Any
 
 from wsi_ssl.cli._repair import with_repair_command
+from wsi_ssl.errors import ConfigError
+from wsi_ssl.tiling import PRESET_FIELDS, EmbedConfig, JobQueueSpec, job_name_for
 
 HELP = "embed the tissue tiles of slides into a resumable zarr tile store (dask-parallel)"
 DESCRIPTION = (
     "Tile every slide at --mpp, embed the tiles with --encoder (a registered name, any timm "
     "architecture with --weights, or a .safetensors checkpoint of `wsi-ssl pretrain-tiles`), and "
     "optionally --views augmented versions of --view-tiles tiles each (the Giga-SSL bank used by "
-    "`wsi-ssl pretrain-slides`). --mpp / --tile-size default to the encoder preset's. One task "
+    "`wsi-ssl pretrain-slides`). --mpp / --tile-size default to the encoder preset's (as for "
+    "`wsi-ssl tile --encoder`). An encoder without built-in weights (a timm name) needs "
+    "--weights, or --random-weights on purpose. One task "
     "per slide: in this process when a cluster cannot pay off (one slide, one worker, one GPU), "
     "else on a local dask cluster (one worker per GPU) or --scheduler. "
     "Rerunning the same command skips complete slides and redoes interrupted ones. The run holds "
@@ -25,34 +32,86 @@ DESCRIPTION = (
 )
 
 
+#: the EmbedConfig fields ``wsi-ssl embed`` takes as options (``--tile-size`` for
+#: ``tile_size``), with their help; the defaults and types come from the EmbedConfig fields
+EMBED_OPTIONS: tuple[tuple[str, str], ...] = (
+    ("mpp", "target resolution of the tiles, µm/px (default: the encoder preset's, else "
+            "{default})"),
+    ("tile_size", "tile edge in pixels at --mpp (default: the encoder preset's, else "
+                  "{default})"),
+    ("overlap", "pixels shared by neighbouring tiles"),
+    ("min_tissue", "min tissue fraction per tile"),
+    ("views", "augmented versions per slide (Giga-SSL bank; paper: 50; 0 = none)"),
+    ("view_tiles", "tiles per augmented version"),
+    ("augment", "augmentation preset: histo or none"),
+    ("batch_size", "tiles per encoder call"),
+    ("assume_mpp", "the slide's own µm/px for slides without MPP metadata (recorded as "
+                   "assumed)"),
+    ("dtype", "storage dtype of the features"),
+    ("device", "encoder device on each worker"),
+    ("seed", "seed of the view sampling"),
+    ("backend", "slide reader backend"),
+    ("read_threads", "tile-reading threads per slide (default: chosen per slide)"),
+    ("prefetch", "tile batches read ahead of the encoder"),
+)
+#: choices of string settings (not defaults)
+_CHOICES = {"backend": ("auto", "tiffslide", "openslide", "tiatoolbox")}
+
+
+def config_option(name: str) -> str:
+    """The command-line flag of the EmbedConfig field ``name`` (``--tile-size``)."""
+    return "--" + name.replace("_", "-")
+
+
+def add_config_options(p: argparse.ArgumentParser, options: tuple[tuple[str, str], ...]
+                       ) -> None:
+    """One option per ``(field, help)``: default and type from the EmbedConfig field
+    (``mpp`` / ``tile_size`` default to ``None``: the encoder preset's, else the field's)."""
+    hints = typing.get_type_hints(EmbedConfig)
+    for name, help_text in options:
+        default = EmbedConfig.default(name)
+        hint = hints[name]
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        kw: dict[str, Any] = {"default": None if name in PRESET_FIELDS else default,
+                              "help": help_text.format(default=default), "dest": name}
+        if name in PRESET_FIELDS:  # the help says the default: no "(default: None)" after it
+            kw["help"] += "%(default).0s"
+        if typing.get_origin(hint) is typing.Literal:
+            kw["choices"] = typing.get_args(hint)
+        elif hint in (int, float):
+            kw["type"] = hint
+        elif args and args[0] in (int, float):  # int | None, float | None
+            kw["type"] = args[0]
+        if name in _CHOICES:
+            kw["choices"] = _CHOICES[name]
+        p.add_argument(config_option(name), **kw)
+
+
+def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The EmbedConfig fields given as options (``mpp`` / ``tile_size`` left out when not
+    given: the encoder preset's)."""
+    out = {f: getattr(args, f) for f in EmbedConfig.__dataclass_fields__ if hasattr(args, f)}
+    return {k: v for k, v in out.items() if not (k in PRESET_FIELDS and v is None)}
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("slides", nargs="*", help="slide files, folders or glob patterns")
     p.add_argument("--store", required=True, help="output tile store (a .zarr folder)")
     p.add_argument("--encoder", required=True,
                    help="encoder name (see `wsi-ssl info --encoders`), timm name or checkpoint")
-    p.add_argument("--weights", default=None, help="local weights (.safetensors or .pth)")
+    p.add_argument("--weights", default=None,
+                   help="local weights (.safetensors or .pth; for a preset also the folder of "
+                   "its hub files)")
+    p.add_argument("--random-weights", action="store_true",
+                   help="embed with a random initialisation on purpose (tests, demos; the "
+                   "features carry no pretrained meaning); recorded in the store")
     p.add_argument("--manifest", default=None,
-                   help="CSV with a 'path' column and optional 'slide_id', 'mpp' columns")
-    p.add_argument("--mpp", type=float, default=None,
-                   help="target resolution, µm/px (default: the encoder preset's, else 0.5)")
-    p.add_argument("--tile-size", type=int, default=None,
-                   help="tile edge in pixels at --mpp (default: the encoder preset's, else 224)")
-    p.add_argument("--min-tissue", type=float, default=0.25, help="min tissue fraction per tile")
-    p.add_argument("--views", type=int, default=0,
-                   help="augmented versions per slide (Giga-SSL bank; paper: 50; 0 = none)")
-    p.add_argument("--view-tiles", type=int, default=256, help="tiles per augmented version")
-    p.add_argument("--augment", default="histo", help="augmentation preset: histo or none")
-    p.add_argument("--batch-size", type=int, default=64, help="tiles per encoder call")
-    p.add_argument("--assume-mpp", type=float, default=None,
-                   help="µm/px for slides without MPP metadata (recorded as assumed)")
-    p.add_argument("--dtype", choices=("float16", "float32"), default="float16",
-                   help="storage dtype of the features")
-    p.add_argument("--device", default="auto", help="encoder device on each worker")
+                   help="CSV with a 'path' column and optional 'slide_id', 'slide_mpp' columns")
+    add_config_options(p, EMBED_OPTIONS)
     p.add_argument("--scheduler", default=None,
                    help="dask scheduler address (tcp://host:port); default: a local cluster; "
                    "'sync' runs in this process")
     p.add_argument("--workers", type=int, default=None, help="local cluster worker processes")
-    p.add_argument("--seed", type=int, default=0, help="seed of the view sampling")
     p.add_argument("--overwrite", action="store_true", help="redo slides that are complete")
     p.add_argument("--wait", action="store_true",
                    help="if another process is writing the store, wait for it instead of failing")
@@ -62,23 +121,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "info STORE --verify`), with the settings they were made with")
 
 
-def run(args: argparse.Namespace) -> int:
-    import logging
+def check_weights(encoder: str, weights: Any, random_weights: bool) -> None:
+    """Refuse an encoder without built-in weights given neither weights nor
+    ``--random-weights`` (it would embed noise silently)."""
+    from wsi_ssl.encoders import has_builtin_weights  # lazy: wsi_ssl.encoders imports torch
 
-    from wsi_ssl.errors import ConfigError
-    from wsi_ssl.tiling import embed_slides
+    if random_weights and weights is not None:
+        raise ConfigError("give --weights FILE or --random-weights, not both.")
+    if weights is None and not random_weights and not has_builtin_weights(encoder):
+        raise ConfigError(
+            f"encoder {encoder!r} has no built-in weights: give --weights FILE (a .safetensors "
+            "or .pth state dict), or --random-weights to embed with a random initialisation on "
+            "purpose (the features then carry no pretrained meaning).")
 
-    spec = cluster_spec(args)
-    if args.dry_run:
-        if spec is None:
-            raise ConfigError("--dry-run prints the batch job script: give --cluster too.")
-        from wsi_ssl.tiling import job_name_for
 
-        print(spec.job_script(job_name_for(args.store)), end="")
-        return 0
-    if not args.slides and not args.manifest and not args.repair:
-        raise ConfigError("give slide paths or --manifest CSV (or --repair).")
-    if spec is not None:  # say what the jobs do: submitted, replaced, the live line
+def _quiet_logs(args: argparse.Namespace, batch: bool) -> None:
+    if batch:  # say what the jobs do: submitted, replaced, the live line
         for name in ("wsi_ssl.tiling._jobqueue", "wsi_ssl.tiling._embed"):
             logging.getLogger(name).setLevel(min(logging.INFO,
                                                  logging.getLogger(name).getEffectiveLevel()))
@@ -86,16 +144,9 @@ def run(args: argparse.Namespace) -> int:
         for name in ("distributed", "distributed.scheduler", "distributed.nanny",
                      "distributed.core", "distributed.http.proxy"):
             logging.getLogger(name).setLevel(logging.WARNING)
-    report = with_repair_command(  # the damaged slides' command when the settings differ
-        embed_slides,
-        args.slides or None, args.encoder, args.store, weights=args.weights, mpp=args.mpp,
-        tile_size=args.tile_size,
-        views=args.views, view_tiles=args.view_tiles, augment=args.augment,
-        batch_size=args.batch_size, min_tissue=args.min_tissue, seed=args.seed,
-        assume_mpp=args.assume_mpp, manifest=args.manifest, dtype=args.dtype,
-        device=args.device, client=args.scheduler, n_workers=args.workers, cluster=spec,
-        overwrite=args.overwrite, wait=args.wait, repair=args.repair,
-    )
+
+
+def _print_report(report: Any) -> int:
     print(f"store     {report.store}")
     print(f"embedded  {len(report.done)} slides, {report.n_tiles} tiles + "
           f"{report.n_view_tiles} view tiles in {report.seconds:.1f} s "
@@ -110,6 +161,28 @@ def run(args: argparse.Namespace) -> int:
         print("fix them (e.g. --assume-mpp for slides without MPP) and rerun the same command.")
         return 1
     return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    from wsi_ssl.tiling import embed_slides  # lazy: pulls in torch (`--help` stays fast)
+
+    spec = cluster_spec(args)
+    if args.dry_run:
+        if spec is None:
+            raise ConfigError("--dry-run prints the batch job script: give --cluster too.")
+        print(spec.job_script(job_name_for(args.store)), end="")
+        return 0
+    if not args.slides and not args.manifest and not args.repair:
+        raise ConfigError("give slide paths or --manifest CSV (or --repair).")
+    check_weights(args.encoder, args.weights, args.random_weights)
+    _quiet_logs(args, spec is not None)
+    report = with_repair_command(  # the damaged slides' command when the settings differ
+        embed_slides,
+        args.slides or None, args.encoder, args.store, weights=args.weights,
+        random_weights=args.random_weights, manifest=args.manifest, client=args.scheduler,
+        n_workers=args.workers, cluster=spec, overwrite=args.overwrite, wait=args.wait,
+        repair=args.repair, **config_overrides(args))
+    return _print_report(report)
 
 
 def add_batch_arguments(p: argparse.ArgumentParser, *, system_default: str | None = None
@@ -150,8 +223,6 @@ def add_batch_arguments(p: argparse.ArgumentParser, *, system_default: str | Non
 
 def cluster_spec(args: argparse.Namespace):
     """The JobQueueSpec of --cluster and the batch options (None without --cluster)."""
-    from wsi_ssl.errors import ConfigError
-
     given = {"jobs": args.jobs, "gpus_per_job": args.gpus_per_job, "cores": args.cores,
              "memory": args.memory, "partition": args.partition, "account": args.account,
              "walltime": args.walltime, "job_extra": tuple(args.job_extra or ()),
@@ -166,7 +237,6 @@ def cluster_spec(args: argparse.Namespace):
     if getattr(args, "scheduler", None) is not None or getattr(args, "workers", None) is not None:
         raise ConfigError("--cluster starts its own workers in batch jobs; drop --scheduler / "
                           "--workers.")
-    from wsi_ssl.tiling import JobQueueSpec
 
     if isinstance(given["jobs"], str):
         raw = given["jobs"].strip()

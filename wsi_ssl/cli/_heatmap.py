@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     from wsi_ssl.eval import heatmap  # lazy: keeps `wsi-ssl --help` fast
 
     res = heatmap(args.slide, args.store, args.model, slide_id=args.slide_id, out_dir=args.out,
-                  mpp=args.assume_mpp)
+                  slide_mpp=args.assume_mpp)
     top = res.top_tiles(5)
     print(f"{res.slide_id}: {len(res)} tiles, {res.meaning}; top 5 tiles (level-0 x, y): "
           + ", ".join(f"({x}, {y})" for x, y in res.coords[top]))

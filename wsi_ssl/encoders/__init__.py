@@ -18,7 +18,10 @@ from wsi_ssl.encoders._registry import (
     create_encoder,
     describe_encoder,
     encoder_from_spec,
+    has_builtin_weights,
     register_encoder,
+    warn_random_weights,
+    weights_kind,
 )
 from wsi_ssl.encoders._table import EncoderInfo, encoder_infos, encoder_table, list_encoders
 from wsi_ssl.encoders._weights import CHECKPOINT_FORMAT
@@ -36,6 +39,9 @@ __all__ = [
     "register_encoder",
     "describe_encoder",
     "encoder_from_spec",
+    "has_builtin_weights",
+    "weights_kind",
+    "warn_random_weights",
     "CHECKPOINT_FORMAT",
     "TileEncoder",
     "EncoderEntry",

@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from wsi_ssl._utils import resolve_device
 from wsi_ssl.errors import ConfigError, InputError
 
 __all__ = ["TileEncoder", "model_fingerprint", "IMAGENET_MEAN", "IMAGENET_STD"]
@@ -130,8 +131,6 @@ class TileEncoder(nn.Module):
     def to_device(self, device: str | torch.device = "auto", dtype: str | None = None
                   ) -> TileEncoder:
         """Move to ``device`` (``"auto"`` picks CUDA when present) and set the compute dtype."""
-        from wsi_ssl._utils import resolve_device
-
         dev = resolve_device(device)
         self.device = dev
         self.dtype = _resolve_dtype(dtype or self._dtype_arg, dev)
@@ -230,7 +229,7 @@ class TileEncoder(nn.Module):
         if self.device.type != "cpu" or not self.activation_bytes:
             return max(1, n)
         try:
-            import psutil
+            import psutil  # lazy: optional, only to size batches on the CPU
 
             budget = psutil.virtual_memory().available // 4
         except ImportError:  # pragma: no cover - psutil comes with dask.distributed

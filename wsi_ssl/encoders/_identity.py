@@ -163,9 +163,10 @@ def encoder_identity(name: str | os.PathLike, *, weights: str | os.PathLike | No
         return EncoderIdentity(name=preset.name, fingerprint=spec_fingerprint(spec),
                                embed_dim=preset.embed_dim, input_size=preset.input_size,
                                spec=spec)
-    if random_weights or model_kwargs:
-        raise ConfigError(f"random_weights/model_kwargs are for foundation-model presets; "
-                          f"{name!r} is not one.")
+    if model_kwargs:
+        raise ConfigError(f"model_kwargs are for foundation-model presets; {name!r} is not one.")
+    if random_weights and weights is not None:
+        raise ConfigError("pass weights= or random_weights=True, not both.")
     from wsi_ssl.encoders._registry import _REGISTRY
 
     spec = plain_spec(name, weights=weights, device="auto", dtype=dtype)

@@ -19,12 +19,16 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from wsi_ssl.encoders._hf_models import load_transformers_trunk
 from wsi_ssl.encoders._presets import (
     _PRESETS,
     EncoderPreset,
     PresetModel,
     build_trunk,
+    get_preset,
+    is_builtin,
 )
+from wsi_ssl.encoders._weights import match_state_dict, read_weights
 from wsi_ssl.errors import WeightsError
 
 __all__ = ["build_preset_model", "expected_shapes", "identify_weights", "activation_bytes",
@@ -48,8 +52,6 @@ def _meta_trunk(preset: EncoderPreset, overrides: Mapping[str, Any] | None) -> n
 @functools.lru_cache(maxsize=64)
 def _expected_shapes_cached(name: str, overrides: tuple[tuple[str, Any], ...]
                             ) -> dict[str, tuple[int, ...]]:
-    from wsi_ssl.encoders._presets import get_preset
-
     preset = get_preset(name)
     trunk = _meta_trunk(preset, dict(overrides))
     return {k: tuple(v.shape) for k, v in trunk.state_dict().items()}
@@ -58,8 +60,6 @@ def _expected_shapes_cached(name: str, overrides: tuple[tuple[str, Any], ...]
 def expected_shapes(preset: EncoderPreset, overrides: Mapping[str, Any] | None = None
                     ) -> dict[str, tuple[int, ...]]:
     """``{key: shape}`` of the state dict a checkpoint of ``preset`` must hold (meta build)."""
-    from wsi_ssl.encoders._presets import is_builtin
-
     if not is_builtin(preset):
         return {k: tuple(v.shape) for k, v in _meta_trunk(preset, overrides).state_dict().items()}
     return dict(_expected_shapes_cached(preset.name, tuple(sorted((overrides or {}).items()))))
@@ -85,8 +85,6 @@ def identify_weights(sd: Mapping[str, torch.Tensor], *, exclude: str | None = No
     """The name of the preset whose architecture (with ``overrides``, e.g. a reduced depth)
     ``sd`` matches exactly (keys and shapes), ``None`` if none does. Cheap: meta builds,
     cached."""
-    from wsi_ssl.encoders._weights import match_state_dict
-
     for preset in _PRESETS:
         if preset.name == exclude:
             continue
@@ -118,15 +116,11 @@ def build_preset_model(preset: EncoderPreset, path: str | os.PathLike | None, *,
     Raises:
         WeightsError: the file cannot be read or does not match the architecture.
     """
-    from wsi_ssl.encoders._weights import match_state_dict, read_weights
-
     if path is None:
         trunk = _random_trunk(preset, overrides, seed)
         return PresetModel(trunk, family=preset.family, output=preset.output).eval()
     path = Path(path)
     if preset.family == "transformers":  # transformers converts hub (v4) key names itself
-        from wsi_ssl.encoders._hf_models import load_transformers_trunk
-
         trunk, problems = load_transformers_trunk(preset, path, overrides)
         if problems:
             _raise_misfit(preset, path, problems, read_weights(path), overrides)

@@ -7,6 +7,11 @@ cache), then in our registry (small CPU encoders, user registrations), then in t
 (``timm.create_model(name, pretrained=False, num_classes=0)``: never a download). Weights come only
 from local files. Models built without weights are initialised under a fixed seed, so two
 processes building the same name get the same weights and the same fingerprint.
+
+A timm name has no built-in weights: built without ``weights=`` it is a random initialisation,
+which ``create_encoder`` warns about once per process per name (a
+:class:`~wsi_ssl.errors.RandomWeightsWarning`; ``random_weights=True`` says it is on purpose)
+and ``wsi-ssl embed`` refuses without ``--random-weights``.
 """
 
 from __future__ import annotations
@@ -14,16 +19,37 @@ from __future__ import annotations
 import difflib
 import logging
 import os
+import threading
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from wsi_ssl.encoders._encoder import IMAGENET_MEAN, IMAGENET_STD, SPEC_BUILDER
-from wsi_ssl.errors import ConfigError, EncoderMismatchError, WeightsError
+import torch
+import torch.nn as nn
+
+from wsi_ssl.encoders import _tiny
+from wsi_ssl.encoders._encoder import IMAGENET_MEAN, IMAGENET_STD, SPEC_BUILDER, TileEncoder
+from wsi_ssl.encoders._hub import resolve_weights
+from wsi_ssl.encoders._loading import activation_bytes, build_preset_model
+from wsi_ssl.encoders._presets import (
+    _BY_NAME,
+    get_preset,
+    is_builtin,
+    list_presets,
+    preset_from_dict,
+    register_preset,
+)
+from wsi_ssl.encoders._weights import (
+    CHECKPOINT_FORMAT,
+    load_weights_into,
+    read_checkpoint_metadata,
+)
+from wsi_ssl.errors import ConfigError, EncoderMismatchError, RandomWeightsWarning, WeightsError
 
 __all__ = ["create_encoder", "register_encoder", "EncoderEntry",
-           "encoder_from_spec"]
+           "encoder_from_spec", "has_builtin_weights", "weights_kind", "warn_random_weights"]
 
 INIT_SEED = 0
 
@@ -85,10 +111,48 @@ def register_encoder(name: str, builder: Callable[[], Any] | None = None, *, inp
     return builder
 
 
+_WARNED: set[str] = set()
+_WARNED_LOCK = threading.Lock()
+
+
+def has_builtin_weights(name: str | os.PathLike) -> bool:
+    """Whether ``create_encoder(name)`` without ``weights=`` has meaningful weights: a
+    registered builder (its own weights, e.g. the bundled tiny encoders), a preset (weights
+    from the local Hugging Face cache; none there is an error) or a ``.safetensors``
+    checkpoint; ``False`` for a timm architecture (a random initialisation)."""
+    name = str(name)
+    return (name in _REGISTRY or get_preset(name) is not None
+            or name.endswith(".safetensors"))
+
+
+def weights_kind(spec: Mapping[str, Any] | None) -> str:
+    """Where the weights of the encoder that ``spec`` builds come from, as recorded in a store
+    (``encoder.weights``): ``"file"`` (a weights file), ``"random"`` (a random
+    initialisation: ``random_weights=True`` or a timm name without weights), ``"builtin"`` (a
+    registered builder) or ``"module"`` (a wrapped ``nn.Module``, ``spec=None``)."""
+    if spec is None:
+        return "module"
+    if spec.get("random_weights"):
+        return "random"
+    if spec.get("weights"):
+        return "file"
+    return "builtin" if has_builtin_weights(str(spec["name"])) else "random"
+
+
+def warn_random_weights(name: str, *, stacklevel: int = 3) -> None:
+    """Warn once per process that ``name`` is built with a random initialisation."""
+    with _WARNED_LOCK:
+        if name in _WARNED:
+            return
+        _WARNED.add(name)
+    warnings.warn(f"encoder {name!r} has no built-in weights and no weights= were given: it is a "
+                  "random initialisation, so its features carry no pretrained meaning; pass "
+                  "weights=FILE, or random_weights=True if this is on purpose.",
+                  RandomWeightsWarning, stacklevel=stacklevel)
+
+
 def describe_encoder(name: str) -> str:
     """The registered description of ``name`` ('' for timm names)."""
-    from wsi_ssl.encoders._presets import get_preset
-
     preset = get_preset(name)
     if preset is not None:
         return (f"{preset.hub_repo}: {preset.arch}, {preset.embed_dim}-d ({preset.output}), "
@@ -98,9 +162,8 @@ def describe_encoder(name: str) -> str:
 
 
 def _unknown(name: str) -> ConfigError:
-    import timm
+    import timm  # lazy: a heavy import, only for timm names
 
-    from wsi_ssl.encoders._presets import _BY_NAME
 
     pool = list(_BY_NAME) + list(_REGISTRY) + timm.list_models()
     close = difflib.get_close_matches(name, pool, n=5, cutoff=0.6)
@@ -111,8 +174,6 @@ def _unknown(name: str) -> ConfigError:
 
 def _build(name: str) -> tuple[Any, dict[str, Any]]:
     """(module, info) for a registered or timm name, initialised under a fixed seed."""
-    import torch
-
     entry = _REGISTRY.get(name)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(INIT_SEED)
@@ -121,7 +182,7 @@ def _build(name: str) -> tuple[Any, dict[str, Any]]:
             info = {"input_size": entry.input_size, "mean": entry.mean, "std": entry.std,
                     "arch": {"registry": name}}
         else:
-            import timm
+            import timm  # lazy: a heavy import, only for timm names
 
             if not timm.is_model(name):
                 raise _unknown(name)
@@ -138,8 +199,6 @@ def _embed_dim(model: Any, input_size: int) -> int:
         v = getattr(model, attr, None)
         if isinstance(v, int) and v > 0:
             return v
-    import torch
-
     was = model.training
     model.eval()
     with torch.inference_mode():
@@ -168,9 +227,12 @@ def create_encoder(name: Any, *, weights: str | os.PathLike | None = None,
             ``weights_only=True``). For a preset also a folder holding the hub files (what
             ``huggingface-cli download REPO --local-dir DIR`` writes), and ``None`` looks the
             preset's hub repo up in the local Hugging Face cache (offline). For other names
-            ``None`` keeps the deterministic random initialisation.
-        random_weights: presets only: build with a deterministic random initialisation instead
-            of loading weights (tests, architecture checks; the features mean nothing).
+            ``None`` keeps the deterministic random initialisation (for a timm name, which has
+            no built-in weights, with a :class:`~wsi_ssl.errors.RandomWeightsWarning`, once
+            per process per name).
+        random_weights: build with a deterministic random initialisation on purpose (tests,
+            architecture checks; the features mean nothing): a preset loads no weights, a timm
+            name is built without the warning (a registered name is unchanged).
         model_kwargs: presets only: architecture keyword arguments that replace the preset's
             (e.g. ``{"depth": 1}`` for a fast test instance); recorded in the fingerprint.
         device: ``"auto"`` (CUDA if available, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
@@ -186,11 +248,6 @@ def create_encoder(name: Any, *, weights: str | os.PathLike | None = None,
         WeightsError: unreadable, missing or mismatched weights (the message names the file,
             the first offending keys, the likely cause and, for a preset, how to fetch them).
     """
-    import torch.nn as nn
-
-    from wsi_ssl.encoders._encoder import TileEncoder
-    from wsi_ssl.encoders._presets import get_preset
-    from wsi_ssl.encoders._weights import load_weights_into
 
     if isinstance(name, nn.Module):
         size = int(input_size or 224)
@@ -210,12 +267,16 @@ def create_encoder(name: Any, *, weights: str | os.PathLike | None = None,
                               "input_size/mean/std/embed_dim cannot be changed.")
         return _create_preset(preset, weights=weights, device=device, dtype=dtype,
                               random_weights=random_weights, model_kwargs=model_kwargs)
-    if random_weights or model_kwargs:
-        raise ConfigError(f"random_weights/model_kwargs are for foundation-model presets "
+    if model_kwargs:
+        raise ConfigError(f"model_kwargs are for foundation-model presets "
                           f"({', '.join(list_presets_short())}); {name!r} is not one.")
+    if random_weights and weights is not None:
+        raise ConfigError("pass weights= or random_weights=True, not both.")
     spec = plain_spec(name, weights=weights, device=device, dtype=dtype, input_size=input_size,
                       mean=mean, std=std)
     name, weights, input_size = spec["name"], spec["weights"], spec["input_size"]
+    if weights is None and not random_weights and not has_builtin_weights(name):
+        warn_random_weights(name)
     model, info = _build(name)
     if weights is not None:
         load_weights_into(model, weights)
@@ -232,8 +293,6 @@ def plain_spec(name: str, *, weights: str | os.PathLike | None, device: str, dty
                std: Sequence[float] | None = None) -> dict[str, Any]:
     """The spec of a registered/timm name or a ``.safetensors`` checkpoint of our tile
     pretraining (its metadata names the architecture and the tile size), checked, unbuilt."""
-    from wsi_ssl.encoders._weights import CHECKPOINT_FORMAT, read_checkpoint_metadata
-
     meta: dict[str, str] = {}
     if name.endswith(".safetensors") and weights is None:
         if not Path(name).is_file():
@@ -251,7 +310,7 @@ def plain_spec(name: str, *, weights: str | os.PathLike | None, device: str, dty
     if input_size is None and meta.get("format") == CHECKPOINT_FORMAT and meta.get("tile_size"):
         input_size = int(meta["tile_size"])  # our tile-SSL weights: the size they were trained at
     if name not in _REGISTRY:
-        import timm
+        import timm  # lazy: a heavy import, only for timm names
 
         if not timm.is_model(name):
             raise _unknown(name)
@@ -262,9 +321,6 @@ def plain_spec(name: str, *, weights: str | os.PathLike | None, device: str, dty
 def preset_spec(preset: Any, *, weights: Any, device: str, dtype: str, random_weights: bool,
                 model_kwargs: Mapping[str, Any] | None) -> tuple[dict[str, Any], Path | None]:
     """(spec, weights file or None) of a preset, its weights located but not read."""
-    from wsi_ssl.encoders._hub import resolve_weights
-    from wsi_ssl.encoders._presets import is_builtin
-
     overrides = dict(model_kwargs or {})
     if random_weights and weights is not None:
         raise ConfigError("pass weights= or random_weights=True, not both.")
@@ -278,17 +334,12 @@ def preset_spec(preset: Any, *, weights: Any, device: str, dtype: str, random_we
 
 
 def list_presets_short() -> list[str]:
-    from wsi_ssl.encoders._presets import list_presets
-
     return list_presets()[:4] + ["..."]
 
 
 def _create_preset(preset: Any, *, weights: Any, device: str, dtype: str, random_weights: bool,
                    model_kwargs: Mapping[str, Any] | None):
     """A preset's :class:`TileEncoder` (architecture on the meta device, weights assigned)."""
-    from wsi_ssl.encoders._encoder import TileEncoder
-    from wsi_ssl.encoders._loading import activation_bytes, build_preset_model
-
     spec, path = preset_spec(preset, weights=weights, device=device, dtype=dtype,
                              random_weights=random_weights, model_kwargs=model_kwargs)
     overrides = dict(model_kwargs or {})
@@ -308,9 +359,9 @@ def encoder_from_spec(spec: dict[str, Any], fingerprint: str | None = None, *,
                       device: str | None = None):
     """Rebuild an encoder from ``TileEncoder.spec`` (in another process) and check that it is
     the same one (same fingerprint)."""
-    from wsi_ssl.encoders._presets import get_preset, preset_from_dict, register_preset
-
     kw = {k: spec.get(k) for k in ("weights", "input_size", "mean", "std")}
+    # the process that made the spec decided about random weights (and warned): not again here
+    kw["random_weights"] = spec.get("weights") is None
     if spec.get("preset") and get_preset(spec["name"]) is None:
         register_preset(preset_from_dict(spec["preset"]))
     if spec.get("random_weights") or spec.get("model_kwargs"):
@@ -327,8 +378,6 @@ def encoder_from_spec(spec: dict[str, Any], fingerprint: str | None = None, *,
 
 
 def _register_builtins() -> None:
-    from wsi_ssl.encoders import _tiny
-
     register_encoder("tiny-cnn", _tiny.build_tiny_cnn, input_size=64, overwrite=True, embed_dim=64,
                      description="4-block CNN, 64-d, 64 px; random deterministic weights "
                      "(tests/demo)")

@@ -75,7 +75,7 @@ def tile_clusters(features: np.ndarray, n_clusters: int = 6, *, seed: int = 0) -
 
 def cluster_map(slide_path: str | os.PathLike, store: Any, *, slide_id: str | None = None,
                 n_clusters: int = 6, seed: int = 0, out_dir: str | os.PathLike | None = None,
-                mpp: float | None = None) -> ClusterMapResult:
+                slide_mpp: float | None = None) -> ClusterMapResult:
     """k-means clusters of one slide's tile features, drawn over its thumbnail.
 
     Args:
@@ -85,7 +85,7 @@ def cluster_map(slide_path: str | os.PathLike, store: Any, *, slide_id: str | No
         n_clusters: k of k-means.
         seed: k-means seed.
         out_dir: where ``{slide_id}_clusters.png`` and ``.csv`` go; None = nothing written.
-        mpp: the slide's µm/px when its file has none.
+        slide_mpp: the slide's own µm/px when its file has none.
 
     Returns:
         A :class:`ClusterMapResult`.
@@ -109,5 +109,5 @@ def cluster_map(slide_path: str | os.PathLike, store: Any, *, slide_id: str | No
              f"(tiles per cluster: {', '.join(map(str, counts))}); green line = tissue outline")
     png, csv = save_tile_map(slide_path, sid, res.to_frame(), lab, stride=stride,
                              out_dir=out_dir, suffix="clusters", title=title, label="cluster id",
-                             categorical=True, mpp=mpp)
+                             categorical=True, slide_mpp=slide_mpp)
     return replace(res, figure=png, csv=csv)

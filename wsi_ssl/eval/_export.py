@@ -128,7 +128,7 @@ def export_geojson(slide_path: str | os.PathLike, out_path: str | os.PathLike, *
     if (model is not None or n_clusters) and store is None:
         raise InputError("heatmap scores (model=) and clusters (n_clusters=) come from a tile "
                          "store: pass store= (--store) with the slide's embedded tiles.")
-    with open_slide(slide_path, mpp=slide_mpp) as slide:
+    with open_slide(slide_path, slide_mpp=slide_mpp) as slide:
         tissue = detect_tissue(slide)
         meas: dict[str, np.ndarray] = {}
         if store is None:

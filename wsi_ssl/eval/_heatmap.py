@@ -205,7 +205,7 @@ def plot_tile_values(slide: Any, coords: np.ndarray, values: np.ndarray, *, stri
     from wsi_ssl.tiling import TileGrid, plot_grid  # lazy: slide readers and matplotlib
 
     empty = TileGrid(coords=np.zeros((0, 2), np.int64), tissue_fraction=np.zeros(0, np.float32),
-                     mpp=float(slide.mpp), tile_size=1, level=0, read_size=1,
+                     mpp=float(slide.slide_mpp), tile_size=1, level=0, read_size=1,
                      stride_level0=float(stride))
     fig = plot_grid(slide, empty, tissue, thumbnail_size=thumbnail_size, title=title)
     ax = fig.axes[0]
@@ -243,7 +243,7 @@ def plot_tile_values(slide: Any, coords: np.ndarray, values: np.ndarray, *, stri
 
 def save_tile_map(slide_path: str | os.PathLike, slide_id: str, frame: Any, values: np.ndarray,
                   *, stride: float, out_dir: str | os.PathLike, suffix: str, title: str,
-                  label: str, categorical: bool = False, mpp: float | None = None,
+                  label: str, categorical: bool = False, slide_mpp: float | None = None,
                   color_range: tuple[float, float] | None = None
                   ) -> tuple[Path, Path]:
     """Write ``{slide_id}_{suffix}.csv`` (``frame``: slide_id, x, y, value) and the picture of
@@ -258,7 +258,7 @@ def save_tile_map(slide_path: str | os.PathLike, slide_id: str, frame: Any, valu
     csv, png = out / f"{slide_id}_{suffix}.csv", out / f"{slide_id}_{suffix}.png"
     atomic_write_bytes(csv, frame.to_csv(index=False).encode("utf-8"))
     coords = frame[["x", "y"]].to_numpy()
-    with open_slide(slide_path, mpp=mpp) as slide:
+    with open_slide(slide_path, slide_mpp=slide_mpp) as slide:
         tissue = detect_tissue(slide)
         fig = plot_tile_values(slide, coords, values, stride=stride, tissue=tissue, title=title,
                                label=label, categorical=categorical, color_range=color_range)
@@ -269,7 +269,7 @@ def save_tile_map(slide_path: str | os.PathLike, slide_id: str, frame: Any, valu
 def heatmap(slide_path: str | os.PathLike, store: Any, model: Any, *,
             slide_id: str | None = None, kind: ScoreKind = "attention",
             target_class: Any = None, out_dir: str | os.PathLike | None = None,
-            mpp: float | None = None,
+            slide_mpp: float | None = None,
             color_range: tuple[float, float] | None = None) -> HeatmapResult:
     """Per-tile scores of ``model`` over all tiles of one slide, drawn over its thumbnail.
 
@@ -284,7 +284,8 @@ def heatmap(slide_path: str | os.PathLike, store: Any, model: Any, *,
         target_class: class mapped by ``"tile_logit"`` (default the last class).
         out_dir: where ``{slide_id}_{kind}.png`` and ``.csv`` (``slide_id, x, y, score``) go;
             None = nothing written.
-        mpp: the slide's µm/px when its file has none (as given to ``embed``).
+        slide_mpp: the slide's own µm/px when its file has none (``--assume-mpp`` of
+            ``embed``).
         color_range: ``(low, high)`` of the colour scale (default: the slide's 1st-99th
             percentiles); pass the same range to compare slides.
 
@@ -300,6 +301,6 @@ def heatmap(slide_path: str | os.PathLike, store: Any, model: Any, *,
              "bright = high score; green line = tissue outline")
     png, csv = save_tile_map(slide_path, sid, res.to_frame(), res.scores,
                              stride=res.stride_level0, out_dir=out_dir, suffix=kind, title=title,
-                             label=res.meaning, mpp=mpp, color_range=color_range)
+                             label=res.meaning, slide_mpp=slide_mpp, color_range=color_range)
     logger.info("heatmap of %s (%s): %s", sid, kind, png)
     return replace(res, figure=png, csv=csv)

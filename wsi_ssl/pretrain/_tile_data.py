@@ -116,7 +116,7 @@ class TileSSLDataset(IterableDataset):
             return self._cache[i]
         path = self.slides[i]
         try:
-            slide = open_slide(path, mpp=self.assume_mpp)
+            slide = open_slide(path, slide_mpp=self.assume_mpp)
             grid = tile_grid(slide, mpp=self.mpp, tile_size=self.tile_size,
                              min_tissue=self.min_tissue)
         except WsiSslError as err:

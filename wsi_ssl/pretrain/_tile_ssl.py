@@ -139,7 +139,8 @@ class TileSSLResult:
 
 
 def _build_method(cfg: TileSSLConfig):
-    enc = create_encoder(cfg.arch, device="cpu", dtype="float32")
+    # the starting point of self-supervised training: a random initialisation on purpose
+    enc = create_encoder(cfg.arch, device="cpu", dtype="float32", random_weights=True)
     backbone = enc.model
     torch.manual_seed(cfg.seed)
     kw: dict[str, Any] = {"hidden_dim": cfg.hidden_dim}

@@ -304,7 +304,8 @@ class TileStore:
 
     @property
     def encoder(self) -> dict[str, Any] | None:
-        """``{"name", "fingerprint", "embed_dim"}`` of the encoder bound to the store, or None."""
+        """``{"name", "fingerprint", "embed_dim", "weights"?}`` of the encoder bound to the
+        store, or None."""
         return self.root_attrs.get("encoder")
 
     @property
@@ -312,10 +313,14 @@ class TileStore:
         enc = self.encoder
         return None if enc is None else enc.get("fingerprint")
 
-    def bind_encoder(self, name: str, fingerprint: str, embed_dim: int) -> None:
-        """Record the encoder of this store; a different one is an :class:`EncoderMismatchError`
-        once the store holds slides (an empty store is simply re-bound)."""
+    def bind_encoder(self, name: str, fingerprint: str, embed_dim: int,
+                     weights: str | None = None) -> None:
+        """Record the encoder of this store (``weights``: where its weights come from, e.g.
+        ``"random"``); a different one is an :class:`EncoderMismatchError` once the store holds
+        slides (an empty store is simply re-bound)."""
         new = {"name": str(name), "fingerprint": str(fingerprint), "embed_dim": int(embed_dim)}
+        if weights is not None:
+            new["weights"] = str(weights)
         if self.encoder == new:
             return
         self._writable()

@@ -28,6 +28,7 @@ import numpy as np
 
 from wsi_ssl._utils import atomic_write_bytes, expand_slide_paths, file_fingerprint, progress
 from wsi_ssl.errors import ConfigError, TissueWarning, WsiSslError
+from wsi_ssl.tiling._config import EmbedConfig
 from wsi_ssl.tiling._grid import TileGrid
 from wsi_ssl.tiling._slide import BackendName
 
@@ -163,7 +164,7 @@ def _tile_one(path: Path, out_dir: Path, params: dict[str, Any], plot: bool) -> 
         if slide.native_mpp is None and params["assume_mpp"] is not None:
             backend = slide.backend
             slide.close()
-            slide = open_slide(path, backend=backend, mpp=params["assume_mpp"])
+            slide = open_slide(path, backend=backend, slide_mpp=params["assume_mpp"])
         tissue = detect_tissue(slide)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", TissueWarning)
@@ -188,7 +189,7 @@ def _tile_one(path: Path, out_dir: Path, params: dict[str, Any], plot: bool) -> 
         meta = {
             "slide_id": slide.slide_id, "path": str(path), "source": file_fingerprint(path),
             "params": params, "backend": slide.backend, "dimensions": list(slide.dimensions),
-            "slide_mpp": slide.mpp, "mpp_assumed": slide.mpp_assumed, "mpp": grid.mpp,
+            "slide_mpp": slide.slide_mpp, "mpp_assumed": slide.mpp_assumed, "mpp": grid.mpp,
             "tile_size": grid.tile_size, "overlap": grid.overlap, "level": grid.level,
             "level_downsample": grid.level_downsample, "read_size": grid.read_size,
             "stride_level0": grid.stride_level0, "grid_shape": list(grid.grid_shape),
@@ -196,7 +197,7 @@ def _tile_one(path: Path, out_dir: Path, params: dict[str, Any], plot: bool) -> 
         }
         atomic_write_bytes(sdir / "grid.json", json.dumps(meta, indent=2).encode())
         return TilingRow(slide.slide_id, str(path), "ok", len(grid), slide.backend, grid.level,
-                         grid.read_size, slide.mpp, slide.mpp_assumed, tissue.fraction,
+                         grid.read_size, slide.slide_mpp, slide.mpp_assumed, tissue.fraction,
                          time.perf_counter() - t0)
     finally:
         slide.close()
@@ -219,8 +220,11 @@ def _already_done(path: Path, out_dir: Path, params: dict[str, Any]) -> TilingRo
 
 
 def tile_slides(slides: str | os.PathLike | Sequence[str | os.PathLike], out_dir: str | os.PathLike,
-                *, mpp: float = 0.5, tile_size: int = 224, min_tissue: float = 0.25,
-                assume_mpp: float | None = None, backend: BackendName = "auto", overlap: int = 0,
+                *, mpp: float = EmbedConfig.default("mpp"),
+                tile_size: int = EmbedConfig.default("tile_size"),
+                min_tissue: float = EmbedConfig.default("min_tissue"),
+                assume_mpp: float | None = None, backend: BackendName = "auto",
+                overlap: int = EmbedConfig.default("overlap"),
                 plot: bool = True, overwrite: bool = False) -> TilingReport:
     """Tile every slide: grid + QC picture per slide, failures recorded, the others go on.
 

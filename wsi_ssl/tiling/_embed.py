@@ -19,24 +19,39 @@ Coordinates are level-0 pixels ``(x, y)``; MPP in µm/px.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import dataclasses
 import hashlib
 import json
 import logging
 import os
+import queue
+import signal
 import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import CancelledError
-from contextlib import contextmanager as contextlib_contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from wsi_ssl._utils import expand_slide_items
+from wsi_ssl._utils import expand_slide_items, file_fingerprint, progress, sanitize_id
+from wsi_ssl._version import __version__
+from wsi_ssl.encoders import (
+    TileEncoder,
+    create_encoder,
+    encoder_identity,
+    has_builtin_weights,
+    spec_fingerprint,
+    warn_random_weights,
+    weights_kind,
+)
 from wsi_ssl.errors import ConfigError, InputError, RepairSettingsError
-from wsi_ssl.store import RepairPlan
+from wsi_ssl.store import RepairPlan, TileStore
+from wsi_ssl.tiling._cluster import plan_cluster, start_cluster, submit_options
+from wsi_ssl.tiling._config import EmbedConfig, embed_config
 from wsi_ssl.tiling._embed_worker import (
     EncoderPayload,
     SlideFailure,
@@ -44,7 +59,13 @@ from wsi_ssl.tiling._embed_worker import (
     run_job,
     run_jobs,
 )
-from wsi_ssl.tiling._jobqueue import ClusterError
+from wsi_ssl.tiling._jobqueue import (
+    BatchCluster,
+    ClusterError,
+    JobQueueSpec,
+    check_inputs_on_cluster,
+    job_name_for,
+)
 
 __all__ = ["embed_slides", "EmbedConfig", "EmbedReport", "read_manifest", "SlideResult",
            "SlideFailure"]
@@ -96,8 +117,9 @@ class EmbedReport:
 
 
 def read_manifest(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Rows of a manifest CSV: ``path`` (required), optional ``slide_id`` and ``mpp`` columns.
-    Relative paths are relative to the CSV's folder."""
+    """Rows of a manifest CSV: ``path`` (required), optional ``slide_id`` and ``slide_mpp`` (the
+    slide's own µm/px, overriding its metadata; the older column name ``mpp`` is read too)
+    columns. Relative paths are relative to the CSV's folder."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"manifest '{path}' does not exist.")
@@ -105,27 +127,32 @@ def read_manifest(path: str | os.PathLike) -> list[dict[str, Any]]:
         rows = list(csv.DictReader(fh))
     if not rows or "path" not in rows[0]:
         raise InputError(f"manifest '{path}' needs a 'path' column (and optionally 'slide_id', "
-                         f"'mpp'); got columns {list(rows[0]) if rows else []}.")
+                         f"'slide_mpp'); got columns {list(rows[0]) if rows else []}.")
     out = []
     for i, r in enumerate(rows, start=2):
         p = Path(r["path"].strip())
         if not p.is_absolute():
             p = path.parent / p
-        mpp = (r.get("mpp") or "").strip()
+        col = "slide_mpp" if "slide_mpp" in r else "mpp"
+        text = (r.get(col) or "").strip()
         try:
-            mpp_v = float(mpp) if mpp else None
+            value = float(text) if text else None
         except ValueError as err:
-            raise InputError(f"manifest '{path}' line {i}: mpp={mpp!r} is not a number.") from err
-        if mpp_v is not None and mpp_v <= 0:
-            raise InputError(f"manifest '{path}' line {i}: mpp={mpp_v} must be > 0.")
+            raise InputError(f"manifest '{path}' line {i}: {col}={text!r} is not a number."
+                             ) from err
+        if value is not None and value <= 0:
+            raise InputError(f"manifest '{path}' line {i}: {col}={value} must be > 0.")
         out.append({"path": p, "slide_id": (r.get("slide_id") or "").strip() or None,
-                    "mpp": mpp_v})
+                    "slide_mpp": value})
     return out
 
 
-def _jobs(slides: Any, manifest: str | os.PathLike | None) -> list[dict[str, Any]]:
-    from wsi_ssl._utils import sanitize_id
+def _slide_mpp(row: Mapping[str, Any]) -> float | None:
+    """The slide's own µm/px of a slide entry (``slide_mpp``, or the older key ``mpp``)."""
+    return row.get("slide_mpp", row.get("mpp"))
 
+
+def _jobs(slides: Any, manifest: str | os.PathLike | None) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     if manifest is not None:
         rows += read_manifest(manifest)
@@ -148,150 +175,8 @@ def _jobs(slides: Any, manifest: str | os.PathLike | None) -> list[dict[str, Any
             raise InputError(f"slide id {sid!r} is used by both '{seen[sid]}' and '{p}'; give "
                              "unique slide_id values (e.g. a manifest with a slide_id column).")
         seen[sid] = p
-        jobs.append({"path": str(p), "slide_id": sid, "mpp": r.get("mpp")})
+        jobs.append({"path": str(p), "slide_id": sid, "slide_mpp": _slide_mpp(r)})
     return jobs
-
-
-# ----------------------------------------------------------------------------------- config
-
-# the settings that decide the stored features (hashed per slide: a rerun with the same ones
-# skips complete slides); the names and values are those of the stores made before EmbedConfig
-_SETTINGS_KEYS = ("mpp", "tile_size", "overlap", "min_tissue", "views", "view_tiles",
-                  "augment_cfg", "seed", "dtype", "fingerprint", "backend")
-_DEFAULT_MPP, _DEFAULT_TILE_SIZE = 0.5, 224
-
-
-def _number(name: str, val: Any, lo: float, *, integer: bool = False, strict: bool = False
-            ) -> None:
-    ok = (not isinstance(val, bool) and isinstance(val, (int, float))
-          and (val > lo if strict else val >= lo) and (not integer or float(val).is_integer()))
-    if not ok:
-        kind = "an integer" if integer else "a number"
-        raise ConfigError(f"{name}={val!r} must be {kind} {'>' if strict else '>='} {lo}.")
-
-
-@dataclass(frozen=True, kw_only=True)
-class EmbedConfig:
-    """The settings of :func:`embed_slides` (validated on construction).
-
-    Attributes:
-        mpp: target resolution in µm/px (> 0).
-        tile_size: tile edge in px at that resolution (>= 8).
-        overlap: grid overlap in px; min_tissue: min tissue fraction per tile, in [0, 1].
-        views: ``V`` augmented versions per slide (Giga-SSL bank; 0 = none; paper: 50).
-        view_tiles: ``T`` tiles per version (sampled with replacement when the slide has fewer).
-        augment: augmentation preset name or :class:`~wsi_ssl.augment.AugmentConfig` (a dict
-            of its fields is turned into one).
-        seed: seeds the view sampling, per slide together with the slide id.
-        dtype: storage dtype of features/views.
-        assume_mpp: µm/px for slides without MPP metadata (recorded as assumed).
-        backend: slide reader backend (:func:`wsi_ssl.tiling.open_slide`).
-        batch_size: tiles per encoder call; read_threads: tile-reading threads per slide
-            (``read_tiles(read_threads=)``);
-        prefetch: tile batches read ahead of the encoder.
-        device: encoder device on each worker (``"auto"``: its GPU if any).
-        settings_from_preset: the encoder preset whose ``mpp`` / ``tile_size`` were used
-            because none were given (``None``: given, or the 0.5 / 224 defaults).
-    """
-
-    mpp: float = _DEFAULT_MPP
-    tile_size: int = _DEFAULT_TILE_SIZE
-    overlap: int = 0
-    min_tissue: float = 0.25
-    views: int = 0
-    view_tiles: int = 256
-    augment: Any = "histo"
-    seed: int = 0
-    dtype: Literal["float16", "float32"] = "float16"
-    assume_mpp: float | None = None
-    backend: str = "auto"
-    batch_size: int = 64
-    read_threads: int | None = None
-    prefetch: int = 4
-    device: str = "auto"
-    settings_from_preset: str | None = None
-
-    def __post_init__(self) -> None:
-        from wsi_ssl.augment import get_augment_config
-
-        _number("mpp", self.mpp, 0, strict=True)
-        for name, lo in (("tile_size", 8), ("batch_size", 1), ("view_tiles", 1), ("overlap", 0),
-                         ("seed", 0), ("prefetch", 1)):
-            _number(name, getattr(self, name), lo, integer=True)
-        if isinstance(self.views, bool) or not isinstance(self.views, int) or self.views < 0:
-            raise ConfigError(f"views={self.views!r} must be an integer >= 0 (0 = no "
-                              "augmentation bank).")
-        _number("min_tissue", self.min_tissue, 0)
-        if self.min_tissue > 1:
-            raise ConfigError(f"min_tissue={self.min_tissue!r} must be a fraction in [0, 1].")
-        if self.overlap >= self.tile_size:
-            raise ConfigError(f"overlap={self.overlap!r} must be smaller than "
-                              f"tile_size={self.tile_size}.")
-        if self.assume_mpp is not None:
-            _number("assume_mpp", self.assume_mpp, 0, strict=True)
-        if self.dtype not in ("float16", "float32"):
-            raise ConfigError(f"dtype={self.dtype!r} must be 'float16' or 'float32'.")
-        if self.read_threads is not None:
-            _number("read_threads", self.read_threads, 1, integer=True)
-        if not isinstance(self.device, str) or not isinstance(self.backend, str):
-            raise ConfigError(f"device={self.device!r} and backend={self.backend!r} must be "
-                              "strings.")
-        cfg = get_augment_config(self.augment)  # raises ConfigError for an unknown preset
-        for name, cast in (("mpp", float), ("tile_size", int), ("overlap", int),
-                           ("min_tissue", float), ("view_tiles", int), ("seed", int),
-                           ("batch_size", int), ("prefetch", int)):
-            object.__setattr__(self, name, cast(getattr(self, name)))
-        if not isinstance(self.augment, str):
-            object.__setattr__(self, "augment", cfg)
-        object.__setattr__(self, "_augment_cfg", cfg)
-
-    @property
-    def augment_config(self) -> Any:
-        """The :class:`~wsi_ssl.augment.AugmentConfig` of ``augment``."""
-        return self._augment_cfg  # type: ignore[attr-defined]
-
-    def hash_fields(self, fingerprint: str) -> dict[str, Any]:
-        """The settings that decide the stored features, with the encoder's fingerprint
-        (what a slide's ``settings_hash`` is computed from)."""
-        d = {k: getattr(self, k) for k in _SETTINGS_KEYS if hasattr(self, k) and k != "augment"}
-        d.update(augment_cfg=self.augment_config.to_dict(), fingerprint=fingerprint)
-        return {k: d[k] for k in _SETTINGS_KEYS}
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-friendly settings; the store's slide attrs hold them as ``embed_settings``
-        (without the run-only ``batch_size``, ``read_threads``, ``prefetch``, ``device``)."""
-        d = {f: getattr(self, f) for f in self.__dataclass_fields__ if f != "augment"}
-        d.update(augment_cfg=self.augment_config.to_dict(),
-                 augment_preset=self.augment if isinstance(self.augment, str) else None)
-        return json.loads(json.dumps(d))  # plain JSON types (lists, not tuples)
-
-    def stored_settings(self) -> dict[str, Any]:
-        """``to_dict()`` less the run-only settings (``embed_settings`` of the slide attrs)."""
-        d = self.to_dict()
-        for k in ("batch_size", "read_threads", "prefetch", "device", "assume_mpp"):
-            d.pop(k)
-        return d
-
-
-def _preset_defaults(encoder: Any, mpp: float | None, tile_size: int | None
-                     ) -> tuple[float, int, str | None]:
-    """``mpp`` / ``tile_size`` not given: the encoder preset's, else 0.5 µm/px and 224 px."""
-    if mpp is not None and tile_size is not None:
-        return mpp, tile_size, None
-    from wsi_ssl.encoders import get_preset
-
-    name = getattr(encoder, "name", encoder)
-    preset = get_preset(str(name)) if isinstance(name, (str, os.PathLike)) else None
-    if preset is None:
-        return (_DEFAULT_MPP if mpp is None else mpp,
-                _DEFAULT_TILE_SIZE if tile_size is None else tile_size, None)
-    out_mpp = preset.mpp if mpp is None else mpp
-    out_size = preset.tile_size if tile_size is None else tile_size
-    logger.info("embed_slides: %s from the %r preset (the resolution it was trained at)",
-                " and ".join(s for s, given in ((f"mpp={out_mpp} µm/px", mpp),
-                                                (f"tile_size={out_size} px", tile_size))
-                             if given is None), preset.name)
-    return out_mpp, out_size, preset.name
 
 
 # ----------------------------------------------------------------------------------- driver
@@ -300,7 +185,7 @@ def _preset_defaults(encoder: Any, mpp: float | None, tile_size: int | None
 def _settings_hash(config: EmbedConfig, fingerprint: str, job: dict[str, Any],
                    source: dict[str, Any] | None) -> str:
     blob = config.hash_fields(fingerprint)
-    blob.update(job_mpp=job.get("mpp"), path=str(Path(job["path"]).resolve()), source=source)
+    blob.update(job_mpp=job.get("slide_mpp"), path=str(Path(job["path"]).resolve()), source=source)
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -321,7 +206,7 @@ def _repair_jobs(store: Any, jobs: list[dict[str, Any]], report: Any
             continue
         logger.info("repair: re-embedding slide '%s' (%s)", sid, why)
         by_id[sid] = {"path": str(attrs["source"]), "slide_id": sid,
-                      "mpp": attrs.get("manifest_mpp")}
+                      "slide_mpp": attrs.get("manifest_mpp")}
         forced.add(sid)
     return list(by_id.values()), forced
 
@@ -361,7 +246,7 @@ def _watch_workers(client: Any, address: str, stop: threading.Event, every: floa
 
 def _connect(client: Any) -> Any:
     """A ``distributed.Client`` for ``client=`` an address or a Client (an existing cluster)."""
-    from distributed import Client
+    from distributed import Client  # lazy: dask.distributed is heavy; only for a cluster run
 
     if isinstance(client, str):
         try:
@@ -375,63 +260,113 @@ def _connect(client: Any) -> Any:
                       "a scheduler address 'tcp://host:port' or a distributed.Client.")
 
 
-_SETTING_NAMES = ("mpp", "tile_size", "overlap", "min_tissue", "views", "view_tiles", "augment",
-                  "seed", "dtype", "assume_mpp", "backend", "batch_size", "read_threads",
-                  "device")
+@dataclass(frozen=True)
+class _EncoderPlan:
+    """How the encoder reaches the workers: ``(name, fingerprint, embed_dim, input_size)``,
+    the payload, the model fingerprint (built on demand), the encoder when given built, and
+    where its weights come from (:func:`~wsi_ssl.encoders.weights_kind`)."""
+
+    ident: tuple[str, str, int, int]
+    payload: EncoderPayload
+    model_fingerprint: Callable[[], str]
+    encoder: TileEncoder | None
+    weights: str
+
+
+def _by_spec(name: str, spec: dict[str, Any], fingerprint: str, embed_dim: int,
+             input_size: int, config: EmbedConfig) -> tuple[tuple[str, str, int, int],
+                                                           EncoderPayload]:
+    ident = (name, fingerprint, embed_dim, input_size)
+    payload = EncoderPayload(fingerprint=fingerprint, spec=dict(spec, device=config.device),
+                             device=config.device)
+    return ident, payload
+
+
+def _given_encoder(enc: TileEncoder, weights: Any, config: EmbedConfig) -> _EncoderPlan:
+    """The plan of an encoder given built: it travels by spec, else pickled."""
+    if weights is not None:
+        raise ConfigError("weights= is for an encoder given by name; this TileEncoder already "
+                          "has its weights.")
+    if enc.spec is not None:
+        ident, payload = _by_spec(enc.name, enc.spec, spec_fingerprint(enc.spec), enc.embed_dim,
+                                  enc.input_size, config)
+    else:
+        import cloudpickle  # lazy: a dask dependency; handles modules defined in __main__
+
+        ident = (enc.name, enc.fingerprint, enc.embed_dim, enc.input_size)
+        payload = EncoderPayload(fingerprint=enc.fingerprint, kind="model",
+                                 pickled=cloudpickle.dumps(enc), device=config.device)
+    return _EncoderPlan(ident, payload, lambda: enc.fingerprint, enc, weights_kind(enc.spec))
+
+
+def _named_encoder(name: str | os.PathLike, weights: Any, random_weights: bool,
+                   config: EmbedConfig) -> _EncoderPlan:
+    """The plan of an encoder given by name: its identity, never the model (workers build
+    it); a name without built-in weights or ``weights=`` warns once (random weights)."""
+    if weights is None and not random_weights and not has_builtin_weights(name):
+        warn_random_weights(str(name), stacklevel=4)
+    info = encoder_identity(name, weights=weights, random_weights=random_weights)
+    ident, payload = _by_spec(info.name, info.spec, info.fingerprint, info.embed_dim,
+                              info.input_size, config)
+
+    def model_fingerprint() -> str:
+        return create_encoder(str(name), weights=weights, device="cpu",
+                              random_weights=random_weights).fingerprint
+
+    return _EncoderPlan(ident, payload, model_fingerprint, None, weights_kind(info.spec))
+
+
+def _check_cluster_args(cluster: Any, client: Any, n_workers: int | None) -> None:
+    if cluster is None:
+        return
+    if not isinstance(cluster, JobQueueSpec):
+        raise ConfigError(f"cluster={cluster!r} must be a JobQueueSpec (e.g. "
+                          "SlurmSpec(jobs=2)).")
+    if client is not None or n_workers is not None:
+        raise ConfigError("cluster= starts its own workers in batch jobs; leave client= and "
+                          "n_workers= unset.")
 
 
 def embed_slides(
     slides: Any,
     encoder: Any,
     store: Any,
+    config: EmbedConfig | None = None,
     *,
     weights: str | os.PathLike | None = None,
-    mpp: float | None = None,
-    tile_size: int | None = None,
-    views: int = 0,
-    view_tiles: int = 256,
-    augment: Any = "histo",
-    batch_size: int = 64,
-    min_tissue: float = 0.25,
-    overlap: int = 0,
-    seed: int = 0,
-    assume_mpp: float | None = None,
+    random_weights: bool = False,
     manifest: str | os.PathLike | None = None,
-    dtype: Literal["float16", "float32"] = "float16",
-    device: str = "auto",
     client: Any = None,
     n_workers: int | None = None,
     cluster: Any = None,
-    read_threads: int | None = None,
-    backend: str = "auto",
     overwrite: bool = False,
     wait: bool | float = False,
     repair: bool = False,
-    config: EmbedConfig | None = None,
+    **overrides: Any,
 ) -> EmbedReport:
     """Embed every tissue tile of every slide (and ``views`` augmented versions) into a store.
 
     Args:
-        slides: files, folders, glob patterns, or dicts ``{"path", "slide_id"?, "mpp"?}``
+        slides: files, folders, glob patterns, or dicts ``{"path", "slide_id"?, "slide_mpp"?}``
             (``None`` with ``manifest=``).
         encoder: a :class:`~wsi_ssl.encoders.TileEncoder` or a name for
             :func:`~wsi_ssl.encoders.create_encoder`. Given by name it is never built here:
             each worker builds it once, on its device, and keeps it across slides; the store
             is bound to its spec fingerprint (spec + the weights file's bytes).
         store: a :class:`~wsi_ssl.store.TileStore` or its path (created if missing).
-        mpp: target resolution in µm/px; tile_size: tile edge in px at that resolution.
-            ``None``: the encoder preset's (``get_preset(name).mpp`` / ``.tile_size``, logged
-            and recorded as ``settings_from_preset``), else 0.5 µm/px and 224 px.
-        views: ``V`` augmented versions per slide (Giga-SSL bank; 0 = none; paper: 50).
-        view_tiles: ``T`` tiles per version (sampled with replacement when the slide has fewer).
-        augment: augmentation preset or config (:func:`wsi_ssl.augment.get_augment_config`).
-        batch_size: tiles per encoder call.
-        min_tissue, overlap: grid settings (:func:`wsi_ssl.tiling.tile_grid`).
-        seed: seeds the view sampling, per slide together with the slide id.
-        assume_mpp: µm/px for slides without MPP metadata (recorded as assumed).
-        manifest: CSV with ``path`` and optional ``slide_id``, ``mpp`` columns.
-        dtype: storage dtype of features/views (``"float16"`` or ``"float32"``).
-        device: encoder device on each worker (``"auto"``: its GPU if any).
+        config: the settings (an :class:`EmbedConfig`). Default: the EmbedConfig defaults,
+            with ``mpp`` / ``tile_size`` from the encoder preset when not given (logged and
+            recorded as ``settings_from_preset``; see :func:`~wsi_ssl.tiling.grid_settings`).
+        **overrides: EmbedConfig fields (``mpp=``, ``tile_size=``, ``views=``, ``view_tiles=``,
+            ``augment=``, ``batch_size=``, ``min_tissue=``, ``overlap=``, ``seed=``,
+            ``assume_mpp=``, ``dtype=``, ``device=``, ``read_threads=``, ``backend=``, ...)
+            applied over ``config`` with ``dataclasses.replace``; an unknown name is a
+            ConfigError listing the close matches.
+        weights: local weights for an encoder given by name.
+        random_weights: embed with a random initialisation on purpose (a timm name without
+            weights warns once otherwise; a preset then loads no weights). Recorded in the
+            slide attrs as ``encoder.weights = "random"``.
+        manifest: CSV with ``path`` and optional ``slide_id``, ``slide_mpp`` columns.
         client: ``None`` decides and logs it (:func:`~wsi_ssl.tiling._cluster.plan_cluster`):
             in this process for one slide, one worker or one GPU, else a local dask cluster
             (one worker per GPU pinned by ``CUDA_VISIBLE_DEVICES``); a scheduler address
@@ -446,8 +381,6 @@ def embed_slides(
             in-flight slides retried elsewhere (``spec.max_retries``, then recorded as failed),
             and every job is cancelled when the call ends (a reaper process cancels them if this
             process is killed). ``client`` must then be ``None``.
-        read_threads: tile-reading threads per slide (``read_tiles(num_workers=)``).
-        backend: slide reader backend (:func:`wsi_ssl.tiling.open_slide`).
         overwrite: redo slides even when complete with the same settings.
         wait: another process writing the store: ``False`` raises
             :class:`~wsi_ssl.store.StoreLockedError` naming it at once; ``True`` waits for it;
@@ -455,75 +388,19 @@ def embed_slides(
         repair: also re-embed every slide that :meth:`TileStore.verify` finds damaged (missing
             or altered chunks), from its recorded source, with these settings (which must be the
             ones it was made with); ``slides`` may then be None.
-        config: all the settings above (``mpp`` ... ``device``) as one :class:`EmbedConfig`;
-            the matching keywords must then be left at their defaults.
 
     Returns:
         An :class:`EmbedReport`; failed slides are recorded in ``store.failures`` too.
     """
-    import inspect
-
-    from wsi_ssl.encoders import TileEncoder, encoder_identity, spec_fingerprint
-    from wsi_ssl.store import TileStore
-
     t_start = time.perf_counter()
-    given = {k: v for k, v in locals().items() if k in _SETTING_NAMES}
-    if config is not None:
-        if not isinstance(config, EmbedConfig):
-            raise ConfigError(f"config={config!r} must be an EmbedConfig.")
-        defaults = inspect.signature(embed_slides).parameters
-        clash = sorted(k for k, v in given.items() if v != defaults[k].default)
-        if clash:
-            raise ConfigError(f"pass the settings either as config=EmbedConfig(...) or as "
-                              f"keywords, not both; got config= and {', '.join(clash)}.")
-    else:
-        mpp_v, size_v, from_preset = _preset_defaults(encoder, mpp, tile_size)
-        given.update(mpp=mpp_v, tile_size=size_v)
-        config = EmbedConfig(**given, settings_from_preset=from_preset)
+    config = embed_config(encoder, config, overrides)
     if isinstance(encoder, TileEncoder):
-        if weights is not None:
-            raise ConfigError("weights= is for an encoder given by name; this TileEncoder already "
-                              "has its weights.")
-        enc = encoder
-        if enc.spec is not None:
-            ident = (enc.name, spec_fingerprint(enc.spec), enc.embed_dim, enc.input_size)
-            payload = EncoderPayload(fingerprint=ident[1], spec=dict(enc.spec,
-                                                                     device=config.device),
-                                     device=config.device)
-        else:
-            import cloudpickle  # a dask dependency; handles modules defined in __main__
-
-            ident = (enc.name, enc.fingerprint, enc.embed_dim, enc.input_size)
-            payload = EncoderPayload(fingerprint=enc.fingerprint, kind="model",
-                                     pickled=cloudpickle.dumps(enc), device=config.device)
-
-        def model_fingerprint() -> str:
-            return enc.fingerprint
-
-        given_enc: TileEncoder | None = enc
+        plan = _given_encoder(encoder, weights, config)
     elif isinstance(encoder, (str, os.PathLike)):
-        info = encoder_identity(encoder, weights=weights)  # builds nothing big
-        ident = (info.name, info.fingerprint, info.embed_dim, info.input_size)
-        payload = EncoderPayload(fingerprint=info.fingerprint,
-                                 spec=dict(info.spec, device=config.device), device=config.device)
-
-        def model_fingerprint() -> str:
-            from wsi_ssl.encoders import create_encoder
-
-            return create_encoder(str(encoder), weights=weights, device="cpu").fingerprint
-
-        given_enc = None
+        plan = _named_encoder(encoder, weights, random_weights, config)
     else:
         raise ConfigError(f"encoder={encoder!r} must be a TileEncoder or an encoder name.")
-    if cluster is not None:
-        from wsi_ssl.tiling._jobqueue import JobQueueSpec
-
-        if not isinstance(cluster, JobQueueSpec):
-            raise ConfigError(f"cluster={cluster!r} must be a JobQueueSpec (e.g. "
-                              "SlurmSpec(jobs=2)).")
-        if client is not None or n_workers is not None:
-            raise ConfigError("cluster= starts its own workers in batch jobs; leave client= and "
-                              "n_workers= unset.")
+    _check_cluster_args(cluster, client, n_workers)
     jobs = _jobs(slides, manifest) if (slides is not None or manifest is not None
                                        or not repair) else []
     if not isinstance(store, TileStore):
@@ -532,9 +409,8 @@ def embed_slides(
     if repair:  # read-only, before the lock: a long verification does not block other writers
         damage = store.verify()
     with store.lock(wait=wait):
-        return _run(store, ident, payload, model_fingerprint, jobs, t_start, repair=damage,
-                    overwrite=overwrite, client=client, n_workers=n_workers, config=config,
-                    encoder=given_enc, batch=cluster)
+        return _run(store, plan, jobs, t_start, repair=damage, overwrite=overwrite,
+                    client=client, n_workers=n_workers, config=config, batch=cluster)
 
 
 def _legacy_payload(store: Any, ident: tuple[str, str, int, int], payload: EncoderPayload,
@@ -566,8 +442,6 @@ class _Writer:
     """
 
     def __init__(self, maxsize: int = 2) -> None:
-        import queue
-
         self._q: queue.Queue = queue.Queue(maxsize=max(1, maxsize))
         self._err: BaseException | None = None
         self.waited_s = 0.0  # time submit() spent blocked on a full queue
@@ -606,8 +480,6 @@ class _Progress:
     (a progress bar's postfix on a terminal, an INFO log line per slide and every 30 s)."""
 
     def __init__(self, total: int) -> None:
-        from wsi_ssl._utils import progress
-
         self.total = total
         self.done = self.failed = self.tiles = 0
         self.running: int | None = None
@@ -663,41 +535,25 @@ class _Progress:
         self.bar.close()
 
 
-def _run(store: Any, ident: tuple[str, str, int, int], payload: EncoderPayload,
-         model_fingerprint: Callable[[], str], jobs: list[dict[str, Any]], t_start: float, *,
-         repair: Any, overwrite: bool, client: Any, n_workers: int | None,
-         config: EmbedConfig, encoder: Any = None, batch: Any = None) -> EmbedReport:
-    """The body of :func:`embed_slides`, run while holding the store's lock."""
-    from wsi_ssl._utils import file_fingerprint
-    from wsi_ssl._version import __version__
-    from wsi_ssl.tiling._cluster import plan_cluster, start_cluster, submit_options
-
-    name, _, embed_dim, input_size = ident
-    payload = _legacy_payload(store, ident, payload, model_fingerprint)
-    fingerprint = payload.fingerprint
-    store.bind_encoder(name, fingerprint, embed_dim)  # refuses another encoder
-    store.cleanup()
-    forced: set[str] = set()
-    if repair is not None:  # the store.verify() report made before the lock was taken
-        jobs, forced = _repair_jobs(store, jobs, repair)
-    if not jobs:
-        logger.info("embed_slides: nothing to do")
-
-    assume_mpp = config.assume_mpp
+def _triage(store: Any, jobs: list[dict[str, Any]], forced: set[str], config: EmbedConfig,
+            fingerprint: str, overwrite: bool
+            ) -> tuple[list[dict[str, Any]], list[str], dict[str, str], list[dict[str, Any]]]:
+    """``(todo, skipped ids, settings hash per id, missing files)``: a slide complete with the
+    same settings is skipped (unless ``overwrite`` or forced by ``--repair``)."""
     todo, skipped, hashes, missing = [], [], {}, []
     for job in jobs:
         try:
             source = file_fingerprint(job["path"])
         except OSError:
             source = None
-            missing.append(job)  # recorded as this slide's failure below; the others go on
+            missing.append(job)  # recorded as this slide's failure; the others go on
         hashes[job["slide_id"]] = h = _settings_hash(config, fingerprint, job, source)
         attrs = store.slide_attrs(job["slide_id"])
         if job["slide_id"] in forced and source is not None:
             _check_repair_settings(job["slide_id"], attrs or {}, h, store)
         # --assume-mpp matters only for slides that had to assume it
-        assumed_ok = not (attrs and attrs.get("mpp_assumed") and job.get("mpp") is None
-                          and attrs.get("slide_mpp") != assume_mpp)
+        assumed_ok = not (attrs and attrs.get("mpp_assumed") and job.get("slide_mpp") is None
+                          and attrs.get("slide_mpp") != config.assume_mpp)
         if source is None:
             continue
         if (not overwrite and job["slide_id"] not in forced and attrs
@@ -706,69 +562,112 @@ def _run(store: Any, ident: tuple[str, str, int, int], payload: EncoderPayload,
             skipped.append(job["slide_id"])
         else:
             todo.append(job)
+    return todo, skipped, hashes, missing
+
+
+class _Bookkeeper:
+    """The driver's record of a run: writes each slide's result (or failure) into the store
+    with its attrs, counts tiles, keeps the progress line."""
+
+    def __init__(self, store: Any, config: EmbedConfig, plan: _EncoderPlan,
+                 hashes: dict[str, str], total: int) -> None:
+        self.store, self.config, self.hashes = store, config, hashes
+        self.weights = plan.weights
+        self.input_size = plan.ident[3]
+        self.settings = config.stored_settings()
+        self.done: list[str] = []
+        self.failed: list[tuple[str, str, str]] = []
+        self.where: list[tuple[str, str]] = []
+        self.n_tiles = self.n_view_tiles = 0
+        self.progress = _Progress(total)
+
+    def missing(self, job: dict[str, Any]) -> None:
+        err = (f"InputError: slide file '{job['path']}' does not exist (on "
+               f"{socket.gethostname()}); fix the path and rerun the same command.")
+        logger.warning("slide '%s' failed: %s", job["path"], err)
+        self.failed.append((job["slide_id"], job["path"], err))
+        self.store.record_failure(job["slide_id"], job["path"], err)
+
+    def attrs(self, job: dict[str, Any], res: SlideResult) -> dict[str, Any]:
+        """The slide attrs: the worker's (``slide_mpp``, level, ...) and the run's settings."""
+        cfg = self.config
+        attrs = dict(res.info)
+        attrs.update(source=str(Path(job["path"]).resolve()),
+                     source_file=file_fingerprint(job["path"]), mpp=cfg.mpp,
+                     manifest_mpp=job.get("slide_mpp"), embed_settings=dict(self.settings),
+                     tile_size=cfg.tile_size, overlap=cfg.overlap,
+                     tissue={"min_tissue": cfg.min_tissue},
+                     augment=self.settings["augment_cfg"], seed=cfg.seed,
+                     views_requested=cfg.views, wsi_ssl_version=__version__,
+                     settings_hash=self.hashes[job["slide_id"]],
+                     encoder_input_size=self.input_size, encoder_weights=self.weights)
+        return attrs
+
+    def handle(self, job: dict[str, Any], res: SlideResult | SlideFailure) -> None:
+        sid = job["slide_id"]
+        self.where.append((sid, res.worker))
+        n = 0
+        if isinstance(res, SlideFailure):
+            self.failed.append((sid, job["path"], res.error))
+            self.store.record_failure(sid, job["path"], res.error)
+        else:
+            self.store.write_slide(sid, res.features, res.coords, views=res.views,
+                                   view_index=res.view_index, attrs=self.attrs(job, res),
+                                   dtype=self.config.dtype)
+            self.done.append(sid)
+            self.n_tiles += len(res.features)
+            self.n_view_tiles += int(res.view_index.size)
+            n = len(res.features) + int(res.view_index.size)
+        self.progress.slide(sid, failed=isinstance(res, SlideFailure), tiles=n)
+
+    def report(self, skipped: list[str], plan: Any, t_start: float) -> EmbedReport:
+        return EmbedReport(store=self.store.path, done=tuple(self.done), skipped=tuple(skipped),
+                           failed=tuple(self.failed), n_tiles=self.n_tiles,
+                           n_view_tiles=self.n_view_tiles,
+                           seconds=time.perf_counter() - t_start,
+                           plan=plan.reason if plan is not None else "",
+                           workers=tuple(self.where))
+
+
+def _run(store: Any, plan: _EncoderPlan, jobs: list[dict[str, Any]], t_start: float, *,
+         repair: Any, overwrite: bool, client: Any, n_workers: int | None,
+         config: EmbedConfig, batch: Any = None) -> EmbedReport:
+    """The body of :func:`embed_slides`, run while holding the store's lock."""
+    payload = _legacy_payload(store, plan.ident, plan.payload, plan.model_fingerprint)
+    store.bind_encoder(plan.ident[0], payload.fingerprint, plan.ident[2],  # refuses another
+                       weights=plan.weights)
+    store.cleanup()
+    forced: set[str] = set()
+    if repair is not None:  # the store.verify() report made before the lock was taken
+        jobs, forced = _repair_jobs(store, jobs, repair)
+    if not jobs:
+        logger.info("embed_slides: nothing to do")
+    todo, skipped, hashes, missing = _triage(store, jobs, forced, config, payload.fingerprint,
+                                             overwrite)
     logger.info("embed_slides: %d slides, %d already complete, %d to do", len(jobs),
                 len(skipped), len(todo))
-
-    done: list[str] = []
-    failed: list[tuple[str, str, str]] = []
-    where: list[tuple[str, str]] = []
-    n_tiles = n_view_tiles = 0
+    book = _Bookkeeper(store, config, plan, hashes, total=len(todo))
     for job in missing:
-        err = (f"InputError: slide file '{job['path']}' does not exist (on {socket.gethostname()}); "
-               "fix the path and rerun the same command.")
-        logger.warning("slide '%s' failed: %s", job["path"], err)
-        failed.append((job["slide_id"], job["path"], err))
-        store.record_failure(job["slide_id"], job["path"], err)
-    prog = _Progress(len(todo))
-    stored_settings = config.stored_settings()
-
-    def handle(job: dict[str, Any], res: SlideResult | SlideFailure) -> None:
-        nonlocal n_tiles, n_view_tiles
-        sid = job["slide_id"]
-        where.append((sid, res.worker))
-        if isinstance(res, SlideFailure):
-            failed.append((sid, job["path"], res.error))
-            store.record_failure(sid, job["path"], res.error)
-        else:
-            attrs = dict(res.info)
-            attrs.update(source=str(Path(job["path"]).resolve()),
-                         source_file=file_fingerprint(job["path"]), mpp=config.mpp,
-                         manifest_mpp=job.get("mpp"), embed_settings=dict(stored_settings),
-                         tile_size=config.tile_size, overlap=config.overlap,
-                         tissue={"min_tissue": config.min_tissue},
-                         augment=stored_settings["augment_cfg"], seed=config.seed,
-                         views_requested=config.views, wsi_ssl_version=__version__,
-                         settings_hash=hashes[sid], encoder_input_size=input_size)
-            store.write_slide(sid, res.features, res.coords, views=res.views,
-                              view_index=res.view_index, attrs=attrs, dtype=config.dtype)
-            done.append(sid)
-            n_tiles += len(res.features)
-            n_view_tiles += int(res.view_index.size)
-        n = 0 if isinstance(res, SlideFailure) else len(res.features) + int(res.view_index.size)
-        prog.slide(sid, failed=isinstance(res, SlideFailure), tiles=n)
-
-    plan = (plan_cluster(len(todo), client=client, n_workers=n_workers, cluster=batch)
-            if todo else None)
-    if plan is not None:
-        logger.info("embed_slides: %s", plan.reason)
+        book.missing(job)
+    where = (plan_cluster(len(todo), client=client, n_workers=n_workers, cluster=batch)
+             if todo else None)
+    if where is not None:
+        logger.info("embed_slides: %s", where.reason)
     writer = _Writer()
     try:
-        if plan is not None and plan.kind == "sync":
-            for job, res in run_jobs(todo, payload, config, encoder=encoder):
-                writer.submit(handle, job, res)
-        elif plan is not None:
-            _run_on_cluster(plan, todo, payload, config, client, writer, handle,
+        if where is not None and where.kind == "sync":
+            for job, res in run_jobs(todo, payload, config, encoder=plan.encoder):
+                writer.submit(book.handle, job, res)
+        elif where is not None:
+            _run_on_cluster(where, todo, payload, config, client, writer, book.handle,
                             start_cluster, submit_options, batch=batch, store=store,
-                            progress=prog)
+                            progress=book.progress)
     finally:
         try:
             writer.close()
         finally:
-            prog.close()
-    return EmbedReport(store=store.path, done=tuple(done), skipped=tuple(skipped),
-                       failed=tuple(failed), n_tiles=n_tiles, n_view_tiles=n_view_tiles,
-                       seconds=time.perf_counter() - t_start,
-                       plan=plan.reason if plan is not None else "", workers=tuple(where))
+            book.progress.close()
+    return book.report(skipped, where, t_start)
 
 
 def _run_on_cluster(plan: Any, todo: list[dict[str, Any]], payload: EncoderPayload,
@@ -778,16 +677,11 @@ def _run_on_cluster(plan: Any, todo: list[dict[str, Any]], payload: EncoderPaylo
                     store: Any = None, progress: _Progress | None = None) -> None:
     """Submit one task per slide to a local (GPU) cluster, batch jobs (``batch``) or the given
     cluster; hand each result to ``handle`` (in ``writer``'s thread) as it arrives."""
-    import contextlib
-    import dataclasses
-
     payload = dataclasses.replace(payload, torch_threads=plan.torch_threads)
     stop = threading.Event()
     bc = None
     with contextlib.ExitStack() as stack:
         if plan.kind == "batch":
-            from wsi_ssl.tiling._jobqueue import BatchCluster, job_name_for
-
             stack.enter_context(_terminate_as_interrupt())
             bc = stack.enter_context(BatchCluster(batch, job_name=job_name_for(store.path)))
             cl = bc.client
@@ -806,8 +700,6 @@ def _run_on_cluster(plan: Any, todo: list[dict[str, Any]], payload: EncoderPaylo
         stack.callback(stop.set)
         if bc is not None:
             _wait_first_worker(bc, progress)
-            from wsi_ssl.tiling._jobqueue import check_inputs_on_cluster
-
             weights = (payload.spec or {}).get("weights")
             check_inputs_on_cluster(cl, [j["path"] for j in todo], str(store.path),
                                     [str(weights)] if weights else [])
@@ -836,8 +728,8 @@ def _collect(cl: Any, futs: dict[Any, dict[str, Any]], writer: _Writer,
              handle: Callable[..., None], bc: Any, progress: _Progress | None) -> None:
     """Hand each finished slide task's result to the writer as it arrives; meanwhile refresh
     the progress line and stop if the batch cluster failed or the scheduler is lost."""
-    from distributed import as_completed
-    from distributed.client import FutureCancelledError
+    from distributed import as_completed  # lazy: dask.distributed is heavy; cluster runs only
+    from distributed.client import FutureCancelledError  # lazy: as above
 
     ac = as_completed(futs)
     n_left = len(futs)
@@ -888,12 +780,10 @@ def _refresh(cl: Any, bc: Any, progress: _Progress) -> None:
     progress.status(running=running, workers=workers)
 
 
-@contextlib_contextmanager
+@contextlib.contextmanager
 def _terminate_as_interrupt():
     """SIGTERM (``scancel`` of the driver's own job, walltime, ``kill``) raises
     KeyboardInterrupt in the main thread, so the cleanup that cancels the worker jobs runs."""
-    import signal
-
     if threading.current_thread() is not threading.main_thread():
         yield
         return

@@ -197,16 +197,16 @@ def _open(job: dict[str, Any], config: EmbedConfig):
     from wsi_ssl.tiling import open_slide
 
     backend = config.backend
-    if job.get("mpp") is not None:
-        return open_slide(job["path"], backend=backend, mpp=job["mpp"])
+    if job.get("slide_mpp") is not None:
+        return open_slide(job["path"], backend=backend, slide_mpp=job["slide_mpp"])
     slide = open_slide(job["path"], backend=backend)
     try:
-        slide.mpp  # noqa: B018 - raises MissingMPPError when absent
+        slide.slide_mpp  # noqa: B018 - raises MissingMPPError when absent
     except MissingMPPError:
         slide.close()
         if config.assume_mpp is None:
             raise
-        slide = open_slide(job["path"], backend=backend, mpp=config.assume_mpp)
+        slide = open_slide(job["path"], backend=backend, slide_mpp=config.assume_mpp)
     return slide
 
 
@@ -389,7 +389,7 @@ def encode_slide(prep: PreparedSlide, enc: Any, config: EmbedConfig) -> SlideRes
                     except queue.Empty:
                         pass
                 th.join()
-        slide_mpp = float(slide.mpp)
+        slide_mpp = float(slide.slide_mpp)
         info = {"backend": slide.backend, "slide_mpp": slide_mpp,
                 "mpp_assumed": bool(getattr(slide, "mpp_assumed", False)),
                 "slide_dimensions": [int(v) for v in slide.dimensions]}

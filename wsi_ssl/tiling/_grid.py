@@ -2,13 +2,14 @@
 
 A grid lives in *output pixels* (pixels at the target ``mpp``): cell ``(i, j)`` starts at output
 pixel ``(j * stride, i * stride)`` with ``stride = tile_size - overlap``; its level-0 top-left is
-that times ``scale0 = mpp / slide.mpp`` (level-0 px per output px), rounded. Only whole tiles
+that times ``scale0 = mpp / slide.slide_mpp`` (level-0 px per output px), rounded. Only whole tiles
 inside the slide are kept. Tiles are read from the coarsest pyramid level that is at least as
 fine as the target (5 % tolerance) and resized with antialiasing when that level is finer.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import warnings
@@ -18,10 +19,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from wsi_ssl.errors import ConfigError, ResolutionError, TissueWarning
+from wsi_ssl.tiling._config import EmbedConfig
+from wsi_ssl.tiling._tissue import TissueMask, detect_tissue
 
 if TYPE_CHECKING:  # pragma: no cover
     from wsi_ssl.tiling._slide import Slide
-    from wsi_ssl.tiling._tissue import TissueMask
 
 __all__ = ["TileGrid", "tile_grid", "choose_level", "MPP_TOLERANCE"]
 
@@ -91,8 +93,6 @@ class TileGrid:
 
 
 def _replace(grid: TileGrid, **kw: Any) -> TileGrid:
-    import dataclasses
-
     return dataclasses.replace(grid, **kw)
 
 
@@ -102,7 +102,7 @@ def choose_level(slide: Any, mpp: float) -> tuple[int, float]:
     Raises:
         ResolutionError: ``mpp`` is finer than level 0 (beyond the tolerance).
     """
-    mpp0 = float(slide.mpp)
+    mpp0 = float(slide.slide_mpp)
     best = None
     for lv, ds in enumerate(slide.level_downsamples):
         lmpp = mpp0 * float(ds)
@@ -116,13 +116,16 @@ def choose_level(slide: Any, mpp: float) -> tuple[int, float]:
     return best
 
 
-def tile_grid(slide: Slide, *, mpp: float = 0.5, tile_size: int = 224, overlap: int = 0,
-              min_tissue: float = 0.25, tissue: TissueMask | None = None) -> TileGrid:
+def tile_grid(slide: Slide, *, mpp: float = EmbedConfig.default("mpp"),
+              tile_size: int = EmbedConfig.default("tile_size"),
+              overlap: int = EmbedConfig.default("overlap"),
+              min_tissue: float = EmbedConfig.default("min_tissue"),
+              tissue: TissueMask | None = None) -> TileGrid:
     """The grid of ``tile_size`` tiles at ``mpp`` µm/px covering the slide's tissue.
 
     Args:
-        slide: an open :class:`Slide` (its ``mpp`` is needed).
-        mpp: target resolution, µm/px.
+        slide: an open :class:`Slide` (its own ``slide_mpp`` is needed).
+        mpp: target resolution, µm/px (defaults: the :class:`EmbedConfig` fields).
         tile_size: output tile edge, pixels.
         overlap: output pixels shared by neighbours (``0 <= overlap < tile_size``).
         min_tissue: keep tiles whose tissue fraction is at least this (0 keeps every tile).
@@ -137,8 +140,6 @@ def tile_grid(slide: Slide, *, mpp: float = 0.5, tile_size: int = 224, overlap: 
         ResolutionError: ``mpp`` finer than level 0.
         ConfigError: bad ``mpp``/``tile_size``/``overlap``/``min_tissue``.
     """
-    from wsi_ssl.tiling._tissue import TissueMask, detect_tissue
-
     if not (isinstance(mpp, (int, float)) and math.isfinite(mpp) and mpp > 0):
         raise ConfigError(f"mpp={mpp!r} must be a positive number of µm/px (e.g. 0.5).")
     if not (isinstance(tile_size, (int, np.integer)) and tile_size >= 8):
@@ -150,7 +151,7 @@ def tile_grid(slide: Slide, *, mpp: float = 0.5, tile_size: int = 224, overlap: 
     if tissue is not None and not isinstance(tissue, TissueMask):
         raise ConfigError(f"tissue= must be a TissueMask from detect_tissue; got {type(tissue).__name__}.")
 
-    mpp0 = float(slide.mpp)
+    mpp0 = float(slide.slide_mpp)
     level, level_mpp = choose_level(slide, float(mpp))
     ds = float(slide.level_downsamples[level])
     if abs(level_mpp / mpp - 1.0) <= MPP_TOLERANCE:

@@ -312,7 +312,7 @@ class _SlideRef:
     def __init__(self, slide: Any) -> None:
         self.path = str(slide.path) if getattr(slide, "path", None) is not None else None
         self.backend = slide.backend
-        self.mpp = slide.mpp if getattr(slide, "mpp_assumed", False) else None
+        self.slide_mpp = slide.slide_mpp if getattr(slide, "mpp_assumed", False) else None
         self._slide = slide if self.path is None else None
 
     def get(self) -> Any:
@@ -320,14 +320,15 @@ class _SlideRef:
             return self._slide
         from wsi_ssl.tiling._slide import open_slide
 
-        key = (self.path, self.backend, self.mpp)
+        key = (self.path, self.backend, self.slide_mpp)
         with _OPEN_LOCK:
             if key not in _OPEN_CACHE:
-                _OPEN_CACHE[key] = open_slide(self.path, backend=self.backend, mpp=self.mpp)
+                _OPEN_CACHE[key] = open_slide(self.path, backend=self.backend,
+                                              slide_mpp=self.slide_mpp)
             return _OPEN_CACHE[key]
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"path": self.path, "backend": self.backend, "mpp": self.mpp,
+        return {"path": self.path, "backend": self.backend, "slide_mpp": self.slide_mpp,
                 "_slide": self._slide if self.path is None else None}
 
 

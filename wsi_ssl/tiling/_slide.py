@@ -67,7 +67,7 @@ def _reason(err: BaseException) -> str:
 
 
 def open_slide(path: str | os.PathLike | np.ndarray, *, backend: BackendName = "auto",
-               mpp: float | None = None) -> Slide:
+               slide_mpp: float | None = None) -> Slide:
     """Open a whole-slide image (or wrap an in-memory RGB array) as a :class:`Slide`.
 
     Args:
@@ -75,24 +75,27 @@ def open_slide(path: str | os.PathLike | np.ndarray, *, backend: BackendName = "
         backend: ``"auto"`` (fastest that opens the file: tiffslide for TIFF-family files, then
             openslide, then tiatoolbox if installed), or one of ``"tiffslide"``, ``"openslide"``,
             ``"tiatoolbox"``, ``"numpy"`` (arrays only). The one used is ``slide.backend``.
-        mpp: µm/px at level 0; overrides the metadata (``slide.mpp_assumed`` becomes True).
-            Needed for slides without MPP before :func:`tile_grid`.
+        slide_mpp: the slide's own µm/px at level 0; overrides the metadata
+            (``slide.mpp_assumed`` becomes True). Needed for slides without MPP before
+            :func:`tile_grid`.
 
     Raises:
         SlideOpenError: the file is missing or no backend could open *and* decode it; the message
             names the path and each backend tried with its reason.
         BackendUnavailableError: an explicitly requested optional backend is not installed.
-        ConfigError: a bad ``backend`` or ``mpp`` value.
+        ConfigError: a bad ``backend`` or ``slide_mpp`` value.
     """
     if backend not in BACKENDS:
         raise ConfigError(f"backend={backend!r} is unknown; use one of {', '.join(BACKENDS)}.")
+    mpp = slide_mpp
     if mpp is not None:
         try:
             mpp = float(mpp)
         except (TypeError, ValueError) as err:
-            raise ConfigError(f"mpp={mpp!r} must be a positive number of µm/px.") from err
+            raise ConfigError(f"slide_mpp={mpp!r} must be a positive number of µm/px.") from err
         if not (math.isfinite(mpp) and mpp > 0):
-            raise ConfigError(f"mpp={mpp!r} must be a positive, finite number of µm/px (e.g. 0.25).")
+            raise ConfigError(f"slide_mpp={mpp!r} must be a positive, finite number of µm/px "
+                              "(e.g. 0.25).")
 
     if isinstance(path, np.ndarray):
         return _open_array(path, backend, mpp)

@@ -26,9 +26,9 @@ class Slide(Protocol):
     level_dimensions: tuple[tuple[int, int], ...]
     level_downsamples: tuple[float, ...]
 
-    if TYPE_CHECKING:  # typed, but not probed by isinstance (mpp may raise MissingMPPError)
+    if TYPE_CHECKING:  # typed, but not probed by isinstance (slide_mpp may raise MissingMPPError)
         @property
-        def mpp(self) -> float: ...
+        def slide_mpp(self) -> float: ...
 
         @property
         def mpp_assumed(self) -> bool: ...
@@ -70,25 +70,26 @@ class _BaseSlide:
         return len(self.level_dimensions)
 
     @property
-    def mpp(self) -> float:
-        """µm/px at level 0 (``mpp=`` override first, then the file's metadata).
+    def slide_mpp(self) -> float:
+        """The slide's own µm/px at level 0 (``slide_mpp=`` of ``open_slide`` first, then the
+        file's metadata); the target resolution of tiles is ``mpp`` of ``tile_grid``.
 
         Raises:
-            MissingMPPError: neither the metadata nor ``mpp=`` gives it.
+            MissingMPPError: neither the metadata nor ``slide_mpp=`` gives it.
         """
         if self._mpp_override is not None:
             return self._mpp_override
         if self._native_mpp is None:
             name = self.path.name if self.path is not None else self.slide_id
             raise MissingMPPError(
-                f"'{name}' has no microns-per-pixel in its metadata; pass mpp= to open_slide "
+                f"'{name}' has no microns-per-pixel in its metadata; pass slide_mpp= to open_slide "
                 "(or --assume-mpp on the command line) if you know it."
             )
         return self._native_mpp
 
     @property
     def mpp_assumed(self) -> bool:
-        """True when the MPP was given by ``mpp=`` rather than read from the file."""
+        """True when the slide's MPP was given by ``slide_mpp=`` rather than read from the file."""
         return self._mpp_override is not None
 
     @property
@@ -196,7 +197,7 @@ class _BaseSlide:
     def __repr__(self) -> str:
         mpp = self._mpp_override if self._mpp_override is not None else self._native_mpp
         return (f"<{type(self).__name__} {self.slide_id!r} backend={self.backend} "
-                f"dimensions={self.dimensions} levels={self.level_count} mpp={mpp}>")
+                f"dimensions={self.dimensions} levels={self.level_count} slide_mpp={mpp}>")
 
 
 def _to_rgb(arr: np.ndarray) -> np.ndarray:
