@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from wsi_ssl.errors import RepairSettingsError
+from wsi_ssl.tiling import EmbedConfig
 
 if TYPE_CHECKING:  # pragma: no cover
     from wsi_ssl.store import RepairPlan
@@ -22,11 +23,11 @@ __all__ = ["repair_command", "with_repair_command"]
 T = TypeVar("T")
 
 #: ``(flag, RepairPlan field, value left out)``, in the order they are printed; ``None`` means
-#: always printed (the embed defaults of mpp / tile size depend on the encoder preset)
+#: always printed (the embed defaults of mpp / tile size depend on the encoder preset); the
+#: others are left out when equal to the EmbedConfig default (the ``wsi-ssl embed`` default)
 _FLAGS = (("--mpp", "mpp", None), ("--tile-size", "tile_size", None),
-          ("--min-tissue", "min_tissue", 0.25), ("--views", "views", 0),
-          ("--view-tiles", "view_tiles", 256), ("--seed", "seed", 0),
-          ("--dtype", "dtype", "float16"))
+          *((f"--{name.replace('_', '-')}", name, EmbedConfig.default(name))
+            for name in ("min_tissue", "views", "view_tiles", "seed", "dtype")))
 
 
 def repair_command(plan: RepairPlan) -> str:
@@ -43,7 +44,7 @@ def repair_command(plan: RepairPlan) -> str:
         val: Any = getattr(plan, name)
         if val is not None and val != default:
             args += [flag, str(val)]
-    if plan.augment is not None and plan.augment != "histo":
+    if plan.augment is not None and plan.augment != EmbedConfig.default("augment"):
         args += ["--augment", plan.augment]
     if plan.assume_mpp is not None:
         args += ["--assume-mpp", str(plan.assume_mpp)]
