@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from wsi_ssl.tiling import EmbedConfig
+
 HELP = "tissue contours (annotations) + tiles (detections, with measurements) -> QuPath GeoJSON"
 DESCRIPTION = (
     "Writes a GeoJSON FeatureCollection in level-0 pixel coordinates that QuPath imports "
@@ -23,12 +25,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="slide-SSL model directory: adds each tile's attention (heatmap_score)")
     p.add_argument("--clusters", type=int, default=None, metavar="K",
                    help="adds each tile's k-means cluster id (of its features in --store)")
-    p.add_argument("--mpp", type=float, default=0.5, help="tile µm/px without --store")
-    p.add_argument("--tile-size", type=int, default=224, help="tile size (px) without --store")
-    p.add_argument("--min-tissue", type=float, default=0.25,
+    p.add_argument("--mpp", type=float, default=EmbedConfig.default("mpp"),
+                   help="target µm/px of the tiles without --store")
+    p.add_argument("--tile-size", type=int, default=EmbedConfig.default("tile_size"),
+                   help="tile size (px) without --store")
+    p.add_argument("--min-tissue", type=float, default=EmbedConfig.default("min_tissue"),
                    help="minimum tissue fraction of a tile without --store")
     p.add_argument("--assume-mpp", type=float, default=None,
-                   help="µm/px of a slide whose file has none")
+                   help="the slide's own µm/px when its file has none")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -20,6 +20,7 @@ from typing import Any, Literal
 import numpy as np
 
 from wsi_ssl.errors import InputError
+from wsi_ssl.tiling import EmbedConfig
 
 __all__ = ["GeoJSONExport", "export_geojson", "tissue_polygons"]
 
@@ -94,7 +95,9 @@ def export_geojson(slide_path: str | os.PathLike, out_path: str | os.PathLike, *
                    store: Any = None, slide_id: str | None = None, model: Any = None,
                    kind: Literal["attention", "tile_logit"] = "attention",
                    scores: Any = None, n_clusters: int | None = None, seed: int = 0,
-                   mpp: float = 0.5, tile_size: int = 224, min_tissue: float = 0.25,
+                   mpp: float = EmbedConfig.default("mpp"),
+                   tile_size: int = EmbedConfig.default("tile_size"),
+                   min_tissue: float = EmbedConfig.default("min_tissue"),
                    slide_mpp: float | None = None) -> GeoJSONExport:
     """Write a QuPath-readable GeoJSON of one slide: tissue annotations + tile detections.
 
