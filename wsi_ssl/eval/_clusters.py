@@ -8,13 +8,15 @@ that the tile encoder separates show up as coherent patches. Coordinates are lev
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from wsi_ssl._utils import sanitize_id
 from wsi_ssl.errors import ConfigError
+from wsi_ssl.eval._heatmap import read_slide_tiles, save_tile_map, tile_geometry
 
 __all__ = ["ClusterMapResult", "tile_clusters", "cluster_map"]
 
@@ -90,11 +92,6 @@ def cluster_map(slide_path: str | os.PathLike, store: Any, *, slide_id: str | No
     Returns:
         A :class:`ClusterMapResult`.
     """
-    from dataclasses import replace
-
-    from wsi_ssl._utils import sanitize_id
-    from wsi_ssl.eval._heatmap import read_slide_tiles, save_tile_map, tile_geometry
-
     sid = slide_id or sanitize_id(Path(slide_path).stem)
     feats, coords, attrs = read_slide_tiles(store, sid)
     stride, size = tile_geometry(coords, attrs)

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from wsi_ssl._utils import atomic_write_bytes, sanitize_id
 from wsi_ssl.errors import ConfigError, LabelError
 from wsi_ssl.eval._inputs import (
     EmbeddingsLike,
@@ -283,8 +284,6 @@ class CompareReport:
     def save(self, out_dir: str | os.PathLike, *, prefix: str = "compare") -> dict[str, Path]:
         """Write ``compare.csv`` (the table), ``compare.md``, ``compare.png``, ``compare.json``
         and ``compare.html`` into ``out_dir``; return the paths by kind."""
-        from wsi_ssl._utils import atomic_write_bytes
-
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         paths = {k: out / f"{prefix}.{k}" for k in ("csv", "md", "png", "json", "html")}
@@ -324,9 +323,28 @@ def _name_files(files: Mapping[str, EmbeddingsLike] | Sequence[EmbeddingsLike]
 
 
 def _key(slide_id: str) -> str:
-    from wsi_ssl._utils import sanitize_id
-
     return sanitize_id(strip_slide_extension(str(slide_id)))
+
+
+def _common_slides(df, embeddings: Mapping[str, Any], *, id_col: str, table_name: str):
+    """The rows of ``df`` whose slide is in every embedding file (re-indexed), and the ids of
+    those left out (warned about)."""
+    keys = df[id_col].map(_key)
+    present = np.ones(len(df), bool)
+    for emb in embeddings.values():
+        have = {_key(s) for s in emb.slide_ids}
+        present &= keys.isin(have).to_numpy()
+    dropped = df.loc[~present, id_col].astype(str).tolist()
+    if not present.any():
+        raise LabelError(
+            f"no slide of {table_name} is in every embedding file ({', '.join(embeddings)}); "
+            "check that the files embed the same slides and the id column (--id-col).")
+    if dropped:
+        warnings.warn(
+            f"{len(dropped)} of {len(df)} slides of {table_name} are not in every embedding "
+            f"file and are left out of the comparison: {few(dropped)}.", UserWarning,
+            stacklevel=3)
+    return df.loc[present].reset_index(drop=True), dropped
 
 
 def compare_embeddings(
@@ -389,40 +407,16 @@ def compare_embeddings(
                           "the probe and/or time= (--time-col) for survival.")
     if label_col is not None and not run_probe:
         logger.info("compare: the table has no column %r; survival only.", label_col)
-    keys = df[id_col].map(_key)
-    present = np.ones(len(df), bool)
-    for emb in embeddings.values():
-        have = {_key(s) for s in emb.slide_ids}
-        present &= keys.isin(have).to_numpy()
-    dropped = df.loc[~present, id_col].astype(str).tolist()
-    if not present.any():
-        raise LabelError(
-            f"no slide of {table_name} is in every embedding file ({', '.join(named)}); "
-            "check that the files embed the same slides and the id column (--id-col).")
-    if dropped:
-        warnings.warn(
-            f"{len(dropped)} of {len(df)} slides of {table_name} are not in every embedding "
-            f"file and are left out of the comparison: {few(dropped)}.", UserWarning,
-            stacklevel=2)
-    table = df.loc[present].reset_index(drop=True)
+    table, dropped = _common_slides(df, embeddings, id_col=id_col, table_name=table_name)
     common = dict(id_col=id_col, patient_col=patient_col, level=level, groups=groups,
                   n_bootstrap=n_bootstrap, seed=seed)
-    probes: list[ProbeReport | None] = []
-    survs: list[SurvivalReport | None] = []
-    for name, emb in embeddings.items():
-        if run_probe:
-            logger.info("compare: probing %s", name)
-            probes.append(linear_probe(emb, table, label_col=label_col, n_labeled=n_labeled,
-                                       repeats=repeats, test_size=test_size, folds=folds,
-                                       cv_repeats=cv_repeats, C=C, **common))
-        else:
-            probes.append(None)
-        if time is not None:
-            logger.info("compare: survival of %s", name)
-            survs.append(survival(emb, table, time=time, event=event, censor_col=censor_col,
-                                  **{"folds": folds or 5, **common, **(survival_kwargs or {})}))
-        else:
-            survs.append(None)
+    probe_kw = None if not run_probe else dict(
+        label_col=label_col, n_labeled=n_labeled, repeats=repeats, test_size=test_size,
+        folds=folds, cv_repeats=cv_repeats, C=C, **common)
+    survival_kw = None if time is None else dict(
+        time=time, event=event, censor_col=censor_col,
+        **{"folds": folds or 5, **common, **(survival_kwargs or {})})
+    probes, survs = _evaluate_each(embeddings, table, probe_kw, survival_kw)
     _check_same_splits(list(named), probes, survs)
     names = tuple(named)
     scores, diffs = _scores_and_differences(names, probes, survs)
@@ -439,6 +433,25 @@ def compare_embeddings(
         names=names, scores=tuple(scores), differences=tuple(diffs), n_slides=len(table),
         n_patients=ref.n_patients, n_dropped=len(dropped), dropped_ids=tuple(dropped),
         probes=tuple(probes), survivals=tuple(survs), config=config)
+
+
+def _evaluate_each(embeddings: Mapping[str, Any], table, probe_kw: dict | None,
+                   survival_kw: dict | None
+                   ) -> tuple[list[ProbeReport | None], list[SurvivalReport | None]]:
+    """The probe (``probe_kw`` None: none) and the survival model (``survival_kw`` None: none)
+    of every file, on the same table."""
+    probes: list[ProbeReport | None] = []
+    survs: list[SurvivalReport | None] = []
+    for name, emb in embeddings.items():
+        probes.append(None)
+        survs.append(None)
+        if probe_kw is not None:
+            logger.info("compare: probing %s", name)
+            probes[-1] = linear_probe(emb, table, **probe_kw)
+        if survival_kw is not None:
+            logger.info("compare: survival of %s", name)
+            survs[-1] = survival(emb, table, **survival_kw)
+    return probes, survs
 
 
 def _check_same_splits(names, probes, survs) -> None:

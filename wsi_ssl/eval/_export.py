@@ -19,8 +19,11 @@ from typing import Any, Literal
 
 import numpy as np
 
+from wsi_ssl._utils import atomic_write_bytes, sanitize_id
 from wsi_ssl.errors import InputError
-from wsi_ssl.tiling import EmbedConfig
+from wsi_ssl.eval._clusters import tile_clusters
+from wsi_ssl.eval._heatmap import read_slide_tiles, tile_geometry, tile_scores
+from wsi_ssl.tiling import EmbedConfig, detect_tissue, open_slide, tile_grid
 
 __all__ = ["GeoJSONExport", "export_geojson", "tissue_polygons"]
 
@@ -124,46 +127,68 @@ def export_geojson(slide_path: str | os.PathLike, out_path: str | os.PathLike, *
     Returns:
         A :class:`GeoJSONExport`.
     """
-    from wsi_ssl._utils import atomic_write_bytes, sanitize_id
-    from wsi_ssl.tiling import detect_tissue, open_slide, tile_grid
-
     sid = slide_id or sanitize_id(Path(slide_path).stem)
     if (model is not None or n_clusters) and store is None:
         raise InputError("heatmap scores (model=) and clusters (n_clusters=) come from a tile "
                          "store: pass store= (--store) with the slide's embedded tiles.")
     with open_slide(slide_path, slide_mpp=slide_mpp) as slide:
         tissue = detect_tissue(slide)
-        meas: dict[str, np.ndarray] = {}
         if store is None:
             grid = tile_grid(slide, mpp=mpp, tile_size=tile_size, min_tissue=min_tissue,
                              tissue=tissue)
             coords, size = np.asarray(grid.coords, np.int64), float(grid.size_level0)
-            meas["tissue_fraction"] = np.asarray(grid.tissue_fraction, np.float64)
+            meas = {"tissue_fraction": np.asarray(grid.tissue_fraction, np.float64)}
         else:
-            from wsi_ssl.eval._heatmap import read_slide_tiles, tile_geometry
+            coords, size, meas = _store_tiles(store, sid, tissue, model=model, kind=kind,
+                                              scores=scores, n_clusters=n_clusters, seed=seed)
+    features = _tissue_features(tissue) + _tile_features(coords, size, meas)
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"type": "FeatureCollection", "features": features}
+    atomic_write_bytes(out, json.dumps(doc, separators=(",", ":")).encode("utf-8"))
+    n_ann = sum(1 for f in features if f["properties"]["objectType"] == "annotation")
+    logger.info("wrote %d tissue annotations and %d tile detections to %s", n_ann,
+                len(features) - n_ann, out)
+    return GeoJSONExport(path=out, slide_id=sid, n_annotations=n_ann,
+                         n_detections=len(features) - n_ann, measurements=tuple(meas))
 
-            feats, coords, attrs = read_slide_tiles(store, sid)
-            _, size = tile_geometry(coords, attrs)
-            boxes = np.hstack([coords, coords + size]).astype(np.float64)
-            meas["tissue_fraction"] = tissue.region_fractions(boxes).astype(np.float64)
-            if model is not None or scores is not None:
-                if scores is None:
-                    from wsi_ssl.eval._heatmap import tile_scores
 
-                    scores = tile_scores(store, sid, model, kind=kind)
-                if not np.array_equal(np.asarray(scores.coords), coords):
-                    raise InputError(f"scores= are for other tiles than slide {sid!r} of the "
-                                     "store; compute them from the same store.")
-                meas["heatmap_score"] = np.asarray(scores.scores, np.float64)
-            if n_clusters:
-                from wsi_ssl.eval._clusters import tile_clusters
+def _store_tiles(store: Any, sid: str, tissue: Any, *, model: Any, kind: str, scores: Any,
+                 n_clusters: int | None, seed: int
+                 ) -> tuple[np.ndarray, float, dict[str, np.ndarray]]:
+    """The slide's tiles in the store: level-0 ``(x, y)``, their size, and the measurements
+    (tissue fraction; heatmap score and cluster when asked for)."""
+    feats, coords, attrs = read_slide_tiles(store, sid)
+    _, size = tile_geometry(coords, attrs)
+    boxes = np.hstack([coords, coords + size]).astype(np.float64)
+    meas = {"tissue_fraction": tissue.region_fractions(boxes).astype(np.float64)}
+    if model is not None or scores is not None:
+        if scores is None:
+            scores = tile_scores(store, sid, model, kind=kind)
+        if not np.array_equal(np.asarray(scores.coords), coords):
+            raise InputError(f"scores= are for other tiles than slide {sid!r} of the "
+                             "store; compute them from the same store.")
+        meas["heatmap_score"] = np.asarray(scores.scores, np.float64)
+    if n_clusters:
+        meas["cluster"] = tile_clusters(feats, n_clusters, seed=seed).astype(np.float64)
+    return coords, size, meas
 
-                meas["cluster"] = tile_clusters(feats, n_clusters, seed=seed).astype(np.float64)
+
+def _tissue_features(tissue: Any) -> list[dict[str, Any]]:
+    """One locked ``Tissue`` annotation per tissue polygon (with its holes)."""
     features = []
     for rings in tissue_polygons(tissue):
         from_area = _ring_area(rings[0]) - sum(_ring_area(r) for r in rings[1:])
         features.append(_feature(rings, "annotation", "Tissue", _TISSUE_COLOR,
                                  {"area_px2": round(float(from_area), 1)}))
+    return features
+
+
+def _tile_features(coords: np.ndarray, size: float, meas: dict[str, np.ndarray]
+                   ) -> list[dict[str, Any]]:
+    """One detection per tile (``Cluster k`` when clustered, else ``Tile``) with its
+    measurements."""
+    features = []
     names = tuple(meas)
     for i, (x, y) in enumerate(np.asarray(coords, np.float64)):
         ring = np.array([[x, y], [x + size, y], [x + size, y + size], [x, y + size], [x, y]])
@@ -171,15 +196,7 @@ def export_geojson(slide_path: str | os.PathLike, out_path: str | os.PathLike, *
              for n in names}
         name = f"Cluster {int(meas['cluster'][i])}" if "cluster" in meas else "Tile"
         features.append(_feature([ring], "detection", name, _TILE_COLOR, m, decimals=2))
-    doc = {"type": "FeatureCollection", "features": features}
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out, json.dumps(doc, separators=(",", ":")).encode("utf-8"))
-    n_ann = sum(1 for f in features if f["properties"]["objectType"] == "annotation")
-    logger.info("wrote %d tissue annotations and %d tile detections to %s", n_ann,
-                len(features) - n_ann, out)
-    return GeoJSONExport(path=out, slide_id=sid, n_annotations=n_ann,
-                         n_detections=len(features) - n_ann, measurements=names)
+    return features
 
 
 def _ring_area(ring: np.ndarray) -> float:

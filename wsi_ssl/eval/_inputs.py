@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING, Literal, TypeVar, Union
 
 import numpy as np
 
+from wsi_ssl._utils import sanitize_id
 from wsi_ssl.errors import ConfigError, InputError, LabelError
+from wsi_ssl.store import SlideEmbeddings, load_embeddings
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
-
-    from wsi_ssl.store import SlideEmbeddings
 
 __all__ = [
     "EmbeddingsLike",
@@ -116,8 +116,6 @@ def _frame_embeddings(df: pd.DataFrame, name: str, *, id_col: str | None,
     """Slide embeddings from a table of ids + numbers: the feature columns are ``feature_cols``
     or every numeric column other than the id column; none of them may be a column the
     evaluation reads from the label/clinical table (``reserved``: column -> role)."""
-    from wsi_ssl.store import SlideEmbeddings
-
     if id_col is not None and id_col in df.columns:
         df = df.set_index(id_col)
     elif id_col is not None and df.index.name != id_col:
@@ -169,8 +167,6 @@ def as_embeddings(embeddings: EmbeddingsLike, *, id_col: str | None = None,
     an embedding table is an :class:`~wsi_ssl.errors.InputError`, never a feature.
     ``.npz`` files go through :func:`wsi_ssl.store.load_embeddings`.
     """
-    from wsi_ssl.store import SlideEmbeddings, load_embeddings
-
     reserved = dict(reserved or {})
     if isinstance(embeddings, SlideEmbeddings):
         emb = embeddings
@@ -261,8 +257,6 @@ def align(emb: SlideEmbeddings, df: pd.DataFrame, *, id_col: str, name: str,
     Ids that still do not match are a :class:`LabelError`; embedded slides without a row in the
     table are left out with a log message.
     """
-    from wsi_ssl._utils import sanitize_id
-
     index = {s: i for i, s in enumerate(emb.slide_ids)}
     ids = df[id_col].tolist()
     rows = [index.get(s) for s in ids]

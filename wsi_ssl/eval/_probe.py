@@ -22,7 +22,8 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Sequence
-from typing import Literal
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
 
@@ -82,26 +83,30 @@ def _split(n_splits: int, grouped: bool, seed: int, x, y, g) -> list[tuple[np.nd
     return list(StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed).split(x, y))
 
 
-def _choose_c(x, y, g, grid, inner_folds, grouped, seed, max_iter, n_classes) -> float:
+def _choose_c(x, y, g, grid, inner_folds, grouped, seed, max_iter, n_classes
+              ) -> tuple[float, Any]:
     """The C of ``grid`` with the best mean inner-CV AUC (ties: the smallest C), chosen by
     scikit-learn's ``GridSearchCV`` on stratified (patient-grouped) inner folds; folds missing a
     class on either side are left out. :data:`DEFAULT_C` when a class has fewer than
-    ``inner_folds`` slides (patients) or no inner fold has every class on both sides."""
+    ``inner_folds`` slides (patients) or no inner fold has every class on both sides.
+
+    Also returns the model with that C that the search refitted on all of ``x`` (the same fit
+    as ``_model(C).fit(x, y)``, so it is not done twice), or None when there was no search."""
     counts = np.bincount(y, minlength=n_classes)
     if counts.min() < inner_folds or (grouped and len(np.unique(g)) < inner_folds):
-        return DEFAULT_C
+        return DEFAULT_C, None
     from sklearn.model_selection import GridSearchCV
 
     splits = [(tr, te) for tr, te in _split(inner_folds, grouped, seed, x, y, g)
               if len(np.unique(y[tr])) == n_classes and len(np.unique(y[te])) == n_classes]
     if not splits:
-        return DEFAULT_C
+        return DEFAULT_C, None
     search = GridSearchCV(
         _model(DEFAULT_C, max_iter), {"logisticregression__C": sorted(float(c) for c in grid)},
         scoring="roc_auc" if n_classes == 2 else "roc_auc_ovr", cv=splits,
         refit=_smallest_of_the_best, error_score="raise")
     search.fit(x, y)
-    return float(search.best_params_["logisticregression__C"])
+    return float(search.best_params_["logisticregression__C"]), search.best_estimator_
 
 
 def _smallest_of_the_best(results: dict) -> int:
@@ -121,9 +126,11 @@ def _fit_predict(x, y, g, tr, te, *, C, inner_folds, grouped, seed, max_iter, n_
         grid = None
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*did not converge.*|.*lbfgs failed.*")
-        c = (_choose_c(x[tr], y[tr], g[tr], grid, inner_folds, grouped, seed, max_iter,
-                       n_classes) if grid is not None else float(C))
-        proba = _model(c, max_iter).fit(x[tr], y[tr]).predict_proba(x[te])
+        c, model = (_choose_c(x[tr], y[tr], g[tr], grid, inner_folds, grouped, seed, max_iter,
+                              n_classes) if grid is not None else (float(C), None))
+        if model is None:
+            model = _model(c, max_iter).fit(x[tr], y[tr])
+        proba = model.predict_proba(x[te])
     return proba, c
 
 
@@ -363,10 +370,94 @@ def linear_probe(
     """
     _check_config(n_labeled, repeats, test_size, folds, C, cv_repeats, inner_folds,
                   n_bootstrap)
-    import pandas as pd
-
     if level not in ("slide", "patient"):
         raise ConfigError(f"level={level!r} must be 'slide' or 'patient'.")
+    d = _probe_data(embeddings, labels, label_col=label_col, id_col=id_col,
+                    patient_col=patient_col, groups=groups, embedding_id_col=embedding_id_col,
+                    level=level, feature_cols=feature_cols)
+    grouped = groups is not None or level == "patient"
+    rng = np.random.default_rng(seed)
+    fit = dict(C=C, inner_folds=inner_folds, grouped=grouped, max_iter=max_iter,
+               n_classes=d.n_classes)
+    # the bootstrap: resamples of patients within each class (copies keep their patient id, so
+    # every split keeps them together), one refitted run of each setting on each
+    brng = np.random.default_rng([seed, 1])
+    boot = _Bootstrap(rows=bootstrap_rows(d.g, d.y, n_bootstrap, brng), rng=brng,
+                      seeds=[repeat_seed(seed, 1000 + b) for b in range(n_bootstrap)])
+    few_shot = _FewShot(results=[], roc=[], heldout=np.zeros(len(d.y), bool), heldout_runs=[])
+    if n_labeled:
+        few_shot = _few_shot(d, n_labeled, repeats, test_size, grouped, seed, rng, fit, boot)
+    cv = _CrossValidation(results=[], roc=[], fold=np.full(len(d.y), -1, np.int64), fold_runs=[],
+                          proba=np.zeros((0, d.n_classes)))
+    if folds is not None:
+        cv = _cross_validation(d, folds, cv_repeats, grouped, seed, fit, boot)
+    config = {
+        "label_col": label_col, "id_col": id_col, "patient_col": patient_col,
+        "n_labeled": list(n_labeled), "repeats": repeats, "test_size": float(test_size),
+        "folds": folds, "cv_repeats": cv_repeats, "groups": groups,
+        "C": C if isinstance(C, (str, int, float)) else list(C),
+        "inner_folds": inner_folds, "n_bootstrap": n_bootstrap, "interval": INTERVAL_METHOD,
+        "max_iter": max_iter,
+        "seed": seed, "embeddings": d.emb.provenance, "dim": d.emb.dim, "level": level,
+        "n_slides": d.n_input, "n_patients": d.n_input_patients,
+        "model": "StandardScaler + LogisticRegression(class_weight='balanced', lbfgs)",
+    }
+    return _report(d, few_shot, cv, level, config)
+
+
+@dataclass
+class _ProbeData:
+    """The aligned inputs of a probe: features ``x``, class codes ``y``, patient ids ``g``."""
+
+    emb: Any
+    name: str
+    label_col: str
+    x: np.ndarray
+    y: np.ndarray
+    g: np.ndarray
+    classes: tuple[str, ...]
+    row_ids: np.ndarray
+    label_values: np.ndarray
+    n_input: int
+    n_input_patients: int
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.classes)
+
+
+@dataclass
+class _Bootstrap:
+    """The patient resamples (row indices), their generator and one seed per resample."""
+
+    rows: list[np.ndarray]
+    rng: np.random.Generator
+    seeds: list[int]
+
+
+@dataclass
+class _FewShot:
+    results: list[ProbeResult]
+    roc: list[RocCurve]
+    heldout: np.ndarray
+    heldout_runs: list[list[int]]
+
+
+@dataclass
+class _CrossValidation:
+    results: list[ProbeResult]
+    roc: list[RocCurve]
+    fold: np.ndarray
+    fold_runs: list[list[int]]
+    proba: np.ndarray
+
+
+def _probe_data(embeddings, labels, *, label_col, id_col, patient_col, groups,
+                embedding_id_col, level, feature_cols) -> _ProbeData:
+    """Read the embeddings and the labels, align them (per patient for ``level="patient"``)
+    and code the labels as classes."""
+    import pandas as pd  # lazy: keeps `import wsi_ssl.eval` light
+
     reserved = {c: role for c, role in ((label_col, "label"), (patient_col, "patient")) if c}
     emb = as_embeddings(embeddings, id_col=embedding_id_col, feature_cols=feature_cols,
                         reserved=reserved)
@@ -391,141 +482,144 @@ def linear_probe(
         x, g, out, _ = patient_level(x, g, {label_col: label_values}, name=name, id_col=id_col)
         row_ids, label_values = g, out[label_col]
     codes, uniques = pd.factorize(pd.Series(label_values), sort=True)
-    y = codes.astype(np.int64)
     classes = tuple(str(u) for u in uniques)
     if len(classes) < 2:
         raise LabelError(
             f"column {label_col!r} of {name} has a single class {classes!r}; a probe needs two."
         )
-    n_classes = len(classes)
-    grouped = groups is not None or level == "patient"
-    rng = np.random.default_rng(seed)
-    fit = dict(C=C, inner_folds=inner_folds, grouped=grouped, max_iter=max_iter,
-               n_classes=n_classes)
-    results: list[ProbeResult] = []
-    roc: list[RocCurve] = []
-    n = len(y)
-    heldout = np.zeros(n, bool)
-    heldout_runs: list[list[int]] = []
-    # the bootstrap: resamples of patients within each class (copies keep their patient id, so
-    # every split keeps them together), one refitted run of each setting on each
-    brng = np.random.default_rng([seed, 1])
-    resamples = bootstrap_rows(g, y, n_bootstrap, brng)
-    boot_seeds = [repeat_seed(seed, 1000 + b) for b in range(n_bootstrap)]
+    return _ProbeData(emb=emb, name=name, label_col=label_col, x=x, y=codes.astype(np.int64),
+                      g=g, classes=classes, row_ids=row_ids, label_values=label_values,
+                      n_input=n_input, n_input_patients=n_input_patients)
 
-    if n_labeled:
-        holdout_splits = max(2, int(round(1.0 / float(test_size))))
-        _check_class_sizes(y, g, classes, 2, "the held-out split (one per side)", grouped,
-                           name, label_col)
-        splits = []
-        for r in range(repeats):
-            tr, te = _holdout(holdout_splits, grouped, repeat_seed(seed, r), x, y, g, test_size)
-            missing = [classes[k] for k in range(n_classes)
-                       if not (y[tr] == k).any() or not (y[te] == k).any()]
-            if missing:
-                raise LabelError(
-                    f"classes {missing} of {name} could not be put on both sides of the held-out "
-                    "split (too few patients); add slides or use a larger test_size."
+
+def _heldout_splits(d: _ProbeData, repeats, holdout_splits, grouped, seed, test_size
+                    ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``repeats`` held-out splits, each with every class on both sides."""
+    _check_class_sizes(d.y, d.g, d.classes, 2, "the held-out split (one per side)", grouped,
+                       d.name, d.label_col)
+    splits = []
+    for r in range(repeats):
+        tr, te = _holdout(holdout_splits, grouped, repeat_seed(seed, r), d.x, d.y, d.g,
+                          test_size)
+        missing = [d.classes[k] for k in range(d.n_classes)
+                   if not (d.y[tr] == k).any() or not (d.y[te] == k).any()]
+        if missing:
+            raise LabelError(
+                f"classes {missing} of {d.name} could not be put on both sides of the held-out "
+                "split (too few patients); add slides or use a larger test_size."
+            )
+        splits.append((tr, te))
+    return splits
+
+
+def _few_shot_sizes(n_labeled, n_train: int, n_classes: int) -> list[tuple[int, int | None]]:
+    """``(m, requested)`` of each few-shot size, clamped to the smallest training side
+    ``n_train`` (``requested`` None: the whole training side), repeats skipped, sorted."""
+    sizes: list[tuple[int, int | None]] = []
+    for req in n_labeled:
+        if req is None:
+            m = n_train
+        else:
+            if isinstance(req, bool) or int(req) != req or req < n_classes:
+                raise ConfigError(
+                    f"n_labeled entry {req!r} must be an integer >= the number of classes "
+                    f"({n_classes}), or None for the whole training side."
                 )
-            splits.append((tr, te))
-            heldout_runs.append([int(i) for i in te])
-        heldout[splits[0][1]] = True
-        n_train = min(len(tr) for tr, _ in splits)  # the smallest training side of the splits
-        sizes: list[tuple[int, int | None]] = []
-        for req in n_labeled:
-            if req is None:
+            m = int(req)
+            if m > n_train:
+                warnings.warn(
+                    f"n_labeled={m} is larger than the training side ({n_train} slides); "
+                    f"clamped to {n_train}.", UserWarning, stacklevel=5)
                 m = n_train
-            else:
-                if isinstance(req, bool) or int(req) != req or req < n_classes:
-                    raise ConfigError(
-                        f"n_labeled entry {req!r} must be an integer >= the number of classes "
-                        f"({n_classes}), or None for the whole training side."
-                    )
-                m = int(req)
-                if m > n_train:
-                    warnings.warn(
-                        f"n_labeled={m} is larger than the training side ({n_train} slides); "
-                        f"clamped to {n_train}.", UserWarning, stacklevel=3)
-                    m = n_train
-            if any(m == s[0] for s in sizes):
-                warnings.warn(f"n_labeled={req!r} repeats size {m}; skipped.", UserWarning,
-                              stacklevel=3)
-                continue
-            sizes.append((m, None if m == n_train else int(req)))
-        for m, req in sorted(sizes):
-            blocks = []
-            used = []
-            for r, (tr, te) in enumerate(splits):
-                sub = tr if req is None else _stratified_subset(tr, y, m, rng)
-                proba, c = _fit_predict(x, y, g, sub, te, seed=seed + r, **fit)
-                blocks.append((te, y[te], proba, g[te], c))
-                used.append(len(sub))
-            refit = _refit_config(fit, blocks)
-            size = m if req is not None else None
-            boot = [_boot_run(_few_shot_once, x[rows], y[rows], g[rows], size, holdout_splits,
-                              boot_seeds[b], brng, refit, n_classes)
-                    for b, rows in enumerate(resamples)]
-            res = _summarise("few-shot", float(np.mean(used)), req, blocks, n_classes,
-                             len(blocks), boot)
-            results.append(res)
-            roc.append(_mean_roc(res.name, [(b[1], b[2]) for b in blocks], n_classes,
-                                 res.auc_mean))
+        if any(m == s[0] for s in sizes):
+            warnings.warn(f"n_labeled={req!r} repeats size {m}; skipped.", UserWarning,
+                          stacklevel=5)
+            continue
+        sizes.append((m, None if m == n_train else int(req)))
+    return sorted(sizes)
 
-    cv_fold = np.full(n, -1, np.int64)
-    cv_fold_runs: list[list[int]] = []
-    cv_proba = np.zeros((0, n_classes))
-    if folds is not None:
-        _check_class_sizes(y, g, classes, folds, f"folds={folds}", grouped, name, label_col)
-        cv_proba = np.zeros((n, n_classes))
+
+def _few_shot(d: _ProbeData, n_labeled, repeats, test_size, grouped, seed, rng, fit,
+              boot: _Bootstrap) -> _FewShot:
+    """The few-shot protocol: held-out splits, one result (and mean ROC) per size."""
+    holdout_splits = max(2, int(round(1.0 / float(test_size))))
+    splits = _heldout_splits(d, repeats, holdout_splits, grouped, seed, test_size)
+    heldout = np.zeros(len(d.y), bool)
+    heldout[splits[0][1]] = True
+    out = _FewShot(results=[], roc=[], heldout=heldout,
+                   heldout_runs=[[int(i) for i in te] for _, te in splits])
+    n_train = min(len(tr) for tr, _ in splits)  # the smallest training side of the splits
+    for m, req in _few_shot_sizes(n_labeled, n_train, d.n_classes):
         blocks = []
-        sizes_tr, sizes_te = [], []
-        for r in range(cv_repeats):
-            s = repeat_seed(seed, r)
-            assignment = np.full(n, -1, np.int64)
-            for f, (tr, te) in enumerate(_split(folds, grouped, s, x, y, g)):
-                absent = [classes[k] for k in range(n_classes) if not (y[te] == k).any()]
-                if absent:
-                    raise LabelError(
-                        f"CV fold {f} of {name} has no slide of classes {absent} (too few "
-                        f"patients per class for folds={folds}); use fewer folds."
-                    )
-                proba, c = _fit_predict(x, y, g, tr, te, seed=s + f, **fit)
-                if r == 0:
-                    cv_proba[te] = proba
-                    cv_fold[te] = f
-                assignment[te] = f
-                sizes_tr.append(len(tr))
-                sizes_te.append(len(te))
-                blocks.append((te, y[te], proba, g[te], c))
-            cv_fold_runs.append(assignment.tolist())
+        used = []
+        for r, (tr, te) in enumerate(splits):
+            sub = tr if req is None else _stratified_subset(tr, d.y, m, rng)
+            proba, c = _fit_predict(d.x, d.y, d.g, sub, te, seed=seed + r, **fit)
+            blocks.append((te, d.y[te], proba, d.g[te], c))
+            used.append(len(sub))
         refit = _refit_config(fit, blocks)
-        boot = [_boot_run(_cv_once, x[rows], y[rows], g[rows], folds, boot_seeds[b], refit,
-                          n_classes) for b, rows in enumerate(resamples)]
-        res = _summarise("cv", float(np.mean(sizes_tr)), None, blocks, n_classes, cv_repeats,
-                         boot)
-        results.append(res)
-        roc.append(_mean_roc(res.name, [(b[1], b[2]) for b in blocks[:folds]], n_classes,
-                             res.auc_mean))
+        size = m if req is not None else None
+        scores = [_boot_run(_few_shot_once, d.x[rows], d.y[rows], d.g[rows], size,
+                            holdout_splits, boot.seeds[b], boot.rng, refit, d.n_classes)
+                  for b, rows in enumerate(boot.rows)]
+        res = _summarise("few-shot", float(np.mean(used)), req, blocks, d.n_classes,
+                         len(blocks), scores)
+        out.results.append(res)
+        out.roc.append(_mean_roc(res.name, [(b[1], b[2]) for b in blocks], d.n_classes,
+                                 res.auc_mean))
+    return out
 
-    config = {
-        "label_col": label_col, "id_col": id_col, "patient_col": patient_col,
-        "n_labeled": list(n_labeled), "repeats": repeats, "test_size": float(test_size),
-        "folds": folds, "cv_repeats": cv_repeats, "groups": groups,
-        "C": C if isinstance(C, (str, int, float)) else list(C),
-        "inner_folds": inner_folds, "n_bootstrap": n_bootstrap, "interval": INTERVAL_METHOD,
-        "max_iter": max_iter,
-        "seed": seed, "embeddings": emb.provenance, "dim": emb.dim, "level": level,
-        "n_slides": n_input, "n_patients": n_input_patients,
-        "model": "StandardScaler + LogisticRegression(class_weight='balanced', lbfgs)",
-    }
+
+def _cross_validation(d: _ProbeData, folds: int, cv_repeats: int, grouped, seed, fit,
+                      boot: _Bootstrap) -> _CrossValidation:
+    """The repeated k-fold CV: one result, out-of-fold probabilities of the first repeat."""
+    n = len(d.y)
+    _check_class_sizes(d.y, d.g, d.classes, folds, f"folds={folds}", grouped, d.name,
+                       d.label_col)
+    out = _CrossValidation(results=[], roc=[], fold=np.full(n, -1, np.int64), fold_runs=[],
+                           proba=np.zeros((n, d.n_classes)))
+    blocks, sizes_tr = [], []
+    for r in range(cv_repeats):
+        s = repeat_seed(seed, r)
+        assignment = np.full(n, -1, np.int64)
+        for f, (tr, te) in enumerate(_split(folds, grouped, s, d.x, d.y, d.g)):
+            absent = [d.classes[k] for k in range(d.n_classes) if not (d.y[te] == k).any()]
+            if absent:
+                raise LabelError(
+                    f"CV fold {f} of {d.name} has no slide of classes {absent} (too few "
+                    f"patients per class for folds={folds}); use fewer folds."
+                )
+            proba, c = _fit_predict(d.x, d.y, d.g, tr, te, seed=s + f, **fit)
+            if r == 0:
+                out.proba[te] = proba
+                out.fold[te] = f
+            assignment[te] = f
+            sizes_tr.append(len(tr))
+            blocks.append((te, d.y[te], proba, d.g[te], c))
+        out.fold_runs.append(assignment.tolist())
+    refit = _refit_config(fit, blocks)
+    scores = [_boot_run(_cv_once, d.x[rows], d.y[rows], d.g[rows], folds, boot.seeds[b],
+                        refit, d.n_classes) for b, rows in enumerate(boot.rows)]
+    res = _summarise("cv", float(np.mean(sizes_tr)), None, blocks, d.n_classes, cv_repeats,
+                     scores)
+    out.results.append(res)
+    out.roc.append(_mean_roc(res.name, [(b[1], b[2]) for b in blocks[:folds]], d.n_classes,
+                             res.auc_mean))
+    return out
+
+
+def _report(d: _ProbeData, few_shot: _FewShot, cv: _CrossValidation, level: Level,
+            config: dict) -> ProbeReport:
     report = ProbeReport(
-        task="binary" if n_classes == 2 else "multiclass", classes=classes,
-        results=tuple(results), roc=tuple(roc), slide_ids=tuple(str(s) for s in row_ids),
-        patients=tuple(str(p) for p in g), labels=tuple(str(v) for v in label_values),
-        heldout=tuple(bool(h) for h in heldout), cv_fold=tuple(int(f) for f in cv_fold),
-        cv_proba=cv_proba, level=level, n_input_slides=n_input, config=config,
-        heldout_runs=tuple(tuple(h) for h in heldout_runs),
-        cv_fold_runs=tuple(tuple(f) for f in cv_fold_runs),
+        task="binary" if d.n_classes == 2 else "multiclass", classes=d.classes,
+        results=tuple(few_shot.results + cv.results), roc=tuple(few_shot.roc + cv.roc),
+        slide_ids=tuple(str(s) for s in d.row_ids), patients=tuple(str(p) for p in d.g),
+        labels=tuple(str(v) for v in d.label_values),
+        heldout=tuple(bool(h) for h in few_shot.heldout),
+        cv_fold=tuple(int(f) for f in cv.fold), cv_proba=cv.proba, level=level,
+        n_input_slides=d.n_input, config=config,
+        heldout_runs=tuple(tuple(h) for h in few_shot.heldout_runs),
+        cv_fold_runs=tuple(tuple(f) for f in cv.fold_runs),
     )
     for r in report.results:
         logger.info("probe %s: AUC %.3f ± %.3f (95%% CI %.3f-%.3f)", r.name, r.auc_mean,

@@ -23,15 +23,18 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from wsi_ssl.errors import ConfigError, InputError
+from wsi_ssl.errors import BackendUnavailableError, ConfigError, InputError
 from wsi_ssl.eval._inputs import (
     EmbeddingsLike,
     TableLike,
+    align,
     as_embeddings,
     few,
     patient_ids,
     read_table,
 )
+from wsi_ssl.eval._report_io import dumps, write_report
+from wsi_ssl.eval._stats import cluster_bootstrap_weights, percentile_ci
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -97,8 +100,6 @@ def _search(x: np.ndarray, queries: np.ndarray, n: int, backend: Backend
         try:
             import faiss
         except ImportError as err:
-            from wsi_ssl.errors import BackendUnavailableError
-
             raise BackendUnavailableError("backend='faiss' needs FAISS: pip install faiss-cpu "
                                           "(or use backend='sklearn').") from err
         index = faiss.IndexFlatIP(x.shape[1])
@@ -222,8 +223,6 @@ class RetrievalReport:
         return pd.DataFrame([{"metric": m, **v} for m, v in self.metrics.items()])
 
     def to_json(self) -> str:
-        from wsi_ssl.eval._report_io import dumps
-
         return dumps({"metrics": self.metrics, "n_slides": self.n_slides,
                       "n_patients": self.n_patients, "classes": list(self.classes),
                       "chance": self.chance, "settings": self.settings})
@@ -235,8 +234,6 @@ class RetrievalReport:
     def save(self, out_dir: str | os.PathLike) -> dict[str, Path]:
         """``retrieval.json``, ``retrieval.png``, ``retrieval.csv`` and
         ``retrieval_queries.csv`` into ``out_dir``."""
-        from wsi_ssl.eval._report_io import write_report
-
         fig = self.plot(str(self.settings.get("source", "embeddings")))
         return write_report(out_dir, "retrieval", json_text=self.to_json(), fig=fig,
                             frame=self.to_frame(), extra={"queries": self.per_query})
@@ -247,6 +244,40 @@ def _majority(labels: np.ndarray) -> Any:
     values, first, counts = np.unique(labels, return_index=True, return_counts=True)
     best = np.flatnonzero(counts == counts.max())
     return values[best[np.argmin(first[best])]]
+
+
+def _hits(yn: np.ndarray, y: np.ndarray, ks: tuple[int, ...], map_k: int,
+          table: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Per query: 1/0 majority-vote hit at each k and the average precision at ``map_k``, from
+    the neighbours' labels ``yn`` (None: no neighbour); the predictions and APs go to
+    ``table``."""
+    hits: dict[str, np.ndarray] = {}
+    for k in ks:
+        pred = [_majority(np.asarray([v for v in row[:k] if v is not None], dtype=object))
+                if any(v is not None for v in row[:k]) else None for row in yn]
+        table[f"predicted@{k}"] = pred
+        hits[f"acc@{k}"] = np.array([p == t for p, t in zip(pred, y, strict=True)], float)
+    rel = (yn[:, :map_k] == y[:, None]).astype(float)
+    prec = np.cumsum(rel, axis=1) / np.arange(1, rel.shape[1] + 1)
+    ap = np.where(rel.sum(1) > 0, (prec * rel).sum(1) / np.maximum(rel.sum(1), 1), 0.0)
+    hits[f"mAP@{map_k}"] = ap
+    table[f"ap@{map_k}"] = ap
+    return hits
+
+
+def _with_intervals(hits: dict[str, np.ndarray], pats: np.ndarray, n_bootstrap: int,
+                    seed: int) -> dict[str, dict[str, float]]:
+    """The mean of each metric with its patient-bootstrap 95 % interval (NaN without)."""
+    rng = np.random.default_rng(seed)
+    w = cluster_bootstrap_weights(pats, n_bootstrap, rng) if n_bootstrap else None
+    metrics = {}
+    for m, v in hits.items():
+        lo = hi = float("nan")
+        if w is not None:
+            boot = (w @ v) / np.maximum(w.sum(1), 1e-12)
+            lo, hi = percentile_ci(boot)
+        metrics[m] = {"value": float(v.mean()), "ci_low": lo, "ci_high": hi}
+    return metrics
 
 
 def retrieval_report(embeddings: EmbeddingsLike, labels: TableLike, *, label_col: str = "label",
@@ -272,9 +303,6 @@ def retrieval_report(embeddings: EmbeddingsLike, labels: TableLike, *, label_col
     """
     import pandas as pd
 
-    from wsi_ssl.eval._inputs import align
-    from wsi_ssl.eval._stats import cluster_bootstrap_weights, percentile_ci
-
     ks = tuple(int(v) for v in ks)
     if not ks or min(ks) < 1 or int(map_k) < 1:
         raise ConfigError(f"ks={ks!r} and map_k={map_k!r} must be integers >= 1.")
@@ -298,26 +326,8 @@ def retrieval_report(embeddings: EmbeddingsLike, labels: TableLike, *, label_col
                        int((nb < 0).any(1).sum()), k_max)
     yn = np.where(nb >= 0, np.asarray(list(y) + [None], dtype=object)[nb], None)
     table: dict[str, Any] = {"slide_id": df[id_col], "patient_id": pats, "label": y}
-    hits: dict[str, np.ndarray] = {}
-    for k in ks:
-        pred = [_majority(np.asarray([v for v in row[:k] if v is not None], dtype=object))
-                if any(v is not None for v in row[:k]) else None for row in yn]
-        table[f"predicted@{k}"] = pred
-        hits[f"acc@{k}"] = np.array([p == t for p, t in zip(pred, y, strict=True)], float)
-    rel = (yn[:, :map_k] == y[:, None]).astype(float)
-    prec = np.cumsum(rel, axis=1) / np.arange(1, rel.shape[1] + 1)
-    ap = np.where(rel.sum(1) > 0, (prec * rel).sum(1) / np.maximum(rel.sum(1), 1), 0.0)
-    hits[f"mAP@{map_k}"] = ap
-    table[f"ap@{map_k}"] = ap
-    rng = np.random.default_rng(seed)
-    w = cluster_bootstrap_weights(pats, int(n_bootstrap), rng) if n_bootstrap else None
-    metrics = {}
-    for m, v in hits.items():
-        lo = hi = float("nan")
-        if w is not None:
-            boot = (w @ v) / np.maximum(w.sum(1), 1e-12)
-            lo, hi = percentile_ci(boot)
-        metrics[m] = {"value": float(v.mean()), "ci_low": lo, "ci_high": hi}
+    hits = _hits(yn, y, ks, int(map_k), table)
+    metrics = _with_intervals(hits, pats, int(n_bootstrap), seed)
     classes, counts = np.unique(y.astype(str), return_counts=True)
     settings = {"ks": list(ks), "map_k": int(map_k), "exclude_same_patient": exclude_same_patient,
                 "n_bootstrap": int(n_bootstrap), "seed": int(seed), "backend": used,

@@ -184,8 +184,7 @@ def _one_standard_error(params: list[dict], mean: np.ndarray, split: np.ndarray,
 def _fit_fold(x, t, e, g, tr, te, *, alpha, l1_ratio, n_components, grouped, inner_folds,
               seed, max_iter=100_000) -> _FoldFit:
     """Choose the penalty by inner CV on ``tr`` (GridSearchCV), refit, score ``te``."""
-    from sklearn.base import clone
-    from sklearn.model_selection import GridSearchCV, ParameterGrid
+    from sklearn.model_selection import ParameterGrid
 
     y = _surv(t[tr], e[tr])
     k = None if n_components is None else min(int(n_components), x.shape[1], len(tr) - 1)
@@ -202,41 +201,16 @@ def _fit_fold(x, t, e, g, tr, te, *, alpha, l1_ratio, n_components, grouped, inn
         candidates = list(ParameterGrid(grid))  # GridSearchCV's order
         n_event_groups = len(np.unique(g[tr][e[tr] == 1]))
         if len(candidates) > 1 and n_event_groups >= inner_folds:
-            inner = _splits(inner_folds, t[tr], e[tr], g[tr], grouped, seed)
-            search = GridSearchCV(base, grid, cv=inner, error_score=np.nan, refit=False)
-            try:
-                search.fit(x[tr], y)
-            except ValueError as err:  # sklearn raises when every fit failed
-                if "fits failed" not in str(err):
-                    raise
-                failed += len(candidates) * len(inner)
-                logger.warning("every inner fit failed on a training fold of %d rows; using the "
-                               "largest penalty.", len(tr))
-            else:
-                res = search.cv_results_
-                split = np.array([res[f"split{i}_test_score"] for i in range(len(inner))])
-                ok = ~np.isnan(split)
-                failed += int((~ok).sum())
-                mean = np.where(ok.any(0),
-                                np.where(ok, split, 0).sum(0) / np.maximum(ok.sum(0), 1),
-                                -np.inf)  # a candidate whose every inner fit failed ranks last
-                order = list(np.argsort(-mean, kind="stable"))
-                pick = _one_standard_error(res["params"], mean, split, ok)
-                candidates = [res["params"][i] for i in [pick] + [i for i in order if i != pick]]
+            candidates, n_failed = _ranked_by_inner_cv(base, grid, candidates, x[tr], y, t[tr],
+                                                       e[tr], g[tr], grouped, inner_folds, seed)
+            failed += n_failed
         elif len(candidates) > 1:
             logger.warning(
                 "a training fold has %d patients with an event, fewer than inner_folds=%d: no "
                 "inner CV, the middle penalty of the grid is used.", n_event_groups, inner_folds)
             candidates = candidates[len(candidates) // 2:] + candidates[: len(candidates) // 2]
-        model = None
-        for params in candidates:
-            try:
-                model = clone(base).set_params(**params).fit(x[tr], y)
-                break
-            except (ArithmeticError, ValueError) as err:
-                logger.warning("coxnet refit with %s failed (%s); trying the next best.",
-                               params, err)
-                failed += 1
+        model, n_failed = _refit_first(base, candidates, x[tr], y)
+        failed += n_failed
         if model is None:
             raise ConfigError(
                 f"no Cox model could be fitted on a training fold of {len(tr)} rows ({failed} "
@@ -251,6 +225,48 @@ def _fit_fold(x, t, e, g, tr, te, *, alpha, l1_ratio, n_components, grouped, inn
         n_features=int(coef.size), n_nonzero=int(np.count_nonzero(coef)),
         failed_fits=failed, convergence_warnings=tally.convergence, coef=coef,
     )
+
+
+def _ranked_by_inner_cv(base, grid, candidates, x, y, t, e, g, grouped, inner_folds, seed
+                        ) -> tuple[list[dict], int]:
+    """The candidates best first (the one-standard-error pick, then by mean inner C-index) and
+    the number of inner fits that failed; as given when every inner fit failed."""
+    from sklearn.model_selection import GridSearchCV
+
+    inner = _splits(inner_folds, t, e, g, grouped, seed)
+    search = GridSearchCV(base, grid, cv=inner, error_score=np.nan, refit=False)
+    try:
+        search.fit(x, y)
+    except ValueError as err:  # sklearn raises when every fit failed
+        if "fits failed" not in str(err):
+            raise
+        logger.warning("every inner fit failed on a training fold of %d rows; using the "
+                       "largest penalty.", len(t))
+        return candidates, len(candidates) * len(inner)
+    res = search.cv_results_
+    split = np.array([res[f"split{i}_test_score"] for i in range(len(inner))])
+    ok = ~np.isnan(split)
+    mean = np.where(ok.any(0),
+                    np.where(ok, split, 0).sum(0) / np.maximum(ok.sum(0), 1),
+                    -np.inf)  # a candidate whose every inner fit failed ranks last
+    order = list(np.argsort(-mean, kind="stable"))
+    pick = _one_standard_error(res["params"], mean, split, ok)
+    return [res["params"][i] for i in [pick] + [i for i in order if i != pick]], int((~ok).sum())
+
+
+def _refit_first(base, candidates: list[dict], x, y) -> tuple[Any, int]:
+    """The model of the first candidate that fits (None if none does), and the failed refits."""
+    from sklearn.base import clone
+
+    failed = 0
+    for params in candidates:
+        try:
+            return clone(base).set_params(**params).fit(x, y), failed
+        except (ArithmeticError, ValueError) as err:
+            logger.warning("coxnet refit with %s failed (%s); trying the next best.",
+                           params, err)
+            failed += 1
+    return None, failed
 
 
 def _cv_once(x, t, e, g, folds, seed, **fit) -> float:
@@ -440,6 +456,64 @@ def survival(
     event = "event" if event is None and censor_col is None else event
     _check(folds, alpha, l1_ratio, n_components, repeats, n_bootstrap, level, inner_folds,
            max_iter)
+    grouped = groups is not None or level == "patient"
+    d = _survival_data(embeddings, clinical, time=time, event=event, censor_col=censor_col,
+                       id_col=id_col, patient_col=patient_col, level=level, groups=groups,
+                       embedding_id_col=embedding_id_col, feature_cols=feature_cols)
+    _check_events(d, folds, grouped, censor_col or event)
+    outer = _outer_cv(d, folds, repeats, grouped, seed, alpha=alpha, l1_ratio=l1_ratio,
+                      n_components=n_components, inner_folds=inner_folds, max_iter=max_iter)
+    boot = _bootstrap_cindex(d, outer.fold_rows, folds, seed, n_bootstrap,
+                             n_components=n_components, inner_folds=inner_folds,
+                             max_iter=max_iter)
+    config = {
+        "time": time, "event": event, "censor_col": censor_col, "id_col": id_col,
+        "patient_col": patient_col, "level": level, "folds": folds,
+        "alpha": alpha if isinstance(alpha, (str, int, float)) else list(alpha),
+        "l1_ratio": [float(r) for r in np.atleast_1d(l1_ratio)],
+        "n_components": n_components, "groups": groups, "inner_folds": inner_folds,
+        "repeats": repeats, "n_bootstrap": n_bootstrap, "interval": INTERVAL_METHOD,
+        "max_iter": max_iter, "seed": seed, "embeddings": d.emb.provenance, "dim": d.emb.dim,
+        "model": ("StandardScaler" + (" + PCA" if n_components else "")
+                  + " + sksurv CoxnetSurvivalAnalysis (elastic-net Cox), alpha and l1_ratio by "
+                  "GridSearchCV on patient-grouped inner folds (C-index)"),
+    }
+    report = _report(d, outer, boot, repeats, folds, level, config)
+    _log_report(report, d)
+    return report
+
+
+@dataclass(frozen=True)
+class _SurvivalData:
+    """The aligned inputs: features ``x``, times ``t``, events ``e`` (1 = event), patients
+    ``g``, row ids, and the counts of the input table."""
+
+    emb: Any
+    name: str
+    x: np.ndarray
+    t: np.ndarray
+    e: np.ndarray
+    g: np.ndarray
+    ids: np.ndarray
+    n_input: int
+    patients_of_slides: int
+
+
+@dataclass(frozen=True)
+class _OuterCV:
+    """The outer k-fold CV: one row per fold and repeat; risk, high-risk group and fold of
+    every row from the first repeat."""
+
+    fold_rows: list[SurvivalFold]
+    risk: np.ndarray
+    high: np.ndarray
+    fold_of: np.ndarray
+
+
+def _survival_data(embeddings, clinical, *, time, event, censor_col, id_col, patient_col,
+                   level, groups, embedding_id_col, feature_cols) -> _SurvivalData:
+    """Read the embeddings and the clinical table and align them (per patient for
+    ``level="patient"``)."""
     reserved = {c: role for c, role in ((time, "time"), (event, "event"),
                                         (censor_col, "censoring"), (patient_col, "patient"))
                 if c}
@@ -457,46 +531,54 @@ def survival(
         x, g, out, _ = patient_level(x, g, {time: t, censor_col or event: e}, name=name,
                                      id_col=id_col)
         t, e, ids = out[time], out[censor_col or event], g
-    grouped = groups is not None or level == "patient"
-    n_ev_units = len(np.unique(g[e == 1]))
+    return _SurvivalData(emb=emb, name=name, x=x, t=t, e=e, g=g, ids=ids, n_input=n_input,
+                         patients_of_slides=patients_of_slides)
+
+
+def _check_events(d: _SurvivalData, folds: int, grouped: bool, column: str) -> None:
+    n_ev_units = len(np.unique(d.g[d.e == 1]))
     if n_ev_units < folds:
         unit = "patients with an event" if grouped else "events"
         raise LabelError(
-            f"clinical table {name} has only {n_ev_units} {unit} in "
-            f"{censor_col or event!r}, fewer than folds={folds}; lower folds or add slides "
-            "with events."
+            f"clinical table {d.name} has only {n_ev_units} {unit} in "
+            f"{column!r}, fewer than folds={folds}; lower folds or add slides with events."
         )
-    risk = np.zeros(len(t))
-    high = np.zeros(len(t), bool)
-    fold_of = np.full(len(t), -1, np.int64)
-    fold_rows: list[SurvivalFold] = []
-    sizes_tr, sizes_te = [], []
+
+
+def _outer_cv(d: _SurvivalData, folds, repeats, grouped, seed, **fit) -> _OuterCV:
+    """``repeats`` outer k-fold CVs, a penalty searched and a Cox model fitted per fold."""
+    t, e = d.t, d.e
+    out = _OuterCV(fold_rows=[], risk=np.zeros(len(t)), high=np.zeros(len(t), bool),
+                   fold_of=np.full(len(t), -1, np.int64))
     for rep in range(repeats):
         rseed = repeat_seed(seed, rep)
-        for f, (tr, te) in enumerate(_splits(folds, t, e, g, grouped, rseed)):
-            fit = _fit_fold(x, t, e, g, tr, te, alpha=alpha, l1_ratio=l1_ratio,
-                            n_components=n_components, grouped=grouped,
-                            inner_folds=inner_folds, seed=rseed + f, max_iter=max_iter)
-            r_te = fit.risk_test
+        for f, (tr, te) in enumerate(_splits(folds, t, e, d.g, grouped, rseed)):
+            ff = _fit_fold(d.x, t, e, d.g, tr, te, grouped=grouped, seed=rseed + f, **fit)
+            r_te = ff.risk_test
             if rep == 0:
-                risk[te], high[te], fold_of[te] = r_te, r_te > fit.threshold, f
+                out.risk[te], out.high[te], out.fold_of[te] = r_te, r_te > ff.threshold, f
             c = float(cindex_weighted(t[te], e[te], r_te, np.ones((1, len(te))))[0])
-            sizes_tr.append(len(tr))
-            sizes_te.append(len(te))
-            fold_rows.append(SurvivalFold(
+            out.fold_rows.append(SurvivalFold(
                 fold=f, n_train=len(tr), n_test=len(te), n_events_test=int(e[te].sum()),
-                n_features=fit.n_features, alpha=fit.alpha, l1_ratio=fit.l1_ratio,
-                n_nonzero=fit.n_nonzero, failed_fits=fit.failed_fits,
-                convergence_warnings=fit.convergence_warnings, c_index=c, repeat=rep))
-    cs = np.array([r.c_index for r in fold_rows])
+                n_features=ff.n_features, alpha=ff.alpha, l1_ratio=ff.l1_ratio,
+                n_nonzero=ff.n_nonzero, failed_fits=ff.failed_fits,
+                convergence_warnings=ff.convergence_warnings, c_index=c, repeat=rep))
+    return out
+
+
+def _logrank_p(t: np.ndarray, e: np.ndarray, high: np.ndarray) -> float:
+    """Log-rank p-value of the high- vs low-risk groups (NaN when one is empty)."""
     from lifelines.statistics import logrank_test
 
     if high.any() and (~high).any():
-        p = float(logrank_test(t[high], t[~high], e[high], e[~high]).p_value)
-    else:
-        p = float("nan")
-    per_repeat = np.nanmean(cs.reshape(repeats, folds), axis=1)
-    strata = np.asarray(e)
+        return float(logrank_test(t[high], t[~high], e[high], e[~high]).p_value)
+    return float("nan")
+
+
+def _bootstrap_cindex(d: _SurvivalData, fold_rows: list[SurvivalFold], folds: int, seed: int,
+                      n_bootstrap: int, **fit) -> list[float]:
+    """The mean C-index of one k-fold CV refitted on each of ``n_bootstrap`` patient
+    resamples (within event / no event)."""
     brng = np.random.default_rng([seed, 2])
     # the resamples refit with the penalty chosen on the real folds (median alpha, most
     # frequent l1_ratio): repeating the search on each would cost ~70x more
@@ -507,41 +589,39 @@ def survival(
     quiet = logger.disabled
     logger.disabled = True  # the resamples' own fit notes would drown the real ones
     try:
-        for b, rows in enumerate(bootstrap_rows(g, strata, n_bootstrap, brng)):
-            boot.append(_cv_once(x[rows], t[rows], e[rows], g[rows], folds,
+        for b, rows in enumerate(bootstrap_rows(d.g, np.asarray(d.e), n_bootstrap, brng)):
+            boot.append(_cv_once(d.x[rows], d.t[rows], d.e[rows], d.g[rows], folds,
                                  repeat_seed(seed, 1000 + b), alpha=refit_alpha,
-                                 l1_ratio=refit_l1, n_components=n_components,
-                                 inner_folds=inner_folds, max_iter=max_iter))
+                                 l1_ratio=refit_l1, **fit))
     finally:
         logger.disabled = quiet
-    interval = refit_interval(per_repeat, boot, null=0.5, bounds=(0.0, 1.0))
-    config = {
-        "time": time, "event": event, "censor_col": censor_col, "id_col": id_col,
-        "patient_col": patient_col, "level": level, "folds": folds,
-        "alpha": alpha if isinstance(alpha, (str, int, float)) else list(alpha),
-        "l1_ratio": [float(r) for r in np.atleast_1d(l1_ratio)],
-        "n_components": n_components, "groups": groups, "inner_folds": inner_folds,
-        "repeats": repeats, "n_bootstrap": n_bootstrap, "interval": INTERVAL_METHOD,
-        "max_iter": max_iter, "seed": seed, "embeddings": emb.provenance, "dim": emb.dim,
-        "model": ("StandardScaler" + (" + PCA" if n_components else "")
-                  + " + sksurv CoxnetSurvivalAnalysis (elastic-net Cox), alpha and l1_ratio by "
-                  "GridSearchCV on patient-grouped inner folds (C-index)"),
-    }
-    report = SurvivalReport(
+    return boot
+
+
+def _report(d: _SurvivalData, outer: _OuterCV, boot: list[float], repeats: int, folds: int,
+            level: Level, config: dict) -> SurvivalReport:
+    """The report: the mean C-index over the folds, its interval from the bootstrap."""
+    cs = np.array([r.c_index for r in outer.fold_rows])
+    interval = refit_interval(np.nanmean(cs.reshape(repeats, folds), axis=1), boot, null=0.5,
+                              bounds=(0.0, 1.0))
+    return SurvivalReport(
         c_index_mean=float(np.nanmean(cs)), c_index_std=float(np.nanstd(cs)),
         c_index_ci=interval.interval, c_index_p_value=interval.p_value, repeats=repeats,
         c_index_boot=tuple(float(v) for v in boot),
-        folds=tuple(fold_rows), logrank_p=p, slide_ids=tuple(str(s) for s in ids),
-        patients=tuple(str(v) for v in g), time=tuple(t.tolist()),
-        event=tuple(int(v) for v in e), risk=tuple(risk.tolist()),
-        high_risk=tuple(bool(h) for h in high), cv_fold=tuple(int(v) for v in fold_of),
-        level=level, n_input_slides=n_input, config=config,
+        folds=tuple(outer.fold_rows), logrank_p=_logrank_p(d.t, d.e, outer.high),
+        slide_ids=tuple(str(s) for s in d.ids), patients=tuple(str(v) for v in d.g),
+        time=tuple(d.t.tolist()), event=tuple(int(v) for v in d.e),
+        risk=tuple(outer.risk.tolist()), high_risk=tuple(bool(h) for h in outer.high),
+        cv_fold=tuple(int(v) for v in outer.fold_of), level=level, n_input_slides=d.n_input,
+        config=config,
     )
+
+
+def _log_report(report: SurvivalReport, d: _SurvivalData) -> None:
     if report.failed_fits or report.convergence_warnings:
         logger.warning("survival: %d inner fits failed and %d convergence warnings (per fold in "
                        "the report).", report.failed_fits, report.convergence_warnings)
-    if level == "slide" and patients_of_slides < n_input:
+    if report.level == "slide" and d.patients_of_slides < d.n_input:
         logger.info("survival: %d slides of %d patients, one row per slide (level='patient' "
-                    "averages each patient's slides).", n_input, patients_of_slides)
+                    "averages each patient's slides).", d.n_input, d.patients_of_slides)
     logger.info("survival: %s", report.summary)
-    return report
