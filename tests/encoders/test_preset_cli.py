@@ -97,11 +97,12 @@ def test_embed_takes_mpp_and_tile_size_from_the_preset_unless_given(uni_depth1, 
     slide = write_pyramidal_tiff(tmp_path / "s.svs", tissue_image(1024, 768, seed=5), mpp=0.5,
                                  n_levels=1)
     store = tmp_path / "p.zarr"
-    with caplog.at_level(logging.INFO, logger="wsi_ssl.tiling._embed"):
+    with caplog.at_level(logging.INFO, logger="wsi_ssl.tiling"):
         rc = main(["embed", str(slide), "--store", str(store), "--encoder", moved.name,
                    "--weights", str(folder), "--batch-size", "16", "--scheduler", "sync"])
     assert rc == 0
-    assert ("embed_slides: mpp=1.0 µm/px and tile_size=128 px from the 'test-uni-depth1' "
+    # logged by the resolver shared with `wsi-ssl tile --encoder` (tiling.grid_settings)
+    assert ("mpp=1.0 µm/px and tile_size=128 px from the 'test-uni-depth1' "
             "preset") in caplog.text
     a = TileStore(store, mode="r")["s"].attrs
     assert (a["mpp"], a["tile_size"], a["tile_size_level0"]) == (1.0, 128, 256)
