@@ -20,6 +20,31 @@ def _data_dir() -> Path:
     return Path(env) if env else (REPO.parent / "shared" / "data")
 
 
+def pytest_configure(config) -> None:
+    """Under pytest-xdist each worker process is one of several on this machine's cores: torch
+    (and the OpenMP/BLAS pools of the processes the tests start) run single-threaded there, so
+    the workers do not oversubscribe the CPUs."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+            os.environ[var] = "1"
+        import torch  # lazy: only xdist workers pay for importing torch here
+
+        torch.set_num_threads(1)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items) -> None:
+    """For ``pytest -n N --dist loadgroup``: every test without an explicit ``xdist_group`` is
+    grouped with its module, so a module's tests run on one worker and its module-scoped fixtures
+    (cohorts, clusters, the demo run) are built once. Modules that look at this machine's
+    processes (a dask worker or a job reaper must not be mistaken for a leftover) share the
+    explicit group ``machine-processes``. Without xdist the marks change nothing."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            module = item.nodeid.split("::", 1)[0]
+            item.add_marker(pytest.mark.xdist_group(module.rsplit("/", 1)[-1].removesuffix(".py")))
+
+
 @pytest.fixture(scope="module")
 def single_thread_torch():
     """Run torch single-threaded for a whole test module: on the shared 2-core CI machine, OpenMP

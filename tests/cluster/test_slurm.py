@@ -24,7 +24,9 @@ from tests.cluster.cluster_helpers import (
 from wsi_ssl.store import TileStore
 from wsi_ssl.tiling import embed_slides
 
-pytestmark = pytest.mark.slurm
+# xdist: with the tests that start dask workers / job reapers (the leftover checks below look at
+# every process on the machine)
+pytestmark = [pytest.mark.slurm, pytest.mark.xdist_group("machine-processes")]
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,10 @@ from wsi_ssl.tiling._embed import _Writer
 from wsi_ssl.tiling._jobguard import JobReaper, gpu_for_worker
 from wsi_ssl.tiling._jobqueue import check_inputs_on_cluster
 
+# xdist: starts dask workers with the job reaper, which tests/cluster/test_slurm.py's leftover
+# checks would see
+pytestmark = pytest.mark.xdist_group("machine-processes")
+
 
 def test_one_slide_or_one_worker_runs_in_process():
     p = plan_cluster(1, n_gpus=0, cores=16)
