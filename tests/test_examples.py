@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,8 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests._inspect_cohort import inspect_cohort
+
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
+# under pytest-xdist each example is its own group (they share no module fixture), so the
+# examples spread over the workers instead of running one after another
 
 
 def _run(name: str, tmp_path: Path, data_dir: Path, **env: str) -> Path:
@@ -30,6 +35,7 @@ def _run(name: str, tmp_path: Path, data_dir: Path, **env: str) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("example-tiling_in_a_notebook")
 def test_tiling_in_a_notebook(tmp_path: Path, data_dir: Path) -> None:
     out = _run("tiling_in_a_notebook", tmp_path, data_dir)
     for png in ("grid.png", "tiles.png", "features_pc1.png"):
@@ -40,6 +46,7 @@ def test_tiling_in_a_notebook(tmp_path: Path, data_dir: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("example-compress_a_cohort")
 def test_compress_a_cohort(tmp_path: Path, data_dir: Path) -> None:
     out = _run("compress_a_cohort", tmp_path, data_dir, WSI_SSL_EXAMPLE_N_SLIDES="6",
                WSI_SSL_EXAMPLE_EPOCHS="5")
@@ -51,6 +58,7 @@ def test_compress_a_cohort(tmp_path: Path, data_dir: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("example-tiny_labeled_set")
 def test_tiny_labeled_set(tmp_path: Path, data_dir: Path) -> None:
     out = _run("tiny_labeled_set", tmp_path, data_dir)
     s = json.loads((out / "summary.json").read_text())
@@ -72,6 +80,7 @@ def test_tiny_labeled_set(tmp_path: Path, data_dir: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("example-bring_your_own_features")
 def test_bring_your_own_features(tmp_path: Path, data_dir: Path) -> None:
     out = _run("bring_your_own_features", tmp_path, data_dir)
     s = json.loads((out / "summary.json").read_text())
@@ -81,7 +90,16 @@ def test_bring_your_own_features(tmp_path: Path, data_dir: Path) -> None:
 
 
 @pytest.mark.slow
-def test_look_inside(tmp_path: Path, data_dir: Path) -> None:
+@pytest.mark.xdist_group("example-look_inside")
+def test_look_inside(tmp_path: Path, tmp_path_factory, data_dir: Path) -> None:
+    # look_inside makes the session's inspection cohort (tests/_inspect_cohort.py: the same
+    # make_cohort and embed_slides settings); seeded with it, the example's own calls reuse the
+    # finished work as a rerun does (the cohort folder linked, so the slide paths in the settings
+    # hashes are the same; the store copied, so nothing writes into the shared one)
+    cohort, store = inspect_cohort(tmp_path_factory)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "cohort").symlink_to(cohort.out_dir, target_is_directory=True)
+    shutil.copytree(store.path, tmp_path / "out" / "tiles.zarr")
     out = _run("look_inside", tmp_path, data_dir)
     s = json.loads((out / "summary.json").read_text())
     hm = s["heatmap"]
