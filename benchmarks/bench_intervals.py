@@ -22,9 +22,10 @@ import time
 import warnings
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "eval"))
+# the calibration harness is the one tests/eval/test_intervals.py runs (imported as pytest does)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import calibration as cal  # noqa: E402
+from tests.eval import calibration as cal  # noqa: E402
 
 
 def main() -> int:

@@ -245,16 +245,7 @@ def ssl_model(k: int, batch: int, readers: int = 2, device: str = "cpu", epochs:
 
 def trainer_for(model: Any, store: Any) -> Any:
     """The library's trainer for ``model`` on ``store`` (setup from statistics, as ``fit``)."""
-    from wsi_ssl._utils import resolve_device
-    from wsi_ssl.pretrain._presets import resolve_settings
-    from wsi_ssl.pretrain._slide_data import load_cohort
-    from wsi_ssl.pretrain._slide_train import SlideTrainer
-
-    cohort = load_cohort(store)
-    device = resolve_device(model.device)
-    settings = resolve_settings(model.get_params(deep=False), n_slides=len(cohort),
-                                bank_tiles=cohort.bank_tiles, device=device.type)
-    return SlideTrainer(model, cohort, settings, store, device)
+    return model.make_trainer(store)
 
 
 def version_bytes(store: Any) -> int:
@@ -267,7 +258,7 @@ def run_epochs(trainer: Any, epochs: int, start: int = 0) -> tuple[float, Any]:
     """Seconds for ``epochs`` epochs (synchronised on CUDA) and the progress record."""
     import torch
 
-    from wsi_ssl.pretrain._slide_train import TrainProgress
+    from wsi_ssl.pretrain import TrainProgress
 
     prog = TrainProgress()
     t = time.perf_counter()
@@ -311,7 +302,7 @@ def measure_n(path: Path, n: int, args: argparse.Namespace) -> list[Stage]:
     import torch
 
     from wsi_ssl.eval import linear_probe, similar
-    from wsi_ssl.pretrain._slide_data import load_cohort
+    from wsi_ssl.pretrain import load_cohort
     from wsi_ssl.store import TileStore
 
     maker = SlideMaker(args.tiles, args.dim, args.views, args.view_tiles, seed=n)
@@ -376,7 +367,7 @@ def measure_tcga(path: Path, args: argparse.Namespace) -> dict[str, Any]:
     bytes, and store-vs-memory steps/s."""
     import torch
 
-    from wsi_ssl.pretrain._slide_data import load_cohort
+    from wsi_ssl.pretrain import load_cohort
     from wsi_ssl.store import TileStore
 
     n = args.tcga_slides

@@ -48,7 +48,7 @@ def probe_auc(xtr, ytr, xte, yte) -> float:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from wsi_ssl.eval._probe import DEFAULT_C
+    from wsi_ssl.eval import DEFAULT_C
 
     clf = make_pipeline(StandardScaler(), LogisticRegression(C=DEFAULT_C, max_iter=2000))
     clf.fit(xtr, ytr)

@@ -126,13 +126,13 @@ def model_alone_throughput(args, n_steps: int) -> float:
     """Tiles/s of forward + backward + AdamW step on one pre-made pair of views."""
     import torch
 
-    from wsi_ssl._utils import resolve_device
-    from wsi_ssl.pretrain._tile_ssl import TileSSLConfig, _build_method
+    from wsi_ssl.encoders import resolve_device
+    from wsi_ssl.pretrain import TileSSLConfig, build_tile_ssl_method
 
     dev = resolve_device(args.device)
     cfg = TileSSLConfig(arch=args.arch, method=args.method, tile_size=args.tile_size,
                         hidden_dim=args.hidden_dim, batch_size=args.batch_size)
-    method, _, _ = _build_method(cfg)
+    method, _, _ = build_tile_ssl_method(cfg)
     method.to(dev).train()
     opt = torch.optim.AdamW([p for p in method.parameters() if p.requires_grad], lr=1e-4)
     x = torch.randn(args.batch_size, 3, args.tile_size, args.tile_size, device=dev)

@@ -232,8 +232,7 @@ def bench_slide(label: str, path: Path, *, min_tissue: float, workers: int, repe
 def bench_rss(small: Path, big: Path, workers: int) -> None:
     import tracemalloc
 
-    from wsi_ssl.tiling import open_slide, read_tiles, tile_grid
-    from wsi_ssl.tiling._read import REGION_SIZE
+    from wsi_ssl.tiling import REGION_SIZE, open_slide, read_tiles, tile_grid
 
     print("\npeak memory while reading every tile (must not grow with slide size):")
     for path in (small, big):

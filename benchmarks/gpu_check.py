@@ -26,7 +26,6 @@ the CPU as the "device"), which CI does (tests/test_gpu_check.py) so that this s
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import logging
 import os
@@ -339,13 +338,12 @@ def run_check(sizes: Sizes, workdir: Path, *, batch_size: int | None = None,
     """All measurements; returns the JSON-able result (also written by :func:`main`)."""
     import torch
 
-    from wsi_ssl.tiling import embed_slides
+    from wsi_ssl.tiling import EmbedConfig
 
     t0 = time.perf_counter()
     workdir.mkdir(parents=True, exist_ok=True)
     if batch_size is None:
-        default = inspect.signature(embed_slides).parameters["batch_size"].default
-        batch_size = default if isinstance(default, int) else 64
+        batch_size = EmbedConfig().batch_size  # the library's default, whatever it becomes
     cuda = sizes.device.startswith("cuda")
     res: dict[str, Any] = {
         "schema": 1, "mode": "gpu" if cuda else "cpu-twin", "device": sizes.device,

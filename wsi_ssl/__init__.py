@@ -45,7 +45,7 @@ def __getattr__(name: str) -> Any:
     if name in _SUBPACKAGES:
         return importlib.import_module(f"wsi_ssl.{name}")
     if name == "TileStore":
-        from wsi_ssl.store import TileStore
+        from wsi_ssl.store import TileStore  # lazy: `import wsi_ssl` imports no subpackage
 
         return TileStore
     raise AttributeError(f"module 'wsi_ssl' has no attribute {name!r}")

@@ -54,7 +54,7 @@ def resolve_device(device: DeviceLike | torch.device = "auto") -> torch.device:
     ``"auto"`` picks CUDA when :func:`torch.cuda.is_available`, then Apple MPS, else the CPU.
     Asking for CUDA on a machine without it is a :class:`~wsi_ssl.errors.ConfigError`.
     """
-    import torch
+    import torch  # lazy: torch takes ~1 s to import; only model code pays it
 
     if isinstance(device, torch.device):
         return device
@@ -81,7 +81,7 @@ def resolve_device(device: DeviceLike | torch.device = "auto") -> torch.device:
 
 def seed_everything(seed: int) -> np.random.Generator:
     """Seed python, numpy and torch; return a fresh numpy Generator for local use."""
-    import torch
+    import torch  # lazy: torch takes ~1 s to import; only model code pays it
 
     random.seed(seed)
     np.random.seed(seed % (2**32))
@@ -93,7 +93,7 @@ def progress(iterable: Iterable[Any] | None = None, *, total: int | None = None,
              desc: str = "", unit: str = "it", disable: bool | None = None, **kwargs: Any):
     """A tqdm progress bar on stderr; silent when stderr is not a terminal unless
     ``WSI_SSL_PROGRESS=1`` (so logs on clusters stay readable). ``WSI_SSL_PROGRESS=0`` silences it."""
-    from tqdm.auto import tqdm
+    from tqdm.auto import tqdm  # lazy: tqdm only when a progress bar is shown
 
     if disable is None:
         env = os.environ.get("WSI_SSL_PROGRESS")

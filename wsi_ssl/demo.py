@@ -158,7 +158,7 @@ def run_demo(out_dir: str | os.PathLike = "wsi-ssl-demo", config: DemoConfig | N
     ``say`` receives one line per step (the CLI passes ``print``); the library itself only logs.
     Every step whose output exists is reused, so an interrupted demo resumes where it stopped.
     """
-    import matplotlib  # plotting backend chosen before pyplot is first imported
+    import matplotlib  # plotting backend chosen before pyplot is first imported  # lazy: matplotlib only when a figure is drawn
 
     matplotlib.use("Agg")
     cfg = config or DemoConfig()
@@ -209,7 +209,7 @@ def _make_cohort(out: Path, cfg: DemoConfig, say: Callable[[str], None]) -> Any:
 
 def _tiling_qc(out: Path, cfg: DemoConfig, cohort: Any, say: Callable[[str], None]) -> Path:
     """Step 2: tissue mask and tile grid of one positive slide, as a picture."""
-    import matplotlib.pyplot as plt  # heavy; only the plotting steps need it
+    import matplotlib.pyplot as plt  # heavy; only the plotting steps need it  # lazy: matplotlib only when a figure is drawn
 
     qc_png = out / "figures" / "tiling_qc.png"
     pos = cohort.labels.index[cohort.labels["label"] == 1]
@@ -411,7 +411,7 @@ def summary_table(summary: dict[str, Any]) -> str:
 
 def _auc_frame(summary: dict[str, Any]):
     """Rows = labelled-slide settings, columns = embeddings: "mean ± std [95 % CI]"."""
-    import pandas as pd
+    import pandas as pd  # lazy: pandas only for tables; keeps `import wsi_ssl` and the CLI light
 
     probe = summary["probe"]
     rows = []
@@ -426,7 +426,7 @@ def _auc_frame(summary: dict[str, Any]):
 
 
 def _retrieval_frame(retrieval: dict[str, Any]):
-    import pandas as pd
+    import pandas as pd  # lazy: pandas only for tables; keeps `import wsi_ssl` and the CLI light
 
     vals, ci = retrieval["value"], retrieval["ci"]
     metrics = list(next(iter(vals.values())))
@@ -526,7 +526,7 @@ def _report_sections(out: Path, summary: dict[str, Any], qc_png: Path, loss_png:
 
 def _plot_learning_curves(summary: dict[str, Any], path: Path) -> None:
     """AUC against the number of labelled slides, one line per embedding, on one picture."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: matplotlib only when a figure is drawn
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, rows in summary["probe"].items():

@@ -119,7 +119,9 @@ class ClusterError(WsiSslError, RuntimeError):
 
 
 def _make_not_fitted_error() -> type:
-    from sklearn.exceptions import NotFittedError as SklearnNotFittedError
+    from sklearn.exceptions import (
+        NotFittedError as SklearnNotFittedError,  # lazy: scikit-learn loads on the first fit, not on import
+    )
 
     class NotFittedError(WsiSslError, SklearnNotFittedError):
         """A learning component was used before ``fit`` (scikit-learn convention).

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 
 from wsi_ssl.cli._embed import add_batch_arguments, cluster_spec
 
@@ -28,8 +30,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import dataclasses
-    import json
 
     from wsi_ssl.tiling import check_cluster  # lazy: dask; keeps wsi-ssl --help light
 

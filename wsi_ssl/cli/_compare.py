@@ -4,6 +4,7 @@ paired differences on the same splits."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from wsi_ssl.cli._probe import _sizes, c_value
 from wsi_ssl.errors import ConfigError
@@ -53,7 +54,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _files(values: list[str]) -> dict[str, str]:
-    from pathlib import Path
 
     out: dict[str, str] = {}
     for v in values:

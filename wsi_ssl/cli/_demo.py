@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 
 HELP = "run the whole pipeline on a generated cohort (CPU, minutes, no network)"
 DESCRIPTION = (
@@ -26,7 +27,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dataclasses import replace
 
     from wsi_ssl.demo import QUICK, DemoConfig, run_demo, summary_table  # lazy: torch
 

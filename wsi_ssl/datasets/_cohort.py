@@ -112,7 +112,7 @@ class CohortInfo:
         Shape:
             ``(ceil(h / 16), ceil(w / 16))`` uint8, one value per 16 x 16 level-0 block.
         """
-        from PIL import Image
+        from PIL import Image  # lazy: Pillow only when images are read or written
 
         path = self.masks_dir / f"{slide_id}.png"
         if not path.is_file():
@@ -225,7 +225,7 @@ def make_slide(
         write_pyramidal_tiff(path, model, size=(w0, h0), mpp=mpp, tile_size=256,
                              n_levels=n_levels, downsample=4, quality=quality)
         if mask_path is not None:
-            from PIL import Image
+            from PIL import Image  # lazy: Pillow only when images are read or written
 
             mask_path = Path(mask_path)
             mask_path.parent.mkdir(parents=True, exist_ok=True)
@@ -240,7 +240,9 @@ def make_slide(
 def _one_blas_thread():
     """Tiny matrix products run fastest (and do not fight other processes) on one BLAS thread."""
     try:
-        from threadpoolctl import threadpool_limits
+        from threadpoolctl import (
+            threadpool_limits,  # lazy: threadpoolctl only around BLAS-heavy steps
+        )
     except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
         yield
         return
@@ -369,7 +371,7 @@ def _cohort_config(*, n_slides: int, seed: int, size: tuple[int, int], mpp: floa
 def _reuse_cohort(info: CohortInfo) -> CohortInfo | None:
     """The cohort already in ``info.out_dir`` when it was made with the same settings; None when
     there is none (or it is incomplete); a :class:`ConfigError` when it has other settings."""
-    import pandas as pd
+    import pandas as pd  # lazy: pandas only for tables; keeps `import wsi_ssl` and the CLI light
 
     config_json = info.out_dir / "cohort.json"
     if not config_json.is_file():
@@ -420,7 +422,7 @@ def _labels_table(ids: list[str], label: list[int], infos: list[SlideInfo],
                   rng: np.random.Generator, cfg: dict[str, Any], width: int):
     """``labels.csv``: label, survival (exponential times, log-hazard linear in the measured
     tumour extent, plus noise; uniform censoring) and the measured fractions of each slide."""
-    import pandas as pd
+    import pandas as pd  # lazy: pandas only for tables; keeps `import wsi_ssl` and the CLI light
 
     n = len(ids)
     cen = cfg["censoring"]

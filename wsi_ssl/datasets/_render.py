@@ -50,7 +50,7 @@ def _box_sum(img: np.ndarray, k: int) -> np.ndarray:
 
 
 def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], sigma: float) -> np.ndarray:
-    from scipy.ndimage import gaussian_filter
+    from scipy.ndimage import gaussian_filter  # lazy: scipy loads on first use, not on import
 
     f = gaussian_filter(rng.standard_normal(shape), sigma, mode="reflect")
     return ((f - f.mean()) / (f.std() + 1e-12)).astype(np.float32)

@@ -27,7 +27,7 @@ Renderer = Callable[[int, int, int, int, float], np.ndarray]
 
 
 def _array_renderer(image: np.ndarray) -> Renderer:
-    from PIL import Image
+    from PIL import Image  # lazy: Pillow only when images are read or written
 
     def render(x: int, y: int, w: int, h: int, ds: float) -> np.ndarray:
         x1 = min(int(round(x + w * ds)), image.shape[1])
@@ -72,7 +72,7 @@ def write_pyramidal_tiff(
         quality: JPEG quality.
         magnification: ``AppMag`` to record; default ``10 / mpp``.
     """
-    import tifffile  # the writer only; readers never import it from here
+    import tifffile  # the writer only; readers never import it from here  # lazy: tifffile only when a TIFF is written
 
     path = Path(path)
     if tile_size % 16:

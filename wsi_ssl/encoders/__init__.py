@@ -10,6 +10,7 @@ Slide encoders (TITAN, Prov-GigaPath's slide encoder, PRISM, FEATHER) live in
 :mod:`wsi_ssl.encoders.slide`: ``create_slide_encoder(name, weights=...)``.
 """
 
+from wsi_ssl._utils import resolve_device
 from wsi_ssl.encoders._encoder import TileEncoder, model_fingerprint
 from wsi_ssl.encoders._identity import EncoderIdentity, encoder_identity, spec_fingerprint
 from wsi_ssl.encoders._presets import EncoderPreset, get_preset, list_presets
@@ -44,6 +45,7 @@ __all__ = [
     "warn_random_weights",
     "CHECKPOINT_FORMAT",
     "TileEncoder",
+    "resolve_device",
     "EncoderEntry",
     "model_fingerprint",
     "EncoderIdentity",

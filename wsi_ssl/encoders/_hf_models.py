@@ -39,7 +39,7 @@ _IGNORE_UNEXPECTED = ("pooler.",)
 def _quiet_transformers() -> Iterator[None]:
     """No progress bar and no load report from ``from_pretrained`` (we report problems
     ourselves); the previous settings are restored afterwards."""
-    from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging  # lazy: optional extra `transformers`
 
     bar = hf_logging.is_progress_bar_enabled()
     report = logging.getLogger("transformers.utils.loading_report")

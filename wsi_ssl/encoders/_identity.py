@@ -23,6 +23,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from wsi_ssl.encoders._presets import get_preset, preset_from_dict
+from wsi_ssl.encoders._registry import (
+    _REGISTRY,
+    INIT_SEED,
+    _build,
+    _embed_dim,
+    plain_spec,
+    preset_spec,
+)
 from wsi_ssl.errors import ConfigError, WeightsError
 
 __all__ = ["EncoderIdentity", "encoder_identity", "spec_fingerprint", "file_sha256"]
@@ -72,7 +81,6 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 def _builder_desc(name: str) -> dict[str, Any]:
     """What decides the weights of an encoder built without a weights file."""
-    from wsi_ssl.encoders._registry import _REGISTRY, INIT_SEED
 
     entry = _REGISTRY.get(name)
     if entry is not None:
@@ -80,7 +88,7 @@ def _builder_desc(name: str) -> dict[str, Any]:
         return {"registry": name, "builder": f"{getattr(fn, '__module__', '?')}."
                 f"{getattr(fn, '__qualname__', type(fn).__name__)}", "init_seed": INIT_SEED,
                 "input_size": entry.input_size, "mean": entry.mean, "std": entry.std}
-    import timm
+    import timm  # lazy: timm only when an encoder is built
 
     return {"timm": name, "timm_version": timm.__version__, "init_seed": INIT_SEED}
 
@@ -95,7 +103,6 @@ def spec_fingerprint(spec: dict[str, Any]) -> str:
     Raises:
         WeightsError: the weights file named by the spec cannot be read.
     """
-    from wsi_ssl.encoders._presets import get_preset, preset_from_dict
 
     blob = {k: v for k, v in spec.items() if k not in ("device", "dtype", "weights", "preset")}
     weights = spec.get("weights")
@@ -111,7 +118,7 @@ def spec_fingerprint(spec: dict[str, Any]) -> str:
     if preset is not None:
         blob["preset"] = preset.to_dict()
         if weights is None:
-            import timm
+            import timm  # lazy: timm only when an encoder is built
 
             blob["timm_version"] = timm.__version__
     elif weights is None:
@@ -124,9 +131,8 @@ def spec_fingerprint(spec: dict[str, Any]) -> str:
 def _dims_without_weights(name: str) -> tuple[int, dict[str, Any]]:
     """(embed_dim, build info) of a registered/timm name, built on the meta device (no memory
     for weights; a builder that cannot run there is built on the CPU)."""
-    import torch
+    import torch  # lazy: torch takes ~1 s to import; only model code pays it
 
-    from wsi_ssl.encoders._registry import _build, _embed_dim
 
     try:
         with torch.device("meta"):
@@ -152,8 +158,6 @@ def encoder_identity(name: str | os.PathLike, *, weights: str | os.PathLike | No
     Raises:
         ConfigError: unknown name; WeightsError: missing or unreadable weights.
     """
-    from wsi_ssl.encoders._presets import get_preset
-    from wsi_ssl.encoders._registry import plain_spec, preset_spec
 
     name = str(name)
     preset = get_preset(name)
@@ -167,7 +171,6 @@ def encoder_identity(name: str | os.PathLike, *, weights: str | os.PathLike | No
         raise ConfigError(f"model_kwargs are for foundation-model presets; {name!r} is not one.")
     if random_weights and weights is not None:
         raise ConfigError("pass weights= or random_weights=True, not both.")
-    from wsi_ssl.encoders._registry import _REGISTRY
 
     spec = plain_spec(name, weights=weights, device="auto", dtype=dtype)
     entry = _REGISTRY.get(spec["name"])

@@ -19,6 +19,7 @@ Output rules (applied to the final, normalised token sequence ``tokens`` of shap
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -329,7 +330,6 @@ def preset_from_dict(d: dict[str, Any]) -> EncoderPreset:
 
 
 def _resolve_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    import importlib
 
     out = {}
     for key, value in kwargs.items():
@@ -348,7 +348,7 @@ def build_trunk(preset: EncoderPreset, overrides: Mapping[str, Any] | None = Non
     if preset.family == "conch":
         return ConchVisionTower(**kwargs)
     if preset.family == "timm":
-        import timm
+        import timm  # lazy: timm only when an encoder is built
 
         return timm.create_model(preset.arch, pretrained=False, **kwargs)
     model_cls, config, init_kwargs = transformers_config(preset, kwargs)
@@ -364,7 +364,7 @@ def transformers_config(preset: EncoderPreset, kwargs: Mapping[str, Any]
         BackendUnavailableError: ``transformers`` is not installed.
     """
     try:
-        import transformers
+        import transformers  # lazy: optional extra `transformers`
     except ImportError as err:
         raise BackendUnavailableError(
             f"preset {preset.name!r} is a transformers model; install it with "

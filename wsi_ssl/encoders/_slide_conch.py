@@ -62,7 +62,9 @@ class ConchVisionTower(nn.Module):
                  patch_size: int = 16, img_size: int = 224, init_values: float = 1.0,
                  out_dim: int = 768, pooler_heads: int = 8) -> None:
         super().__init__()
-        from timm.models.vision_transformer import VisionTransformer
+        from timm.models.vision_transformer import (
+            VisionTransformer,  # lazy: timm only when an encoder is built
+        )
 
         self.trunk = VisionTransformer(img_size=img_size, patch_size=patch_size,
                                        embed_dim=embed_dim, depth=depth, num_heads=num_heads,

@@ -116,7 +116,7 @@ def list_encoders(pattern: str | None = None, *, include_timm: bool = False,
         return encoder_table(pattern).splitlines()[2:]
     names = list_presets() + sorted(_REGISTRY)
     if include_timm:
-        import timm
+        import timm  # lazy: timm only when an encoder is built
 
         names += [n for n in timm.list_models() if n not in _REGISTRY]
     if pattern:

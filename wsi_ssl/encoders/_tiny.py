@@ -39,7 +39,9 @@ def build_tiny_cnn() -> nn.Module:
 
 def build_tiny_vit() -> nn.Module:
     """A 2-block ViT (patch 16, width 64) from timm at 64 px."""
-    from timm.models.vision_transformer import VisionTransformer
+    from timm.models.vision_transformer import (
+        VisionTransformer,  # lazy: timm only when an encoder is built
+    )
 
     return VisionTransformer(img_size=64, patch_size=16, embed_dim=64, depth=2, num_heads=2,
                              mlp_ratio=2.0, num_classes=0)

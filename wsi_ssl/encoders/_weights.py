@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ def read_checkpoint_metadata(path: str | os.PathLike) -> dict[str, str]:
     if path.suffix != ".safetensors":
         return {}
     try:
-        from safetensors import safe_open
+        from safetensors import safe_open  # lazy: safetensors only when weights are read
 
         with safe_open(str(path), framework="pt") as fh:
             return dict(fh.metadata() or {})
@@ -43,7 +44,6 @@ def read_checkpoint_metadata(path: str | os.PathLike) -> dict[str, str]:
 
 def _read_error(path: Path, err: Exception) -> WeightsError:
     """A one-line reason why ``path`` cannot be read, with the fix."""
-    import pickle
 
     size = path.stat().st_size if path.exists() else 0
     if isinstance(err, pickle.UnpicklingError):
@@ -70,7 +70,7 @@ def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
                            ".pth file (no downloads).")
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+            from safetensors.torch import load_file  # lazy: safetensors only when weights are read
 
             sd: Any = load_file(str(path), device="cpu")
         else:

@@ -15,7 +15,7 @@ from wsi_ssl.eval._compare import (
 )
 from wsi_ssl.eval._export import GeoJSONExport, export_geojson
 from wsi_ssl.eval._heatmap import HeatmapResult, heatmap, tile_scores
-from wsi_ssl.eval._probe import linear_probe
+from wsi_ssl.eval._probe import C_GRID, DEFAULT_C, linear_probe
 from wsi_ssl.eval._probe_report import ProbeReport, ProbeResult, RocCurve
 from wsi_ssl.eval._report_io import ReportSection, write_html_report
 from wsi_ssl.eval._retrieval import (
@@ -29,6 +29,8 @@ from wsi_ssl.eval._survival import SurvivalFold, SurvivalReport, survival
 
 __all__ = [
     "linear_probe",
+    "DEFAULT_C",
+    "C_GRID",
     "ProbeReport",
     "ProbeResult",
     "RocCurve",

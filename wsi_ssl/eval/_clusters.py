@@ -46,7 +46,7 @@ class ClusterMapResult:
 
     def to_frame(self):
         """A DataFrame with columns ``slide_id, x, y, cluster``."""
-        import pandas as pd
+        import pandas as pd  # lazy: pandas only for tables; keeps `import wsi_ssl` and the CLI light
 
         return pd.DataFrame({"slide_id": self.slide_id, "x": self.coords[:, 0],
                              "y": self.coords[:, 1], "cluster": self.clusters})
@@ -58,7 +58,7 @@ def tile_clusters(features: np.ndarray, n_clusters: int = 6, *, seed: int = 0) -
     Shape:
         features ``(N, D)`` -> ``int64 (N,)``.
     """
-    from sklearn.cluster import KMeans
+    from sklearn.cluster import KMeans  # lazy: scikit-learn loads on the first fit, not on import
 
     if isinstance(n_clusters, bool) or not isinstance(n_clusters, (int, np.integer)) \
             or n_clusters < 2:

@@ -16,7 +16,7 @@ import logging
 import os
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -173,7 +173,7 @@ class CompareReport:
     def to_frame(self) -> pd.DataFrame:
         """One table: a ``score`` row per setting and file, then a ``difference`` row per
         setting and pair (``name`` = ``"a - b"``), with mean, 95 % CI and p-value."""
-        import pandas as pd
+        import pandas as pd  # lazy: pandas only for tables; keeps `import wsi_ssl` and the CLI light
 
         rows = [{"kind": "score", "setting": s.setting, "metric": s.metric, "name": s.name,
                  "mean": s.mean, "ci_low": s.low, "ci_high": s.high, "p_value": s.p_value,
@@ -213,7 +213,6 @@ class CompareReport:
 
     def to_json(self) -> str:
         """Strict JSON: names, counts, config, scores and differences."""
-        from dataclasses import asdict
 
         return dumps({
             "kind": "wsi-ssl compare", "names": self.names, "n_slides": self.n_slides,
@@ -226,7 +225,7 @@ class CompareReport:
     def plot(self) -> Figure:
         """Left: each setting's metric per file with its 95 % CI; right: the paired
         differences with their 95 % CI against 0."""
-        from matplotlib.figure import Figure
+        from matplotlib.figure import Figure  # lazy: matplotlib only when a figure is drawn
 
         fig = Figure(figsize=(12, 0.9 + 0.45 * max(len(self.settings) * len(self.names),
                                                      len(self.differences), 4)))
@@ -269,7 +268,7 @@ class CompareReport:
 
     def html_section(self, png: str | os.PathLike | None = None) -> ReportSection:
         """This comparison as a section of an HTML report (``write_html_report``)."""
-        import pandas as pd
+        import pandas as pd  # lazy: pandas only for tables; keeps `import wsi_ssl` and the CLI light
 
         frame = self.to_frame()
         scores = frame[frame["kind"] == "score"].drop(columns=["kind", "null"])

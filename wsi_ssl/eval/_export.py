@@ -59,7 +59,7 @@ def tissue_polygons(tissue: Any) -> list[list[np.ndarray]]:
         One entry per tissue piece: ``[outer ring, hole rings...]``, each a closed ``(n, 2)``
         float array of level-0 ``(x, y)`` (mask pixel centres, boundaries half-way between).
     """
-    import contourpy
+    import contourpy  # lazy: contourpy only for GeoJSON export
 
     mask = np.pad(np.asarray(tissue.mask, np.float64), 1)
     if not mask.any():

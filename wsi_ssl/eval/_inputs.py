@@ -68,10 +68,12 @@ def single_threaded(func: _F) -> _F:
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         # load the BLAS-linked modules first: threadpoolctl only limits libraries already loaded
-        import scipy.linalg  # noqa: F401
-        import scipy.optimize  # noqa: F401
-        import sklearn.linear_model  # noqa: F401
-        from threadpoolctl import threadpool_limits
+        import scipy.linalg  # noqa: F401  # lazy: scipy loads on first use, not on import
+        import scipy.optimize  # noqa: F401  # lazy: scipy loads on first use, not on import
+        import sklearn.linear_model  # noqa: F401  # lazy: scikit-learn loads on the first fit, not on import
+        from threadpoolctl import (
+            threadpool_limits,  # lazy: threadpoolctl only around BLAS-heavy steps
+        )
 
         with threadpool_limits(limits=1):
             return func(*args, **kwargs)
@@ -100,7 +102,7 @@ _TABLE_SUFFIXES = (".csv", ".tsv", ".txt", ".parquet", ".pq")
 
 
 def _read_frame(path: Path, name: str, what: str) -> pd.DataFrame:
-    import pandas as pd
+    import pandas as pd  # lazy: pandas only for tables; keeps `import wsi_ssl` and the CLI light
 
     suffix = path.suffix.lower()
     if suffix in (".parquet", ".pq"):
@@ -179,7 +181,7 @@ def as_embeddings(embeddings: EmbeddingsLike, *, id_col: str | None = None,
             emb = _frame_embeddings(df, f"'{path}'", id_col=id_col or str(df.columns[0]),
                                     feature_cols=feature_cols, reserved=reserved)
     else:
-        import pandas as pd
+        import pandas as pd  # lazy: pandas only for tables; keeps `import wsi_ssl` and the CLI light
 
         if not isinstance(embeddings, pd.DataFrame):
             raise InputError(
@@ -207,7 +209,7 @@ def as_embeddings(embeddings: EmbeddingsLike, *, id_col: str | None = None,
 def read_table(table: TableLike, *, id_col: str, what: str = "labels") -> tuple[pd.DataFrame, str]:
     """Read a label/clinical table (DataFrame, .csv, .tsv, .parquet) into a DataFrame whose column
     ``id_col`` holds slide ids as strings; returns it with a name for messages."""
-    import pandas as pd
+    import pandas as pd  # lazy: pandas only for tables; keeps `import wsi_ssl` and the CLI light
 
     if isinstance(table, pd.DataFrame):
         df, name = table.copy(), "(DataFrame)"
@@ -326,7 +328,7 @@ def patient_level(x: np.ndarray, patients: np.ndarray, outcomes: Mapping[str, np
     Raises:
         LabelError: a patient whose slides disagree on an outcome column.
     """
-    import pandas as pd
+    import pandas as pd  # lazy: pandas only for tables; keeps `import wsi_ssl` and the CLI light
 
     codes, uniq = pd.factorize(pd.Series(patients, dtype=object))
     counts = np.bincount(codes, minlength=len(uniq))

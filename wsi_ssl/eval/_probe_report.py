@@ -139,7 +139,7 @@ class ProbeReport(RowCounts):
     def to_frame(self) -> pd.DataFrame:
         """One row per result: setting, n_labeled, runs, AUC and balanced accuracy with
         std and 95 % CI, the p-value of AUC = 0.5, median C and the interval method."""
-        import pandas as pd
+        import pandas as pd  # lazy: pandas only for tables; keeps `import wsi_ssl` and the CLI light
 
         rows = []
         for r in self.results:
@@ -158,7 +158,7 @@ class ProbeReport(RowCounts):
 
     def predictions(self) -> pd.DataFrame:
         """Per slide: id, patient, label, held-out flag, CV fold and out-of-fold probabilities."""
-        import pandas as pd
+        import pandas as pd  # lazy: pandas only for tables; keeps `import wsi_ssl` and the CLI light
 
         df = pd.DataFrame({"slide_id": self.slide_ids, "patient_id": self.patients,
                            "label": self.labels, "heldout": self.heldout,
@@ -188,7 +188,7 @@ class ProbeReport(RowCounts):
     def plot(self) -> Figure:
         """Learning curve (AUC against n labeled, std band and 95 % CI bars, the CV AUC as a
         line) and the mean ROC curves."""
-        from matplotlib.figure import Figure
+        from matplotlib.figure import Figure  # lazy: matplotlib only when a figure is drawn
 
         fig = Figure(figsize=(11, 4.5))
         ax_lc, ax_roc = fig.subplots(1, 2)

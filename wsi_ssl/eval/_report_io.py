@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import math
 import os
@@ -122,7 +123,6 @@ class ReportSection:
 
 def html_table(frame: pd.DataFrame, *, caption: str = "", css_class: str = "") -> str:
     """A DataFrame as an escaped HTML ``<table>`` (floats with 3 decimals, no index)."""
-    import html
 
     cls = f" class='{css_class}'" if css_class else ""
     out = [f"<table{cls}>"]
@@ -152,9 +152,8 @@ def write_html_report(path: str | os.PathLike, *, title: str, intro: str = "",
     Returns:
         The path written.
     """
-    import html
 
-    import pandas as pd
+    import pandas as pd  # lazy: pandas only for tables; keeps `import wsi_ssl` and the CLI light
 
     path = Path(path)
     parts = ["<!doctype html><html lang='en'><head><meta charset='utf-8'>",

@@ -14,6 +14,7 @@ interval.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -68,7 +69,7 @@ class SimilarResult:
 
     def to_frame(self) -> pd.DataFrame:
         """One row per (query, rank): ``query_id, rank, slide_id, similarity``."""
-        import pandas as pd
+        import pandas as pd  # lazy: pandas only for tables; keeps `import wsi_ssl` and the CLI light
 
         q, k = self.neighbor_ids.shape
         df = pd.DataFrame({"query_id": np.repeat(self.query_ids, k),
@@ -84,7 +85,6 @@ def _normalise(x: np.ndarray) -> np.ndarray:
 
 
 def _faiss_available() -> bool:
-    import importlib.util
 
     return importlib.util.find_spec("faiss") is not None
 
@@ -98,7 +98,7 @@ def _search(x: np.ndarray, queries: np.ndarray, n: int, backend: Backend
                                         and _faiss_available())
     if use_faiss:
         try:
-            import faiss
+            import faiss  # lazy: optional: faiss only when installed and asked for
         except ImportError as err:
             raise BackendUnavailableError("backend='faiss' needs FAISS: pip install faiss-cpu "
                                           "(or use backend='sklearn').") from err
@@ -106,7 +106,9 @@ def _search(x: np.ndarray, queries: np.ndarray, n: int, backend: Backend
         index.add(np.ascontiguousarray(x, np.float32))
         sim, idx = index.search(np.ascontiguousarray(queries, np.float32), n)
         return idx.astype(np.int64), sim.astype(np.float64), "faiss"
-    from sklearn.neighbors import NearestNeighbors
+    from sklearn.neighbors import (
+        NearestNeighbors,  # lazy: scikit-learn loads on the first fit, not on import
+    )
 
     nn = NearestNeighbors(n_neighbors=n, metric="cosine", algorithm="brute").fit(x)
     dist, idx = nn.kneighbors(queries)
@@ -179,7 +181,7 @@ def similar(embeddings: EmbeddingsLike, query_ids: Sequence[str] | str | None = 
 
 
 def _patients_of(ids: list[str], patients: Any, *, id_col: str, patient_col: str) -> np.ndarray:
-    import pandas as pd
+    import pandas as pd  # lazy: pandas only for tables; keeps `import wsi_ssl` and the CLI light
 
     frame = pd.DataFrame({id_col: ids})
     if patients is None:
@@ -218,7 +220,7 @@ class RetrievalReport:
 
     def to_frame(self) -> pd.DataFrame:
         """One row per metric: ``metric, value, ci_low, ci_high``."""
-        import pandas as pd
+        import pandas as pd  # lazy: pandas only for tables; keeps `import wsi_ssl` and the CLI light
 
         return pd.DataFrame([{"metric": m, **v} for m, v in self.metrics.items()])
 
@@ -301,7 +303,7 @@ def retrieval_report(embeddings: EmbeddingsLike, labels: TableLike, *, label_col
     Returns:
         A :class:`RetrievalReport` (``save(out_dir)`` writes JSON, PNG and CSVs).
     """
-    import pandas as pd
+    import pandas as pd  # lazy: pandas only for tables; keeps `import wsi_ssl` and the CLI light
 
     ks = tuple(int(v) for v in ks)
     if not ks or min(ks) < 1 or int(map_k) < 1:
@@ -344,7 +346,7 @@ def plot_retrieval(reports: Mapping[str, RetrievalReport]):
     Returns:
         A :class:`matplotlib.figure.Figure`.
     """
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # lazy: matplotlib only when a figure is drawn
 
     if not reports:
         raise InputError("plot_retrieval needs at least one RetrievalReport.")

@@ -198,7 +198,7 @@ def refit_interval(runs, boot, *, null: float = 0.0, level: float = 0.95,
         null: the value the p-value tests (0.5 for AUC / C-index, 0 for a difference).
         bounds: clip the interval to this range.
     """
-    from scipy import stats
+    from scipy import stats  # lazy: scipy loads on first use, not on import
 
     r = np.asarray(runs, np.float64)
     r = r[np.isfinite(r)]
@@ -232,7 +232,7 @@ def bootstrap_rows(groups: np.ndarray, strata: np.ndarray, n_boot: int,
         groups, strata: ``(n,)`` per row -> ``n_boot`` arrays of row indices (a patient drawn
         twice appears twice; its copies keep its patient id, so splits keep them together).
     """
-    import pandas as pd
+    import pandas as pd  # lazy: pandas only for tables; keeps `import wsi_ssl` and the CLI light
 
     codes, _ = pd.factorize(pd.Series(np.asarray(groups, dtype=object)))
     first = np.unique(codes, return_index=True)[1]
@@ -264,7 +264,7 @@ def group_folds(strata: np.ndarray, groups: np.ndarray, n_splits: int,
     Shape:
         strata, groups: ``(n,)`` -> ``n_splits`` pairs ``(train_idx, test_idx)``.
     """
-    import pandas as pd
+    import pandas as pd  # lazy: pandas only for tables; keeps `import wsi_ssl` and the CLI light
 
     rng = np.random.default_rng(seed)
     codes, _ = pd.factorize(pd.Series(np.asarray(groups, dtype=object)))

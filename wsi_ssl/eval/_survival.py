@@ -102,7 +102,10 @@ class _WarningTally:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        from sklearn.exceptions import ConvergenceWarning, FitFailedWarning
+        from sklearn.exceptions import (  # lazy: scikit-learn loads on the first fit, not on import
+            ConvergenceWarning,
+            FitFailedWarning,
+        )
 
         self._cm.__exit__(*exc)
         for w in self._log:
@@ -114,16 +117,24 @@ class _WarningTally:
 
 
 def _surv(t: np.ndarray, e: np.ndarray) -> np.ndarray:
-    from sksurv.util import Surv
+    from sksurv.util import Surv  # lazy: scikit-survival only for survival analysis
 
     return Surv.from_arrays(event=e.astype(bool), time=t)
 
 
 def _pipeline(n_components: int | None, seed: int, max_iter: int):
-    from sklearn.decomposition import PCA
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-    from sksurv.linear_model import CoxnetSurvivalAnalysis
+    from sklearn.decomposition import (
+        PCA,  # lazy: scikit-learn loads on the first fit, not on import
+    )
+    from sklearn.pipeline import (
+        make_pipeline,  # lazy: scikit-learn loads on the first fit, not on import
+    )
+    from sklearn.preprocessing import (
+        StandardScaler,  # lazy: scikit-learn loads on the first fit, not on import
+    )
+    from sksurv.linear_model import (
+        CoxnetSurvivalAnalysis,  # lazy: scikit-survival only for survival analysis
+    )
 
     steps: list[Any] = [StandardScaler()]
     if n_components is not None:
@@ -134,7 +145,10 @@ def _pipeline(n_components: int | None, seed: int, max_iter: int):
 
 
 def _splits(n_splits, t, e, g, grouped, seed):
-    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+    from sklearn.model_selection import (  # lazy: scikit-learn loads on the first fit, not on import
+        StratifiedGroupKFold,
+        StratifiedKFold,
+    )
 
     x = np.zeros((len(t), 1))
     if grouped:
@@ -147,7 +161,7 @@ def _splits(n_splits, t, e, g, grouped, seed):
 def _grid(base, x, y, alpha, ratios) -> tuple[list[dict[str, list]], int]:
     """The ``GridSearchCV`` grid (one dict per ``l1_ratio``; penalties largest first, so ties go
     to the stronger penalty) and the number of path fits that failed."""
-    from sklearn.base import clone
+    from sklearn.base import clone  # lazy: scikit-learn loads on the first fit, not on import
 
     grid, failed = [], 0
     for r in ratios:
@@ -184,7 +198,9 @@ def _one_standard_error(params: list[dict], mean: np.ndarray, split: np.ndarray,
 def _fit_fold(x, t, e, g, tr, te, *, alpha, l1_ratio, n_components, grouped, inner_folds,
               seed, max_iter=100_000) -> _FoldFit:
     """Choose the penalty by inner CV on ``tr`` (GridSearchCV), refit, score ``te``."""
-    from sklearn.model_selection import ParameterGrid
+    from sklearn.model_selection import (
+        ParameterGrid,  # lazy: scikit-learn loads on the first fit, not on import
+    )
 
     y = _surv(t[tr], e[tr])
     k = None if n_components is None else min(int(n_components), x.shape[1], len(tr) - 1)
@@ -231,7 +247,9 @@ def _ranked_by_inner_cv(base, grid, candidates, x, y, t, e, g, grouped, inner_fo
                         ) -> tuple[list[dict], int]:
     """The candidates best first (the one-standard-error pick, then by mean inner C-index) and
     the number of inner fits that failed; as given when every inner fit failed."""
-    from sklearn.model_selection import GridSearchCV
+    from sklearn.model_selection import (
+        GridSearchCV,  # lazy: scikit-learn loads on the first fit, not on import
+    )
 
     inner = _splits(inner_folds, t, e, g, grouped, seed)
     search = GridSearchCV(base, grid, cv=inner, error_score=np.nan, refit=False)
@@ -256,7 +274,7 @@ def _ranked_by_inner_cv(base, grid, candidates, x, y, t, e, g, grouped, inner_fo
 
 def _refit_first(base, candidates: list[dict], x, y) -> tuple[Any, int]:
     """The model of the first candidate that fits (None if none does), and the failed refits."""
-    from sklearn.base import clone
+    from sklearn.base import clone  # lazy: scikit-learn loads on the first fit, not on import
 
     failed = 0
     for params in candidates:
@@ -285,7 +303,7 @@ def _cv_once(x, t, e, g, folds, seed, **fit) -> float:
 
 
 def _binary(df, name, id_col, col, meaning):
-    import pandas as pd
+    import pandas as pd  # lazy: pandas only for tables; keeps `import wsi_ssl` and the CLI light
 
     raw = df[col]
     values = pd.to_numeric(raw.map(lambda v: int(v) if isinstance(v, (bool, np.bool_)) else v),
@@ -310,7 +328,7 @@ def _read_clinical(df, name, id_col, time, event, censor):
                 f"clinical table {name} has no {a} column {col!r}; columns are "
                 f"{list(map(str, df.columns))[:10]}; pass {a}= (--{a}-col)."
             )
-    import pandas as pd
+    import pandas as pd  # lazy: pandas only for tables; keeps `import wsi_ssl` and the CLI light
 
     t = pd.to_numeric(df[time], errors="coerce")
     bad = t.isna()
@@ -568,7 +586,7 @@ def _outer_cv(d: _SurvivalData, folds, repeats, grouped, seed, **fit) -> _OuterC
 
 def _logrank_p(t: np.ndarray, e: np.ndarray, high: np.ndarray) -> float:
     """Log-rank p-value of the high- vs low-risk groups (NaN when one is empty)."""
-    from lifelines.statistics import logrank_test
+    from lifelines.statistics import logrank_test  # lazy: lifelines only for survival analysis
 
     if high.any() and (~high).any():
         return float(logrank_test(t[high], t[~high], e[high], e[~high]).p_value)

@@ -157,13 +157,13 @@ class SurvivalReport(RowCounts):
 
     def to_frame(self) -> pd.DataFrame:
         """One row per outer fold (the fields of :class:`SurvivalFold`)."""
-        import pandas as pd
+        import pandas as pd  # lazy: pandas only for tables; keeps `import wsi_ssl` and the CLI light
 
         return pd.DataFrame([asdict(f) for f in self.folds])
 
     def risk_table(self) -> pd.DataFrame:
         """Per slide: id, patient, time, event, out-of-fold risk, risk group and fold."""
-        import pandas as pd
+        import pandas as pd  # lazy: pandas only for tables; keeps `import wsi_ssl` and the CLI light
 
         first = "slide_id" if self.level == "slide" else "row_id"
         return pd.DataFrame({first: self.slide_ids, "patient_id": self.patients,
@@ -190,8 +190,8 @@ class SurvivalReport(RowCounts):
     def plot(self) -> Figure:
         """Kaplan-Meier curves (95 % bands) of the out-of-fold low/high risk groups with the
         log-rank p-value, and the C-index of each fold."""
-        from lifelines import KaplanMeierFitter
-        from matplotlib.figure import Figure
+        from lifelines import KaplanMeierFitter  # lazy: lifelines only for survival analysis
+        from matplotlib.figure import Figure  # lazy: matplotlib only when a figure is drawn
 
         fig = Figure(figsize=(11, 4.5))
         ax_km, ax_c = fig.subplots(1, 2, gridspec_kw={"width_ratios": [2, 1]})

@@ -273,19 +273,12 @@ class SlideSSL(TransformerMixin, BaseEstimator):
                 version.
             CheckpointError: ``resume`` with a checkpoint from another configuration or store.
         """
-        self._check_params()
         if resume and self.checkpoint_dir is None:
             raise ConfigError("fit(resume=True) needs checkpoint_dir= (where the interrupted "
                               "run wrote its checkpoint).")
-        cohort = self._cohort(store, slide_ids)
-        device = resolve_device(self.device)
-        settings = resolve_settings(self.get_params(deep=False), n_slides=len(cohort),
-                                    bank_tiles=cohort.bank_tiles, device=device.type,
-                                    store=cohort.store)
-        logger.info("SlideSSL settings: %s", settings.describe())
-        cohort.warn_small_views(settings.tiles_per_view)
-        trainer = SlideTrainer(self, cohort, settings, store, device)
-        ckpt = self._checkpoint_callback(store, cohort, settings)
+        trainer = self.make_trainer(store, slide_ids)
+        cohort = trainer.cohort
+        ckpt = self._checkpoint_callback(store, cohort, trainer.settings)
         state = ckpt.restore(trainer, resume=resume) if ckpt else TrainProgress()
         start_epoch = state.epoch
         self._train(trainer, state, ckpt)
@@ -295,6 +288,25 @@ class SlideSSL(TransformerMixin, BaseEstimator):
                     state.history[-1] if state.history else float("nan"),
                     self.train_views_per_s_)
         return self
+
+    def make_trainer(self, store: Any, slide_ids: Sequence[str] | None = None) -> SlideTrainer:
+        """The run :meth:`fit` trains, set up but not started: the cohort's statistics read,
+        the settings resolved (``"auto"`` decided), the network and optimiser built. Drive it
+        with ``trainer.run_epoch(epoch, TrainProgress(), bar)`` and ``trainer.close()``; its
+        ``reader.stats`` count what the data path read. For custom loops and benchmarks.
+
+        Raises:
+            the errors of :meth:`fit`.
+        """
+        self._check_params()
+        cohort = self._cohort(store, slide_ids)
+        device = resolve_device(self.device)
+        settings = resolve_settings(self.get_params(deep=False), n_slides=len(cohort),
+                                    bank_tiles=cohort.bank_tiles, device=device.type,
+                                    store=cohort.store)
+        logger.info("SlideSSL settings: %s", settings.describe())
+        cohort.warn_small_views(settings.tiles_per_view)
+        return SlideTrainer(self, cohort, settings, store, device)
 
     @staticmethod
     def _cohort(store: Any, slide_ids: Sequence[str] | None) -> SlideCohort:

@@ -41,7 +41,7 @@ from wsi_ssl.pretrain._methods import METHODS
 from wsi_ssl.pretrain._optim import warmup_cosine
 from wsi_ssl.pretrain._tile_data import TileSSLDataset, make_tile_loader, steps_for
 
-__all__ = ["TileSSLConfig", "TileSSLResult", "pretrain_tile_encoder"]
+__all__ = ["TileSSLConfig", "TileSSLResult", "pretrain_tile_encoder", "build_tile_ssl_method"]
 
 logger = logging.getLogger(__name__)
 
@@ -138,8 +138,10 @@ class TileSSLResult:
     device: str
 
 
-def _build_method(cfg: TileSSLConfig):
-    # the starting point of self-supervised training: a random initialisation on purpose
+def build_tile_ssl_method(cfg: TileSSLConfig) -> tuple[Any, tuple[float, ...], tuple[float, ...]]:
+    """The SSL method (backbone + projection head, randomly initialised on purpose: the starting
+    point of self-supervised training) that ``cfg`` describes, and the backbone's input mean and
+    std. What :func:`pretrain_tile_encoder` trains; public for custom loops and benchmarks."""
     enc = create_encoder(cfg.arch, device="cpu", dtype="float32", random_weights=True)
     backbone = enc.model
     torch.manual_seed(cfg.seed)
@@ -265,7 +267,7 @@ def _setup(cfg: TileSSLConfig, paths: list[Path], out: Path) -> _TileRun:
     """Build the method, its optimiser, the warm-up + cosine schedule and the AMP scaler."""
     dev = resolve_device(cfg.device)
     cfg_now = json.loads(json.dumps(cfg.to_dict() | {"slides": [str(p) for p in paths]}))
-    method, mean, std = _build_method(cfg)
+    method, mean, std = build_tile_ssl_method(cfg)
     method.to(dev)
     if dev.type == "cuda":
         method.to(memory_format=torch.channels_last)

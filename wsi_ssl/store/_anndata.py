@@ -25,7 +25,7 @@ __all__ = ["tiles_to_anndata", "embeddings_to_anndata"]
 
 def _anndata() -> Any:
     try:
-        import anndata
+        import anndata  # lazy: optional extra `anndata`
     except ImportError as err:
         raise BackendUnavailableError(
             "AnnData export needs the optional 'anndata' package: pip install "
@@ -48,7 +48,7 @@ def tiles_to_anndata(store: Any, slide_id: str) -> Any:
         BackendUnavailableError: ``anndata`` is not installed (the message says what to install).
         InputError: the slide is not in the store.
     """
-    import pandas as pd
+    import pandas as pd  # lazy: pandas only for tables; keeps `import wsi_ssl` and the CLI light
 
     ad = _anndata()
     if isinstance(store, (str, os.PathLike)):
@@ -97,7 +97,7 @@ def embeddings_to_anndata(embeddings: Any, labels: Any = None, *,
         ``anndata.AnnData`` with ``X`` ``(n_slides, dim)``, ``obs`` indexed by slide id,
         ``uns["wsi_ssl"]`` the provenance.
     """
-    import pandas as pd
+    import pandas as pd  # lazy: pandas only for tables; keeps `import wsi_ssl` and the CLI light
 
     ad = _anndata()
     obs = pd.DataFrame(index=pd.Index(list(embeddings.slide_ids), name=id_col))
@@ -114,7 +114,7 @@ def embeddings_to_anndata(embeddings: Any, labels: Any = None, *,
 
 def _read_labels(labels: Any, id_col: str) -> Any:
     """A label table (DataFrame or .csv/.tsv/.parquet) with string slide ids in ``id_col``."""
-    import pandas as pd
+    import pandas as pd  # lazy: pandas only for tables; keeps `import wsi_ssl` and the CLI light
 
     if isinstance(labels, pd.DataFrame):
         df, name = labels.copy(), "(DataFrame)"

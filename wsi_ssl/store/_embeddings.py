@@ -78,7 +78,7 @@ class SlideEmbeddings:
 
     def to_pandas(self):
         """A DataFrame indexed by ``slide_id`` with columns ``e0 .. e{d-1}``."""
-        import pandas as pd
+        import pandas as pd  # lazy: pandas only for tables; keeps `import wsi_ssl` and the CLI light
 
         cols = [f"e{i}" for i in range(self.dim)]
         df = pd.DataFrame(self.embeddings.astype(np.float32), columns=cols,
@@ -133,7 +133,7 @@ def load_embeddings(path: str | os.PathLike, *, id_col: str | None = None) -> Sl
             if isinstance(err, StoreFormatError):
                 raise
             raise StoreFormatError(f"cannot read embeddings from '{path}': {err}") from err
-    import pandas as pd
+    import pandas as pd  # lazy: pandas only for tables; keeps `import wsi_ssl` and the CLI light
 
     if suffix in (".csv", ".tsv", ".txt"):
         df = pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",")

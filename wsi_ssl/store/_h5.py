@@ -9,7 +9,9 @@ Imported slides get no augmentation bank (``V = 0``): slide SSL needs ``wsi-ssl 
 
 from __future__ import annotations
 
+import glob
 import hashlib
+import io
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -48,7 +50,7 @@ def _json_safe(value: Any) -> Any:
 
 
 def _read_h5(path: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    import h5py
+    import h5py  # lazy: h5py only for HDF5 import/export
 
     try:
         fh = h5py.File(path, "r")
@@ -118,7 +120,6 @@ def _import_h5(store: TileStore, paths: str | os.PathLike | Sequence[str | os.Pa
         elif p.is_file():
             files.append(p)
         else:
-            import glob
 
             found = sorted(Path(q) for q in glob.glob(str(p), recursive=True))
             if not found:
@@ -148,7 +149,7 @@ def export_h5(store: TileStore, out_dir: str | os.PathLike, slide_ids: Sequence[
               *, layout: Literal["clam", "stamp"] = "clam") -> list[Path]:
     """Write ``<out_dir>/<slide_id>.h5`` per slide: ``features`` (CLAM/TRIDENT layout) or ``feats``
     (STAMP) float32 ``(N, D)`` and ``coords`` int64 ``(N, 2)``; slide attrs become HDF5 attrs."""
-    import h5py
+    import h5py  # lazy: h5py only for HDF5 import/export
 
     if layout not in ("clam", "stamp"):
         raise ConfigError(f"layout={layout!r} must be 'clam' (dataset 'features') or 'stamp' "
@@ -161,7 +162,6 @@ def export_h5(store: TileStore, out_dir: str | os.PathLike, slide_ids: Sequence[
         feats = store.read_features(sid)  # features and coords only, not the view bank
         coords = store.read_coords(sid)
         attrs = store.slide_attrs(sid) or {}
-        import io
 
         buf = io.BytesIO()
         with h5py.File(buf, "w") as fh:

@@ -131,7 +131,7 @@ def _write_raw_shard(path: Path, data: np.ndarray, rows: int, padded: int) -> No
     so the shard is the array's bytes, zero rows up to ``padded``, then the shard index
     (``(offset, nbytes)`` little-endian uint64 per inner chunk, C order) and its CRC32C, as the
     zarr v3 sharding codec (``index_location: end``) reads it."""
-    import google_crc32c
+    import google_crc32c  # lazy: optional: fast CRC32C when installed
 
     data = np.ascontiguousarray(data, dtype=data.dtype.newbyteorder("<"))
     row_bytes = int(np.prod(data.shape[1:], dtype=np.int64)) * data.dtype.itemsize
@@ -191,7 +191,7 @@ class RawShard:
     @classmethod
     def open(cls, array_dir: Path, meta: Mapping[str, Any]) -> RawShard | None:
         """The reader of the array described by ``meta`` (its ``zarr.json``), or None."""
-        import google_crc32c
+        import google_crc32c  # lazy: optional: fast CRC32C when installed
 
         try:
             shape = tuple(int(s) for s in meta["shape"])

@@ -109,7 +109,7 @@ class StoreLock:
     """
 
     def __init__(self, store_path: str | os.PathLike, *, lease: float | None = None) -> None:
-        from filelock import SoftFileLease
+        from filelock import SoftFileLease  # lazy: filelock only when a store is locked
 
         self.store_path = Path(store_path).absolute()
         self.path = self.store_path / LOCK_NAME
@@ -173,7 +173,10 @@ class StoreLock:
         Raises:
             StoreLockedError: naming the store, the holder and what to do.
         """
-        from filelock import LeaseSettingsMismatch, Timeout
+        from filelock import (  # lazy: filelock only when a store is locked
+            LeaseSettingsMismatch,
+            Timeout,
+        )
 
         if self.held:  # reentrant: same process
             self._lease.acquire()

@@ -25,6 +25,7 @@ with a missing or truncated shard is an error when read, not zeros.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import logging
@@ -259,7 +260,7 @@ class TileStore:
 
     # -- root metadata -------------------------------------------------------------------------
     def _create(self) -> None:
-        import zarr
+        import zarr  # lazy: zarr loads when a store is opened, not on import
 
         root = zarr.open_group(str(self.path), mode="a", zarr_format=3)
         root.attrs.update({"format": STORE_FORMAT, "format_version": STORE_FORMAT_VERSION,
@@ -292,7 +293,7 @@ class TileStore:
 
     def _update_root(self, **changes: Any) -> None:
         """Write root attributes (the caller holds the lock and read what it modifies under it)."""
-        import zarr
+        import zarr  # lazy: zarr loads when a store is opened, not on import
 
         self._store_lock().check()
         root = zarr.open_group(str(self.path), mode="r+", zarr_format=3)
@@ -458,7 +459,6 @@ class TileStore:
         if why is not None:
             return KeyError(f"slide {slide_id!r} of '{self.path}' is unreadable: {why}; restore "
                             "it or re-embed the slide.")
-        import difflib
 
         ids = self.slide_ids
         close = difflib.get_close_matches(str(slide_id), ids, n=3)
@@ -919,7 +919,7 @@ class _Handle:
     def array(self, name: str) -> Any:
         arr = self._arrays.get(name)
         if arr is None:
-            import zarr
+            import zarr  # lazy: zarr loads when a store is opened, not on import
 
             arr = zarr.open_array(str(self.dir / name), mode="r", zarr_format=3)
             self._arrays[name] = arr

@@ -22,7 +22,7 @@ from wsi_ssl.tiling._batch import SavedGrid, TilingReport, TilingRow, load_grid,
 from wsi_ssl.tiling._config import PRESET_FIELDS, EmbedConfig, grid_settings
 from wsi_ssl.tiling._grid import TileGrid, tile_grid
 from wsi_ssl.tiling._plot import plot_grid
-from wsi_ssl.tiling._read import TileBatch, read_tiles, tiles_as_dask
+from wsi_ssl.tiling._read import REGION_SIZE, TileBatch, read_tiles, tiles_as_dask
 from wsi_ssl.tiling._slide import Slide, open_slide
 from wsi_ssl.tiling._tissue import TissueMask, detect_tissue, tissue_mask_from_rgb
 
@@ -35,6 +35,7 @@ __all__ = [
     "tile_grid",
     "TileGrid",
     "read_tiles",
+    "REGION_SIZE",
     "TileBatch",
     "tiles_as_dask",
     "plot_grid",

@@ -30,7 +30,7 @@ class _OpenSlideSlide(_BaseSlide):
     backend = "openslide"
 
     def __init__(self, path: Path, mpp: float | None) -> None:
-        import openslide
+        import openslide  # lazy: the OpenSlide library loads only when a slide is opened
 
         self._osr = openslide.OpenSlide(str(path))
         props = self._osr.properties
@@ -64,7 +64,7 @@ class _TiffSlideSlide(_BaseSlide):
     backend = "tiffslide"
 
     def __init__(self, path: Path, mpp: float | None) -> None:
-        import tiffslide
+        import tiffslide  # lazy: tiffslide only when that backend opens a slide
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "hamamatsu-format metadata parsing only partially..."
@@ -179,7 +179,7 @@ class _TiatoolboxSlide(_BaseSlide):
     backend = "tiatoolbox"
 
     def __init__(self, source: Path | np.ndarray, mpp: float | None, slide_id: str) -> None:
-        from tiatoolbox.wsicore.wsireader import WSIReader
+        from tiatoolbox.wsicore.wsireader import WSIReader  # lazy: optional extra `tiatoolbox`
 
         kw: dict[str, Any] = {}
         if mpp is not None:
@@ -202,7 +202,7 @@ class _TiatoolboxSlide(_BaseSlide):
                                      pad_constant_values=255)
         arr = _to_rgb(arr)
         if arr.shape[:2] != (h, w):
-            from PIL import Image
+            from PIL import Image  # lazy: Pillow only when images are read or written
 
             arr = np.asarray(Image.fromarray(arr).resize((w, h), Image.Resampling.BILINEAR))
         return arr

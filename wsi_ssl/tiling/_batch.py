@@ -26,11 +26,19 @@ from typing import Any
 
 import numpy as np
 
-from wsi_ssl._utils import atomic_write_bytes, expand_slide_paths, file_fingerprint, progress
+from wsi_ssl._utils import (
+    atomic_write_bytes,
+    expand_slide_paths,
+    file_fingerprint,
+    progress,
+    sanitize_id,
+)
 from wsi_ssl.errors import ConfigError, TissueWarning, WsiSslError
 from wsi_ssl.tiling._config import EmbedConfig
-from wsi_ssl.tiling._grid import TileGrid
-from wsi_ssl.tiling._slide import BackendName
+from wsi_ssl.tiling._grid import TileGrid, tile_grid
+from wsi_ssl.tiling._plot import plot_grid
+from wsi_ssl.tiling._slide import BackendName, open_slide
+from wsi_ssl.tiling._tissue import detect_tissue
 
 __all__ = ["TilingRow", "TilingReport", "tile_slides", "load_grid", "SavedGrid"]
 
@@ -84,7 +92,7 @@ class TilingReport:
         return self.n_failed == 0
 
     def to_pandas(self) -> Any:
-        import pandas as pd
+        import pandas as pd  # lazy: pandas only for tables; keeps `import wsi_ssl` and the CLI light
 
         return pd.DataFrame([asdict(r) for r in self.rows])
 
@@ -154,9 +162,6 @@ def load_grid(slide_dir: str | os.PathLike) -> SavedGrid:
 
 
 def _tile_one(path: Path, out_dir: Path, params: dict[str, Any], plot: bool) -> TilingRow:
-    from wsi_ssl.tiling._grid import tile_grid
-    from wsi_ssl.tiling._slide import open_slide
-    from wsi_ssl.tiling._tissue import detect_tissue
 
     t0 = time.perf_counter()
     slide = open_slide(path, backend=params["backend"])
@@ -182,7 +187,6 @@ def _tile_one(path: Path, out_dir: Path, params: dict[str, Any], plot: bool) -> 
             wr.writerow([i, int(x), int(y), int(r), int(c), f"{float(fr):.4f}"])
         atomic_write_bytes(sdir / "coords.csv", buf.getvalue().encode())
         if plot:
-            from wsi_ssl.tiling._plot import plot_grid
 
             fig = plot_grid(slide, grid, tissue)
             fig.savefig(sdir / "qc.png", dpi=100)
@@ -204,7 +208,6 @@ def _tile_one(path: Path, out_dir: Path, params: dict[str, Any], plot: bool) -> 
 
 
 def _already_done(path: Path, out_dir: Path, params: dict[str, Any]) -> TilingRow | None:
-    from wsi_ssl._utils import sanitize_id
 
     sdir = out_dir / sanitize_id(path.stem)
     try:
@@ -265,7 +268,6 @@ def tile_slides(slides: str | os.PathLike | Sequence[str | os.PathLike], out_dir
             if not isinstance(err, (WsiSslError, OSError, ValueError)):
                 logger.exception("%s failed unexpectedly", p)
             logger.warning("%s failed: %s", p, err)
-            from wsi_ssl._utils import sanitize_id
 
             rows.append(TilingRow(sanitize_id(p.stem), str(p), "failed",
                                   seconds=time.perf_counter() - t0,

@@ -69,7 +69,7 @@ def visible_gpus(n_gpus: int | None = None) -> tuple[str, ...]:
         given) or ``"0", "1", ...``.
     """
     if n_gpus is None:
-        import torch
+        import torch  # lazy: torch takes ~1 s to import; only model code pays it
 
         n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if isinstance(n_gpus, bool) or not isinstance(n_gpus, int) or n_gpus < 0:
@@ -156,7 +156,7 @@ def start_cluster(plan: ClusterPlan, *, use_dask_cuda: bool | None = None) -> tu
     Returns:
         ``(client, cluster)``; close both when done.
     """
-    from distributed import Client, LocalCluster
+    from distributed import Client, LocalCluster  # lazy: dask.distributed only for cluster runs
 
     if plan.kind == "local":
         cluster = LocalCluster(n_workers=plan.n_workers, threads_per_worker=1, processes=True,
@@ -167,7 +167,7 @@ def start_cluster(plan: ClusterPlan, *, use_dask_cuda: bool | None = None) -> tu
     dask_cuda = None
     if use_dask_cuda is not False:
         try:
-            import dask_cuda
+            import dask_cuda  # lazy: optional extra `gpu`
         except ImportError:
             if use_dask_cuda:
                 raise ConfigError("use_dask_cuda=True needs dask-cuda: pip install "
@@ -184,7 +184,11 @@ def start_cluster(plan: ClusterPlan, *, use_dask_cuda: bool | None = None) -> tu
 def _pinned_cluster(gpus: tuple[str, ...]) -> Any:
     """A SpecCluster with one single-threaded nanny per GPU, each with its own
     ``CUDA_VISIBLE_DEVICES`` and a ``GPU=1`` resource."""
-    from distributed import Nanny, Scheduler, SpecCluster
+    from distributed import (  # lazy: dask.distributed only for cluster runs
+        Nanny,
+        Scheduler,
+        SpecCluster,
+    )
 
     workers = {
         f"gpu-{dev}": {"cls": Nanny, "options": {
@@ -219,7 +223,7 @@ def worker_device(device: str = "auto") -> str:
     """
     if device != "auto":
         return device
-    import torch
+    import torch  # lazy: torch takes ~1 s to import; only model code pays it
 
     if not torch.cuda.is_available():
         return "cpu"

@@ -19,9 +19,11 @@ the driver never builds it. Tasks return a :class:`SlideResult` (numpy arrays) o
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
+import pickle
 import queue
 import socket
 import threading
@@ -32,8 +34,16 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
+import torch
 
+from wsi_ssl._utils import resolve_device
+from wsi_ssl.augment import apply_params, sample_params
+from wsi_ssl.encoders import encoder_from_spec, spec_fingerprint
 from wsi_ssl.errors import EncoderMismatchError, InputError, MissingMPPError, WsiSslError
+from wsi_ssl.tiling._cluster import worker_device
+from wsi_ssl.tiling._grid import tile_grid
+from wsi_ssl.tiling._read import read_tiles
+from wsi_ssl.tiling._slide import open_slide
 
 if TYPE_CHECKING:
     from wsi_ssl.tiling._embed import EmbedConfig
@@ -147,8 +157,6 @@ def _worker_encoder(payload: EncoderPayload):
             _WORKER_ENCODERS[fp] = enc
         threads = payload.torch_threads
         if threads:
-            import torch
-
             if torch.get_num_threads() != threads:
                 torch.set_num_threads(int(threads))
     return enc
@@ -156,17 +164,11 @@ def _worker_encoder(payload: EncoderPayload):
 
 def _build_encoder(payload: EncoderPayload):
     """Build the encoder of ``payload`` on this process's device, checking its fingerprint."""
-    from wsi_ssl.tiling._cluster import worker_device
-
     fp = payload.fingerprint
     device = worker_device(payload.device)
     if payload.spec is not None:
-        from wsi_ssl.encoders import encoder_from_spec
-
         if payload.kind == "model":
             return encoder_from_spec(payload.spec, fp, device=device)
-        from wsi_ssl.encoders import spec_fingerprint
-
         here = spec_fingerprint(payload.spec)  # hashes the weights file seen here
         if here != fp:
             raise EncoderMismatchError(
@@ -176,8 +178,6 @@ def _build_encoder(payload: EncoderPayload):
                 "same files and versions everywhere.")
         return encoder_from_spec(payload.spec, None, device=device)
     if payload.pickled is not None:
-        import pickle
-
         enc = pickle.loads(payload.pickled)
         return enc.to_device(device)
     raise EncoderMismatchError(f"no encoder was sent for fingerprint {fp}.")
@@ -194,8 +194,6 @@ def _require_visible(path: str) -> None:
 
 
 def _open(job: dict[str, Any], config: EmbedConfig):
-    from wsi_ssl.tiling import open_slide
-
     backend = config.backend
     if job.get("slide_mpp") is not None:
         return open_slide(job["path"], backend=backend, slide_mpp=job["slide_mpp"])
@@ -213,8 +211,6 @@ def _open(job: dict[str, Any], config: EmbedConfig):
 def _plan_views(n: int, slide_id: str, config: EmbedConfig):
     """Per version: ``T`` grid indices (with replacement when ``n < T``) and one augmentation
     draw, from an rng seeded by (seed, slide_id): a rerun reproduces the bank exactly."""
-    from wsi_ssl.augment import sample_params
-
     V, T = config.views, config.view_tiles
     if V == 0 or n == 0:
         return np.zeros((0, 0), np.int64), []
@@ -229,8 +225,6 @@ def _plan_views(n: int, slide_id: str, config: EmbedConfig):
 
 def prepare_slide(job: dict[str, Any], config: EmbedConfig) -> PreparedSlide:
     """Open ``job``'s slide, build its grid and plan its view bank (CPU work, no encoder)."""
-    from wsi_ssl.tiling import tile_grid
-
     t0 = time.perf_counter()
     _require_visible(job["path"])
     slide = _open(job, config)
@@ -259,8 +253,6 @@ class _ViewBatches:
 
     def take(self, force: bool) -> Iterator[tuple[Any, np.ndarray]]:
         """Full batches (and, with ``force``, the remainder)."""
-        import torch
-
         if not self._x:
             return
         x, pos = torch.cat(self._x), np.concatenate(self._pos)
@@ -280,11 +272,6 @@ def _producer(prep: PreparedSlide, config: EmbedConfig, out_size: int, on_device
     """Read/decode tiles and put work items on ``q``: ``("features", uint8 tiles, idx)`` and,
     for the view bank, augmented ``("views", float tiles, pos)`` (CPU) or the raw
     ``("view_tiles", uint8 NHWC tiles, (versions, pos))`` to augment on the device."""
-    import torch
-
-    from wsi_ssl.augment import apply_params
-    from wsi_ssl.tiling import read_tiles
-
     pin = on_device and torch.cuda.is_available()
     view_index = prep.view_index
     flat = view_index.reshape(-1)
@@ -340,55 +327,14 @@ def _augment_on_device(enc: Any) -> bool:
 
 def encode_slide(prep: PreparedSlide, enc: Any, config: EmbedConfig) -> SlideResult:
     """Encode a prepared slide's tiles and view bank (closes the slide)."""
-    from wsi_ssl.augment import apply_params
-
     job, slide, grid = prep.job, prep.slide, prep.grid
-    on_device = _augment_on_device(enc)
     with slide:
         n, d = len(grid), enc.embed_dim
         features = np.zeros((n, d), np.float32)
         views = np.zeros(prep.view_index.shape + (d,), np.float32)
-        flat_views = views.reshape(-1, d)
         if n:
-            q: queue.Queue = queue.Queue(maxsize=config.prefetch)
-            stop = threading.Event()
-            th = threading.Thread(target=_producer, args=(prep, config, enc.input_size,
-                                                          on_device, q, stop),
-                                  name=f"wsi-ssl-read-{job['slide_id']}", daemon=True)
-            th.start()
-            device_views = _ViewBatches(config.batch_size)
-            try:
-                while True:
-                    kind, x, pos = q.get()
-                    if kind == "end":
-                        for xv, pv in device_views.take(True):
-                            flat_views[pv] = enc.embed(xv).numpy()
-                        break
-                    if kind == "error":
-                        raise x
-                    if kind == "features":
-                        features[pos] = enc.embed(x).numpy()
-                    elif kind == "views":
-                        flat_views[pos] = enc.embed(x).numpy()
-                    else:  # "view_tiles": augment on the device, then encode in full batches
-                        inverse, versions, flat_pos = pos
-                        t_dev = x.to(enc.device, non_blocking=True).permute(0, 3, 1, 2)
-                        for v in np.unique(versions):
-                            sel = versions == v
-                            rows = t_dev[inverse[sel]]
-                            device_views.add(apply_params(rows, prep.params[int(v)],
-                                                          out_size=enc.input_size),
-                                             flat_pos[sel])
-                        for xv, pv in device_views.take(False):
-                            flat_views[pv] = enc.embed(xv).numpy()
-            finally:
-                stop.set()
-                while th.is_alive():  # drain so the producer can finish
-                    try:
-                        q.get(timeout=0.1)
-                    except queue.Empty:
-                        pass
-                th.join()
+            with _reader(prep, config, enc) as q:
+                _consume(q, prep, enc, config.batch_size, features, views.reshape(-1, d))
         slide_mpp = float(slide.slide_mpp)
         info = {"backend": slide.backend, "slide_mpp": slide_mpp,
                 "mpp_assumed": bool(getattr(slide, "mpp_assumed", False)),
@@ -401,6 +347,56 @@ def encode_slide(prep: PreparedSlide, enc: Any, config: EmbedConfig) -> SlideRes
                        coords=np.asarray(grid.coords, np.int64), views=views.astype(np_dt),
                        view_index=prep.view_index, info=info,
                        seconds=time.perf_counter() - prep.t0, worker=_where(enc.device))
+
+
+@contextlib.contextmanager
+def _reader(prep: PreparedSlide, config: EmbedConfig, enc: Any) -> Iterator[queue.Queue]:
+    """The slide's reader thread (:func:`_producer`) feeding a bounded queue; on exit it is
+    stopped, drained and joined (nothing of the slide outlives this block)."""
+    q: queue.Queue = queue.Queue(maxsize=config.prefetch)
+    stop = threading.Event()
+    th = threading.Thread(target=_producer, args=(prep, config, enc.input_size,
+                                                  _augment_on_device(enc), q, stop),
+                          name=f"wsi-ssl-read-{prep.job['slide_id']}", daemon=True)
+    th.start()
+    try:
+        yield q
+    finally:
+        stop.set()
+        while th.is_alive():  # drain so the producer can finish
+            try:
+                q.get(timeout=0.1)
+            except queue.Empty:
+                pass
+        th.join()
+
+
+def _consume(q: queue.Queue, prep: PreparedSlide, enc: Any, batch_size: int,
+             features: np.ndarray, flat_views: np.ndarray) -> None:
+    """Encode the reader's work items into ``features`` and ``flat_views`` (``(V*T, D)``)
+    until its ``"end"``; a reader error is raised here."""
+    device_views = _ViewBatches(batch_size)
+    while True:
+        kind, x, pos = q.get()
+        if kind == "end":
+            for xv, pv in device_views.take(True):
+                flat_views[pv] = enc.embed(xv).numpy()
+            return
+        if kind == "error":
+            raise x
+        if kind == "features":
+            features[pos] = enc.embed(x).numpy()
+        elif kind == "views":
+            flat_views[pos] = enc.embed(x).numpy()
+        else:  # "view_tiles": augment on the device, then encode in full batches
+            inverse, versions, flat_pos = pos
+            t_dev = x.to(enc.device, non_blocking=True).permute(0, 3, 1, 2)
+            for v in np.unique(versions):
+                sel = versions == v
+                device_views.add(apply_params(t_dev[inverse[sel]], prep.params[int(v)],
+                                              out_size=enc.input_size), flat_pos[sel])
+            for xv, pv in device_views.take(False):
+                flat_views[pv] = enc.embed(xv).numpy()
 
 
 def _encode_prepared(prep: PreparedSlide, payload: EncoderPayload, config: EmbedConfig,
@@ -441,9 +437,6 @@ def run_jobs(jobs: Iterable[dict[str, Any]], payload: EncoderPayload, config: Em
         WsiSslError: the encoder cannot be built (bad weights...): the run stops with that
             one error instead of recording it for every slide.
     """
-    from wsi_ssl._utils import resolve_device
-    from wsi_ssl.tiling._cluster import worker_device
-
     jobs = list(jobs)
     if not jobs:
         return

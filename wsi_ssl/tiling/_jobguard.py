@@ -18,10 +18,13 @@ from __future__ import annotations
 import logging
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import threading
 from typing import Any
+
+from wsi_ssl.tiling._cluster import visible_gpus
 
 __all__ = ["JobReaper", "dask_setup", "gpu_for_worker"]
 
@@ -84,7 +87,6 @@ class JobReaper:
 
 def _reap(cancel_command: str) -> int:
     """The reaper's main loop (reads stdin until EOF)."""
-    import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the terminal's Ctrl-C is for the driver
     ids: list[str] = []
@@ -114,8 +116,6 @@ def gpu_for_worker(name: Any, gpus_per_job: int, environ: dict[str, str] | None 
     """``CUDA_VISIBLE_DEVICES`` of the worker process named ``name`` in a job of
     ``gpus_per_job`` workers (``"<job>-<i>"`` when several, dask's ``--nworkers`` naming), from the
     job's own allocation; ``None`` for CPU jobs."""
-    from wsi_ssl.tiling._cluster import visible_gpus
-
     if gpus_per_job < 1:
         return None
     idx = 0

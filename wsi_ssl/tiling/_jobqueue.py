@@ -23,9 +23,12 @@ work, dask-jobqueue for the allocation, the batch system for the machines.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import logging
 import os
+import platform
 import shutil
+import signal
 import socket
 import subprocess
 import threading
@@ -36,7 +39,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from wsi_ssl._utils import expand_slide_items
+from wsi_ssl._version import __version__
 from wsi_ssl.errors import BackendUnavailableError, ConfigError, InputError, WsiSslError
+from wsi_ssl.tiling._jobguard import JobReaper
 
 __all__ = ["JobQueueSpec", "SlurmSpec", "BatchCluster", "ClusterError", "check_cluster",
            "ClusterCheckReport", "job_name_for", "check_paths_on_worker", "SYSTEMS"]
@@ -129,7 +134,7 @@ class JobQueueSpec:
         if self.cores is not None:
             _int("cores", self.cores, 1)
         if self.memory is not None:
-            from dask.utils import parse_bytes
+            from dask.utils import parse_bytes  # lazy: dask only for cluster runs
 
             try:
                 parse_bytes(str(self.memory))
@@ -155,13 +160,13 @@ class JobQueueSpec:
         return max(1, self.gpus_per_job)
 
     def resolved_cores(self) -> int:
-        import dask
+        import dask  # lazy: dask only for cluster runs
 
         c = self.cores or dask.config.get(f"jobqueue.{self.system}.cores", None)
         return int(c or _DEFAULT_CORES_PER_WORKER * self.workers_per_job)
 
     def resolved_memory(self) -> str:
-        import dask
+        import dask  # lazy: dask only for cluster runs
 
         m = self.memory or dask.config.get(f"jobqueue.{self.system}.memory", None)
         return str(m or f"{_DEFAULT_MEMORY_PER_WORKER_GB * self.workers_per_job}GB")
@@ -208,7 +213,7 @@ class JobQueueSpec:
 
     def job_kwargs(self, job_name: str) -> dict[str, Any]:
         """Keywords of the dask-jobqueue cluster / job class for these jobs."""
-        import dask
+        import dask  # lazy: dask only for cluster runs
 
         sysname = self.system
         cfg = f"jobqueue.{sysname}"
@@ -243,8 +248,8 @@ class JobQueueSpec:
             elif sysname == "sge":
                 directives.append(f"-l gpu={g}")
             elif sysname == "pbs":
-                from dask.utils import parse_bytes
-                from dask_jobqueue.pbs import pbs_format_bytes_ceil
+                from dask.utils import parse_bytes  # lazy: dask only for cluster runs
+                from dask_jobqueue.pbs import pbs_format_bytes_ceil  # lazy: optional extra `hpc`
 
                 mem = pbs_format_bytes_ceil(parse_bytes(self.resolved_memory()))
                 kw["resource_spec"] = (f"select=1:ncpus={self.resolved_cores()}:ngpus={g}"
@@ -293,12 +298,11 @@ def _parse_env(name: str, raw: str, var: str) -> Any:
 
 
 def _jobqueue_module() -> Any:
-    import signal
 
     main = threading.current_thread() is threading.main_thread()
     before = signal.getsignal(signal.SIGINT) if main else None
     try:
-        import dask_jobqueue
+        import dask_jobqueue  # lazy: optional extra `hpc`
     except ImportError as err:
         raise BackendUnavailableError(
             "running on a batch cluster needs dask-jobqueue: pip install 'wsi-ssl[hpc]'."
@@ -323,7 +327,6 @@ def job_name_for(store_path: str | os.PathLike) -> str:
 
 
 def _has_bokeh() -> bool:
-    import importlib.util
 
     return importlib.util.find_spec("bokeh") is not None
 
@@ -369,10 +372,8 @@ class BatchCluster:
 
     # ------------------------------------------------------------------ start
     def __enter__(self) -> BatchCluster:
-        import dask
-        from distributed import Client
-
-        from wsi_ssl.tiling._jobguard import JobReaper
+        import dask  # lazy: dask only for cluster runs
+        from distributed import Client  # lazy: dask.distributed only for cluster runs
 
         mod = _jobqueue_module()
         cls = getattr(mod, SYSTEMS[self.spec.system][0])
@@ -568,7 +569,9 @@ def _seen_workers_plugin(names: set[str]) -> Any:
     """A scheduler plugin (the scheduler runs in this process) that adds the name of every
     worker that connects to ``names``: a job killed between two keeper polls still counts as
     having connected."""
-    from distributed.diagnostics.plugin import SchedulerPlugin
+    from distributed.diagnostics.plugin import (
+        SchedulerPlugin,  # lazy: dask.distributed only for cluster runs
+    )
 
     class SeenWorkers(SchedulerPlugin):
         name = "wsi-ssl-seen-workers"
@@ -647,16 +650,13 @@ class ClusterCheckReport:
 
 def _probe(paths: Sequence[str], store: str | None) -> dict[str, Any]:
     """Run on a worker: what it sees."""
-    import platform
-
-    from wsi_ssl._version import __version__
 
     out: dict[str, Any] = check_paths_on_worker(paths, store)
     out.update(python=platform.python_version(), wsi_ssl=__version__,
                cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
                slides_checked=len(paths), slides_missing=out.pop("missing"))
     try:
-        import torch
+        import torch  # lazy: torch takes ~1 s to import; only model code pays it
 
         out.update(torch=torch.__version__, cuda=torch.version.cuda,
                    gpus=[torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
@@ -664,7 +664,7 @@ def _probe(paths: Sequence[str], store: str | None) -> dict[str, Any]:
     except Exception as err:  # noqa: BLE001 - reported, not raised
         out.update(torch=f"cannot import torch: {err}", cuda=None, gpus=[])
     try:
-        from distributed import get_worker
+        from distributed import get_worker  # lazy: dask.distributed only for cluster runs
 
         scratch = get_worker().local_directory
     except Exception:  # noqa: BLE001
@@ -691,8 +691,6 @@ def check_cluster(spec: JobQueueSpec, *, store: str | os.PathLike | None = None,
     Returns:
         A :class:`ClusterCheckReport`; ``problems`` lists what would stop a run.
     """
-    from wsi_ssl import __version__
-
     paths: list[str] = []
     if slides:
         paths = [os.path.abspath(p) for p in expand_slide_items(list(slides))]

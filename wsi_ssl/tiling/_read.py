@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 import numpy as np
 
 from wsi_ssl.errors import ConfigError, SlideOpenError
+from wsi_ssl.tiling._slide import open_slide
 
 if TYPE_CHECKING:  # pragma: no cover
     import dask.array
@@ -121,7 +122,7 @@ def _read(slide: Any, xy: tuple[int, int], level: int, size: tuple[int, int],
 def _cv2() -> Any:
     """OpenCV if installed (the fast resampler), else ``None`` (PIL is used)."""
     try:
-        import cv2
+        import cv2  # lazy: optional dependency (PIL otherwise)
     except ImportError:
         return None
     return cv2
@@ -159,7 +160,7 @@ def _read_region_tiles(slide: Any, grid: Any, reg: _Region,
 def _resize_pil(slide: Any, grid: Any, reg: _Region, f: float, ox0: int, oy0: int, ow: int,
                 oh: int) -> np.ndarray:
     """Antialiased PIL resize (triangle filter of support ``f``) of the exact level box."""
-    from PIL import Image
+    from PIL import Image  # lazy: only the PIL resampler needs it
 
     stride = grid.tile_size - grid.overlap
     lx0, ly0 = ox0 * f, oy0 * f
@@ -318,8 +319,6 @@ class _SlideRef:
     def get(self) -> Any:
         if self._slide is not None:
             return self._slide
-        from wsi_ssl.tiling._slide import open_slide
-
         key = (self.path, self.backend, self.slide_mpp)
         with _OPEN_LOCK:
             if key not in _OPEN_CACHE:
@@ -352,8 +351,8 @@ def tiles_as_dask(slide: Slide, grid: TileGrid, *, chunk_size: int = 256) -> das
     Shape:
         ``uint8 (N, tile_size, tile_size, 3)`` in grid order, chunked along N.
     """
-    import dask
-    import dask.array as da
+    import dask  # lazy: import wsi_ssl.tiling stays numpy-only
+    import dask.array as da  # lazy: as above
 
     if not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
         raise ConfigError(f"chunk_size={chunk_size!r} must be an integer >= 1.")

@@ -155,7 +155,7 @@ def _open_backend(name: str, p: Path, mpp: float | None) -> _BaseSlide:
 
 def _require_tiatoolbox() -> None:
     try:
-        import tiatoolbox.wsicore.wsireader  # noqa: F401
+        import tiatoolbox.wsicore.wsireader  # noqa: F401  # lazy: optional extra `tiatoolbox`
     except ImportError as err:
         raise BackendUnavailableError(
             "backend='tiatoolbox' needs the optional extra: pip install \"wsi-ssl[tiatoolbox]\" "

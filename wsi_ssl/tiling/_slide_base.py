@@ -150,7 +150,7 @@ class _BaseSlide:
         Shape:
             ``uint8 (h, w, 3)``.
         """
-        from PIL import Image
+        from PIL import Image  # lazy: Pillow only when images are read or written
 
         if max_size < 1:
             raise ConfigError(f"max_size={max_size} must be >= 1 pixel.")

@@ -92,7 +92,7 @@ class TissueMask:
 
 
 def _otsu(values: np.ndarray) -> float:
-    from skimage.filters import threshold_otsu
+    from skimage.filters import threshold_otsu  # lazy: scikit-image only when tissue is detected
 
     v = values[np.isfinite(values)]
     if v.size == 0 or float(v.max()) - float(v.min()) < 1e-6:
@@ -102,7 +102,7 @@ def _otsu(values: np.ndarray) -> float:
 
 def _hsv(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Hue in degrees [0, 360), saturation and value in [0, 1] (``skimage.color.rgb2hsv``)."""
-    from skimage.color import rgb2hsv
+    from skimage.color import rgb2hsv  # lazy: scikit-image only when tissue is detected
 
     hsv = rgb2hsv(rgb).astype(np.float32)
     return hsv[..., 0] * np.float32(360.0), hsv[..., 1], hsv[..., 2]
@@ -119,7 +119,7 @@ def _pen_mask(hue: np.ndarray, sat: np.ndarray, val: np.ndarray) -> np.ndarray:
 
 
 def _clean(mask: np.ndarray, min_area: int, open_iter: int = 1, close_iter: int = 2) -> np.ndarray:
-    from scipy import ndimage as ndi
+    from scipy import ndimage as ndi  # lazy: scipy loads on first use, not on import
 
     st = ndi.generate_binary_structure(2, 1)
     if open_iter:
@@ -155,7 +155,7 @@ def tissue_mask_from_rgb(rgb: np.ndarray, *, method: TissueMethod = "otsu",
         A :class:`TissueMask` at the image's scale (``downsample=(1.0, 1.0)``) with the
         ``threshold`` applied and the ``background`` (``"bright"``/``"dark"``) used.
     """
-    from scipy import ndimage as ndi
+    from scipy import ndimage as ndi  # lazy: scipy loads on first use, not on import
 
     rgb = np.asarray(rgb)
     if rgb.ndim != 3 or rgb.shape[2] < 3 or rgb.dtype != np.uint8:
