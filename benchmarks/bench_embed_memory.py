@@ -16,9 +16,9 @@ MB, an ASCII chart; a PNG with ``--plot``), writes it as CSV (``slide,...,peak_r
     python benchmarks/bench_embed_memory.py --env WSI_SSL_MALLOC_TUNING=0 --slides 20  # before the fix
     python benchmarks/bench_embed_memory.py --no-bank --slides 8   # without a bank
 
-``WSI_SSL_MALLOC_TUNING=0`` turns off what keeps the curve flat (``wsi_ssl._utils``
-``limit_heap_growth`` + ``release_free_memory``: a fixed glibc mmap threshold and a
-``malloc_trim`` after each slide), to see the growth it removes.
+``WSI_SSL_MALLOC_TUNING=0`` turns off what keeps the curve flat (a glibc ``malloc_trim`` after
+each slide, ``wsi_ssl._utils.release_free_memory``), to see the growth it removes;
+``--env MALLOC_MMAP_THRESHOLD_=8388608`` measures glibc's own fixed-threshold alternative.
 
 With fewer than 40 slides the late window is the last quarter of the slides (at least slide 6).
 """

@@ -38,7 +38,6 @@ __all__ = [
     "atomic_path",
     "atomic_write_bytes",
     "release_free_memory",
-    "limit_heap_growth",
 ]
 
 logger = logging.getLogger("wsi_ssl")
@@ -207,12 +206,8 @@ def expand_slide_items(items: list[Any]) -> list[Path]:
 
 
 
+
 _LIBC: list[Any] = []  # [the C library (glibc), or None where there is none]
-_HEAP_LIMITED: list[bool] = []
-#: glibc's ``mallopt`` parameter number of the mmap threshold (``malloc.h``).
-_M_MMAP_THRESHOLD = -3
-#: Allocations of at least this size get their own mapping, returned to the OS on free.
-MMAP_THRESHOLD = 8 << 20
 
 
 def _glibc() -> Any:
@@ -226,45 +221,24 @@ def _glibc() -> Any:
             try:
                 lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
                 lib.malloc_trim.argtypes, lib.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
-                lib.mallopt.argtypes, lib.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
             except (OSError, AttributeError):  # not glibc
                 lib = None
         _LIBC.append(lib)
     return _LIBC[0]
 
 
-def limit_heap_growth() -> bool:
-    """Keep a long embedding run's memory flat (glibc; once per process, later calls do nothing).
-
-    glibc serves big allocations from their own mappings, returned to the OS on ``free``, but
-    its threshold is dynamic: after the first big buffer is freed it rises (up to 32 MiB), and
-    from then on decoded regions, tile batches and tensors come from the malloc arenas, one per
-    thread (the slide reader, its read threads, the prepare thread). Freed there, they stay
-    resident, and the free part of the arenas grows with every slide: embedding 20 slides
-    in-process (``benchmarks/bench_embed_memory.py``) held 0.2 GB in use but 2.5 GB free in
-    the arenas, and RSS grew from 2.1 to 4.0 GB. A fixed threshold of
-    :data:`MMAP_THRESHOLD` (8 MiB) keeps the big ones out of the arenas. Measured on 4 slides
-    (resnet18, 2 cores): 1 MiB costs 31% more time per slide (page faults), 8 MiB ~8%;
-    :func:`release_free_memory` alone costs nothing but leaves the arenas growing (RSS held
-    by trimming only).
-
-    Nothing is changed when the environment already sets ``MALLOC_MMAP_THRESHOLD_`` (the
-    user's own glibc tuning) or ``WSI_SSL_MALLOC_TUNING=0``.
-
-    Returns:
-        whether the threshold was set by this call.
-    """
-    lib = _glibc()
-    if _HEAP_LIMITED or lib is None or "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        return False
-    _HEAP_LIMITED.append(True)
-    return bool(lib.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
-
-
 def release_free_memory() -> bool:
     """Give the heap memory that glibc's malloc keeps free back to the OS (``malloc_trim(0)``:
-    the free pages of every arena, not only the top of the main heap). The embedding loop calls
-    it after every slide (a few ms), with :func:`limit_heap_growth` at its start.
+    the free pages of every arena, not only the top of the main heap).
+
+    Why: glibc serves big allocations from their own mappings, but raises that threshold (up to
+    32 MiB) after the first one is freed; from then on a slide's decoded regions, tile batches,
+    augmented views and activations come from the malloc arenas (one per thread: the slide
+    reader, its read threads, the prepare thread, the encoder), and what is freed there stays
+    resident. Embedding 20 slides in one process (``benchmarks/bench_embed_memory.py``) held
+    0.2 GB in use but 2.5 GB free in the arenas, and RSS grew from 2.1 to 4.0 GB. The embedding
+    loop (in-process and on each dask worker) calls this after every slide (a few ms); over 40
+    slides peak RSS then stays within 1.12 x of the early slides'.
 
     Returns:
         whether some memory was returned; always ``False`` without glibc (macOS, musl: nothing

@@ -24,12 +24,12 @@ SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_embed_memor
 # A slide's allocation pattern at toy scale, in one thread (deterministic): one big region
 # first (glibc then raises its mmap threshold to that size), then per "slide" 20 tile-batch-sized
 # buffers (9 MiB), each followed by a small allocation that outlives it (metadata, results),
-# then the buffers are freed. Untuned, the buffers come from the heap and the small survivors
-# pin the freed space there: resident, not in use. Tuned, they are mapped and unmapped.
+# then the buffers are freed. The buffers come from the heap and the small survivors pin the
+# freed space there: untuned it stays resident though not in use; malloc_trim returns it.
 _CHILD = r"""
 import ctypes, json
 import numpy as np
-from wsi_ssl._utils import limit_heap_growth, release_free_memory
+from wsi_ssl._utils import release_free_memory
 
 class MallInfo2(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in
@@ -37,7 +37,6 @@ class MallInfo2(ctypes.Structure):
 
 libc = ctypes.CDLL("libc.so.6")
 libc.mallinfo2.restype = MallInfo2
-tuned = limit_heap_growth()
 big = np.ones(24 << 20, np.uint8); del big        # the first slide's decoded region
 pins = []
 
@@ -53,7 +52,7 @@ for slide in range(6):
         buffers.append(np.ones(9 << 20, np.uint8))   # a batch of decoded / augmented tiles
         pins.append(np.ones(1 << 12, np.uint8) + slide)  # what outlives the slide
     del buffers
-    release_free_memory()
+    tuned = release_free_memory()
     m = libc.mallinfo2()
     rows.append({"rss": rss(), "free": m.fordblks, "in_use": m.uordblks + m.hblkhd})
 print(json.dumps({"tuned": tuned, "rows": rows}))
@@ -61,8 +60,11 @@ print(json.dumps({"tuned": tuned, "rows": rows}))
 
 
 def _run_child(tuning: bool) -> dict:
-    env = dict(os.environ, WSI_SSL_MALLOC_TUNING="1" if tuning else "0")
-    env.pop("MALLOC_MMAP_THRESHOLD_", None)
+    # glibc's defaults: any MALLOC_* variable turns its dynamic mmap threshold off (dask's
+    # nanny exports MALLOC_TRIM_THRESHOLD_ into this process once a test started a cluster)
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    env["WSI_SSL_MALLOC_TUNING"] = "1" if tuning else "0"
     done = subprocess.run([sys.executable, "-c", _CHILD], env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -75,21 +77,19 @@ glibc = pytest.mark.skipif(not sys.platform.startswith("linux") or not os.path.e
 
 @glibc
 def test_freed_slide_buffers_leave_the_arenas():
-    """With the tuning (what every embedding process does) the memory freed by a slide's
-    threads goes back to the OS; without it, it stays resident in the arenas and grows."""
+    """With the trim after each slide (what every embedding process does) the memory a slide
+    freed goes back to the OS; without it, it stays resident in the heap."""
     off, on = _run_child(False), _run_child(True)
     assert on["tuned"] and not off["tuned"]
     mib = 2**20
-    free_off = max(r["free"] for r in off["rows"]) / mib
-    free_on = max(r["free"] for r in on["rows"]) / mib
-    # the untuned process keeps the freed batches (~180 MiB) resident in its heap ...
-    assert free_off > 64, off
-    # ... the tuned one almost nothing
-    assert free_on < 16, on
-    # resident beyond what is in use: every tuned round below every untuned one
-    over_on = max(r["rss"] - r["in_use"] for r in on["rows"]) / mib
+    # the pattern does leave ~180 MiB of freed batches in the heap (free chunks, either way)
+    assert max(r["free"] for r in off["rows"]) / mib > 64, off
+    # untuned they stay resident; trimmed after each "slide" they do not
+    # (measured here: 203-212 MiB resident beyond what is in use, against 23-25 MiB)
     over_off = min(r["rss"] - r["in_use"] for r in off["rows"]) / mib
-    assert over_on < over_off, (on, off)
+    over_on = max(r["rss"] - r["in_use"] for r in on["rows"]) / mib
+    assert over_off > 128, off
+    assert over_on < 64, on
 
 
 @pytest.fixture(scope="module")

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import torch
 
-from wsi_ssl._utils import limit_heap_growth, release_free_memory, resolve_device
+from wsi_ssl._utils import release_free_memory, resolve_device
 from wsi_ssl.augment import apply_params, sample_params
 from wsi_ssl.encoders import encoder_from_spec, spec_fingerprint
 from wsi_ssl.errors import EncoderMismatchError, InputError, MissingMPPError, WsiSslError
@@ -418,7 +418,6 @@ def _failure(job: dict[str, Any], err: BaseException) -> SlideFailure:
 def run_job(job: dict[str, Any], payload: EncoderPayload, config: EmbedConfig
             ) -> SlideResult | SlideFailure:
     """Task body (one slide): errors come back as data so one bad slide never kills the run."""
-    limit_heap_growth()  # once per worker process
     try:
         return _encode_prepared(prepare_slide(job, config), payload, config)
     except Exception as err:  # noqa: BLE001 - recorded per slide
@@ -443,7 +442,6 @@ def run_jobs(jobs: Iterable[dict[str, Any]], payload: EncoderPayload, config: Em
     jobs = list(jobs)
     if not jobs:
         return
-    limit_heap_growth()  # with release_free_memory() per slide: flat memory over a cohort
     with ThreadPoolExecutor(1, thread_name_prefix="wsi-ssl-prepare") as pool:
         pending: Future | None = pool.submit(prepare_slide, jobs[0], config)
         try:
