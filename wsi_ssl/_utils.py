@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import glob
 import logging
 import os
@@ -205,26 +206,17 @@ def expand_slide_items(items: list[Any]) -> list[Path]:
     return out
 
 
-
-
-_LIBC: list[Any] = []  # [the C library (glibc), or None where there is none]
-
-
-def _glibc() -> Any:
-    """glibc as a ctypes library (cached), or ``None`` (not Linux, musl, or turned off with
-    ``WSI_SSL_MALLOC_TUNING=0``)."""
-    if os.environ.get("WSI_SSL_MALLOC_TUNING", "1") == "0":
+@functools.cache
+def _malloc_trim() -> Any:
+    """glibc's ``malloc_trim`` as a ctypes function, or ``None`` (not Linux, or not glibc)."""
+    if not sys.platform.startswith("linux"):
         return None
-    if not _LIBC:
-        lib = None
-        if sys.platform.startswith("linux"):
-            try:
-                lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-                lib.malloc_trim.argtypes, lib.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
-            except (OSError, AttributeError):  # not glibc
-                lib = None
-        _LIBC.append(lib)
-    return _LIBC[0]
+    try:
+        fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # musl and other C libraries have no malloc_trim
+        return None
+    fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
+    return fn
 
 
 def release_free_memory() -> bool:
@@ -244,5 +236,7 @@ def release_free_memory() -> bool:
         whether some memory was returned; always ``False`` without glibc (macOS, musl: nothing
         to do) and with ``WSI_SSL_MALLOC_TUNING=0``.
     """
-    lib = _glibc()
-    return bool(lib.malloc_trim(0)) if lib is not None else False
+    if os.environ.get("WSI_SSL_MALLOC_TUNING", "1") == "0":
+        return False
+    fn = _malloc_trim()
+    return bool(fn(0)) if fn is not None else False

@@ -240,9 +240,7 @@ def make_slide(
 def _one_blas_thread():
     """Tiny matrix products run fastest (and do not fight other processes) on one BLAS thread."""
     try:
-        from threadpoolctl import (
-            threadpool_limits,  # lazy: threadpoolctl only around BLAS-heavy steps
-        )
+        from threadpoolctl import threadpool_limits  # lazy: threadpoolctl around BLAS
     except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
         yield
         return

@@ -36,9 +36,7 @@ def hf_cache_dir() -> Path:
 def find_in_cache(preset: EncoderPreset) -> Path | None:
     """The cached weight file of ``preset`` (revision ``main``), or ``None``. Offline only."""
     try:
-        from huggingface_hub import (
-            try_to_load_from_cache,  # lazy: huggingface_hub only when a cached model is looked up
-        )
+        from huggingface_hub import try_to_load_from_cache  # lazy: hub cache lookups only
     except ImportError:  # pragma: no cover - a dependency of wsi-ssl
         return None
     cache = hf_cache_dir()

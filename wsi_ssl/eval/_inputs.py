@@ -71,9 +71,7 @@ def single_threaded(func: _F) -> _F:
         import scipy.linalg  # noqa: F401  # lazy: scipy loads on first use, not on import
         import scipy.optimize  # noqa: F401  # lazy: scipy loads on first use, not on import
         import sklearn.linear_model  # noqa: F401  # lazy: scikit-learn loads on the first fit, not on import
-        from threadpoolctl import (
-            threadpool_limits,  # lazy: threadpoolctl only around BLAS-heavy steps
-        )
+        from threadpoolctl import threadpool_limits  # lazy: threadpoolctl around BLAS
 
         with threadpool_limits(limits=1):
             return func(*args, **kwargs)

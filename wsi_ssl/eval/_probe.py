@@ -65,15 +65,9 @@ _FPR_GRID = np.linspace(0.0, 1.0, 101)
 
 
 def _model(c: float, max_iter: int):
-    from sklearn.linear_model import (
-        LogisticRegression,  # lazy: scikit-learn loads on the first fit, not on import
-    )
-    from sklearn.pipeline import (
-        make_pipeline,  # lazy: scikit-learn loads on the first fit, not on import
-    )
-    from sklearn.preprocessing import (
-        StandardScaler,  # lazy: scikit-learn loads on the first fit, not on import
-    )
+    from sklearn.linear_model import LogisticRegression  # lazy: scikit-learn on first use
+    from sklearn.pipeline import make_pipeline  # lazy: scikit-learn on first use
+    from sklearn.preprocessing import StandardScaler  # lazy: scikit-learn on first use
 
     return make_pipeline(StandardScaler(),
                          LogisticRegression(C=c, class_weight="balanced", max_iter=max_iter))
@@ -104,9 +98,7 @@ def _choose_c(x, y, g, grid, inner_folds, grouped, seed, max_iter, n_classes
     counts = np.bincount(y, minlength=n_classes)
     if counts.min() < inner_folds or (grouped and len(np.unique(g)) < inner_folds):
         return DEFAULT_C, None
-    from sklearn.model_selection import (
-        GridSearchCV,  # lazy: scikit-learn loads on the first fit, not on import
-    )
+    from sklearn.model_selection import GridSearchCV  # lazy: scikit-learn on first use
 
     splits = [(tr, te) for tr, te in _split(inner_folds, grouped, seed, x, y, g)
               if len(np.unique(y[tr])) == n_classes and len(np.unique(y[te])) == n_classes]
@@ -163,9 +155,7 @@ def _stratified_subset(idx: np.ndarray, y: np.ndarray, m: int,
 
 def _mean_roc(name: str, runs: list[tuple[np.ndarray, np.ndarray]], n_classes: int,
               auc: float) -> RocCurve:
-    from sklearn.metrics import (
-        roc_curve,  # lazy: scikit-learn loads on the first fit, not on import
-    )
+    from sklearn.metrics import roc_curve  # lazy: scikit-learn on first use
 
     curves = []
     for y, proba in runs:
@@ -218,9 +208,7 @@ def _holdout(n_splits, grouped, seed, x, y, g, test_size):
     """One stratified (patient-grouped) held-out split: ``(train_idx, test_idx)``."""
     if grouped:
         return _split(n_splits, True, seed, x, y, g)[0]
-    from sklearn.model_selection import (
-        train_test_split,  # lazy: scikit-learn loads on the first fit, not on import
-    )
+    from sklearn.model_selection import train_test_split  # lazy: scikit-learn on first use
 
     tr, te = train_test_split(np.arange(len(y)), test_size=float(test_size), stratify=y,
                               random_state=seed)

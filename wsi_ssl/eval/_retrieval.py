@@ -106,9 +106,7 @@ def _search(x: np.ndarray, queries: np.ndarray, n: int, backend: Backend
         index.add(np.ascontiguousarray(x, np.float32))
         sim, idx = index.search(np.ascontiguousarray(queries, np.float32), n)
         return idx.astype(np.int64), sim.astype(np.float64), "faiss"
-    from sklearn.neighbors import (
-        NearestNeighbors,  # lazy: scikit-learn loads on the first fit, not on import
-    )
+    from sklearn.neighbors import NearestNeighbors  # lazy: scikit-learn on first use
 
     nn = NearestNeighbors(n_neighbors=n, metric="cosine", algorithm="brute").fit(x)
     dist, idx = nn.kneighbors(queries)

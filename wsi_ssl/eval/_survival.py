@@ -123,18 +123,10 @@ def _surv(t: np.ndarray, e: np.ndarray) -> np.ndarray:
 
 
 def _pipeline(n_components: int | None, seed: int, max_iter: int):
-    from sklearn.decomposition import (
-        PCA,  # lazy: scikit-learn loads on the first fit, not on import
-    )
-    from sklearn.pipeline import (
-        make_pipeline,  # lazy: scikit-learn loads on the first fit, not on import
-    )
-    from sklearn.preprocessing import (
-        StandardScaler,  # lazy: scikit-learn loads on the first fit, not on import
-    )
-    from sksurv.linear_model import (
-        CoxnetSurvivalAnalysis,  # lazy: scikit-survival only for survival analysis
-    )
+    from sklearn.decomposition import PCA  # lazy: scikit-learn on first use
+    from sklearn.pipeline import make_pipeline  # lazy: scikit-learn on first use
+    from sklearn.preprocessing import StandardScaler  # lazy: scikit-learn on first use
+    from sksurv.linear_model import CoxnetSurvivalAnalysis  # lazy: survival only
 
     steps: list[Any] = [StandardScaler()]
     if n_components is not None:
@@ -198,9 +190,7 @@ def _one_standard_error(params: list[dict], mean: np.ndarray, split: np.ndarray,
 def _fit_fold(x, t, e, g, tr, te, *, alpha, l1_ratio, n_components, grouped, inner_folds,
               seed, max_iter=100_000) -> _FoldFit:
     """Choose the penalty by inner CV on ``tr`` (GridSearchCV), refit, score ``te``."""
-    from sklearn.model_selection import (
-        ParameterGrid,  # lazy: scikit-learn loads on the first fit, not on import
-    )
+    from sklearn.model_selection import ParameterGrid  # lazy: scikit-learn on first use
 
     y = _surv(t[tr], e[tr])
     k = None if n_components is None else min(int(n_components), x.shape[1], len(tr) - 1)
@@ -247,9 +237,7 @@ def _ranked_by_inner_cv(base, grid, candidates, x, y, t, e, g, grouped, inner_fo
                         ) -> tuple[list[dict], int]:
     """The candidates best first (the one-standard-error pick, then by mean inner C-index) and
     the number of inner fits that failed; as given when every inner fit failed."""
-    from sklearn.model_selection import (
-        GridSearchCV,  # lazy: scikit-learn loads on the first fit, not on import
-    )
+    from sklearn.model_selection import GridSearchCV  # lazy: scikit-learn on first use
 
     inner = _splits(inner_folds, t, e, g, grouped, seed)
     search = GridSearchCV(base, grid, cv=inner, error_score=np.nan, refit=False)

@@ -569,9 +569,7 @@ def _seen_workers_plugin(names: set[str]) -> Any:
     """A scheduler plugin (the scheduler runs in this process) that adds the name of every
     worker that connects to ``names``: a job killed between two keeper polls still counts as
     having connected."""
-    from distributed.diagnostics.plugin import (
-        SchedulerPlugin,  # lazy: dask.distributed only for cluster runs
-    )
+    from distributed.diagnostics.plugin import SchedulerPlugin  # lazy: dask only for clusters
 
     class SeenWorkers(SchedulerPlugin):
         name = "wsi-ssl-seen-workers"

@@ -31,9 +31,7 @@ def plot_grid(slide: Slide, grid: TileGrid, tissue: TissueMask | None = None, *,
         A :class:`matplotlib.figure.Figure` (not shown; ``fig.savefig(...)`` it). Uses no
         pyplot state, so it is safe in scripts and threads.
     """
-    from matplotlib.collections import (
-        LineCollection,  # lazy: matplotlib only when a figure is drawn
-    )
+    from matplotlib.collections import LineCollection  # lazy: matplotlib only for figures
     from matplotlib.figure import Figure  # lazy: matplotlib only when a figure is drawn
 
     thumb = slide.thumbnail(thumbnail_size)
